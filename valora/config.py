@@ -1,0 +1,108 @@
+"""Engine configuration: one dataclass per concern, resolved once at start-up."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`auto` keeps the checkpoint's dtype on GPU and uses float32 on CPU, where bf16 matmuls are slow."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache. `num_blocks=None` sizes it from memory (GPU: utilisation target, CPU: `cpu_kv_cache_gb`)."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gb: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError("block_size must be positive")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+
+
+@dataclass
+class LoRAConfig:
+    """Adapter capacity: `max_loras` GPU slots over a host cache of `max_cpu_loras` adapters."""
+
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    max_cpu_loras: int | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError("max_loras must be at least 1")
+        if self.max_lora_rank < 1:
+            raise ValueError("max_lora_rank must be at least 1")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits per step."""
+
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int | None = None  # defaults to max(max_model_len, 2048)
+    max_waiting: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1")
+
+
+@dataclass
+class MultiModalConfig:
+    """Limits on image inputs; requests over them are refused with a clear error."""
+
+    max_images_per_prompt: int = 8
+    max_image_pixels: int = 4096 * 4096
+    max_image_bytes: int = 20 * 1024 * 1024
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    tokenizer: str | None = None
+    dtype: str | torch.dtype = "auto"
+    device: str | torch.device | None = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    enable_lora: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    multimodal: MultiModalConfig = field(default_factory=MultiModalConfig)

@@ -1,0 +1,113 @@
+"""Turns a scheduled step into one `ForwardBatch`, runs the model on it, and samples one token per sequence."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence as Seq
+
+import torch
+
+from valora.engine.block_manager import BlockManager
+from valora.engine.forward_batch import AttentionMeta, ForwardBatch, ImageInputs, PrefillSpan
+from valora.engine.sampler import sample
+from valora.engine.sequence import Sequence
+from valora.lora.ops import LoRAMeta
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, blocks: BlockManager, dtype: torch.dtype, device: torch.device) -> None:
+        self.model, self.blocks, self.dtype, self.device = model, blocks, dtype, device
+        c = model.decoder_config
+        slots = blocks.num_blocks * blocks.block_size
+        shape = (slots, c.num_kv_heads, c.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(c.num_layers)
+        ]
+
+    @staticmethod
+    def kv_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
+        c = model.decoder_config
+        return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def prepare(
+        self, seqs: Seq[Sequence], lora_slots: dict[str, int]
+    ) -> tuple[ForwardBatch, list[tuple[Sequence, int]]]:
+        """The batch, and for each of its images the (sequence, image index) that owns it."""
+        ids: list[int] = []
+        pos_chunks: list[torch.Tensor] = []
+        slot_mapping: list[int] = []
+        prefills: list[PrefillSpan] = []
+        dec_rows: list[int] = []
+        dec_keys: list[list[int]] = []
+        logits_rows: list[int] = []
+        lora_ids: list[int] = []
+        img_data, img_tokens, img_slots, img_rows, img_cached, img_owner = [], [], [], [], [], []
+        for seq in seqs:
+            start, new = seq.num_computed, seq.new_token_ids()
+            row0, n, total = len(ids), len(new), len(seq)
+            ids.extend(new)
+            pos_chunks.append(self._positions(seq, start, total))
+            slots = [self.blocks.slot(seq, i) for i in range(start, total)]
+            slot_mapping.extend(slots)
+            if n == 1 and start > 0:
+                dec_rows.append(row0)
+                dec_keys.append([self.blocks.slot(seq, i) for i in range(total)])
+            else:
+                keys = [self.blocks.slot(seq, i) for i in range(start)] + slots
+                prefills.append(PrefillSpan(row0, n, torch.tensor(keys, dtype=torch.long, device=self.device)))
+            logits_rows.append(row0 + n - 1)
+            slot = lora_slots.get(seq.lora_name, -1) if seq.lora_name is not None else -1
+            lora_ids.extend([slot] * n)
+            for k, item in enumerate(seq.prompt.images):
+                if item.offset >= start:
+                    img_data.append(item.data)
+                    img_tokens.append(item.num_tokens)
+                    img_slots.append(slot)
+                    img_rows.extend(range(row0 + item.offset - start, row0 + item.offset - start + item.num_tokens))
+                    img_cached.append(seq.image_embeds[k])
+                    img_owner.append((seq, k))
+        attn = AttentionMeta(torch.tensor(slot_mapping, dtype=torch.long, device=self.device), prefills)
+        if dec_rows:
+            lmax = max(len(k) for k in dec_keys)
+            attn.decode_rows = torch.tensor(dec_rows, dtype=torch.long, device=self.device)
+            attn.decode_slots = torch.tensor([k + [0] * (lmax - len(k)) for k in dec_keys], dtype=torch.long,
+                                             device=self.device)
+            lens = torch.tensor([len(k) for k in dec_keys], device=self.device)
+            attn.decode_mask = (torch.arange(lmax, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
+        images = None
+        if img_data:
+            images = ImageInputs(img_data, img_tokens, img_slots,
+                                 torch.tensor(img_rows, dtype=torch.long, device=self.device), img_cached)
+        batch = ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+            positions=torch.cat(pos_chunks, dim=1).to(self.device),
+            attn=attn,
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+            lora=LoRAMeta.build(lora_ids, self.device) if any(s >= 0 for s in lora_ids) else None,
+            images=images,
+        )
+        return batch, img_owner
+
+    @staticmethod
+    def _positions(seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """[3, end - start] positions; prompt tokens take the processor's (M-RoPE) positions."""
+        p = seq.prompt
+        if p.positions is None:
+            return torch.arange(start, end).expand(3, -1)
+        head = p.positions[:, start : min(end, seq.prompt_len)]
+        tail_start = max(start, seq.prompt_len)
+        tail = torch.arange(tail_start + p.position_delta, end + p.position_delta).expand(3, -1)
+        return torch.cat([head, tail], dim=1)
+
+    @torch.inference_mode()
+    def run(self, seqs: Seq[Sequence], lora_slots: dict[str, int], stop_ids: Seq[set[int]]) -> list[int]:
+        batch, image_owners = self.prepare(seqs, lora_slots)
+        hidden = self.model(batch, self.kv_caches)
+        logits = self.model.compute_logits(hidden.index_select(0, batch.logits_rows))
+        if batch.images is not None:
+            for (seq, k), emb in zip(image_owners, batch.images.cached):
+                seq.image_embeds[k] = emb
+        return sample(logits, seqs, stop_ids)

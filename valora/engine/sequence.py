@@ -1,0 +1,60 @@
+"""One generated sequence: its prompt, its output so far, where its KV lives, and how to decode it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from valora.multimodal.inputs import ProcessedPrompt
+from valora.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n completions
+    prompt: ProcessedPrompt
+    params: SamplingParams
+    lora_name: str | None
+    arrival_time: float
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the cache
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    output_text: str = ""
+    image_embeds: list[torch.Tensor | None] = field(default_factory=list)  # kept across preemption
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.image_embeds = [None] * len(self.prompt.images)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt.token_ids)
+
+    def __len__(self) -> int:
+        return self.prompt_len + len(self.output_ids)
+
+    def token_at(self, i: int) -> int:
+        return self.prompt.token_ids[i] if i < self.prompt_len else self.output_ids[i - self.prompt_len]
+
+    def new_token_ids(self) -> list[int]:
+        """Tokens to feed this step: everything not yet in the KV cache."""
+        ids = self.prompt.token_ids[self.num_computed :] if self.num_computed < self.prompt_len else []
+        return ids + self.output_ids[max(0, self.num_computed - self.prompt_len) :]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,121 @@
+"""The offline Python API, shaped like vLLM's: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from valora.config import CacheConfig, EngineConfig, LoRAConfig, MultiModalConfig, SchedulerConfig
+from valora.engine.llm_engine import LLMEngine, PromptType
+from valora.lora.request import LoRARequest
+from valora.multimodal.chat import parse_messages
+from valora.outputs import RequestOutput
+from valora.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str,
+        *,
+        tokenizer: str | None = None,
+        enable_lora: bool = False,
+        max_loras: int = 8,
+        max_lora_rank: int = 64,
+        max_cpu_loras: int | None = None,
+        lora_backend: str = "auto",
+        dtype: str = "auto",
+        device: str | None = "auto",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 128,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        cpu_kv_cache_gb: float = 1.0,
+        max_images_per_prompt: int = 8,
+    ) -> None:
+        self.engine = LLMEngine(
+            EngineConfig(
+                model=model, tokenizer=tokenizer, dtype=dtype, device=device, seed=seed, max_model_len=max_model_len,
+                enable_lora=enable_lora,
+                lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras, lora_backend),
+                cache=CacheConfig(block_size, num_kv_blocks, gpu_memory_utilization, cpu_kv_cache_gb),
+                scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+                multimodal=MultiModalConfig(max_images_per_prompt=max_images_per_prompt),
+            )
+        )
+        self._counter = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Outputs in the order of `prompts`. Every prompt is checked before any runs, so a bad one fails the
+        call without leaving the others half done."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        n = len(prompts)
+        params = self._per_prompt(sampling_params or SamplingParams(), n, "sampling_params")
+        loras = self._per_prompt(lora_request, n, "lora_request")
+        for lora in {lr for lr in loras if lr is not None}:
+            self.engine.add_lora(lora)
+        for p in prompts:
+            self.engine.process_prompt(p)
+        ids = []
+        for p, sp, lr in zip(prompts, params, loras):
+            rid = f"offline-{self._counter}"
+            self._counter += 1
+            self.engine.add_request(rid, p, sp, lr)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Applies the model's chat template (images in content parts become the model's placeholders)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.chat_prompt(c, chat_template, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, lora_request, use_tqdm)
+
+    def chat_prompt(self, messages: list[dict], chat_template: str | None = None,
+                    add_generation_prompt: bool = True) -> dict[str, Any]:
+        template_messages, images = parse_messages(messages)
+        text = self.engine.tokenizer.apply_chat_template(
+            template_messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return {"prompt": text, "multi_modal_data": {"image": images}}
+
+    @staticmethod
+    def _per_prompt(value, n: int, what: str) -> list:
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise ValueError(f"{what} has {len(value)} entries for {n} prompts")
+            return list(value)
+        return [value] * n
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", disable=not use_tqdm)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[i] for i in ids]

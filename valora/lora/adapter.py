@@ -1,0 +1,154 @@
+"""Load a PEFT LoRA adapter directory and check it against the served model before it can touch a request.
+
+Every failure names the adapter and the problem (missing files, corrupt config or weights, a rank over the
+limit, modules the model does not have, shapes of another base model, PEFT features we do not serve).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from valora.models.layers.linear import LoRALinear
+from valora.models.loader import WeightMapper
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served; the message says which and why."""
+
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class LoRAAdapter:
+    name: str
+    path: str
+    rank: int  # largest rank over its modules
+    scaling: float  # adapter-wide scale; per-module deviations (rank/alpha patterns) are folded into B
+    weights: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]]  # (module, slice) -> (A, B)
+    targets: tuple[str, ...]  # module paths in the served model
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+
+    @property
+    def touches_vision(self) -> bool:
+        return any(".visual." in t or ".vision_tower." in t or "projector" in t for t in self.targets)
+
+
+def _read_config(d: Path, name: str) -> dict:
+    path = d / "adapter_config.json"
+    if not path.is_file():
+        raise AdapterError(f"adapter {name!r}: {d} has no adapter_config.json")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"adapter {name!r}: corrupt adapter_config.json ({e})") from e
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"adapter {name!r}: adapter_config.json is not a JSON object")
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"adapter {name!r}: peft_type {peft_type} is not LoRA")
+    unsupported = {
+        "use_dora": "DoRA", "modules_to_save": "modules_to_save (fully trained layers)",
+        "fan_in_fan_out": "fan_in_fan_out", "lora_bias": "LoRA bias",
+    }
+    for key, what in unsupported.items():
+        if cfg.get(key):
+            raise AdapterError(f"adapter {name!r}: {what} is not supported")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"adapter {name!r}: bias={cfg['bias']!r} is not supported (only 'none')")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+            raise AdapterError(f"adapter {name!r}: adapter_config.json needs a positive {key!r}")
+    return cfg
+
+
+def _read_tensors(d: Path, name: str) -> dict[str, torch.Tensor]:
+    st, pt = d / "adapter_model.safetensors", d / "adapter_model.bin"
+    try:
+        if st.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(st)
+        if pt.is_file():
+            return torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt files raise many types (SafetensorError, UnpicklingError, RuntimeError)
+        raise AdapterError(f"adapter {name!r}: corrupt adapter weights ({type(e).__name__}: {e})") from e
+    raise AdapterError(f"adapter {name!r}: {d} has neither adapter_model.safetensors nor adapter_model.bin")
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            return value
+    return default
+
+
+def load_adapter(
+    name: str, path: str | Path, model: nn.Module, mapper: WeightMapper, max_rank: int, dtype: torch.dtype
+) -> LoRAAdapter:
+    d = Path(path)
+    if not d.is_dir():
+        raise AdapterError(f"adapter {name!r}: directory not found: {d}")
+    cfg = _read_config(d, name)
+    tensors = _read_tensors(d, name)
+    if not tensors:
+        raise AdapterError(f"adapter {name!r}: adapter weights are empty")
+    use_rslora = bool(cfg.get("use_rslora", False))
+
+    def scale(alpha: float, r: int) -> float:
+        return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+    adapter_scale = scale(cfg["lora_alpha"], int(cfg["r"]))
+    modules = dict(model.named_modules())
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise AdapterError(f"adapter {name!r}: unsupported weight {key!r} (only lora_A/lora_B of linear layers)")
+        pairs.setdefault(m["module"], {})[m["ab"]] = t
+    weights: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
+    unknown: list[str] = []
+    rank = 0
+    for module_name, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"adapter {name!r}: module {module_name} has lora_{next(iter(ab))} but not its pair")
+        target, shard = mapper.module_of(module_name)
+        layer = modules.get(target)
+        if not isinstance(layer, LoRALinear):
+            unknown.append(module_name)
+            continue
+        a, b = ab["A"], ab["B"]
+        out = layer.out_slices[shard] if shard is not None else layer.out_features
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r:
+            raise AdapterError(
+                f"adapter {name!r}: {module_name} has inconsistent A {tuple(a.shape)} / B {tuple(b.shape)}"
+            )
+        if a.shape[1] != layer.in_features or b.shape[0] != out:
+            raise AdapterError(
+                f"adapter {name!r}: {module_name} expects A [r, {layer.in_features}] and B [{out}, r] but has "
+                f"A {tuple(a.shape)} and B {tuple(b.shape)}; was it trained for another base model?"
+            )
+        if r > max_rank:
+            raise AdapterError(f"adapter {name!r}: rank {r} of {module_name} exceeds max_lora_rank={max_rank}")
+        alpha = _pattern_value(cfg.get("alpha_pattern"), module_name, cfg["lora_alpha"])
+        ratio = scale(alpha, r) / adapter_scale
+        b = b.float() * ratio if ratio != 1.0 else b
+        weights[(target, shard)] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
+        rank = max(rank, r)
+    if unknown:
+        raise AdapterError(
+            f"adapter {name!r}: targets modules the model does not have or cannot adapt: {', '.join(unknown[:6])}"
+            + (" ..." if len(unknown) > 6 else "")
+        )
+    return LoRAAdapter(name, str(d), rank, adapter_scale, weights, tuple(sorted({t for t, _ in weights})))

@@ -1,0 +1,128 @@
+"""The Llama/Qwen2-style decoder-only language model that every supported LMM family wraps.
+
+Fused qkv and gate/up projections (one GEMM each), paged-KV attention, RoPE or M-RoPE. Module paths mirror the
+Hugging Face ones (`layers.N.self_attn.*`, `layers.N.mlp.*`) so checkpoints and PEFT adapters map by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from valora.engine.forward_batch import ForwardBatch
+from valora.models.layers.attention import PagedAttention
+from valora.models.layers.linear import LoRALinear
+from valora.models.layers.norm import RMSNorm
+from valora.models.layers.rotary import MRotaryEmbedding, apply_rotary
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...] | None
+    qkv_bias: bool
+    hidden_act: str = "silu"
+
+    @staticmethod
+    def from_hf(cfg, qkv_bias: bool) -> DecoderConfig:
+        rope = dict(getattr(cfg, "rope_parameters", None) or {})
+        legacy = getattr(cfg, "rope_scaling", None) or {}
+        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        section = rope.get("mrope_section", legacy.get("mrope_section"))
+        rope_type = rope.get("rope_type", legacy.get("rope_type", legacy.get("type", "default")))
+        if rope_type not in ("default", "mrope"):
+            raise ValueError(f"rope type {rope_type!r} is not supported yet (default and mrope are)")
+        heads = cfg.num_attention_heads
+        return DecoderConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            rms_norm_eps=cfg.rms_norm_eps,
+            rope_theta=float(theta),
+            mrope_section=tuple(section) if section else None,
+            qkv_bias=qkv_bias,
+            hidden_act=getattr(cfg, "hidden_act", "silu"),
+        )
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, c: DecoderConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.qkv_proj = LoRALinear(
+            c.hidden_size, (q, kv, kv), bias=c.qkv_bias, lora_names=("q_proj", "k_proj", "v_proj")
+        )
+        self.o_proj = LoRALinear(q, c.hidden_size)
+        self.attn = PagedAttention(c.num_heads, c.num_kv_heads, c.head_dim)
+
+    def forward(self, x, cos, sin, kv_cache, batch: ForwardBatch) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x, batch.lora)
+        q, k, v = qkv.split([self.num_heads * self.head_dim, *(2 * [self.num_kv_heads * self.head_dim])], dim=-1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        o = self.attn(q, k, v.view(t, self.num_kv_heads, self.head_dim), kv_cache, batch.attn)
+        return self.o_proj(o.reshape(t, -1), batch.lora)
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, c: DecoderConfig) -> None:
+        super().__init__()
+        if c.hidden_act != "silu":
+            raise ValueError(f"hidden_act {c.hidden_act!r} is not supported (silu is)")
+        self.intermediate = c.intermediate_size
+        self.gate_up_proj = LoRALinear(
+            c.hidden_size, (c.intermediate_size, c.intermediate_size), lora_names=("gate_proj", "up_proj")
+        )
+        self.down_proj = LoRALinear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, batch.lora).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up, batch.lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: DecoderConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = DecoderAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = DecoderMLP(c)
+
+    def forward(self, x, cos, sin, kv_cache, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch)
+        return x + self.mlp(self.post_attention_layernorm(x), batch)
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, c: DecoderConfig) -> None:
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList([DecoderLayer(c) for _ in range(c.num_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.rotary = MRotaryEmbedding(c.head_dim, c.rope_theta, c.mrope_section)
+
+    def forward(self, embeds: torch.Tensor, kv_caches, batch: ForwardBatch) -> torch.Tensor:
+        cos, sin = self.rotary(batch.positions, embeds.dtype)
+        x = embeds
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, batch)
+        return self.norm(x)

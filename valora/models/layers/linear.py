@@ -1,0 +1,93 @@
+"""Linear layers with batched heterogeneous LoRA: y = x Wᵀ + b + Σ_slices lora_matmul(...).
+
+A fused projection (qkv, gate/up) is one GEMM over concatenated weights; each output slice is one PEFT module
+(`lora_names`), so adapters that target only some of them (say q and v) get rank 0 on the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from valora.lora.ops import LoRAMeta, lora_matmul
+
+
+class LoRALinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_slices: int | Sequence[int],
+        bias: bool = False,
+        lora_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_slices = (out_slices,) if isinstance(out_slices, int) else tuple(out_slices)
+        self.out_features = sum(self.out_slices)
+        self.lora_names = tuple(lora_names) if lora_names is not None else None
+        if self.lora_names is not None and len(self.lora_names) != len(self.out_slices):
+            raise ValueError("one LoRA module name per output slice")
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
+        self.lora_a: torch.Tensor | None = None
+        self.lora_b: torch.Tensor | None = None
+        self.lora_ranks: torch.Tensor | None = None
+        self.lora_scalings: torch.Tensor | None = None
+        self.lora_backend: str | None = None
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.out_slices)
+
+    def slice_offset(self, shard: int) -> int:
+        return sum(self.out_slices[:shard])
+
+    def load_weight(self, name: str, tensor: torch.Tensor, shard: int | None = None) -> None:
+        """Copy a checkpoint tensor (`weight` or `bias`) into the whole layer or into one output slice."""
+        param = self.weight if name == "weight" else self.bias
+        if param is None:
+            raise ValueError(f"checkpoint has a {name} for a layer built without one")
+        if shard is not None:
+            param = param.narrow(0, self.slice_offset(shard), self.out_slices[shard])
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}"
+            )
+        param.data.copy_(tensor)
+
+    def enable_lora(self, max_loras: int, max_rank: int, scalings: torch.Tensor, backend: str) -> None:
+        """Allocate this layer's adapter slots; `scalings` is the model-wide per-slot tensor (shared, not copied)."""
+        opts = dict(dtype=self.weight.dtype, device=self.weight.device)
+        self.lora_a = torch.zeros(max_loras, self.num_slices * max_rank, self.in_features, **opts)
+        self.lora_b = torch.zeros(max_loras, self.out_features, max_rank, **opts)
+        self.lora_ranks = torch.zeros(self.num_slices, max_loras, dtype=torch.int32, device=self.weight.device)
+        self.lora_scalings = scalings
+        self.lora_backend = backend
+
+    @property
+    def max_rank(self) -> int:
+        return 0 if self.lora_b is None else self.lora_b.shape[2]
+
+    def set_slot(self, slot: int, shard: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Write one slice of an adapter into `slot`; `a` is [r, in], `b` is [out_slice, r]; None clears it."""
+        assert self.lora_a is not None and self.lora_b is not None and self.lora_ranks is not None
+        rmax = self.max_rank
+        if a is None or b is None:
+            self.lora_ranks[shard, slot] = 0
+            return
+        r = a.shape[0]
+        self.lora_a[slot, shard * rmax : shard * rmax + r].copy_(a)
+        off = self.slice_offset(shard)
+        self.lora_b[slot, off : off + self.out_slices[shard], :r].copy_(b)
+        self.lora_ranks[shard, slot] = r
+
+    def forward(self, x: torch.Tensor, lora: LoRAMeta | None = None) -> torch.Tensor:
+        y = nn.functional.linear(x, self.weight, self.bias)
+        if lora is not None and self.lora_a is not None and not lora.empty:
+            lora_matmul(
+                x, None, self.lora_a, self.lora_b, self.lora_ranks, self.lora_scalings, self.lora_backend,
+                slices=self.out_slices, out=y, meta=lora,
+            )
+        return y

@@ -1,0 +1,67 @@
+"""Prompt inputs after preprocessing: token ids with expanded image placeholders, and the images' tensors."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from valora.config import MultiModalConfig
+
+
+class InputError(ValueError):
+    """A request that cannot be served as given; the message names the problem."""
+
+
+@dataclass
+class ImageItem:
+    data: dict[str, torch.Tensor]  # the HF processor's tensors for this one image
+    num_tokens: int  # placeholder tokens it fills in the prompt
+    offset: int  # index of its first placeholder token in the prompt
+    content_hash: str
+
+
+@dataclass
+class ProcessedPrompt:
+    token_ids: list[int]
+    images: list[ImageItem] = field(default_factory=list)
+    positions: torch.Tensor | None = None  # [3, L] M-RoPE positions of the prompt; None = 0..L-1
+    position_delta: int = 0  # a token at index i >= L sits at position i + delta
+
+
+def load_image(obj: Any, limits: MultiModalConfig) -> Image.Image:
+    """Accept a PIL image, raw bytes or a local path; refuse what cannot be decoded or is over the limits."""
+    try:
+        if isinstance(obj, Image.Image):
+            img = obj
+        elif isinstance(obj, (bytes, bytearray)):
+            if len(obj) > limits.max_image_bytes:
+                raise InputError(f"image is {len(obj)} bytes, over the limit of {limits.max_image_bytes}")
+            img = Image.open(io.BytesIO(obj))
+        elif isinstance(obj, (str, Path)):
+            img = Image.open(obj)
+        else:
+            raise InputError(f"unsupported image type {type(obj).__name__}; pass a PIL image, bytes or a path")
+        w, h = img.size
+        if w * h > limits.max_image_pixels:
+            raise InputError(f"image is {w}x{h} pixels, over the limit of {limits.max_image_pixels}")
+        if w < 1 or h < 1:
+            raise InputError("image has no pixels")
+        img.load()
+        return img.convert("RGB")
+    except InputError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"cannot read image: {e}") from e
+
+
+def tensor_hash(*tensors: torch.Tensor) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,234 @@
+"""Build Qwen2-VL checkpoints, tokenizers and PEFT adapters offline, saved exactly as `save_pretrained` does.
+
+No model hub is reachable from CI or the GPU machine, so tests and benchmarks build their own models from
+configs (random or briefly trained weights). The engine then loads them through its real loading code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+QWEN2_VL_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+
+# Qwen2-VL's chat format: system turn by default, each image as <|vision_start|><|image_pad|><|vision_end|>.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = (
+    "the quick brown fox jumps over the lazy dog . a picture of a cat sitting on a mat . "
+    "what digit is shown in the image ? the answer is zero one two three four five six seven eight nine . "
+    "describe the scene : a red car parks near a tall building while people walk on the street . "
+    "is the number odd or even ? odd even yes no left right top bottom count objects in the frame . "
+    "detect the box around the object ( x1 , y1 ) , ( x2 , y2 ) . caption : a dog runs across green grass . "
+    "Hello world ! héllo wörld ✓ 0123456789 <>[](){}:;,.?!-+*/=%$#@&"
+)
+
+
+def build_qwen2_vl_tokenizer(out_dir: str | Path, vocab_size: int = 512, corpus: Iterable[str] | None = None):
+    """A byte-level BPE tokenizer with Qwen2-VL's special tokens, trained in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=QWEN2_VL_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    lines = list(corpus) if corpus is not None else [_CORPUS] * 4
+    tok.train_from_iterator(lines, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN2_VL_CHAT_TEMPLATE
+    )
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def qwen2_vl_config(
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    vision_depth: int = 2,
+    vision_embed_dim: int = 32,
+    vision_num_heads: int = 2,
+    max_position_embeddings: int = 4096,
+    initializer_range: float = 0.02,
+    tie_word_embeddings: bool = False,
+    token_ids: dict[str, int] | None = None,
+):
+    """A Qwen2-VL config; the M-RoPE sections are derived from the head size as Qwen2-VL does ([1/4, 3/8, 3/8])."""
+    from transformers import Qwen2VLConfig
+
+    head_dim = hidden_size // num_attention_heads
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    section = [t, h, half - t - h]
+    ids = token_ids or {}
+    text = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range, rms_norm_eps=1e-6,
+        bos_token_id=ids.get("bos", 0), eos_token_id=ids.get("eos", 2), pad_token_id=ids.get("pad", 0),
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    vision = dict(
+        depth=vision_depth, embed_dim=vision_embed_dim, hidden_size=hidden_size, num_heads=vision_num_heads,
+        initializer_range=initializer_range,
+    )
+    return Qwen2VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings,
+        image_token_id=ids.get("image", 5), video_token_id=ids.get("video", 6),
+        vision_start_token_id=ids.get("vision_start", 3), vision_end_token_id=ids.get("vision_end", 4),
+    )
+
+
+def build_qwen2_vl(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 112 * 112,
+    tokenizer_vocab: int = 512,
+    corpus: Iterable[str] | None = None,
+    **config_kwargs,
+) -> Path:
+    """A complete tiny Qwen2-VL model directory: config, safetensors weights, tokenizer, image processor."""
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_qwen2_vl_tokenizer(out, vocab_size=tokenizer_vocab, corpus=corpus)
+    vocab = config_kwargs.pop("vocab_size", max(len(tokenizer), tokenizer_vocab))
+    ids = {
+        "eos": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "pad": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "bos": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "image": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        "video": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    }
+    cfg = qwen2_vl_config(vocab_size=vocab, token_ids=ids, **config_kwargs)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(cfg).to(dtype)
+    model.generation_config.eos_token_id = ids["eos"]
+    model.generation_config.pad_token_id = ids["pad"]
+    model.save_pretrained(out)
+    Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out)
+    return out
+
+
+def peft_target_regex(modules: Sequence[str], scope: str = "language_model") -> str:
+    """A PEFT `target_modules` regex (full match) for the given leaf names under one part of the model."""
+    return rf".*{scope}.*\.({'|'.join(modules)})$"
+
+
+def build_peft_adapter(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    r: int = 8,
+    lora_alpha: int | None = None,
+    target_modules: str | Sequence[str] = ("q_proj", "v_proj"),
+    use_rslora: bool = False,
+    seed: int = 0,
+    init_std: float = 0.1,
+    base_model=None,
+) -> Path:
+    """A PEFT LoRA adapter with random (non-zero) A and B, saved with `save_pretrained`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    base = base_model if base_model is not None else AutoModelForImageTextToText.from_pretrained(base_dir)
+    base = copy.deepcopy(base)  # get_peft_model mutates the model it wraps
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha if lora_alpha is not None else 2 * r,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        use_rslora=use_rslora, init_lora_weights=False, lora_dropout=0.0,
+    )
+    peft_model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * init_std)
+    peft_model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def save_random_checkpoint(
+    config, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", std: float = 0.02,
+    seed: int = 0, shard_bytes: int = 4 << 30,
+) -> Path:
+    """Write random weights for `config` in the sharded safetensors layout of `save_pretrained`, without ever
+    materialising the whole model (a 7B-shaped checkpoint is built one tensor at a time)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    params = dict(model.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        params.pop("lm_head.weight", None)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, meta in params.items():
+        if name.endswith("norm.weight") or name.endswith("ln_q.weight") or ".norm1." in name or ".norm2." in name:
+            t = torch.ones(meta.shape, dtype=dtype, device=device)
+        else:
+            t = (torch.randn(meta.shape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
+        nbytes = t.numel() * t.element_size()
+        if size + nbytes > shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.cpu()
+        size += nbytes
+    index: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.fspath(out / fname), metadata={"format": "pt"})
+        for k, v in shard.items():
+            index[k] = fname
+            total += v.numel() * v.element_size()
+    if len(shards) > 1:
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2)
+        )
+    config.save_pretrained(out)
+    return out
