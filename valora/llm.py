@@ -95,7 +95,8 @@ class LLM:
 
     def chat_prompt(self, messages: list[dict], chat_template: str | None = None,
                     add_generation_prompt: bool = True) -> dict[str, Any]:
-        template_messages, images = parse_messages(messages)
+        # Offline use runs in the caller's own process, so local image files are allowed anywhere.
+        template_messages, images = parse_messages(messages, allowed_local_path="/")
         text = self.engine.tokenizer.apply_chat_template(
             template_messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
