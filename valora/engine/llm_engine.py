@@ -53,6 +53,21 @@ class Request:
         return all(s.finished for s in self.seqs)
 
 
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    running_adapters: list[str]
+    waiting_adapters: list[str]
+    resident_adapters: list[str]
+    max_loras: int
+    adapter_disk_loads: int
+    adapter_slot_loads: int
+    adapter_slot_evictions: int
+    adapter_host_evictions: int
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         from transformers import AutoConfig, AutoTokenizer
@@ -253,6 +268,24 @@ class LLMEngine:
                     seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
 
     abort = abort_request
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics and health checks (cheap; no device work)."""
+        sched = self.scheduler
+        lora = self.lora_manager
+        return EngineStats(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            kv_cache_usage=self.blocks.usage,
+            running_adapters=sorted({s.lora_name for s in sched.running if s.lora_name}),
+            waiting_adapters=sorted({s.lora_name for s in sched.waiting if s.lora_name}),
+            resident_adapters=lora.resident() if lora else [],
+            max_loras=self.config.lora.max_loras if lora else 0,
+            adapter_disk_loads=lora.stats.disk_loads if lora else 0,
+            adapter_slot_loads=lora.stats.slot_loads if lora else 0,
+            adapter_slot_evictions=lora.stats.slot_evictions if lora else 0,
+            adapter_host_evictions=lora.stats.host_evictions if lora else 0,
+        )
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
