@@ -12,6 +12,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    logprobs: list[dict[int, float]] | None = None  # per step: top-k and the chosen token's log-probability
 
 
 @dataclass

@@ -66,6 +66,7 @@ class EngineStats:
     adapter_slot_loads: int
     adapter_slot_evictions: int
     adapter_host_evictions: int
+    num_preemptions: int
 
 
 class LLMEngine:
@@ -285,6 +286,7 @@ class LLMEngine:
             adapter_slot_loads=lora.stats.slot_loads if lora else 0,
             adapter_slot_evictions=lora.stats.slot_evictions if lora else 0,
             adapter_host_evictions=lora.stats.host_evictions if lora else 0,
+            num_preemptions=sched.num_preemptions,
         )
 
     def has_unfinished_requests(self) -> bool:
@@ -354,7 +356,8 @@ class LLMEngine:
 
     def _output(self, req: Request) -> RequestOutput:
         completions = [
-            CompletionOutput(s.index, s.output_text, list(s.output_ids), s.finish_reason, s.stop_reason)
+            CompletionOutput(s.index, s.output_text, list(s.output_ids), s.finish_reason, s.stop_reason,
+                             list(s.logprobs) if s.logprobs is not None else None)
             for s in req.seqs
         ]
         return RequestOutput(req.request_id, req.prompt, list(req.processed.token_ids), completions, req.finished,

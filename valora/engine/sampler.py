@@ -22,7 +22,10 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
 
 
 def sample(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[int]]) -> list[int]:
-    """logits: [B, V] float32, one row per sequence. `stop_ids[i]` are masked while min_tokens is not reached."""
+    """logits: [B, V] float32, one row per sequence. `stop_ids[i]` are masked while min_tokens is not reached.
+    Sequences that asked for logprobs get the model's own (unprocessed) distribution appended."""
+    want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    logprobs = logits[want].log_softmax(-1) if want else None
     for i, seq in enumerate(seqs):
         if len(seq.output_ids) < seq.params.min_tokens and stop_ids[i]:
             logits[i, list(stop_ids[i])] = float("-inf")
@@ -33,4 +36,12 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[int]]) -
             continue
         row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
         tokens[i] = int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator).item())
+    for j, i in enumerate(want):
+        k = seqs[i].params.logprobs
+        top = torch.topk(logprobs[j], k) if k else None
+        entry = dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {}
+        entry[tokens[i]] = float(logprobs[j, tokens[i]])
+        if seqs[i].logprobs is None:
+            seqs[i].logprobs = []
+        seqs[i].logprobs.append(entry)
     return tokens

@@ -36,6 +36,7 @@ class Sequence:
     output_text: str = ""
     image_embeds: list[torch.Tensor | None] = field(default_factory=list)  # kept across preemption
     num_preemptions: int = 0
+    logprobs: list[dict[int, float]] | None = None
 
     def __post_init__(self) -> None:
         self.image_embeds = [None] * len(self.prompt.images)

@@ -127,7 +127,8 @@ def load_adapter(
         if not isinstance(layer, LoRALinear):
             unknown.append(module_name)
             continue
-        a, b = ab["A"], ab["B"]
+        # A conv LoRA on a patch embedding (stride = kernel) is a linear LoRA on flattened patches.
+        a, b = (t.flatten(1) if t.dim() > 2 else t for t in (ab["A"], ab["B"]))
         out = layer.out_slices[shard] if shard is not None else layer.out_features
         r = a.shape[0]
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r:

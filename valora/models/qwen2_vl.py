@@ -96,10 +96,10 @@ class Qwen2VisionTower(nn.Module):
         super().__init__()
         self.merge = vc.spatial_merge_size
         self.embed_dim = vc.embed_dim
+        # The patch embedding is a Conv3d whose stride equals its kernel: a linear map of each flattened patch.
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv3d(vc.in_channels, vc.embed_dim, kernel_size=(vc.temporal_patch_size,
-                                          vc.patch_size, vc.patch_size), stride=(vc.temporal_patch_size,
-                                          vc.patch_size, vc.patch_size), bias=False)
+        patch = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        self.patch_embed.proj = LoRALinear(patch, vc.embed_dim)
         head_dim = vc.embed_dim // vc.num_heads
         theta = (getattr(vc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
         quarter = head_dim // 2
@@ -128,16 +128,15 @@ class Qwen2VisionTower(nn.Module):
         return emb.cos(), emb.sin()
 
     def forward(self, pixel_values: torch.Tensor, grids: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
-        w = self.patch_embed.proj.weight
-        x = pixel_values.to(w.dtype) @ w.view(w.shape[0], -1).t()
-        cos, sin = self._rotary(grids, x.device)
-        seqlens = [h * w_ for t, h, w_ in grids for _ in range(t)]
-        patches = [t * h * w_ for t, h, w_ in grids]
+        seqlens = [h * w for t, h, w in grids for _ in range(t)]
+        patches = [t * h * w for t, h, w in grids]
         lora = merged_lora = None
         if any(s >= 0 for s in slots):
-            lora = LoRAMeta.build([s for s, n in zip(slots, patches) for _ in range(n)], x.device)
+            lora = LoRAMeta.build([s for s, n in zip(slots, patches) for _ in range(n)], pixel_values.device)
             merged = [s for s, n in zip(slots, patches) for _ in range(n // self.merge**2)]
-            merged_lora = LoRAMeta.build(merged, x.device)
+            merged_lora = LoRAMeta.build(merged, pixel_values.device)
+        x = self.patch_embed.proj(pixel_values.to(self.patch_embed.proj.weight.dtype), lora)
+        cos, sin = self._rotary(grids, x.device)
         for blk in self.blocks:
             x = blk(x, cos, sin, seqlens, lora)
         return self.merger(x, merged_lora)

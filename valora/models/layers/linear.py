@@ -45,8 +45,11 @@ class LoRALinear(nn.Module):
         return sum(self.out_slices[:shard])
 
     def load_weight(self, name: str, tensor: torch.Tensor, shard: int | None = None) -> None:
-        """Copy a checkpoint tensor (`weight` or `bias`) into the whole layer or into one output slice."""
+        """Copy a checkpoint tensor (`weight` or `bias`) into the whole layer or into one output slice.
+        Convolution kernels whose stride equals their size (patch embeddings) are flattened to a linear map."""
         param = self.weight if name == "weight" else self.bias
+        if tensor.dim() > 2:
+            tensor = tensor.flatten(1)
         if param is None:
             raise ValueError(f"checkpoint has a {name} for a layer built without one")
         if shard is not None:

@@ -1,0 +1,65 @@
+"""Scheduling rules: decodes first, FCFS admission within budget, blocks and adapter slots, LIFO preemption."""
+
+from __future__ import annotations
+
+from valora.config import SchedulerConfig
+from valora.engine.block_manager import BlockManager
+from valora.engine.scheduler import Scheduler
+from valora.engine.sequence import Sequence, SequenceStatus
+from valora.multimodal.inputs import ProcessedPrompt
+from valora.sampling_params import SamplingParams
+
+
+def _seq(i: int, n: int, lora: str | None = None) -> Sequence:
+    return Sequence(i, f"r{i}", 0, ProcessedPrompt(list(range(n))), SamplingParams(), lora, float(i))
+
+
+def _step(sched: Scheduler):
+    out = sched.schedule()
+    for s in out.seqs:  # what the engine does after the model ran
+        s.num_computed = len(s)
+        s.output_ids.append(1)
+    return out
+
+
+def test_admits_fcfs_within_blocks_and_budget():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8), BlockManager(4, 4), max_batched_tokens=100, max_loras=None)
+    for i, n in enumerate([5, 6, 3]):
+        sched.add(_seq(i, n))
+    out = _step(sched)  # 5 tokens -> 2 blocks, 6 -> 2 blocks, then no blocks left for the third
+    assert [s.seq_id for s in out.seqs] == [0, 1]
+    assert [s.seq_id for s in sched.waiting] == [2]
+
+
+def test_adapter_slots_skip_but_keep_scanning():
+    sched = Scheduler(SchedulerConfig(), BlockManager(64, 4), max_batched_tokens=100, max_loras=2)
+    for i, lora in enumerate(["a", "b", "c", None, "a", "c"]):
+        sched.add(_seq(i, 3, lora))
+    out = _step(sched)
+    assert [s.seq_id for s in out.seqs] == [0, 1, 3, 4]  # c needs a third slot: skipped, later ones still admitted
+    assert [s.seq_id for s in sched.waiting] == [2, 5]  # and they keep their place in line
+
+
+def test_preempts_newest_when_blocks_run_out_and_recomputes():
+    blocks = BlockManager(3, 4)
+    sched = Scheduler(SchedulerConfig(), blocks, max_batched_tokens=100, max_loras=None)
+    a, b = _seq(0, 4), _seq(1, 4)
+    sched.add(a)
+    sched.add(b)
+    _step(sched)  # both admitted: 2 blocks used; each now holds 5 tokens and needs a second block
+    out = _step(sched)
+    assert out.preempted == [b] and out.seqs == [a]
+    assert b.status is SequenceStatus.WAITING and b.block_table == [] and b.num_computed == 0
+    assert sched.waiting[0] is b
+    while a in sched.running and len(a) < 12:
+        _step(sched)
+    sched.remove(a)
+    out = sched.schedule()
+    assert out.seqs == [b] and b.new_token_ids() == list(range(4)) + [1]  # prompt and output, in one prefill
+
+
+def test_budget_limits_prefill_tokens():
+    sched = Scheduler(SchedulerConfig(), BlockManager(64, 4), max_batched_tokens=10, max_loras=None)
+    for i in range(3):
+        sched.add(_seq(i, 4))
+    assert [s.seq_id for s in _step(sched).seqs] == [0, 1]
