@@ -23,7 +23,7 @@ def test_32_requests_over_20_adapters_with_4_slots(tiny_model, adapter_factory):
         for i in range(20)
     ]
     rng = random.Random(0)
-    words = "the quick brown fox jumps over a lazy dog near tall building".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "near", "tall", "building"]
     prompts, loras = [], []
     for i in range(32):
         text = " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))

@@ -61,7 +61,7 @@ def test_mixed_batch_matches_transformers_peft(config, model_factory, adapter_fa
     outs = llm.generate(prompts, params, loras, use_tqdm=False)
 
     ref = HFReference(str(model_dir))
-    for (p, im, a), prompt, out in zip(cases, prompts, outs):
+    for (p, _im, a), prompt, out in zip(cases, prompts, outs):
         processed = llm.engine.process_prompt(prompt)[1]
         expected = ref.generate(processed, str(adapters[a]) if a else None, STEPS)
         got = out.outputs[0]

@@ -86,8 +86,8 @@ def test_legacy_checkpoint_and_adapter_layouts(tiny_model, adapter_factory, tmp_
     legacy_adapter = tmp_path / "legacy-adapter"
     shutil.copytree(adapter, legacy_adapter)
     tensors = load_file(legacy_adapter / "adapter_model.safetensors")
-    renamed = {k.replace("model.model.language_model.", "model.model.").replace("model.model.visual.", "model.visual."): v
-               for k, v in tensors.items()}
+    legacy = (("model.model.language_model.", "model.model."), ("model.model.visual.", "model.visual."))
+    renamed = {k.replace(*legacy[0]).replace(*legacy[1]): v for k, v in tensors.items()}
     assert renamed.keys() != tensors.keys()
     (legacy_adapter / "adapter_model.safetensors").unlink()
     torch.save(renamed, legacy_adapter / "adapter_model.bin")  # and the older .bin format
