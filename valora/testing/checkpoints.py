@@ -122,10 +122,15 @@ def build_qwen2_vl(
     max_pixels: int = 112 * 112,
     tokenizer_vocab: int = 512,
     corpus: Iterable[str] | None = None,
+    large: bool = False,
+    device: str = "cpu",
     **config_kwargs,
 ) -> Path:
-    """A complete tiny Qwen2-VL model directory: config, safetensors weights, tokenizer, image processor."""
-    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+    """A complete Qwen2-VL model directory: config, safetensors weights, tokenizer, image processor.
+
+    Small models are initialised by transformers and saved with `save_pretrained`; `large=True` writes random
+    weights tensor by tensor (on `device`) so a 7B-shaped checkpoint never has to fit in memory twice."""
+    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,11 +146,16 @@ def build_qwen2_vl(
         "vision_end": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
     }
     cfg = qwen2_vl_config(vocab_size=vocab, token_ids=ids, **config_kwargs)
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(cfg).to(dtype)
-    model.generation_config.eos_token_id = ids["eos"]
-    model.generation_config.pad_token_id = ids["pad"]
-    model.save_pretrained(out)
+    cfg.architectures = ["Qwen2VLForConditionalGeneration"]
+    if large:
+        save_random_checkpoint(cfg, out, dtype=dtype, device=device, seed=seed, std=cfg.text_config.initializer_range)
+        GenerationConfig(eos_token_id=ids["eos"], pad_token_id=ids["pad"]).save_pretrained(out)
+    else:
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(cfg).to(dtype)
+        model.generation_config.eos_token_id = ids["eos"]
+        model.generation_config.pad_token_id = ids["pad"]
+        model.save_pretrained(out)
     Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out)
     return out
 
@@ -186,6 +196,54 @@ def build_peft_adapter(
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * init_std)
     peft_model.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def save_random_adapter(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    r: int,
+    target_modules: str | Sequence[str],
+    lora_alpha: int | None = None,
+    use_rslora: bool = False,
+    seed: int = 0,
+    std: float = 0.02,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cpu",
+) -> Path:
+    """A PEFT adapter with random weights for a (possibly 7B-shaped) checkpoint, written without loading it:
+    module shapes come from a meta-device model, names and config from PEFT itself."""
+    import re
+
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir))
+    pattern = target_modules if isinstance(target_modules, str) else None
+    names = set(target_modules) if pattern is None else set()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        hit = re.fullmatch(pattern, name) if pattern else name.rsplit(".", 1)[-1] in names
+        if not hit:
+            continue
+        for part, shape in (("lora_A", (r, module.in_features)), ("lora_B", (module.out_features, r))):
+            t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std
+            tensors[f"base_model.model.{name}.{part}.weight"] = t.to(dtype).cpu()
+    if not tensors:
+        raise ValueError(f"target_modules {target_modules!r} match no linear layer of {model_dir}")
+    save_file(tensors, os.fspath(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = LoraConfig(r=r, lora_alpha=lora_alpha if lora_alpha is not None else 2 * r, use_rslora=use_rslora,
+                        target_modules=target_modules if pattern else sorted(names), lora_dropout=0.0,
+                        base_model_name_or_path=str(model_dir))
+    config.save_pretrained(out)
+    return out
 
 
 def save_random_checkpoint(
