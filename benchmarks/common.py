@@ -24,7 +24,7 @@ def git_commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("VALORA_COMMIT", "unknown")
+        return os.environ.get("VALORA_COMMIT") or "unknown"
 
 
 def run_info() -> dict:
