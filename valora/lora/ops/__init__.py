@@ -11,10 +11,15 @@
 
 Fused projections (qkv, gate/up) pass `slices=(W_q, W_k, W_v)`; `out=` accumulates into an existing output
 so no extra pass over it is paid. `meta` (built once per step) replaces `ids`.
+
+Backends: `atmm` (Triton, tiles tuned per shape; the default on GPU), `sgmv` and `bgmv` (Triton baselines in the
+Punica/S-LoRA style), `gather` (per-token weights + bmm) and `torch` (the reference). See docs/kernels.md.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,10 +30,32 @@ from valora.lora.ops.torch_ref import lora_torch
 
 Backend = Callable[..., None]
 
-BACKENDS: dict[str, Backend] = {"torch": lora_torch, "gather": lora_gather}
+
+def _lazy(name: str, target: str) -> Backend:
+    """A backend whose module is imported on first use: Triton kernels must be defined after the process has
+    chosen between the GPU and the interpreter (TRITON_INTERPRET), not when this package is imported."""
+    module, attr = target.split(":")
+
+    def run(*args) -> None:
+        BACKENDS[name] = getattr(importlib.import_module(module), attr)
+        BACKENDS[name](*args)
+
+    return run
 
 
-def default_backend(device: torch.device) -> str:
+BACKENDS: dict[str, Backend] = {
+    "torch": lora_torch,
+    "gather": lora_gather,
+    "atmm": _lazy("atmm", "valora.lora.ops.atmm:lora_atmm"),
+    "sgmv": _lazy("sgmv", "valora.lora.ops.sgmv:lora_sgmv"),
+    "bgmv": _lazy("bgmv", "valora.lora.ops.bgmv:lora_bgmv"),
+}
+
+
+def default_backend(device: torch.device | str) -> str:
+    """`atmm` on CUDA devices when Triton is installed, else the `torch` reference."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "atmm"
     return "torch"
 
 

@@ -1,0 +1,216 @@
+"""Segment-tiled Triton kernels for the LoRA shrink (x·Aᵀ) and expand (·Bᵀ, added into y), shared by `atmm`
+(tile shapes from the tuned table) and `sgmv` (one fixed tile shape, the Punica/S-LoRA prefill grid).
+
+Layout (see `lora_matmul`): the stacked A rows of all slices form one [S*R, K] matrix per slot, row `j*R + r`
+being rank row `r` of slice `j`; it is valid only when `r < ranks[j, slot]`. The shrink writes an fp32
+intermediate `mid[s, p, j*R + r]` in segment order (`p` indexes `meta.token_order`), one partial sum per split-K
+chunk `s`; the expand adds the partials as it reads them. Split-K thus needs no atomics and no zeroing pass (one
+launch fewer at decode, and results that do not depend on the order programs finish in).
+
+Ranks are never padded in memory traffic: rows and columns past a slot's rank are masked out of every load
+(so garbage there cannot leak), programs whose rank tile holds no valid row exit at once, and the expand loops
+over rank only up to the slot's own rank. Grids come from host-side meta only: no device sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from valora.lora.ops.configs import TileConfig
+from valora.lora.ops.meta import LoRAMeta
+
+MAX_SLICES = 3  # fused qkv is the widest projection a model fuses
+
+
+@triton.jit
+def _row_tile(pid, tile_seg_ptr, tile_row_ptr, seg_starts_ptr, num_segments, BLOCK_M: tl.constexpr,
+              SEG_GRID: tl.constexpr):
+    """(segment, first row, end of segment) of row tile `pid`.
+
+    With SEG_GRID every segment gets the same number of tiles (the longest segment's), the Punica/S-LoRA
+    grid: tiles past a shorter segment's end are empty. Otherwise tiles come from the exact map in LoRAMeta.
+    """
+    if SEG_GRID:
+        seg = pid % num_segments
+        row = tl.load(seg_starts_ptr + seg) + (pid // num_segments) * BLOCK_M
+    else:
+        seg = tl.load(tile_seg_ptr + pid)
+        row = tl.load(tile_row_ptr + pid)
+    end = tl.load(seg_starts_ptr + seg + 1)
+    return seg, row, end
+
+
+@triton.jit
+def _slice_of(pid_n, w0, w1, w2, BLOCK_N: tl.constexpr):
+    """Output tile `pid_n` of up to three fused slices of widths w0, w1, w2 -> (slice, first col, width, offset)."""
+    t0 = tl.cdiv(w0, BLOCK_N)
+    t1 = tl.cdiv(w1, BLOCK_N)
+    in1 = pid_n >= t0
+    in2 = pid_n >= t0 + t1
+    j = in1.to(tl.int32) + in2.to(tl.int32)
+    first = (pid_n - tl.where(in2, t0 + t1, tl.where(in1, t0, 0))) * BLOCK_N
+    width = tl.where(in2, w2, tl.where(in1, w1, w0))
+    offset = tl.where(in2, w0 + w1, tl.where(in1, w0, 0))
+    return j, first, width, offset
+
+
+# The segment count changes from step to step, so it is not specialised on (divisibility by 16, equality to 1):
+# one compiled variant serves every step. Sizes and strides stay specialised: knowing them divisible by 16 is what
+# lets masked loads along K and along the output width vectorise.
+@triton.jit(do_not_specialize=["num_segments"])
+def _shrink_kernel(
+    x_ptr, a_ptr, mid_ptr, ranks_ptr, order_ptr, seg_slots_ptr, seg_starts_ptr, tile_seg_ptr, tile_row_ptr,
+    num_segments, K, R, rows, k_per_split,
+    stride_xm, stride_aslot, stride_arow, stride_msplit, stride_mid, stride_rank,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEG_GRID: tl.constexpr,
+):
+    # Rank tiles vary fastest, so the programs that share a tile of x run together and read it from L2.
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    seg, row0, end = _row_tile(pid_m, tile_seg_ptr, tile_row_ptr, seg_starts_ptr, num_segments, BLOCK_M, SEG_GRID)
+    if row0 >= end:
+        return
+    slot = tl.load(seg_slots_ptr + seg)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # stacked A rows
+    rank = tl.load(ranks_ptr + (offs_n // R) * stride_rank + slot, mask=offs_n < rows, other=0)
+    n_ok = (offs_n % R) < rank
+    if tl.max(n_ok.to(tl.int32), axis=0) == 0:
+        return
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < end
+    tok = tl.load(order_ptr + offs_m, mask=m_ok, other=0)
+    x_rows = x_ptr + tok[:, None] * stride_xm
+    a_rows = a_ptr + slot.to(tl.int64) * stride_aslot + offs_n[:, None] * stride_arow
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
+        xt = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(a_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(xt, tl.trans(at))
+    out = mid_ptr + pid_k * stride_msplit + offs_m[:, None] * stride_mid + offs_n[None, :]
+    tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["num_segments"])
+def _expand_kernel(
+    mid_ptr, b_ptr, y_ptr, ranks_ptr, scal_ptr, order_ptr, seg_slots_ptr, seg_starts_ptr, tile_seg_ptr, tile_row_ptr,
+    num_segments, R, w0, w1, w2, num_splits,
+    stride_msplit, stride_mid, stride_bslot, stride_brow, stride_ym, stride_rank,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEG_GRID: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    seg, row0, end = _row_tile(pid_m, tile_seg_ptr, tile_row_ptr, seg_starts_ptr, num_segments, BLOCK_M, SEG_GRID)
+    if row0 >= end:
+        return
+    j, first, width, offset = _slice_of(pid_n, w0, w1, w2, BLOCK_N)
+    slot = tl.load(seg_slots_ptr + seg)
+    rank = tl.load(ranks_ptr + j * stride_rank + slot)
+    if rank == 0:
+        return
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < end
+    cols = first + tl.arange(0, BLOCK_N)
+    c_ok = cols < width
+    mid_rows = mid_ptr + offs_m[:, None] * stride_mid + j * R
+    b_rows = b_ptr + slot.to(tl.int64) * stride_bslot + (offset + cols)[:, None] * stride_brow
+    tok = tl.load(order_ptr + offs_m, mask=m_ok, other=0)
+    y = y_ptr + tok[:, None] * stride_ym + (offset + cols)[None, :]
+    mask = m_ok[:, None] & c_ok[None, :]
+    prev = tl.load(y, mask=mask, other=0.0)  # issued before the rank loop, so its latency overlaps the dots
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Loads cover the rank rounded up to 8 (inside the stack), so they stay 16-byte vectors for any rank; the
+    # columns past the rank are then zeroed with `where`, which also drops any garbage (NaN) they hold.
+    rank8 = tl.minimum(tl.cdiv(rank, 8) * 8, R)
+    for r in range(0, rank, BLOCK_K):
+        offs_r = r + tl.arange(0, BLOCK_K)
+        r_ok = offs_r < rank
+        r_ld = offs_r < rank8
+        mt = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for s in range(num_splits):
+            mt += tl.load(mid_rows + s * stride_msplit + offs_r[None, :], mask=m_ok[:, None] & r_ld[None, :], other=0.0)
+        bt = tl.load(b_rows + offs_r[None, :], mask=c_ok[:, None] & r_ld[None, :], other=0.0)
+        mt = tl.where(r_ok[None, :], mt, 0.0)
+        bt = tl.where(r_ok[None, :], bt, 0.0)
+        acc += tl.dot(mt.to(bt.dtype), tl.trans(bt))
+    scale = tl.load(scal_ptr + slot)
+    tl.store(y, (prev.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _row_grid(meta: LoRAMeta, block_m: int, seg_grid: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    if seg_grid:
+        per_seg = triton.cdiv(meta.max_segment_len, block_m)
+        return meta.seg_starts, meta.seg_starts, per_seg * meta.num_segments
+    return meta.tile_maps[block_m]
+
+
+def check_layout(x: torch.Tensor, stack_a: torch.Tensor, stack_b: torch.Tensor, out: torch.Tensor,
+                 slices: tuple[int, ...]) -> None:
+    if len(slices) > MAX_SLICES:
+        raise ValueError(f"Triton LoRA kernels fuse at most {MAX_SLICES} slices, got {len(slices)}")
+    for name, t in (("x", x), ("stack_a", stack_a), ("stack_b", stack_b), ("out", out)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def _k_per_split(K: int, cfg: TileConfig) -> int:
+    return triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
+
+
+def num_splits(K: int, cfg: TileConfig) -> int:
+    """Partial sums the shrink writes for reduction length K (split_k, less where chunks would be empty)."""
+    return triton.cdiv(K, _k_per_split(K, cfg))
+
+
+def intermediate(meta: LoRAMeta, K: int, rows: int, cfg: TileConfig, device: torch.device) -> torch.Tensor:
+    """The fp32 [splits, tokens, rows] buffer between shrink and expand, from the step's shared scratch."""
+    shape = (num_splits(K, cfg), meta.num_lora_tokens, rows)
+    return meta.scratch(shape[0] * shape[1] * shape[2], torch.float32, device).view(shape)
+
+
+def shrink(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, ranks: torch.Tensor, mid: torch.Tensor,
+           cfg: TileConfig, *, seg_grid: bool = False, warmup: bool = False) -> None:
+    """mid[s, p, j*R + r] = x[token_order[p]] · A[slot][j*R + r] over split s of K, for every valid rank row
+    (others left unwritten)."""
+    K = x.shape[1]
+    rows = stack_a.shape[1]
+    tile_seg, tile_row, grid_m = _row_grid(meta, cfg.block_m, seg_grid)
+    grid = (triton.cdiv(rows, cfg.block_n), grid_m, mid.shape[0])
+    args = (
+        x, stack_a, mid, ranks, meta.token_order, meta.seg_slots, meta.seg_starts, tile_seg, tile_row,
+        meta.num_segments, K, rows // ranks.shape[0], rows, _k_per_split(K, cfg),
+        x.stride(0), stack_a.stride(0), stack_a.stride(1), mid.stride(0), mid.stride(1), ranks.stride(0),
+    )
+    opts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SEG_GRID=seg_grid,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if warmup:
+        _shrink_kernel.warmup(*args, grid=grid, **opts)
+    else:
+        _shrink_kernel[grid](*args, **opts)
+
+
+def expand(mid: torch.Tensor, meta: LoRAMeta, stack_b: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor,
+           slices: tuple[int, ...], out: torch.Tensor, cfg: TileConfig, *, seg_grid: bool = False,
+           warmup: bool = False) -> None:
+    """out[token_order[p], slice j] += scaling[slot] * Σ_s mid[s, p, j*R : j*R + rank_j] @ B[slot][slice j, :rank_j]ᵀ
+    (slice j's rows of B)."""
+    tile_seg, tile_row, grid_m = _row_grid(meta, cfg.block_m, seg_grid)
+    w = tuple(slices) + (0,) * (MAX_SLICES - len(slices))
+    grid = (sum(triton.cdiv(width, cfg.block_n) for width in slices), grid_m)
+    args = (
+        mid, stack_b, out, ranks, scalings, meta.token_order, meta.seg_slots, meta.seg_starts, tile_seg, tile_row,
+        meta.num_segments, stack_b.shape[2], *w, mid.shape[0],
+        mid.stride(0), mid.stride(1), stack_b.stride(0), stack_b.stride(1), out.stride(0), ranks.stride(0),
+    )
+    opts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SEG_GRID=seg_grid,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if warmup:
+        _expand_kernel.warmup(*args, grid=grid, **opts)
+    else:
+        _expand_kernel[grid](*args, **opts)
