@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from valora.lora.tuning.table import ConfigTable, table_path
-    from valora.lora.tuning.tuner import Problems, tune
+    from valora.lora.tuning.tuner import Problems, Result, tune
 
     if not torch.cuda.is_available():
         print("tune-kernels needs a CUDA GPU")
@@ -48,9 +48,20 @@ def run(args: argparse.Namespace) -> int:
     grid = space.shapes(args.tokens, args.segments, args.hidden, args.widths, args.ranks)
     grid = {op: grid[op] for op in ops}
     problems = Problems(getattr(torch, args.dtype), device)
-    results = tune(grid, problems, props.multi_processor_count, reps=args.reps, final_reps=args.final_reps,
-                   progress=lambda items: tqdm(items, desc=f"tuning on {props.name}", unit="shape"))
     path = args.out or table_path(props.name)
+    info = {"dtype": args.dtype, "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), "sms": props.multi_processor_count}
+
+    def save(results: list[Result]) -> None:
+        """Written after every shape, so an interrupted sweep still leaves a usable table."""
+        entries = {op: [(r.shape, r.config) for r in results if r.op == op] for op in ops}
+        timings = [{"op": r.op, "shape": vars(r.shape), "tuned": round(r.us, 2), "heuristic": round(r.heuristic_us, 2)}
+                   for r in results]
+        ConfigTable(props.name, entries, dict(info, timings_us=timings)).save(path)
+
+    results = tune(grid, problems, props.multi_processor_count, reps=args.reps, final_reps=args.final_reps,
+                   progress=lambda items: tqdm(items, desc=f"tuning on {props.name}", unit="shape"),
+                   on_result=(lambda results: None) if args.check else save)
     gains = [r.heuristic_us / r.us for r in results]
     summary: dict = {
         "device": props.name,
@@ -74,14 +85,6 @@ def run(args: argparse.Namespace) -> int:
               f"re-timed is at most {summary['max_old_over_new']:.3f}x the new best (median "
               f"{summary['median_old_over_new']:.3f}x)")
     else:
-        entries = {op: [(r.shape, r.config) for r in results if r.op == op] for op in ops}
-        info = {
-            "dtype": args.dtype, "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(), "sms": props.multi_processor_count,
-            "timings_us": [{"op": r.op, "shape": vars(r.shape), "tuned": round(r.us, 2),
-                            "heuristic": round(r.heuristic_us, 2)} for r in results],
-        }
-        ConfigTable(props.name, entries, info).save(path)
         print(f"wrote {path}: {len(results)} shapes, geomean {summary['geomean_gain_over_heuristic']:.3f}x "
               f"faster than the heuristic tiles")
     if args.report:

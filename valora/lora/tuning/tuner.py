@@ -115,11 +115,15 @@ def tune_shape(op: str, shape: Shape, measure: Measure, prepare: Prepare = lambd
 
 
 def tune(shapes: dict[str, list[Shape]], problems: Problems, num_sms: int, *, reps: int = 5,
-         final_reps: int = 20, progress: Callable[[Iterable], Iterable] = iter) -> list[Result]:
-    results = []
-    for op, shape in progress([(op, s) for op, group in shapes.items() for s in group]):
+         final_reps: int = 20, progress: Callable[[Iterable], Iterable] = iter,
+         on_result: Callable[[list[Result]], None] = lambda results: None) -> list[Result]:
+    """Tune every shape, smallest token counts first; `on_result` sees the results so far after each shape."""
+    results: list[Result] = []
+    order = sorted(((op, s) for op, group in shapes.items() for s in group), key=lambda e: (e[1].tokens, e[0]))
+    for op, shape in progress(order):
         best = tune_shape(op, shape, problems.measure, problems.compile, reps=reps, final_reps=final_reps)
         us = problems.measure(op, shape, best, final_reps)
         base = problems.measure(op, shape, heuristic(op, shape, num_sms), final_reps)
         results.append(Result(op, shape, best, us, base))
+        on_result(results)
     return results
