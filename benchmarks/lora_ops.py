@@ -131,7 +131,7 @@ def base_gemm_us(tokens, hidden, width, device, cache) -> float:
     return cache[key]
 
 
-def run_grid(args, device, ceilings) -> list[dict]:
+def run_grid(args, device, ceilings, checkpoint) -> list[dict]:
     from tqdm import tqdm
 
     cases = [(layer, t, n, r) for layer, t, n, r in itertools.product(args.layers, args.tokens, args.adapters, RANKS)
@@ -151,6 +151,8 @@ def run_grid(args, device, ceilings) -> list[dict]:
             "floor_us": floor, "bound": bound,
         })
         del problem
+        if i % 25 == 24:
+            checkpoint(rows)
     return rows
 
 
@@ -290,6 +292,7 @@ def main() -> None:
     args = p.parse_args()
     if args.report:
         result = json.loads(args.report.read_text())
+        result.setdefault("summary", summarize(result))
         plot(result, args.report.with_suffix(".png"))
         print(markdown(result))
         return
@@ -300,14 +303,20 @@ def main() -> None:
     device = torch.device("cuda", torch.cuda.current_device())
     name = torch.cuda.get_device_name(device)
     ceilings = measure_ceilings(device)
-    result = {
-        "device": name, "date": datetime.date.today().isoformat(), "commit": args.commit,
-        "torch": torch.__version__, "triton": triton.__version__, "ceilings": ceilings,
-        "grid": run_grid(args, device, ceilings), "decode": run_decode(args, device),
-    }
-    result["summary"] = summarize(result)
     slug = "h100" if "H100" in name else "h200" if "H200" in name else name.replace(" ", "_").lower()
     out = args.out or Path(__file__).parent / "results" / f"lora_ops_{slug}.json"
+    result = {
+        "device": name, "date": datetime.date.today().isoformat(), "commit": args.commit,
+        "torch": torch.__version__, "triton": triton.__version__, "ceilings": ceilings, "decode": [],
+    }
+
+    def checkpoint(grid: list[dict]) -> None:
+        """Partial results survive an interrupted run."""
+        out.write_text(json.dumps(dict(result, grid=grid), indent=1) + "\n")
+
+    result["decode"] = run_decode(args, device)
+    result["grid"] = run_grid(args, device, ceilings, checkpoint)
+    result["summary"] = summarize(result)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))
 
