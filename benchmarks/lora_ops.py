@@ -292,7 +292,7 @@ def main() -> None:
     args = p.parse_args()
     if args.report:
         result = json.loads(args.report.read_text())
-        result.setdefault("summary", summarize(result))
+        result["summary"] = summarize(result)
         plot(result, args.report.with_suffix(".png"))
         print(markdown(result))
         return
