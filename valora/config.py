@@ -78,10 +78,14 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int | None = None  # defaults to max(max_model_len, 2048)
     max_waiting: int = 4096
+    policy: str = "valora"  # valora | slora | punica | dlora (see valora/orchestrator)
+    max_wait_ms: float = 1000.0  # valora: a request waiting this long is admitted first
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
+        if self.max_wait_ms <= 0:
+            raise ValueError("max_wait_ms must be positive")
 
 
 @dataclass

@@ -37,6 +37,8 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         cpu_kv_cache_gb: float = 1.0,
         max_images_per_prompt: int = 8,
+        scheduler: str = "valora",
+        max_wait_ms: float = 1000.0,
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
@@ -44,7 +46,8 @@ class LLM:
                 enable_lora=enable_lora,
                 lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras, lora_backend),
                 cache=CacheConfig(block_size, num_kv_blocks, gpu_memory_utilization, cpu_kv_cache_gb),
-                scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+                scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, policy=scheduler,
+                                          max_wait_ms=max_wait_ms),
                 multimodal=MultiModalConfig(max_images_per_prompt=max_images_per_prompt),
             )
         )

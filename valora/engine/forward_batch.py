@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from valora.lora.ops import LoRAMeta
+from valora.lora.batch import LoRABatch
 
 
 @dataclass
@@ -35,6 +35,7 @@ class ImageInputs:
     data: list[dict[str, torch.Tensor]]  # per image: the processor's tensors (pixel_values, image_grid_thw, ...)
     num_tokens: list[int]  # placeholder tokens per image
     lora_slots: list[int]  # adapter slot of the request that owns each image (-1: none)
+    merged_slot: int | None  # the adapter folded into the weights this step, if any
     token_rows: torch.Tensor  # [sum num_tokens] rows of the batch that receive image embeddings
     cached: list[torch.Tensor | None]  # embeddings already computed for an image (recompute after preemption)
 
@@ -45,5 +46,5 @@ class ForwardBatch:
     positions: torch.Tensor  # [3, T] (M-RoPE) or [T]
     attn: AttentionMeta
     logits_rows: torch.Tensor  # [B] last row of each sequence that samples this step
-    lora: LoRAMeta | None = None
+    lora: LoRABatch | None = None
     images: ImageInputs | None = None

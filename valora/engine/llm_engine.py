@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from valora.config import EngineConfig, resolve_device, resolve_dtype
+from valora.config import EngineConfig, LoRAConfig, resolve_device, resolve_dtype
 from valora.engine.block_manager import BlockManager
 from valora.engine.detokenizer import IncrementalDetokenizer
 from valora.engine.model_runner import ModelRunner
@@ -28,6 +28,8 @@ from valora.lora.request import LoRARequest
 from valora.models.loader import iter_checkpoint
 from valora.models.registry import resolve_family
 from valora.multimodal.inputs import InputError, ProcessedPrompt, load_image
+from valora.orchestrator.modes import Mode, ModeSwitcher, step_mode
+from valora.orchestrator.policy import Decision, Policy, SchedulerView, StepRecord, make_policy
 from valora.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from valora.sampling_params import SamplingParams
 
@@ -67,6 +69,13 @@ class EngineStats:
     adapter_slot_evictions: int
     adapter_host_evictions: int
     num_preemptions: int
+    scheduler: str
+    mode: str  # of the last step
+    hot_adapter: str | None
+    mode_steps: dict[str, int]
+    mode_seconds: dict[str, float]
+    num_switches: int
+    switch_seconds: float
 
 
 class LLMEngine:
@@ -89,9 +98,12 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
         self.processor = self.family.processor_cls(model_dir, self.hf_config, self.tokenizer)
         self.model = self._load_model(model_dir)
-        self.lora_manager = None
+        self.clock = time.time
+        self.lora_manager: LoRAManager | None = None
+        self.policy: Policy | None = None
+        self.switcher: ModeSwitcher | None = None
         if config.enable_lora:
-            self.lora_manager = LoRAManager(self.model, self.model.mapper, config.lora, self.dtype, self.device)
+            self._init_lora()
         self.eos_token_ids = self._eos_ids(model_dir)
         self.max_model_len = config.max_model_len or getattr(text_cfg, "max_position_embeddings", 4096)
         sc = config.scheduler
@@ -115,6 +127,25 @@ class LLMEngine:
         )
 
     # -- start-up -------------------------------------------------------------------------------------------
+    def _init_lora(self) -> None:
+        from valora.orchestrator.valora_policy import DeviceRates
+
+        sc, lc = self.config.scheduler, self.config.lora
+        self.policy = make_policy(sc.policy, max_wait_ms=sc.max_wait_ms, rates=DeviceRates.measure(self.device))
+        backend = lc.backend
+        if backend == "auto" and self.device.type == "cuda" and self.policy.lora_backend:
+            backend = self.policy.lora_backend  # each baseline runs the kernel its system used
+        lora_config = LoRAConfig(lc.max_loras, lc.max_lora_rank, lc.max_cpu_loras, backend)
+        self.lora_manager = LoRAManager(self.model, self.model.mapper, lora_config, self.dtype, self.device)
+        self.switcher = ModeSwitcher(self.lora_manager)
+        if self.policy.merges:
+            self.switcher.reserve()  # before the KV cache takes the remaining memory
+        self._merge_bytes: dict[str, int] = {}
+        self.draining: set[str] = set()  # adapters to unload once their requests finish
+        self.mode_steps = {m.value: 0 for m in Mode}
+        self.mode_seconds = {m.value: 0.0 for m in Mode}
+        self.last_mode = Mode.UNMERGED
+
     def _load_model(self, model_dir: Path) -> torch.nn.Module:
         t0 = time.perf_counter()
         default = torch.get_default_dtype()
@@ -182,16 +213,46 @@ class LLMEngine:
 
     # -- adapters -------------------------------------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load and validate an adapter (disk I/O on the caller's thread, never inside `step`)."""
         if self.lora_manager is None:
             raise InputError("LoRA is disabled; start the engine with enable_lora=True")
+        if lora_request.lora_name in self.draining:
+            raise InputError(f"adapter {lora_request.lora_name!r} is being unloaded")
         self.lora_manager.register(lora_request)
 
-    def remove_lora(self, name: str) -> None:
+    def remove_lora(self, name: str) -> bool:
+        """Unload an adapter. If requests still use it, it stops taking new ones and goes once they finish;
+        returns whether it is gone already."""
         if self.lora_manager is None:
             raise InputError("LoRA is disabled")
+        if name not in self.lora_manager.requests:
+            raise InputError(f"adapter {name!r} is not loaded")
         if any(r.lora_name == name and not r.finished for r in self.requests.values()):
-            raise InputError(f"adapter {name!r} is in use by running requests")
+            self.draining.add(name)
+            return False
+        if self.switcher is not None and self.switcher.hot == name:
+            self.switcher.switch(None, None)
         self.lora_manager.unregister(name)
+        self._merge_bytes.pop(name, None)
+        self.draining.discard(name)
+        return True
+
+    def pin_lora(self, name: str, pinned: bool = True) -> None:
+        """Keep an adapter in host memory and in a GPU slot (a hot adapter should not pay for reloads)."""
+        if self.lora_manager is None:
+            raise InputError("LoRA is disabled")
+        self.lora_manager.pin(name, pinned)
+
+    def _adapter_bytes(self, name: str) -> int:
+        return self.lora_manager.info[name].nbytes
+
+    def _merge_bytes_of(self, name: str) -> int:
+        """Base weights that merging `name` rewrites: every layer it targets, whole."""
+        if name not in self._merge_bytes:
+            layers = self.lora_manager.layers
+            paths = self.lora_manager.info[name].targets
+            self._merge_bytes[name] = sum(layers[p].weight.numel() * layers[p].weight.element_size() for p in paths)
+        return self._merge_bytes[name]
 
     def list_loras(self) -> list[str]:
         return self.lora_manager.names if self.lora_manager else []
@@ -236,7 +297,9 @@ class LLMEngine:
         params: SamplingParams | None = None,
         lora_request: LoRARequest | None = None,
         arrival_time: float | None = None,
+        deadline_s: float | None = None,
     ) -> None:
+        """Queue a request; `deadline_s` (seconds after arrival) lets the valora policy serve it in time."""
         if request_id in self.requests:
             raise InputError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -245,13 +308,15 @@ class LLMEngine:
             self.add_lora(lora_request)
             lora_name = lora_request.lora_name
         text, processed = self.process_prompt(prompt)
-        now = arrival_time if arrival_time is not None else time.time()
+        now = arrival_time if arrival_time is not None else self.clock()
         seqs = []
         for i in range(params.n):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
-            seqs.append(Sequence(next(self._seq_ids), request_id, i, processed, params, lora_name, now, gen))
+            seq = Sequence(next(self._seq_ids), request_id, i, processed, params, lora_name, now, gen)
+            seq.deadline = now + deadline_s if deadline_s is not None else None
+            seqs.append(seq)
         detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in seqs]
         self.requests[request_id] = Request(request_id, text, processed, params, lora_name, seqs, detoks,
                                             RequestMetrics(arrival_time=now))
@@ -287,6 +352,13 @@ class LLMEngine:
             adapter_slot_evictions=lora.stats.slot_evictions if lora else 0,
             adapter_host_evictions=lora.stats.host_evictions if lora else 0,
             num_preemptions=sched.num_preemptions,
+            scheduler=self.policy.name if self.policy else "fcfs",
+            mode=self.last_mode.value if self.policy else Mode.UNMERGED.value,
+            hot_adapter=self.switcher.hot if self.switcher else None,
+            mode_steps=dict(self.mode_steps) if self.policy else {},
+            mode_seconds=dict(self.mode_seconds) if self.policy else {},
+            num_switches=self.switcher.num_switches if self.switcher else 0,
+            switch_seconds=self.switcher.switch_seconds if self.switcher else 0.0,
         )
 
     def has_unfinished_requests(self) -> bool:
@@ -302,15 +374,80 @@ class LLMEngine:
             ids |= self.eos_token_ids
         return ids
 
+    def _decide(self) -> Decision:
+        if self.policy is None:
+            return Decision()
+        sched = self.scheduler
+        return self.policy.decide(SchedulerView(
+            waiting=list(sched.waiting), running=list(sched.running), hot=self.switcher.hot, now=self.clock(),
+            max_num_seqs=self.config.scheduler.max_num_seqs, max_batched_tokens=self.max_batched_tokens,
+            adapter_bytes=self._adapter_bytes, merge_bytes=self._merge_bytes_of,
+        ))
+
+    def _adapters_ready(self) -> dict[str, bool]:
+        """Which adapters of queued requests can run this step; reloads of the others start in the background."""
+        manager = self.lora_manager
+        if manager is None:
+            return {}
+        manager.begin_step()
+        sched = self.scheduler
+        names = {s.lora_name for s in [*sched.running, *sched.waiting] if s.lora_name is not None}
+        return {name: manager.ready(name) for name in names}
+
+    def _fail_unloadable(self) -> list[RequestOutput]:
+        """Requests whose adapter could not be reloaded (its directory changed) end with the reason."""
+        failed = self.lora_manager.failed if self.lora_manager else {}
+        outputs = []
+        for req in [r for r in self.requests.values() if r.lora_name in failed]:
+            for seq in req.seqs:
+                if not seq.finished:
+                    self.scheduler.remove(seq)
+                    seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            out = self._output(req)
+            out.extra["error"] = f"adapter {req.lora_name!r} became unavailable: {failed[req.lora_name]}"
+            outputs.append(out)
+            del self.requests[req.request_id]
+        return outputs
+
+    def _unload_drained(self) -> None:
+        busy = {r.lora_name for r in self.requests.values()}
+        for name in [n for n in self.draining if n not in busy]:
+            self.remove_lora(name)
+
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        t0 = time.perf_counter()
+        failed = self._fail_unloadable()
+        ready = self._adapters_ready()
+        decision = self._decide()
+        if decision.hot is not None and not ready.get(decision.hot, False):
+            decision.hot = self.switcher.hot if ready.get(self.switcher.hot, False) else None
+        sched = self.scheduler.schedule(decision, lambda s: s.lora_name is None or ready[s.lora_name])
         if sched.empty:
-            return []
+            self._unload_drained()
+            return failed
         names = {s.lora_name for s in sched.seqs if s.lora_name is not None}
+        if decision.hot is not None:
+            names.add(decision.hot)
         slots = self.lora_manager.activate(names) if names else {}
+        switch_s, merged_bytes = 0.0, 0
+        if self.switcher is not None:
+            switch_s = self.switcher.switch(decision.hot, slots.get(decision.hot))
+            merged_bytes = self._merge_bytes_of(decision.hot) if switch_s and decision.hot else 0
         stop_ids = [self._stop_ids(s) for s in sched.seqs]
-        tokens = self.runner.run(sched.seqs, slots, stop_ids)
-        now = time.time()
+        tokens = self.runner.run(sched.seqs, slots, stop_ids, slots.get(decision.hot))
+        if self.lora_manager is not None:  # fill free slots for the next requests in line while this step runs
+            upcoming = [s.lora_name for s in self.scheduler.waiting if s.lora_name and ready.get(s.lora_name)]
+            self.lora_manager.prefetch(upcoming[: self.config.lora.max_loras])
+        if self.policy is not None:
+            mode = step_mode(decision.hot, (s.lora_name for s in sched.seqs))
+            elapsed = time.perf_counter() - t0
+            self.last_mode = mode
+            self.mode_steps[mode.value] += 1
+            self.mode_seconds[mode.value] += elapsed
+            self.policy.observe(StepRecord(mode.value, decision.hot, len(sched.seqs),
+                                           sum(len(s) - s.num_computed for s in sched.seqs), elapsed, switch_s,
+                                           merged_bytes))
+        now = self.clock()
         touched: dict[str, Request] = {}
         for seq, token, stops in zip(sched.seqs, tokens, stop_ids):
             req = self.requests[seq.request_id]
@@ -324,12 +461,14 @@ class LLMEngine:
             if seq.finished:
                 self.scheduler.remove(seq)
             touched[req.request_id] = req
-        outputs = []
+        outputs = failed
         for req in touched.values():
             outputs.append(self._output(req))
             if req.finished:
                 req.metrics.finished_time = now
                 del self.requests[req.request_id]
+        if self.draining:
+            self._unload_drained()
         return outputs
 
     def _check_stop(self, seq: Sequence, req: Request, token: int, stops: set[int]) -> None:

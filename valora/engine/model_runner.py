@@ -11,7 +11,7 @@ from valora.engine.block_manager import BlockManager
 from valora.engine.forward_batch import AttentionMeta, ForwardBatch, ImageInputs, PrefillSpan
 from valora.engine.sampler import sample
 from valora.engine.sequence import Sequence
-from valora.lora.ops import LoRAMeta
+from valora.lora.batch import LoRABatch
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class ModelRunner:
         return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
 
     def prepare(
-        self, seqs: Seq[Sequence], lora_slots: dict[str, int]
+        self, seqs: Seq[Sequence], lora_slots: dict[str, int], merged_slot: int | None = None
     ) -> tuple[ForwardBatch, list[tuple[Sequence, int]]]:
         """The batch, and for each of its images the (sequence, image index) that owns it."""
         ids: list[int] = []
@@ -79,14 +79,14 @@ class ModelRunner:
             attn.decode_mask = (torch.arange(lmax, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
         images = None
         if img_data:
-            images = ImageInputs(img_data, img_tokens, img_slots,
+            images = ImageInputs(img_data, img_tokens, img_slots, merged_slot,
                                  torch.tensor(img_rows, dtype=torch.long, device=self.device), img_cached)
         batch = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=torch.cat(pos_chunks, dim=1).to(self.device),
             attn=attn,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
-            lora=LoRAMeta.build(lora_ids, self.device) if any(s >= 0 for s in lora_ids) else None,
+            lora=LoRABatch.build(lora_ids, merged_slot, self.device),
             images=images,
         )
         return batch, img_owner
@@ -103,8 +103,9 @@ class ModelRunner:
         return torch.cat([head, tail], dim=1)
 
     @torch.inference_mode()
-    def run(self, seqs: Seq[Sequence], lora_slots: dict[str, int], stop_ids: Seq[set[int]]) -> list[int]:
-        batch, image_owners = self.prepare(seqs, lora_slots)
+    def run(self, seqs: Seq[Sequence], lora_slots: dict[str, int], stop_ids: Seq[set[int]],
+            merged_slot: int | None = None) -> list[int]:
+        batch, image_owners = self.prepare(seqs, lora_slots, merged_slot)
         hidden = self.model(batch, self.kv_caches)
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_rows))
         if batch.images is not None:

@@ -5,11 +5,13 @@ newest running sequence is preempted and later recomputed, so nothing already ac
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from valora.config import SchedulerConfig
 from valora.engine.block_manager import BlockManager
 from valora.engine.sequence import Sequence, SequenceStatus
+from valora.orchestrator.policy import Decision
 
 
 @dataclass
@@ -46,13 +48,18 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.free(seq)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, decision: Decision | None = None,
+                 ready: Callable[[Sequence], bool] | None = None) -> SchedulerOutput:
+        """Decode every running sequence the decision does not pause, then admit waiting ones in the decision's
+        order. The merged (hot) adapter always counts against the adapter slots. Sequences that are not `ready`
+        (their adapter is still loading) sit the step out without holding anyone else up."""
+        decision = decision or Decision()
+        ready = ready or (lambda seq: True)
         out = SchedulerOutput()
         budget = self.max_batched_tokens
-        # Decodes first, oldest first; preempt the newest running sequences when blocks run out.
-        i = 0
-        while i < len(self.running):
-            seq = self.running[i]
+        for seq in list(self.running):  # oldest first; victims come from the newest end
+            if seq not in self.running or seq in decision.paused or not ready(seq):
+                continue
             while not self.blocks.can_grow(seq) and self.running[-1] is not seq:
                 self._preempt(self.running.pop(), out)
             if not self.blocks.can_grow(seq):  # alone and still no room: wait for blocks to free up
@@ -61,21 +68,24 @@ class Scheduler:
             self.blocks.grow(seq)
             out.seqs.append(seq)
             budget -= len(seq) - seq.num_computed
-            i += 1
         if out.preempted:
             return out
-        adapters = {s.lora_name for s in self.running if s.lora_name is not None}
-        skipped: list[Sequence] = []
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        adapters = {s.lora_name for s in out.seqs if s.lora_name is not None}
+        if decision.hot is not None:
+            adapters.add(decision.hot)
+        order = list(self.waiting) if decision.admit_order is None else decision.admit_order
+        for seq in order:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
             need = len(seq) - seq.num_computed
             if need > budget or not self.blocks.can_grow(seq):
                 break
-            self.waiting.popleft()
+            if not ready(seq):
+                continue
             if (self.max_loras is not None and seq.lora_name is not None and seq.lora_name not in adapters
                     and len(adapters) >= self.max_loras):
-                skipped.append(seq)  # its adapter would need a slot this step does not have; keep scanning
-                continue
+                continue  # its adapter would need a slot this step does not have; keep scanning
+            self.waiting.remove(seq)
             self.blocks.grow(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -83,7 +93,6 @@ class Scheduler:
             budget -= need
             if seq.lora_name is not None:
                 adapters.add(seq.lora_name)
-        self.waiting.extendleft(reversed(skipped))
         return out
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:

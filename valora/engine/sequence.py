@@ -36,6 +36,7 @@ class Sequence:
     output_text: str = ""
     image_embeds: list[torch.Tensor | None] = field(default_factory=list)  # kept across preemption
     num_preemptions: int = 0
+    deadline: float | None = None  # absolute time by which the request should finish, if it has one
     logprobs: list[dict[int, float]] | None = None
 
     def __post_init__(self) -> None:

@@ -2,6 +2,10 @@
 
 A fused projection (qkv, gate/up) is one GEMM over concatenated weights; each output slice is one PEFT module
 (`lora_names`), so adapters that target only some of them (say q and v) get rank 0 on the others.
+
+Merging folds one adapter slot into a shadow copy of the weights, W' = W + s·B·A, computed in one pass that reads
+W and writes W'. The checkpoint's W is never written, so unmerging is free and exact after any number of
+switches; the price is one extra weight buffer per targeted layer.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from valora.lora.ops import LoRAMeta, lora_matmul
+from valora.lora.batch import LoRABatch
+from valora.lora.ops import lora_matmul
 
 
 class LoRALinear(nn.Module):
@@ -35,7 +40,10 @@ class LoRALinear(nn.Module):
         self.lora_b: torch.Tensor | None = None
         self.lora_ranks: torch.Tensor | None = None
         self.lora_scalings: torch.Tensor | None = None
+        self.lora_neg_scalings: torch.Tensor | None = None
         self.lora_backend: str | None = None
+        self.merged_weight: torch.Tensor | None = None
+        self.merged_slot: int | None = None
 
     @property
     def num_slices(self) -> int:
@@ -60,13 +68,15 @@ class LoRALinear(nn.Module):
             )
         param.data.copy_(tensor)
 
-    def enable_lora(self, max_loras: int, max_rank: int, scalings: torch.Tensor, backend: str) -> None:
-        """Allocate this layer's adapter slots; `scalings` is the model-wide per-slot tensor (shared, not copied)."""
+    def enable_lora(self, max_loras: int, max_rank: int, scalings: torch.Tensor, neg_scalings: torch.Tensor,
+                    backend: str) -> None:
+        """Allocate this layer's adapter slots; the per-slot scalings (and their negation, for corrections) are
+        model-wide tensors, shared rather than copied."""
         opts = dict(dtype=self.weight.dtype, device=self.weight.device)
         self.lora_a = torch.zeros(max_loras, self.num_slices * max_rank, self.in_features, **opts)
         self.lora_b = torch.zeros(max_loras, self.out_features, max_rank, **opts)
         self.lora_ranks = torch.zeros(self.num_slices, max_loras, dtype=torch.int32, device=self.weight.device)
-        self.lora_scalings = scalings
+        self.lora_scalings, self.lora_neg_scalings = scalings, neg_scalings
         self.lora_backend = backend
 
     @property
@@ -81,16 +91,44 @@ class LoRALinear(nn.Module):
             self.lora_ranks[shard, slot] = 0
             return
         r = a.shape[0]
-        self.lora_a[slot, shard * rmax : shard * rmax + r].copy_(a)
+        self.lora_a[slot, shard * rmax : shard * rmax + r].copy_(a, non_blocking=True)
         off = self.slice_offset(shard)
-        self.lora_b[slot, off : off + self.out_slices[shard], :r].copy_(b)
+        self.lora_b[slot, off : off + self.out_slices[shard], :r].copy_(b, non_blocking=True)
         self.lora_ranks[shard, slot] = r
 
-    def forward(self, x: torch.Tensor, lora: LoRAMeta | None = None) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight, self.bias)
-        if lora is not None and self.lora_a is not None and not lora.empty:
-            lora_matmul(
-                x, None, self.lora_a, self.lora_b, self.lora_ranks, self.lora_scalings, self.lora_backend,
-                slices=self.out_slices, out=y, meta=lora,
-            )
+    def reserve_merged(self) -> None:
+        """Allocate the shadow weights up front, so the memory is accounted for before the KV cache is sized."""
+        if self.merged_weight is None:
+            self.merged_weight = torch.empty_like(self.weight)
+
+    @torch.no_grad()
+    def merge(self, slot: int, ranks: Sequence[int], scale: float) -> None:
+        """Compute W' = W + scale·B·A for `slot` (per-slice ranks given from the host, so no device sync) and
+        serve from it. A layer the adapter does not target stays on W and needs no corrections."""
+        if not any(ranks):
+            self.merged_slot = None
+            return
+        assert self.lora_a is not None and self.lora_b is not None
+        self.reserve_merged()
+        rmax = self.max_rank
+        for j, r in enumerate(ranks):
+            rows = slice(self.slice_offset(j), self.slice_offset(j) + self.out_slices[j])
+            if r == 0:
+                self.merged_weight[rows].copy_(self.weight[rows])
+            else:
+                b, a = self.lora_b[slot, rows, :r], self.lora_a[slot, j * rmax : j * rmax + r]
+                torch.addmm(self.weight[rows], b, a, alpha=scale, out=self.merged_weight[rows])
+        self.merged_slot = slot
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        merged = self.merged_slot is not None
+        y = nn.functional.linear(x, self.merged_weight if merged else self.weight, self.bias)
+        if lora is None or self.lora_a is None:
+            return y
+        if lora.own is not None:
+            lora_matmul(x, None, self.lora_a, self.lora_b, self.lora_ranks, self.lora_scalings, self.lora_backend,
+                        slices=self.out_slices, out=y, meta=lora.own)
+        if merged and lora.correction is not None:
+            lora_matmul(x, None, self.lora_a, self.lora_b, self.lora_ranks, self.lora_neg_scalings,
+                        self.lora_backend, slices=self.out_slices, out=y, meta=lora.correction)
         return y

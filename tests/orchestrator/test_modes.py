@@ -1,0 +1,100 @@
+"""Acceptance (orchestrator 1): switching among merged(A), merged(B) and unmerged leaves the checkpoint weights
+bit-identical after any number of switches, and every mode computes the same outputs as unmerged."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tests.conftest import LM_LINEARS
+from valora import LLM, LoRARequest, SamplingParams
+from valora.orchestrator.policy import Decision, Policy, SchedulerView
+from valora.testing.checkpoints import peft_target_regex
+from valora.testing.images import random_image
+
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+pytestmark = pytest.mark.families("qwen2_vl")  # the adapters below name Qwen2-VL's vision modules
+
+
+class FixedHot(Policy):
+    """Keeps one adapter merged whatever the queues hold (None: always unmerged)."""
+
+    name = "fixed"
+    merges = True
+
+    def __init__(self, hot: str | None) -> None:
+        self.hot = hot
+
+    def decide(self, view: SchedulerView) -> Decision:
+        return Decision(hot=self.hot)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, adapter_factory):
+    return {
+        "A": adapter_factory(tiny_model, r=8, target_modules=peft_target_regex(LM_LINEARS), seed=21),
+        "B": adapter_factory(tiny_model, r=4, lora_alpha=16, seed=22,
+                             target_modules=["qkv", "fc1", "proj", "mlp.0", "q_proj", "v_proj", "gate_proj"]),
+        "C": adapter_factory(tiny_model, r=16, use_rslora=True, target_modules=["up_proj", "o_proj"], seed=23),
+    }
+
+
+def _llm(tiny_model):
+    return LLM(str(tiny_model), enable_lora=True, max_loras=4, max_lora_rank=16, dtype="float32", device="cpu")
+
+
+def test_thousand_switches_leave_weights_bit_identical(tiny_model, adapters):
+    llm = _llm(tiny_model)
+    engine = llm.engine
+    for i, name in enumerate(("A", "B")):
+        engine.add_lora(LoRARequest(name, i + 1, str(adapters[name])))
+    slots = engine.lora_manager.activate(["A", "B"])
+    layers = engine.lora_manager.layers
+    pristine = {p: layer.weight.detach().clone() for p, layer in layers.items()}
+    rng = random.Random(0)
+    switcher = engine.switcher
+    for i in range(1000):
+        target = rng.choice(["A", "B", None])
+        switcher.switch(target, slots.get(target))
+        if i % 100 == 99:
+            assert all(torch.equal(layer.weight, pristine[p]) for p, layer in layers.items())
+    # the shadow weights hold exactly W + s·B·A of the adapter last merged
+    switcher.switch("A", slots["A"])
+    qkv = layers["model.language_model.layers.1.self_attn.qkv_proj"]
+    a = engine.lora_manager.adapter("A")
+    a_q, b_q = a.weights[("model.language_model.layers.1.self_attn.qkv_proj", 0)]
+    expected = pristine["model.language_model.layers.1.self_attn.qkv_proj"][: b_q.shape[0]] + a.scaling * b_q @ a_q
+    assert torch.allclose(qkv.merged_weight[: b_q.shape[0]], expected, atol=1e-6)
+    assert switcher.num_switches > 600
+
+
+@pytest.mark.parametrize("hot", ["A", "B"])
+def test_every_mode_matches_unmerged(tiny_model, adapters, hot):
+    cases = [("a red car", "A"), (f"{IMG} what digit ?", "B"), ("the quick fox", None), (f"{IMG} caption", "C"),
+             ("hello world", "A"), (f"{IMG} count", None)]
+    prompts = [{"prompt": p, "multi_modal_data": {"image": [random_image(56, 70, seed=i)] if IMG in p else []}}
+               for i, (p, _) in enumerate(cases)]
+    loras = [LoRARequest(a, ord(a), str(adapters[a])) if a else None for _, a in cases]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+
+    def run(policy: Policy, which: list[int]):
+        llm = _llm(tiny_model)
+        llm.engine.policy = policy
+        outs = llm.generate([prompts[i] for i in which], params, [loras[i] for i in which], use_tqdm=False)
+        return outs, llm.engine.stats()
+
+    everyone = list(range(len(cases)))
+    unmerged, _ = run(FixedHot(None), everyone)
+    mixture, stats = run(FixedHot(hot), everyone)
+    assert stats.mode_steps["mixture"] > 0 and stats.mode_steps["unmerged"] == 0
+    only_hot = [i for i, (_, a) in enumerate(cases) if a == hot]
+    merged, merged_stats = run(FixedHot(hot), only_hot)
+    assert merged_stats.mode_steps["merged"] > 0 and merged_stats.mode_steps["mixture"] == 0
+    for got, i in [*zip(mixture, everyone), *zip(merged, only_hot)]:
+        want = unmerged[i].outputs[0]
+        assert got.outputs[0].token_ids == want.token_ids
+        for lp, ref in zip(got.outputs[0].logprobs, want.logprobs):
+            for tok, value in ref.items():
+                assert lp[tok] == pytest.approx(value, abs=1e-4)

@@ -1,0 +1,79 @@
+"""Inference modes and the switch between them.
+
+- unmerged: base weights W, and every token computes its own adapter's LoRA (any mix in one batch);
+- merged: one hot adapter is folded into shadow weights W' = W + s·B·A and every token is the hot adapter's,
+  so no LoRA work is done at all;
+- mixture: merged weights, and tokens of other adapters (or of none) add their own LoRA and subtract the hot one.
+
+The checkpoint's W is never written: switching rewrites the shadow weights (one pass reading W and writing W'),
+unmerging only points the layers back at W, and re-merging the adapter the shadow weights already hold is free.
+After any number of switches W is bit-identical to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterable
+
+import torch
+
+from valora.lora.manager import LoRAManager
+
+
+class Mode(str, enum.Enum):
+    UNMERGED = "unmerged"
+    MERGED = "merged"
+    MIXTURE = "mixture"
+
+
+def step_mode(hot: str | None, adapters: Iterable[str | None]) -> Mode:
+    if hot is None:
+        return Mode.UNMERGED
+    return Mode.MERGED if all(a == hot for a in adapters) else Mode.MIXTURE
+
+
+class ModeSwitcher:
+    def __init__(self, manager: LoRAManager) -> None:
+        self.manager = manager
+        self.hot: str | None = None
+        self.hot_slot: int | None = None
+        self._held: tuple[str, int, int] | None = None  # (adapter, slot, slot version) the shadow weights hold
+        self.num_switches = 0
+        self.switch_seconds = 0.0
+
+    def reserve(self) -> None:
+        for layer in self.manager.layers.values():
+            layer.reserve_merged()
+
+    def switch(self, name: str | None, slot: int | None) -> float:
+        """Serve `name` (resident in `slot`) merged, or nothing merged for None; returns the seconds it took."""
+        if name == self.hot and slot == self.hot_slot and (
+            name is None or self._held == (name, slot, self.manager.slot_version[slot])
+        ):
+            return 0.0
+        t0 = time.perf_counter()
+        layers = self.manager.layers
+        if name is None:
+            for layer in layers.values():
+                layer.merged_slot = None
+        else:
+            assert slot is not None
+            held = (name, slot, self.manager.slot_version[slot])
+            ranks = self.manager.slot_ranks[slot]
+            scale = self.manager.slot_scale[slot]
+            for path, layer in layers.items():
+                if path not in ranks:
+                    layer.merged_slot = None
+                elif held == self._held:
+                    layer.merged_slot = slot
+                else:
+                    layer.merge(slot, ranks[path], scale)
+            self._held = held
+        if self.manager.device.type == "cuda":
+            torch.cuda.synchronize(self.manager.device)
+        elapsed = time.perf_counter() - t0
+        self.hot, self.hot_slot = name, slot
+        self.num_switches += 1
+        self.switch_seconds += elapsed
+        return elapsed

@@ -1,0 +1,69 @@
+"""The policy interface: each step a policy looks at the queues and decides the inference mode and the batch.
+
+A policy decides *what* runs, never what a request's answer is: the scheduler still enforces KV blocks, the token
+budget and adapter slots, and every mode computes the same function (merged weights are W + s·B·A).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from valora.engine.sequence import Sequence
+
+
+@dataclass
+class Decision:
+    hot: str | None = None  # adapter to fold into the weights this step (None: unmerged)
+    paused: frozenset[Sequence] = frozenset()  # running sequences that sit this step out, keeping their KV
+    admit_order: list[Sequence] | None = None  # waiting sequences to try, in order; None = first come first served
+
+
+@dataclass
+class SchedulerView:
+    waiting: Seq[Sequence]  # oldest first (preempted ones at the front)
+    running: Seq[Sequence]
+    hot: str | None  # the adapter merged right now
+    now: float
+    max_num_seqs: int
+    max_batched_tokens: int
+    adapter_bytes: Callable[[str], int] = field(default=lambda name: 0)  # an adapter's own weights
+    merge_bytes: Callable[[str], int] = field(default=lambda name: 0)  # base weights merging it rewrites
+
+
+@dataclass
+class StepRecord:
+    """What a step did, fed back to the policy (dLoRA adapts its thresholds from it)."""
+
+    mode: str
+    hot: str | None
+    num_seqs: int
+    num_tokens: int
+    duration_s: float
+    switch_s: float
+    merged_bytes: int = 0  # base weights the switch rewrote (0: no switch, or a free one)
+
+
+class Policy:
+    name: ClassVar[str]
+    lora_backend: ClassVar[str | None] = None  # the kernel the original system used; applies when backend=auto
+    merges: ClassVar[bool] = False  # needs shadow weights to fold an adapter in
+
+    def decide(self, view: SchedulerView) -> Decision:
+        raise NotImplementedError
+
+    def observe(self, record: StepRecord) -> None:
+        """Feedback after each step; stateless policies ignore it."""
+
+
+def make_policy(name: str, **options) -> Policy:
+    from valora.orchestrator.baselines import DLoRAPolicy, PunicaPolicy, SLoRAPolicy
+    from valora.orchestrator.valora_policy import ValoraPolicy
+
+    policies: dict[str, type[Policy]] = {p.name: p for p in (ValoraPolicy, SLoRAPolicy, PunicaPolicy, DLoRAPolicy)}
+    if name not in policies:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(policies)}")
+    cls = policies[name]
+    return cls(**{k: v for k, v in options.items() if k in getattr(cls, "OPTIONS", ())})
