@@ -18,6 +18,6 @@ def lora_atmm(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: t
     rows = stack_a.shape[1]
     shrink_cfg = choose("shrink", Shape(tokens, segments, x.shape[1], rows), x.device)
     expand_cfg = choose("expand", Shape(tokens, segments, stack_b.shape[2], stack_b.shape[1]), x.device)
-    mid = kernels.intermediate(meta, rows, x.device)
+    mid = kernels.intermediate(meta, x.shape[1], rows, shrink_cfg, x.device)
     kernels.shrink(x, meta, stack_a, ranks, mid, shrink_cfg)
     kernels.expand(mid, meta, stack_b, ranks, scalings, slices, out, expand_cfg)

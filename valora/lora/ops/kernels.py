@@ -3,10 +3,11 @@
 
 Layout (see `lora_matmul`): the stacked A rows of all slices form one [S*R, K] matrix per slot, row `j*R + r`
 being rank row `r` of slice `j`; it is valid only when `r < ranks[j, slot]`. The shrink writes an fp32
-intermediate `mid[p, j*R + r]` in segment order (`p` indexes `meta.token_order`); the expand reads it back.
-Split-K programs add into it with fp32 atomics after one zeroing pass. (Partial sums per split, summed by the
-expand, save that pass but were measured slower: every expand program re-reads all partials, a cost that grows
-with split-K and the output width, e.g. 58 vs 41 us for a decode gate_up.)
+intermediate `mid[s, p, j*R + r]` in segment order (`p` indexes `meta.token_order`), one partial sum per split-K
+chunk `s`; the expand adds the partials as it reads them. Split-K thus needs no atomics and no zeroing pass (one
+launch fewer at decode, and results that do not depend on the order programs finish in). Measured on the H100
+against fp32 atomics into one zeroed buffer: atomics were 2-4x slower at 512-2048 tokens under split-K, partials
+cost the expand its re-reads when split-K and the output are both large (decode gate_up: 58 vs 41 us).
 
 Ranks are never padded in memory traffic: rows and columns past a slot's rank are masked out of every load
 (so garbage there cannot leak), programs whose rank tile holds no valid row exit at once, and the expand loops
@@ -64,9 +65,8 @@ def _slice_of(pid_n, w0, w1, w2, BLOCK_N: tl.constexpr):
 def _shrink_kernel(
     x_ptr, a_ptr, mid_ptr, ranks_ptr, order_ptr, seg_slots_ptr, seg_starts_ptr, tile_seg_ptr, tile_row_ptr,
     num_segments, K, R, rows, k_per_split,
-    stride_xm, stride_aslot, stride_arow, stride_mid, stride_rank,
+    stride_xm, stride_aslot, stride_arow, stride_msplit, stride_mid, stride_rank,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEG_GRID: tl.constexpr,
-    ATOMIC: tl.constexpr,
 ):
     # Rank tiles vary fastest, so the programs that share a tile of x run together and read it from L2.
     pid_n = tl.program_id(0)
@@ -95,19 +95,15 @@ def _shrink_kernel(
         xt = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         at = tl.load(a_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(xt, tl.trans(at))
-    out = mid_ptr + offs_m[:, None] * stride_mid + offs_n[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=mask)
-    else:
-        tl.store(out, acc, mask=mask)
+    out = mid_ptr + pid_k * stride_msplit + offs_m[:, None] * stride_mid + offs_n[None, :]
+    tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["num_segments"])
 def _expand_kernel(
     mid_ptr, b_ptr, y_ptr, ranks_ptr, scal_ptr, order_ptr, seg_slots_ptr, seg_starts_ptr, tile_seg_ptr, tile_row_ptr,
-    num_segments, R, w0, w1, w2,
-    stride_mid, stride_bslot, stride_brow, stride_ym, stride_rank,
+    num_segments, R, w0, w1, w2, num_splits,
+    stride_msplit, stride_mid, stride_bslot, stride_brow, stride_ym, stride_rank,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEG_GRID: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -138,7 +134,9 @@ def _expand_kernel(
         offs_r = r + tl.arange(0, BLOCK_K)
         r_ok = offs_r < rank
         r_ld = offs_r < rank8
-        mt = tl.load(mid_rows + offs_r[None, :], mask=m_ok[:, None] & r_ld[None, :], other=0.0)
+        mt = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for s in range(num_splits):
+            mt += tl.load(mid_rows + s * stride_msplit + offs_r[None, :], mask=m_ok[:, None] & r_ld[None, :], other=0.0)
         bt = tl.load(b_rows + offs_r[None, :], mask=c_ok[:, None] & r_ld[None, :], other=0.0)
         mt = tl.where(r_ok[None, :], mt, 0.0)
         bt = tl.where(r_ok[None, :], bt, 0.0)
@@ -167,30 +165,32 @@ def _k_per_split(K: int, cfg: TileConfig) -> int:
     return triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
 
 
-def intermediate(meta: LoRAMeta, rows: int, device: torch.device) -> torch.Tensor:
-    """The fp32 [tokens, rows] buffer between shrink and expand, from the step's shared scratch."""
-    tokens = meta.num_lora_tokens
-    return meta.scratch(tokens * rows, torch.float32, device).view(tokens, rows)
+def num_splits(K: int, cfg: TileConfig) -> int:
+    """Partial sums the shrink writes for reduction length K (split_k, less where chunks would be empty)."""
+    return triton.cdiv(K, _k_per_split(K, cfg))
+
+
+def intermediate(meta: LoRAMeta, K: int, rows: int, cfg: TileConfig, device: torch.device) -> torch.Tensor:
+    """The fp32 [splits, tokens, rows] buffer between shrink and expand, from the step's shared scratch."""
+    shape = (num_splits(K, cfg), meta.num_lora_tokens, rows)
+    return meta.scratch(shape[0] * shape[1] * shape[2], torch.float32, device).view(shape)
 
 
 def shrink(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, ranks: torch.Tensor, mid: torch.Tensor,
            cfg: TileConfig, *, seg_grid: bool = False, warmup: bool = False) -> None:
-    """mid[p, j*R + r] = x[token_order[p]] · A[slot][j*R + r] for every valid rank row (others left unwritten)."""
+    """mid[s, p, j*R + r] = x[token_order[p]] · A[slot][j*R + r] over split s of K, for every valid rank row
+    (others left unwritten)."""
     K = x.shape[1]
     rows = stack_a.shape[1]
     tile_seg, tile_row, grid_m = _row_grid(meta, cfg.block_m, seg_grid)
-    k_per_split = _k_per_split(K, cfg)
-    grid_k = triton.cdiv(K, k_per_split)
-    if grid_k > 1 and not warmup:
-        mid.zero_()
-    grid = (triton.cdiv(rows, cfg.block_n), grid_m, grid_k)
+    grid = (triton.cdiv(rows, cfg.block_n), grid_m, mid.shape[0])
     args = (
         x, stack_a, mid, ranks, meta.token_order, meta.seg_slots, meta.seg_starts, tile_seg, tile_row,
-        meta.num_segments, K, rows // ranks.shape[0], rows, k_per_split,
-        x.stride(0), stack_a.stride(0), stack_a.stride(1), mid.stride(0), ranks.stride(0),
+        meta.num_segments, K, rows // ranks.shape[0], rows, _k_per_split(K, cfg),
+        x.stride(0), stack_a.stride(0), stack_a.stride(1), mid.stride(0), mid.stride(1), ranks.stride(0),
     )
     opts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SEG_GRID=seg_grid,
-                ATOMIC=grid_k > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if warmup:
         _shrink_kernel.warmup(*args, grid=grid, **opts)
     else:
@@ -200,14 +200,15 @@ def shrink(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, ranks: torch.
 def expand(mid: torch.Tensor, meta: LoRAMeta, stack_b: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor,
            slices: tuple[int, ...], out: torch.Tensor, cfg: TileConfig, *, seg_grid: bool = False,
            warmup: bool = False) -> None:
-    """out[token_order[p], slice j] += scaling[slot] * mid[p, j*R : j*R + rank_j] @ B[slot][slice j, :rank_j]ᵀ."""
+    """out[token_order[p], slice j] += scaling[slot] * Σ_s mid[s, p, j*R : j*R + rank_j] @ B[slot][slice j, :rank_j]ᵀ
+    (slice j's rows of B)."""
     tile_seg, tile_row, grid_m = _row_grid(meta, cfg.block_m, seg_grid)
     w = tuple(slices) + (0,) * (MAX_SLICES - len(slices))
     grid = (sum(triton.cdiv(width, cfg.block_n) for width in slices), grid_m)
     args = (
         mid, stack_b, out, ranks, scalings, meta.token_order, meta.seg_slots, meta.seg_starts, tile_seg, tile_row,
-        meta.num_segments, stack_b.shape[2], *w,
-        mid.stride(0), stack_b.stride(0), stack_b.stride(1), out.stride(0), ranks.stride(0),
+        meta.num_segments, stack_b.shape[2], *w, mid.shape[0],
+        mid.stride(0), mid.stride(1), stack_b.stride(0), stack_b.stride(1), out.stride(0), ranks.stride(0),
     )
     opts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SEG_GRID=seg_grid,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)

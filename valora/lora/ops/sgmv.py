@@ -20,6 +20,6 @@ EXPAND = TileConfig(block_m=32, block_n=32, block_k=16, num_warps=4, num_stages=
 def lora_sgmv(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch.Tensor, ranks: torch.Tensor,
               scalings: torch.Tensor, slices: tuple[int, ...], out: torch.Tensor) -> None:
     kernels.check_layout(x, stack_a, stack_b, out, slices)
-    mid = kernels.intermediate(meta, stack_a.shape[1], x.device)
+    mid = kernels.intermediate(meta, x.shape[1], stack_a.shape[1], SHRINK, x.device)
     kernels.shrink(x, meta, stack_a, ranks, mid, SHRINK, seg_grid=True)
     kernels.expand(mid, meta, stack_b, ranks, scalings, slices, out, EXPAND, seg_grid=True)

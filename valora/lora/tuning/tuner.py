@@ -69,9 +69,12 @@ class Problems:
             x, stack_a = rand(shape.tokens, shape.k), rand(shape.segments, shape.n, shape.k)
             ranks = torch.full((1, shape.segments), shape.n, dtype=torch.int32, device=self.device)
 
-            mid = kernels.intermediate(meta, shape.n, self.device)
-            return lambda cfg, warmup: kernels.shrink(x, meta, stack_a, ranks, mid, cfg, warmup=warmup)
-        mid = rand(shape.tokens, shape.k, dtype=torch.float32)
+            def launch_shrink(cfg: TileConfig, warmup: bool) -> None:
+                mid = kernels.intermediate(meta, shape.k, shape.n, cfg, self.device)
+                kernels.shrink(x, meta, stack_a, ranks, mid, cfg, warmup=warmup)
+
+            return launch_shrink
+        mid = rand(1, shape.tokens, shape.k, dtype=torch.float32)
         stack_b, out = rand(shape.segments, shape.n, shape.k), rand(shape.tokens, shape.n)
         ranks = torch.full((1, shape.segments), shape.k, dtype=torch.int32, device=self.device)
         scalings = torch.ones(shape.segments, dtype=torch.float32, device=self.device)
