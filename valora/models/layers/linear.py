@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from valora.lora.batch import LoRABatch
+from valora.lora.merge import merge_into
 from valora.lora.ops import lora_matmul
 
 
@@ -117,7 +118,7 @@ class LoRALinear(nn.Module):
                 self.merged_weight[rows].copy_(self.weight[rows])
             else:
                 b, a = self.lora_b[slot, rows, :r], self.lora_a[slot, j * rmax : j * rmax + r]
-                torch.addmm(self.weight[rows], b, a, alpha=scale, out=self.merged_weight[rows])
+                merge_into(self.merged_weight[rows], self.weight[rows], b, a, scale)
         self.merged_slot = slot
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
