@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("valora.generate_cli", "run an offline generation on a model directory"),
+    "serve": ("valora.server.cli", "start the OpenAI-compatible server for a model and its LoRA adapters"),
     "tune-kernels": ("valora.lora.tuning.cli", "grid-search the LoRA kernel tiles on this GPU and write its table"),
 }
 

@@ -1,0 +1,197 @@
+"""Acceptance 3: every kind of bad input gets an OpenAI-shaped error with the right status, and the very next
+good request is served. The server runs with an API key, an adapter root and small limits so that each limit
+can be hit cheaply."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import time
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.server.process import SERVED, gauge
+from valora.testing.images import random_image
+
+KEY = "test-key"
+LIMITS = ["--max-num-seqs", "2", "--max-queued-requests", "1", "--max-model-len", "4096", "--num-kv-blocks", "1024",
+          "--max-images-per-prompt", "2", "--max-image-pixels", "40000", "--max-image-bytes", "50000",
+          "--max-request-body-bytes", "300000"]
+
+
+def png_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def chat(*image_urls: str, text: str = "What is this?", **extra) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
+    return {"model": SERVED, "max_tokens": 2, "messages": [{"role": "user", "content": [
+        *content, {"type": "text", "text": text}]}], **extra}
+
+
+@pytest.fixture(scope="module")
+def lora_root(tmp_path_factory, adapters):
+    """An adapter root with a good adapter, a corrupt one, and a symlink that leads out of it."""
+    root = tmp_path_factory.mktemp("lora-root")
+    shutil.copytree(adapters["lora0"], root / "good")
+    shutil.copytree(adapters["lora0"], root / "corrupt")
+    (root / "corrupt" / "adapter_config.json").write_text("{ not json")
+    (root / "escape").symlink_to(adapters["lora1"], target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(start_server, lora_root):
+    return start_server(["--lora-root", str(lora_root), *LIMITS], api_key=KEY)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as client:
+        yield client
+
+
+def assert_error(r: httpx.Response, status: int, code: str, fragment: str = "") -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and {"message", "type", "code"} <= set(body["error"]), body
+    assert body["error"]["code"] == code, body
+    assert fragment.lower() in body["error"]["message"].lower(), body
+    return body["error"]
+
+
+def assert_still_serving(http: httpx.Client) -> None:
+    r = http.post("/v1/chat/completions", json=chat(png_url(random_image(56, 56, seed=1))))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
+LONG_PROMPT = " ".join(["zebra"] * 5000)
+BIG_FLAT = Image.new("RGB", (300, 300), (200, 30, 30))  # 90,000 pixels (limit 40,000) in a few hundred bytes
+
+# id -> (request kwargs for httpx, status, error code, a fragment of the message)
+BAD_CHAT = {
+    "malformed-json": (dict(content=b'{"model": "x", "messages": [', headers={"content-type": "application/json"}),
+                       400, "invalid_json", "not valid json"),
+    "messages-not-a-list": (dict(json={"model": SERVED, "messages": "hello"}), 400, "invalid_value", "messages"),
+    "max-tokens-not-an-int": (dict(json=chat(max_tokens="many")), 400, "invalid_value", "max_tokens"),
+    "temperature-out-of-range": (dict(json=chat(temperature=-1)), 400, "invalid_value", "temperature"),
+    "unsupported-logprobs": (dict(json=chat(logprobs=True)), 400, "invalid_value", "logprobs"),
+    "unknown-model": (dict(json=chat() | {"model": "no-such-adapter"}), 404, "model_not_found", "no-such-adapter"),
+    "prompt-over-context": (dict(json=chat(text=LONG_PROMPT)), 400, "invalid_prompt", "context length"),
+    "max-tokens-too-large": (dict(json=chat(max_tokens=5000)), 400, "context_length_exceeded", "max_tokens"),
+    "not-an-image": (dict(json=chat("data:image/png;base64," + base64.b64encode(b"hello, not a png").decode())),
+                     400, "invalid_image", "cannot read image"),
+    "bad-base64": (dict(json=chat("data:image/png;base64,@@@")), 400, "invalid_image", "base64"),
+    "too-many-pixels": (dict(json=chat(png_url(BIG_FLAT))), 400, "invalid_image", "pixels"),
+    "too-many-bytes": (dict(json=chat(png_url(random_image(150, 150)))), 400, "invalid_image", "bytes"),
+    "too-many-images": (dict(json=chat(*[png_url(random_image(56, 56, seed=i)) for i in range(3)])), 400,
+                        "too_many_images", "limit of 2"),
+    "remote-image-url": (dict(json=chat("https://example.com/cat.png")), 400, "invalid_image", "not fetched"),
+    "local-file-not-allowed": (dict(json=chat("file:///etc/hostname")), 400, "invalid_image", "local image"),
+    "body-over-limit": (dict(json=chat(text="x" * 400_000)), 413, "request_too_large", "300000"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHAT))
+def test_bad_chat_request_then_good_one(http, case):
+    kwargs, status, code, fragment = BAD_CHAT[case]
+    assert_error(http.post("/v1/chat/completions", **kwargs), status, code, fragment)
+    assert_still_serving(http)
+
+
+def test_bad_completion_requests(http):
+    assert_error(http.post("/v1/completions", json={"model": SERVED, "prompt": [], "max_tokens": 2}),
+                 400, "invalid_value", "prompt")
+    assert_error(http.post("/v1/completions", json={"model": SERVED, "prompt": [10**9], "max_tokens": 2}),
+                 400, "invalid_prompt", "prompt_token_ids")
+    assert_error(http.post("/v1/completions", json={"model": "nope", "prompt": "hi"}), 404, "model_not_found")
+    assert_still_serving(http)
+
+
+def test_api_key_required_on_v1_only(server, http):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=chat(), headers=headers)
+        assert_error(r, 401, "invalid_api_key")
+        assert_error(httpx.get(f"{server.url}/v1/models", headers=headers), 401, "invalid_api_key")
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert [m.id for m in openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY).models.list().data] == [SERVED]
+    assert_still_serving(http)
+
+
+def test_openai_client_sees_the_error_body(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**chat(png_url(BIG_FLAT)))
+    assert e.value.status_code == 400 and e.value.code == "invalid_image"
+
+
+LOADS = {
+    "outside-root": (lambda root, outside: {"lora_name": "x", "lora_path": str(outside)}, "invalid_lora_path",
+                     "inside the adapter root"),
+    "dot-dot": (lambda root, outside: {"lora_name": "x", "lora_path": "good/../../x"}, "invalid_lora_path", ".."),
+    "symlink-out": (lambda root, outside: {"lora_name": "x", "lora_path": "escape"}, "invalid_lora_path", "symlink"),
+    "corrupt": (lambda root, outside: {"lora_name": "x", "lora_path": "corrupt"}, "adapter_load_failed",
+                "corrupt adapter_config.json"),
+    "missing": (lambda root, outside: {"lora_name": "x", "lora_path": str(root / "nothing")}, "adapter_load_failed",
+                "directory not found"),
+    "taken-name": (lambda root, outside: {"lora_name": SERVED, "lora_path": "good"}, "adapter_exists",
+                   "already in use"),
+    "no-path": (lambda root, outside: {"lora_name": "x"}, "invalid_value", "lora_path"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOADS))
+def test_adapter_load_refused_then_good_one(http, lora_root, adapters, case):
+    make, code, fragment = LOADS[case]
+    assert_error(http.post("/v1/load_lora_adapter", json=make(lora_root, adapters["lora2"])), 400, code, fragment)
+    assert "x" not in {m["id"] for m in http.get("/v1/models").json()["data"]}
+    assert_still_serving(http)
+
+
+def test_adapter_inside_root_loads_and_unloads(http):
+    assert http.post("/v1/load_lora_adapter", json={"lora_name": "good", "lora_path": "good"}).status_code == 200
+    r = http.post("/v1/chat/completions", json=chat() | {"model": "good"})
+    assert r.status_code == 200 and r.json()["model"] == "good"
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "good"}).status_code == 200
+    assert_error(http.post("/v1/unload_lora_adapter", json={"lora_name": "good"}), 404, "adapter_not_found")
+    assert_error(http.post("/v1/chat/completions", json=chat() | {"model": "good"}), 404, "model_not_found")
+    assert_still_serving(http)
+
+
+def test_unknown_route_is_openai_shaped(http):
+    assert_error(http.get("/v1/nothing-here"), 404, "not_found")
+    assert_still_serving(http)
+
+
+def test_full_queue_gets_503_with_retry_after(server, http):
+    """Two running (--max-num-seqs 2) plus one waiting (--max-queued-requests 1) fill the server."""
+    body = chat(max_tokens=4000, ignore_eos=True, stream=True)
+    streams = [http.stream("POST", "/v1/chat/completions", json=body) for _ in range(3)]
+    responses = [s.__enter__() for s in streams]
+    try:
+        assert [r.status_code for r in responses] == [200] * 3
+        deadline = time.monotonic() + 30
+        while True:  # wait until the engine holds all three: two running, one waiting
+            m = server.metrics()
+            if gauge(m, "valora:num_requests_running") == 2 and gauge(m, "valora:num_requests_waiting") == 1:
+                break
+            assert time.monotonic() < deadline, m
+            time.sleep(0.02)
+        r = http.post("/v1/chat/completions", json=chat())
+        assert_error(r, 503, "queue_full", "busy")
+        assert r.headers["retry-after"] == "1"
+    finally:
+        for s in streams:
+            s.__exit__(None, None, None)
+    server.wait_idle()
+    assert_still_serving(http)

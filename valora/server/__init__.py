@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server: FastAPI app, protocol models, the async engine loop and Prometheus metrics."""

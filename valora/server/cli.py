@@ -1,0 +1,136 @@
+"""`valora serve MODEL [options]`: the OpenAI-compatible server, with vLLM's flag names where they exist."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger("valora.server")
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    """`name=path`, or vLLM's JSON form `{"name": ..., "path": ...}`."""
+    if text.lstrip().startswith("{"):
+        try:
+            obj = json.loads(text)
+            return str(obj["name"]), str(obj["path"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise argparse.ArgumentTypeError(f"bad --lora-modules JSON {text!r}: {e}") from e
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora-modules takes name=path, got {text!r}")
+    return name, path
+
+
+_EPILOG = """\
+endpoints:
+  GET  /v1/models                 the base model and every loaded adapter (adapters with `parent`)
+  POST /v1/chat/completions       chat, images as image_url parts with data: URLs; `model` picks the adapter
+  POST /v1/completions            plain-text prompts
+  POST /v1/load_lora_adapter      {"lora_name": ..., "lora_path": ...} at run time
+  POST /v1/unload_lora_adapter    {"lora_name": ...}
+  GET  /health                    200 while the engine runs
+  GET  /metrics                   Prometheus text format (valora:* metrics)
+
+example:
+  valora serve ./Qwen2-VL-7B-Instruct --lora-modules detector=./adapters/detector --port 8000
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _EPILOG
+    p.add_argument("model", help="Hugging Face model directory (Qwen2-VL)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="name(s) the base model answers to in `model` (default: MODEL as given)")
+    g.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: MODEL)")
+    g.add_argument("--dtype", default="auto",
+                   help="auto (the checkpoint's on GPU, float32 on CPU), float16, bfloat16 or float32 (default: auto)")
+    g.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default: auto)")
+    g.add_argument("--seed", type=int, default=0, help="engine random seed (default: 0)")
+    g.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="context length, prompt plus output (default: the model's)")
+
+    g = p.add_argument_group("LoRA adapters")
+    g.add_argument("--lora-modules", nargs="+", type=_lora_module, default=[], metavar="NAME=PATH",
+                   help='adapters served from the start: name=path or JSON {"name": ..., "path": ...}')
+    g.add_argument("--enable-lora", action="store_true",
+                   help="accepted for vLLM compatibility; LoRA is always enabled")
+    g.add_argument("--max-loras", type=int, default=8, metavar="N",
+                   help="adapters resident on the device at once, i.e. adapter slots (default: 8)")
+    g.add_argument("--max-lora-rank", type=int, default=64, metavar="R",
+                   help="largest adapter rank accepted (default: 64)")
+    g.add_argument("--max-cpu-loras", type=int, default=None, metavar="N",
+                   help="adapters kept loaded in host memory (default: --max-loras)")
+    g.add_argument("--lora-backend", default="auto", help="LoRA kernel backend (default: auto)")
+    g.add_argument("--lora-root", type=Path, default=None, metavar="DIR",
+                   help="POST /v1/load_lora_adapter reads adapters only under DIR (no '..', no symlinks out)")
+
+    g = p.add_argument_group("scheduling and memory")
+    g.add_argument("--max-num-seqs", type=int, default=128, metavar="N",
+                   help="sequences in the running batch (default: 128)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                   help="tokens per step (default: max(max-model-len, 2048))")
+    g.add_argument("--max-queued-requests", type=int, default=4096, metavar="N",
+                   help="requests that may wait beyond the running batch; more get 503 with Retry-After "
+                        "(default: 4096)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
+                   help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
+    g.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV cache block (default: 16)")
+    g.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
+                   help="KV cache blocks (default: sized from free memory)")
+    g.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, metavar="GB",
+                   help="KV cache size when running on the CPU (default: 1.0)")
+
+    g = p.add_argument_group("HTTP server and request limits")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    g.add_argument("--api-key", default=os.environ.get("VALORA_API_KEY") or None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every /v1 route (default: $VALORA_API_KEY)")
+    g.add_argument("--allowed-local-media-path", type=Path, default=None, metavar="DIR",
+                   help="image_url may name local files under DIR (default: only data: URLs)")
+    g.add_argument("--max-images-per-prompt", type=int, default=8, metavar="N",
+                   help="images per request (default: 8)")
+    g.add_argument("--max-image-pixels", type=int, default=4096 * 4096, metavar="N",
+                   help="width x height per image (default: 4096*4096)")
+    g.add_argument("--max-image-bytes", type=int, default=20 * 2**20, metavar="N",
+                   help="encoded bytes per image (default: 20 MiB)")
+    g.add_argument("--max-request-body-bytes", type=int, default=64 * 2**20, metavar="N",
+                   help="larger request bodies get 413 (default: 64 MiB)")
+
+
+def engine_config(args: argparse.Namespace):
+    from valora.config import CacheConfig, EngineConfig, LoRAConfig, MultiModalConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, seed=args.seed,
+        max_model_len=args.max_model_len, enable_lora=True,
+        lora=LoRAConfig(args.max_loras, args.max_lora_rank, args.max_cpu_loras, args.lora_backend),
+        cache=CacheConfig(args.block_size, args.num_kv_blocks, args.gpu_memory_utilization, args.cpu_kv_cache_gb),
+        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_queued_requests),
+        multimodal=MultiModalConfig(args.max_images_per_prompt, args.max_image_pixels, args.max_image_bytes),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from valora.engine.llm_engine import LLMEngine
+    from valora.server.app import ServerConfig, build_app
+    from valora.server.launch import serve
+
+    config = ServerConfig(
+        served_model_names=args.served_model_name or [args.model], lora_modules=args.lora_modules,
+        api_key=args.api_key, lora_root=args.lora_root, allowed_local_media_path=args.allowed_local_media_path,
+        max_body_bytes=args.max_request_body_bytes, max_queued_requests=args.max_queued_requests,
+    )
+    try:
+        app = build_app(LLMEngine(engine_config(args)), config)
+    except (OSError, ValueError) as e:  # a model or adapter that cannot be served: say why, exit non-zero
+        logger.error("cannot start: %s", e)
+        return 1
+    serve(app, args.host, args.port)
+    return 0

@@ -1,0 +1,100 @@
+"""Prometheus metrics under vLLM's names with the `valora:` prefix, so existing dashboards and routers work.
+
+Latency histograms are observed once per finished request. Engine state (queue lengths, KV usage, adapters)
+is read at scrape time from the snapshot the engine thread publishes after every step, so a scrape never
+touches the engine itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from valora.engine.llm_engine import EngineStats
+from valora.outputs import RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+disable_created_metrics()  # as vLLM does: no `*_created` series, which dashboards do not use
+
+_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+            80.0, 160.0, 640.0)
+_PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+
+class _EngineCollector:
+    def __init__(self, stats: Callable[[], EngineStats], model: str) -> None:
+        self.stats, self.model = stats, model
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        g = GaugeMetricFamily(name, doc, labels=["model_name"])
+        g.add_metric([self.model], value)
+        return g
+
+    def _counter(self, name: str, doc: str, by_tier: dict[str, int]) -> CounterMetricFamily:
+        c = CounterMetricFamily(name, doc, labels=["model_name", "tier"])
+        for tier, value in by_tier.items():
+            c.add_metric([self.model, tier], value)
+        return c
+
+    def collect(self) -> Iterable[Metric]:
+        s = self.stats()
+        yield self._gauge("valora:num_requests_running", "Sequences in the running batch.", s.num_running)
+        yield self._gauge("valora:num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting)
+        yield self._gauge("valora:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).",
+                          s.kv_cache_usage)
+        info = GaugeMetricFamily("valora:lora_requests_info", "Adapters of running and waiting requests.",
+                                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        info.add_metric([str(s.max_loras), ",".join(s.running_adapters), ",".join(s.waiting_adapters)], time.time())
+        yield info
+        yield self._gauge("valora:lora_slots_active", "Adapter slots used by running requests.",
+                          len(s.running_adapters))
+        yield self._gauge("valora:lora_slots_resident", "Adapter slots holding an adapter (in use or cached).",
+                          len(s.resident_adapters))
+        yield self._counter("valora:lora_adapter_loads", "Adapter loads: from disk to host memory, host to slot.",
+                            {"disk": s.adapter_disk_loads, "slot": s.adapter_slot_loads})
+        yield self._counter("valora:lora_adapter_evictions", "Adapters evicted from a slot or from host memory.",
+                            {"slot": s.adapter_slot_evictions, "host": s.adapter_host_evictions})
+
+
+class ServerMetrics:
+    def __init__(self, model: str, stats: Callable[[], EngineStats]) -> None:
+        self.model = model
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        kw = {"labelnames": labels, "registry": self.registry}
+        self.ttft = Histogram("valora:time_to_first_token_seconds", "Arrival to first token.", buckets=_LATENCY, **kw)
+        self.tpot = Histogram("valora:time_per_output_token_seconds", "Mean time per output token after the first.",
+                              buckets=_PER_TOKEN, **kw)
+        self.e2e = Histogram("valora:e2e_request_latency_seconds", "Arrival to last token.", buckets=_LATENCY, **kw)
+        self.queue = Histogram("valora:request_queue_time_seconds", "Arrival to first scheduled step.",
+                               buckets=_LATENCY, **kw)
+        self.prompt_tokens = Counter("valora:prompt_tokens", "Prompt tokens processed.", **kw)
+        self.generation_tokens = Counter("valora:generation_tokens", "Tokens generated.", **kw)
+        self.success = Counter("valora:request_success", "Finished requests by finish reason.",
+                               labelnames=["model_name", "finished_reason"], registry=self.registry)
+        self.registry.register(_EngineCollector(stats, model))
+
+    def finished(self, out: RequestOutput) -> None:
+        m = out.metrics
+        tokens = max(len(c.token_ids) for c in out.outputs)
+        self.prompt_tokens.labels(self.model).inc(len(out.prompt_token_ids))
+        self.generation_tokens.labels(self.model).inc(sum(len(c.token_ids) for c in out.outputs))
+        for c in out.outputs:
+            self.success.labels(self.model, c.finish_reason or "stop").inc()
+        if m is None or m.first_token_time is None or m.finished_time is None:
+            return
+        self.ttft.labels(self.model).observe(m.first_token_time - m.arrival_time)
+        self.e2e.labels(self.model).observe(m.finished_time - m.arrival_time)
+        if m.first_scheduled_time is not None:
+            self.queue.labels(self.model).observe(m.first_scheduled_time - m.arrival_time)
+        if tokens > 1:
+            self.tpot.labels(self.model).observe((m.finished_time - m.first_token_time) / (tokens - 1))
+
+    def aborted(self, n: int) -> None:
+        self.success.labels(self.model, "abort").inc(n)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

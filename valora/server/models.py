@@ -1,0 +1,71 @@
+"""What the server answers for: the base model under its served names, and the adapters loaded by name.
+
+The OpenAI `model` field picks one: a served name (or `""`) is the base model, an adapter name is that
+adapter, and `base:adapter` (SGLang's spelling) is accepted too. Runtime loads are confined to `lora_root`
+when one is given: no `..`, and no symlink that leads out of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from valora.lora.request import LoRARequest
+from valora.server.errors import bad_request, not_found
+from valora.server.protocol import ModelCard, ModelList
+
+
+@dataclass
+class ServedModels:
+    names: list[str]  # served names of the base model; the first is the one reported
+    root: str  # where the base model was loaded from
+    max_model_len: int
+    lora_root: Path | None = None
+    adapters: dict[str, LoRARequest] = field(default_factory=dict)
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def resolve(self, model: str) -> LoRARequest | None:
+        """The adapter a request's `model` names, or None for the base model; unknown names are a 404."""
+        if model in self.names or model == "":
+            return None
+        if model in self.adapters:
+            return self.adapters[model]
+        base, sep, adapter = model.partition(":")
+        if sep and base in self.names and adapter in self.adapters:
+            return self.adapters[adapter]
+        raise not_found(f"The model `{model}` does not exist; GET /v1/models lists the base model and adapters",
+                        "model_not_found", "model")
+
+    def new_adapter(self, name: str, path: str, confine: bool = True) -> LoRARequest:
+        """A request for a new adapter (not yet loaded): the name must be free and, when `confine` is set and
+        a `lora_root` exists, the path must stay inside it."""
+        if name in self.names or name in self.adapters:
+            raise bad_request(f"The name `{name}` is already in use; unload the adapter first", "adapter_exists",
+                              "lora_name")
+        if confine and self.lora_root is not None:
+            path = str(self._inside_root(path))
+        return LoRARequest(name, next(self._ids), path)
+
+    def _inside_root(self, path: str) -> Path:
+        root = self.lora_root.resolve()
+        p = Path(path)
+        if ".." in p.parts:
+            raise bad_request("lora_path must not contain '..'", "invalid_lora_path", "lora_path")
+        resolved = (p if p.is_absolute() else root / p).resolve()
+        outside = not resolved.is_relative_to(root)
+        if not outside and resolved.is_dir():
+            outside = any(not f.resolve().is_relative_to(root) for f in resolved.iterdir())
+        if outside:
+            raise bad_request(f"lora_path must lie inside the adapter root {root} (symlinks out are refused)",
+                              "invalid_lora_path", "lora_path")
+        return resolved
+
+    def cards(self) -> ModelList:
+        base = [ModelCard(id=n, root=self.root, max_model_len=self.max_model_len) for n in self.names]
+        loras = [ModelCard(id=n, root=r.lora_path, parent=self.name) for n, r in self.adapters.items()]
+        return ModelList(data=base + loras)

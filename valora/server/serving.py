@@ -1,0 +1,374 @@
+"""`/v1/chat/completions` and `/v1/completions`: request -> checked engine prompts -> responses or SSE chunks.
+
+Everything a client can get wrong is found before the request reaches the engine (model name, sampling
+options, images, prompt and context length), and each becomes an OpenAI-shaped error. Preparing prompts
+(image decoding, chat template, tokenisation) runs in a worker thread, so it never holds up the event loop
+or the engine's steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from valora.lora.request import LoRARequest
+from valora.multimodal.chat import parse_messages
+from valora.multimodal.inputs import InputError, load_image
+from valora.outputs import RequestOutput
+from valora.sampling_params import SamplingParams
+from valora.server.async_engine import AsyncEngine, ClientDisconnectedError
+from valora.server.errors import bad_request
+from valora.server.models import ServedModels
+from valora.server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    RequestTimings,
+    SamplingFields,
+    Usage,
+)
+
+logger = logging.getLogger("valora.server")
+
+
+@dataclass
+class Prepared:
+    """One engine request, checked: its prompt, options and adapter."""
+
+    request_id: str
+    prompt: Any
+    params: SamplingParams
+    lora: LoRARequest | None
+    num_prompt_tokens: int
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, models: ServedModels, allowed_local_media_path: Path | None) -> None:
+        self.engine = engine
+        self.models = models
+        self.allowed_local_media_path = allowed_local_media_path
+        self.llm = engine.engine  # read-only use from worker threads: tokenizer, processor, limits
+
+    # -- preparation --------------------------------------------------------------------------------------
+    @staticmethod
+    def sampling_params(req: SamplingFields, max_tokens: int | None) -> SamplingParams:
+        try:
+            return SamplingParams(
+                n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+                max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
+                stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                skip_special_tokens=req.skip_special_tokens,
+            )
+        except ValueError as e:
+            raise bad_request(str(e), "invalid_value") from e
+
+    def _decode_images(self, raw: list) -> list:
+        limits = self.llm.config.multimodal
+        if len(raw) > limits.max_images_per_prompt:
+            raise bad_request(f"{len(raw)} images in one request, over the limit of "
+                              f"{limits.max_images_per_prompt}", "too_many_images", "messages")
+        try:
+            return [load_image(img, limits) for img in raw]
+        except InputError as e:
+            raise bad_request(str(e), "invalid_image", "messages") from e
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> dict:
+        try:
+            messages, raw_images = parse_messages(req.messages, self.allowed_local_media_path)
+        except InputError as e:
+            raise bad_request(str(e), "invalid_image" if "image" in str(e) else "invalid_messages", "messages") from e
+        images = self._decode_images(raw_images)
+        try:
+            text = self.llm.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                          add_generation_prompt=req.add_generation_prompt)
+        except Exception as e:  # jinja raises many types for messages a template cannot render
+            raise bad_request(f"cannot apply the chat template: {e}", "invalid_messages", "messages") from e
+        return {"prompt": text, "multi_modal_data": {"image": images}}
+
+    def _check(self, request_id: str, prompt: Any, params: SamplingParams, lora: LoRARequest | None,
+               max_tokens: int | None) -> Prepared:
+        """Tokenise (and preprocess images) once to refuse what the engine would: too long, bad ids."""
+        try:
+            _, processed = self.llm.process_prompt(prompt)
+        except InputError as e:
+            raise bad_request(str(e), "invalid_prompt", "prompt") from e
+        n = len(processed.token_ids)
+        limit = self.llm.max_model_len
+        if max_tokens is not None and n + max_tokens > limit:
+            raise bad_request(
+                f"'max_tokens' is too large: {max_tokens}. This model's maximum context length is {limit} tokens "
+                f"and your request has {n} input tokens ({max_tokens} > {limit} - {n})",
+                "context_length_exceeded", "max_tokens")
+        return Prepared(request_id, prompt, params, lora, n)
+
+    def _prepare_chat(self, req: ChatCompletionRequest, request_id: str, lora) -> list[Prepared]:
+        params = self.sampling_params(req, req.token_limit)
+        return [self._check(request_id, self._chat_prompt(req), params, lora, req.token_limit)]
+
+    def _prepare_completion(self, req: CompletionRequest, request_id: str, lora) -> list[Prepared]:
+        params = self.sampling_params(req, req.token_limit)
+        prepared = []
+        for i, p in enumerate(req.prompts()):
+            prompt = {"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}
+            prepared.append(self._check(f"{request_id}-{i}", prompt, params, lora, req.token_limit))
+        return prepared
+
+    # -- running ------------------------------------------------------------------------------------------
+    def _streams(self, prepared: list[Prepared], arrival: float,
+                 is_disconnected: Callable[[], Awaitable[bool]] | None) -> AsyncIterator[tuple[int, RequestOutput]]:
+        gens = [self.engine.generate(p.request_id, p.prompt, p.params, p.lora, arrival, is_disconnected)
+                for p in prepared]
+        return _merge(gens)
+
+    async def chat(self, req: ChatCompletionRequest, is_disconnected) -> BaseModel | AsyncIterator[str]:
+        return await self._serve(req, "chatcmpl", self._prepare_chat, _ChatFormat(), is_disconnected)
+
+    async def completion(self, req: CompletionRequest, is_disconnected) -> BaseModel | AsyncIterator[str]:
+        return await self._serve(req, "cmpl", self._prepare_completion, _CompletionFormat(), is_disconnected)
+
+    async def _serve(self, req: SamplingFields, prefix: str, prepare, fmt: _Format,
+                     is_disconnected) -> BaseModel | AsyncIterator[str]:
+        arrival = time.time()
+        lora = self.models.resolve(req.model)
+        self.engine.check_capacity()  # refuse early, before any preprocessing work
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        prepared = await asyncio.to_thread(prepare, req, request_id, lora)
+        self.engine.check_capacity(len(prepared))
+        call = _Call(request_id, req.model or self.models.name, req, prepared, arrival)
+        if req.stream:
+            return self._stream(call, fmt)
+        return await self._collect(call, fmt, is_disconnected)
+
+    async def _collect(self, call: _Call, fmt: _Format, is_disconnected) -> BaseModel:
+        finals: dict[int, RequestOutput] = {}
+        try:
+            async with aclosing(self._streams(call.prepared, call.arrival, is_disconnected)) as outputs:
+                async for i, out in outputs:
+                    if out.finished:
+                        finals[i] = out
+        except ClientDisconnectedError:
+            call.log(finals.values(), "client disconnected, aborted")
+            raise
+        outs = [finals[i] for i in range(len(call.prepared))]
+        call.log(outs)
+        return fmt.response(call, outs)
+
+    async def _stream(self, call: _Call, fmt: _Format) -> AsyncIterator[str]:
+        n = call.req.n
+        deltas = _TextDeltas(len(call.prepared) * n, call.prepared[0].params.stop)
+        finals: dict[int, RequestOutput] = {}
+        done = False
+        first = fmt.first_chunk(call)
+        try:
+            if first is not None:
+                yield _sse(first)
+            async with aclosing(self._streams(call.prepared, call.arrival, None)) as outputs:
+                async for i, out in outputs:
+                    choices = []
+                    for c in out.outputs:
+                        index = i * n + c.index
+                        text, first_finish = deltas.next(index, c.text, c.finish_reason)
+                        if text or first_finish:
+                            choices.append((index, text, c.finish_reason if first_finish else None, c.stop_reason))
+                    if out.finished:
+                        finals[i] = out
+                    if choices:
+                        last = len(finals) == len(call.prepared) and not call.req.include_usage
+                        timings = _timings(list(finals.values())) if last else None
+                        yield _sse(fmt.chunk(call, choices, timings))
+            outs = [finals[i] for i in range(len(call.prepared))]
+            if call.req.include_usage:
+                yield _sse(fmt.usage_chunk(call, _usage(outs), _timings(outs)))
+            yield "data: [DONE]\n\n"
+            done = True
+            call.log(outs)
+        except Exception as e:  # the stream has started: report in-band, as OpenAI does
+            logger.exception("stream %s failed", call.request_id)
+            yield _sse({"error": {"message": str(e), "type": "server_error", "code": "internal_error"}})
+            yield "data: [DONE]\n\n"
+            done = True
+        finally:
+            if not done:
+                call.log(finals.values(), "client disconnected, aborted")
+
+
+@dataclass
+class _Call:
+    request_id: str
+    model: str
+    req: SamplingFields
+    prepared: list[Prepared]
+    arrival: float
+    created: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.created = int(self.arrival)
+
+    def log(self, outs, note: str | None = None) -> None:
+        outs = list(outs)
+        usage = _usage(outs)
+        t = _timings(outs) if outs and len(outs) == len(self.prepared) else RequestTimings()
+        finish = ",".join(sorted({c.finish_reason or "-" for o in outs for c in o.outputs})) or "-"
+        logger.info(
+            "%s model=%s stream=%s prompt_tokens=%d completion_tokens=%d finish=%s queue=%s ttft=%s e2e=%s%s",
+            self.request_id, self.model, self.req.stream, sum(p.num_prompt_tokens for p in self.prepared),
+            usage.completion_tokens, finish, _secs(t.queue_time), _secs(t.time_to_first_token),
+            _secs(t.e2e_latency), f" ({note})" if note else "",
+        )
+
+
+def _secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}s"
+
+
+def _usage(outs: list[RequestOutput]) -> Usage:
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _timings(outs: list[RequestOutput]) -> RequestTimings:
+    """Over all prompts of a call: the earliest arrival to the latest first-schedule / first token / finish."""
+    ms = [o.metrics for o in outs if o.metrics is not None]
+    if not ms:
+        return RequestTimings()
+    arrival = min(m.arrival_time for m in ms)
+
+    def span(attr: str) -> float | None:
+        values = [getattr(m, attr) for m in ms]
+        return None if any(v is None for v in values) else max(values) - arrival
+
+    return RequestTimings(queue_time=span("first_scheduled_time"), time_to_first_token=span("first_token_time"),
+                          e2e_latency=span("finished_time"))
+
+
+def _sse(payload: BaseModel | dict) -> str:
+    if isinstance(payload, BaseModel):
+        return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+class _TextDeltas:
+    """Text to send per choice. While a choice runs, the last (longest stop string - 1) characters are held
+    back: the engine may still cut them off when a stop string completes, and sent text cannot be recalled."""
+
+    def __init__(self, num_choices: int, stop: list[str]) -> None:
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.sent = [0] * num_choices
+        self.finished = [False] * num_choices
+
+    def next(self, index: int, text: str, finish_reason: str | None) -> tuple[str, bool]:
+        """(new text, whether this choice finished just now)."""
+        if self.finished[index]:
+            return "", False
+        done = finish_reason is not None
+        end = len(text) if done else max(self.sent[index], len(text) - self.hold)
+        delta = text[self.sent[index]:end]
+        self.sent[index] = end
+        self.finished[index] = done
+        return delta, done
+
+
+class _Format(Protocol):
+    """How one endpoint spells its chunks and responses."""
+
+    def first_chunk(self, call: _Call) -> BaseModel | None: ...
+
+    def chunk(self, call: _Call, choices: list[tuple], timings: RequestTimings | None) -> BaseModel: ...
+
+    def usage_chunk(self, call: _Call, usage: Usage, timings: RequestTimings) -> BaseModel: ...
+
+    def response(self, call: _Call, outs: list[RequestOutput]) -> BaseModel: ...
+
+
+class _ChatFormat:
+    def first_chunk(self, call):
+        choices = [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                   for i in range(call.req.n)]
+        return ChatCompletionChunk(id=call.request_id, created=call.created, model=call.model, choices=choices)
+
+    def chunk(self, call, choices, timings):
+        items = [ChatChunkChoice(index=i, delta=DeltaMessage(content=text), finish_reason=fr, stop_reason=sr)
+                 for i, text, fr, sr in choices]
+        return ChatCompletionChunk(id=call.request_id, created=call.created, model=call.model, choices=items,
+                                   metrics=timings)
+
+    def usage_chunk(self, call, usage, timings):
+        return ChatCompletionChunk(id=call.request_id, created=call.created, model=call.model, choices=[],
+                                   usage=usage, metrics=timings)
+
+    def response(self, call, outs):
+        choices = [ChatChoice(index=c.index, message=ChatMessage(content=c.text), finish_reason=c.finish_reason,
+                              stop_reason=c.stop_reason) for c in outs[0].outputs]
+        return ChatCompletionResponse(id=call.request_id, created=call.created, model=call.model, choices=choices,
+                                      usage=_usage(outs), metrics=_timings(outs))
+
+
+class _CompletionFormat:
+    def first_chunk(self, call):
+        return None
+
+    def chunk(self, call, choices, timings):
+        items = [CompletionChoice(index=i, text=text, finish_reason=fr, stop_reason=sr) for i, text, fr, sr in choices]
+        return CompletionResponse(id=call.request_id, created=call.created, model=call.model, choices=items,
+                                  metrics=timings)
+
+    def usage_chunk(self, call, usage, timings):
+        return CompletionResponse(id=call.request_id, created=call.created, model=call.model, choices=[],
+                                  usage=usage, metrics=timings)
+
+    def response(self, call, outs):
+        n = call.req.n
+        choices = [CompletionChoice(index=i * n + c.index, text=c.text, finish_reason=c.finish_reason,
+                                    stop_reason=c.stop_reason) for i, o in enumerate(outs) for c in o.outputs]
+        return CompletionResponse(id=call.request_id, created=call.created, model=call.model, choices=choices,
+                                  usage=_usage(outs), metrics=_timings(outs))
+
+
+async def _merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as they come, tagged with the request's position. Leaving early
+    (or one request failing) cancels the rest, which aborts them in the engine."""
+    q: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in gen:
+                q.put_nowait((i, out))
+            q.put_nowait((i, end))
+        except Exception as e:
+            q.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await q.get()
+            if item is end:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
