@@ -385,14 +385,22 @@ class LLMEngine:
         ))
 
     def _adapters_ready(self) -> dict[str, bool]:
-        """Which adapters of queued requests can run this step; reloads of the others start in the background."""
+        """Which adapters of queued requests can run this step. Reloads start in the background only for the
+        adapters of the running requests and of the next ones in line (half the host cache ahead): loading
+        for the back of a long queue would evict what the front needs."""
         manager = self.lora_manager
         if manager is None:
             return {}
         manager.begin_step()
-        sched = self.scheduler
-        names = {s.lora_name for s in [*sched.running, *sched.waiting] if s.lora_name is not None}
-        return {name: manager.ready(name) for name in names}
+        lc, sched = self.config.lora, self.scheduler
+        lookahead = max(lc.max_loras, lc.max_cpu_loras // 2)
+        ready: dict[str, bool] = {}
+        for seq in [*sched.running, *sched.waiting]:
+            name = seq.lora_name
+            if name is None or name in ready:
+                continue
+            ready[name] = manager.ready(name, load=len(ready) < lookahead)
+        return ready
 
     def _fail_unloadable(self) -> list[RequestOutput]:
         """Requests whose adapter could not be reloaded (its directory changed) end with the reason."""

@@ -164,14 +164,15 @@ class LoRAManager:
         with self._lock:
             self._reserved.clear()
 
-    def ready(self, name: str) -> bool:
-        """Whether `name` can be used this step (in a slot or in host memory). If not, its reload is started in
-        the background and the caller should let other requests go first."""
+    def ready(self, name: str, load: bool = True) -> bool:
+        """Whether `name` can be used this step (in a slot or in host memory; it then stays there until the next
+        `begin_step`). If not, and `load`, its reload is started in the background; the caller should let other
+        requests go first."""
         with self._lock:
             if name in self.slot_lru or name in self.host:
                 self._reserved.add(name)
                 return True
-            if name in self.requests and name not in self._pending and name not in self.failed:
+            if load and name in self.requests and name not in self._pending and name not in self.failed:
                 self._pending[name] = self._loader.submit(self._reload, self.requests[name])
             return False
 
