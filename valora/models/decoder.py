@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from valora.engine.forward_batch import ForwardBatch
 from valora.models.layers.attention import PagedAttention
 from valora.models.layers.linear import LoRALinear
+from valora.models.layers.mlp import GatedMLP
 from valora.models.layers.norm import RMSNorm
 from valora.models.layers.rotary import MRotaryEmbedding, apply_rotary
 
@@ -35,7 +35,12 @@ class DecoderConfig:
     hidden_act: str = "silu"
 
     @staticmethod
-    def from_hf(cfg, qkv_bias: bool) -> DecoderConfig:
+    def from_hf(cfg, qkv_bias: bool | None = None) -> DecoderConfig:
+        """`qkv_bias` defaults to the architecture's: Qwen2-style LMs have q/k/v biases, Llama and Mistral none."""
+        qwen2 = str(getattr(cfg, "model_type", "")).startswith("qwen2")
+        if not qwen2 and (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):
+            raise ValueError("attention_bias / mlp_bias of Llama-style LMs are not supported")
+        qkv_bias = qwen2 if qkv_bias is None else qkv_bias
         rope = dict(getattr(cfg, "rope_parameters", None) or {})
         legacy = getattr(cfg, "rope_scaling", None) or {}
         theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
@@ -81,33 +86,17 @@ class DecoderAttention(nn.Module):
         return self.o_proj(o.reshape(t, -1), batch.lora)
 
 
-class DecoderMLP(nn.Module):
-    def __init__(self, c: DecoderConfig) -> None:
-        super().__init__()
-        if c.hidden_act != "silu":
-            raise ValueError(f"hidden_act {c.hidden_act!r} is not supported (silu is)")
-        self.intermediate = c.intermediate_size
-        self.gate_up_proj = LoRALinear(
-            c.hidden_size, (c.intermediate_size, c.intermediate_size), lora_names=("gate_proj", "up_proj")
-        )
-        self.down_proj = LoRALinear(c.intermediate_size, c.hidden_size)
-
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, batch.lora).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up, batch.lora)
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, c: DecoderConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = DecoderAttention(c)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = DecoderMLP(c)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act)
 
     def forward(self, x, cos, sin, kv_cache, batch: ForwardBatch) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch)
-        return x + self.mlp(self.post_attention_layernorm(x), batch)
+        return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
 
 
 class DecoderModel(nn.Module):

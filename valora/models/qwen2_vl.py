@@ -1,32 +1,34 @@
 """Qwen2-VL (`Qwen2VLForConditionalGeneration`): ViT with 2D RoPE and a 2x2 patch merger, Qwen2 LM with M-RoPE.
 
 One file per family: the vision tower, how its tokens enter the language model, its checkpoint names, and its
-prompt preprocessing (placeholder expansion and 3D positions) live here.
+prompt preprocessing (placeholder expansion and 3D positions) live here. Qwen2.5-VL reuses it with its own
+vision blocks and attention windows (qwen2_5_vl.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
-from valora.engine.forward_batch import ForwardBatch, ImageInputs
-from valora.lora.ops import LoRAMeta
+from valora.lora.batch import LoRABatch
 from valora.models.decoder import DecoderConfig, DecoderModel
 from valora.models.layers.linear import LoRALinear
+from valora.models.layers.mlp import MLP
 from valora.models.layers.rotary import rotate_half
-from valora.models.loader import WeightMapper, load_weights
-from valora.multimodal.inputs import ImageItem, InputError, ProcessedPrompt, tensor_hash
+from valora.models.loader import WeightMapper
+from valora.models.processing import ImagePromptProcessor
+from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, token_lora
+from valora.multimodal.inputs import ImageItem
 
 # Hub checkpoints predate transformers v5 and keep the LM at `model.*` and the ViT at `visual.*`.
 MAPPER = WeightMapper(
     renames=((r"^visual\.", "model.visual."), (r"^model\.(?!visual\.|language_model\.)", "model.language_model.")),
-    packed={"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)},
+    packed=FUSED_PROJECTIONS,
     ignore=(r"rotary_emb\.inv_freq$",),
 )
 
@@ -43,7 +45,7 @@ class VisionAttention(nn.Module):
         self.qkv = LoRALinear(dim, 3 * dim, bias=True)
         self.proj = LoRALinear(dim, dim, bias=True)
 
-    def forward(self, x, cos, sin, seqlens: Sequence[int], lora: LoRAMeta | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, seqlens: Sequence[int], lora: LoRABatch | None) -> torch.Tensor:
         s = x.shape[0]
         q, k, v = self.qkv(x, lora).view(s, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = _apply_rotary_fp32(q, cos, sin), _apply_rotary_fp32(k, cos, sin)
@@ -54,24 +56,13 @@ class VisionAttention(nn.Module):
         return self.proj(torch.cat(outs).reshape(s, -1), lora)
 
 
-class VisionMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, act: str) -> None:
-        super().__init__()
-        self.fc1 = LoRALinear(dim, hidden, bias=True)
-        self.act = ACT2FN[act]
-        self.fc2 = LoRALinear(hidden, dim, bias=True)
-
-    def forward(self, x, lora):
-        return self.fc2(self.act(self.fc1(x, lora)), lora)
-
-
 class VisionBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, act: str) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp: nn.Module, norm: type[nn.Module]) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = norm(dim, eps=1e-6)
+        self.norm2 = norm(dim, eps=1e-6)
         self.attn = VisionAttention(dim, num_heads)
-        self.mlp = VisionMLP(dim, mlp_hidden, act)
+        self.mlp = mlp
 
     def forward(self, x, cos, sin, seqlens, lora):
         x = x + self.attn(self.norm1(x), cos, sin, seqlens, lora)
@@ -79,10 +70,10 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    def __init__(self, out_dim: int, dim: int, merge: int) -> None:
+    def __init__(self, out_dim: int, dim: int, merge: int, norm: type[nn.Module]) -> None:
         super().__init__()
         self.hidden = dim * merge * merge
-        self.ln_q = nn.LayerNorm(dim, eps=1e-6)
+        self.ln_q = norm(dim, eps=1e-6)
         self.mlp = nn.ModuleList([LoRALinear(self.hidden, self.hidden, bias=True), nn.GELU(),
                                   LoRALinear(self.hidden, out_dim, bias=True)])
 
@@ -92,27 +83,38 @@ class PatchMerger(nn.Module):
 
 
 class Qwen2VisionTower(nn.Module):
-    def __init__(self, vc) -> None:
+    """Qwen2-VL's ViT over packed patches of any number of images. Subclasses choose the block (`make_block`), the
+    norm, the widths (`from_config`) and which patches attend to which (`layout`)."""
+
+    norm: ClassVar[type[nn.Module]] = nn.LayerNorm
+
+    def __init__(self, vc, width: int, out_dim: int) -> None:
         super().__init__()
-        self.merge = vc.spatial_merge_size
-        self.embed_dim = vc.embed_dim
+        self.merge, self.width = vc.spatial_merge_size, width
         # The patch embedding is a Conv3d whose stride equals its kernel: a linear map of each flattened patch.
         self.patch_embed = nn.Module()
-        patch = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-        self.patch_embed.proj = LoRALinear(patch, vc.embed_dim)
-        head_dim = vc.embed_dim // vc.num_heads
+        self.patch_embed.proj = LoRALinear(vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, width)
         theta = (getattr(vc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-        quarter = head_dim // 2
+        quarter = width // vc.num_heads // 2
         self.register_buffer(
             "inv_freq", 1.0 / (theta ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter)), persistent=False
         )
-        hidden = int(vc.embed_dim * vc.mlp_ratio)
-        self.blocks = nn.ModuleList(
-            [VisionBlock(vc.embed_dim, vc.num_heads, hidden, vc.hidden_act) for _ in range(vc.depth)]
-        )
-        self.merger = PatchMerger(vc.hidden_size, vc.embed_dim, vc.spatial_merge_size)
-        for p in self.parameters():
-            p.requires_grad_(False)
+        self.blocks = nn.ModuleList([self.make_block(vc) for _ in range(vc.depth)])
+        self.merger = PatchMerger(out_dim, width, vc.spatial_merge_size, self.norm)
+
+    @classmethod
+    def from_config(cls, vc) -> Qwen2VisionTower:
+        return cls(vc, vc.embed_dim, vc.hidden_size)
+
+    def make_block(self, vc) -> nn.Module:
+        return VisionBlock(self.width, vc.num_heads, MLP(self.width, int(self.width * vc.mlp_ratio), vc.hidden_act),
+                           self.norm)
+
+    def layout(self, grids: Sequence[Sequence[int]]) -> tuple[torch.Tensor | None, list[list[int]]]:
+        """The order of merge units (groups of merge^2 patches) through the blocks (None: as given) and each
+        block's attention spans in patches; Qwen2-VL attends within each image frame."""
+        seqlens = [h * w for t, h, w in grids for _ in range(t)]
+        return None, [seqlens] * len(self.blocks)
 
     def _rotary(self, grids: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
         pos = []
@@ -127,137 +129,64 @@ class Qwen2VisionTower(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos(), emb.sin()
 
-    def forward(self, pixel_values: torch.Tensor, grids: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
-        seqlens = [h * w for t, h, w in grids for _ in range(t)]
+    def forward(self, pixel_values: torch.Tensor, grids: Sequence[Sequence[int]], slots: Sequence[int],
+                merged_slot: int | None = None) -> torch.Tensor:
         patches = [t * h * w for t, h, w in grids]
-        lora = merged_lora = None
-        if any(s >= 0 for s in slots):
-            lora = LoRAMeta.build([s for s, n in zip(slots, patches) for _ in range(n)], pixel_values.device)
-            merged = [s for s, n in zip(slots, patches) for _ in range(n // self.merge**2)]
-            merged_lora = LoRAMeta.build(merged, pixel_values.device)
+        dev = pixel_values.device
+        unit = self.merge**2
+        # Reordering keeps every patch inside its own image's rows, so the per-row adapter slots hold either way.
+        lora = token_lora(slots, patches, merged_slot, dev)
+        merged_lora = token_lora(slots, [n // unit for n in patches], merged_slot, dev)
         x = self.patch_embed.proj(pixel_values.to(self.patch_embed.proj.weight.dtype), lora)
         cos, sin = self._rotary(grids, x.device)
-        for blk in self.blocks:
+        order, spans = self.layout(grids)
+        if order is not None:
+            rows = (order.to(dev)[:, None] * unit + torch.arange(unit, device=dev)).view(-1)
+            x, cos, sin = x[rows], cos[rows], sin[rows]
+        for blk, seqlens in zip(self.blocks, spans):
             x = blk(x, cos, sin, seqlens, lora)
-        return self.merger(x, merged_lora)
+        x = self.merger(x, merged_lora)
+        return x if order is None else x[torch.argsort(order.to(dev))]
 
 
 class Qwen2VLModel(nn.Module):
-    def __init__(self, hf_config) -> None:
+    def __init__(self, hf_config, tower: type[Qwen2VisionTower]) -> None:
         super().__init__()
-        self.visual = Qwen2VisionTower(hf_config.vision_config)
-        self.language_model = DecoderModel(DecoderConfig.from_hf(hf_config.text_config, qkv_bias=True))
+        self.visual = tower.from_config(hf_config.vision_config)
+        self.language_model = DecoderModel(DecoderConfig.from_hf(hf_config.text_config))
 
 
-class Qwen2VLForConditionalGeneration(nn.Module):
+class Qwen2VLForConditionalGeneration(VisionLanguageModel):
     mapper = MAPPER
+    tower: ClassVar[type[Qwen2VisionTower]] = Qwen2VisionTower
 
     def __init__(self, hf_config) -> None:
-        super().__init__()
-        self.hf_config = hf_config
-        tc = hf_config.text_config
-        self.model = Qwen2VLModel(hf_config)
-        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
-        self.lm_head.weight.requires_grad_(False)
-        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False) or
-                                        getattr(tc, "tie_word_embeddings", False))
+        super().__init__(hf_config, Qwen2VLModel(hf_config, self.tower))
 
-    @property
-    def decoder_config(self) -> DecoderConfig:
-        return self.model.language_model.config
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        tied = {"lm_head.weight": "model.language_model.embed_tokens.weight"} if self.tie_word_embeddings else None
-        load_weights(self, iter(weights), self.mapper, tied)
-
-    def encode_images(self, images: ImageInputs) -> torch.Tensor:
-        """Embeddings for this step's images, [sum num_tokens, hidden], batched through one ViT pass."""
-        todo = [i for i, c in enumerate(images.cached) if c is None]
-        fresh: dict[int, torch.Tensor] = {}
-        if todo:
-            dev = self.lm_head.weight.device
-            pv = torch.cat([images.data[i]["pixel_values"] for i in todo]).to(dev)
-            grids = [images.data[i]["image_grid_thw"].view(-1).tolist() for i in todo]
-            out = self.model.visual(pv, grids, [images.lora_slots[i] for i in todo])
-            fresh = dict(zip(todo, out.split([images.num_tokens[i] for i in todo])))
-        embeds = [fresh[i] if c is None else c for i, c in enumerate(images.cached)]
-        for i in todo:
-            images.cached[i] = fresh[i]
-        return torch.cat(embeds)
-
-    def forward(self, batch: ForwardBatch, kv_caches) -> torch.Tensor:
-        lm = self.model.language_model
-        x = lm.embed_tokens(batch.input_ids)
-        if batch.images is not None:
-            x = x.index_copy(0, batch.images.token_rows, self.encode_images(batch.images).to(x.dtype))
-        return lm(x, kv_caches, batch)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def embed_images(self, data, slots, merged_slot) -> torch.Tensor:
+        pv = torch.cat([d["pixel_values"] for d in data]).to(self.lm_head.weight.device)
+        grids = [d["image_grid_thw"].view(-1).tolist() for d in data]
+        return self.model.visual(pv, grids, slots, merged_slot)
 
 
-class Qwen2VLInputProcessor:
+class Qwen2VLInputProcessor(ImagePromptProcessor):
     """Expands each `<|image_pad|>` to its image's token count and computes M-RoPE positions, as the HF
     processor and `get_rope_index` do, with the checkpoint's own image processor."""
 
     def __init__(self, model_dir: str | Path, hf_config, tokenizer) -> None:
-        from transformers import AutoImageProcessor
-
-        self.tokenizer = tokenizer
-        self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
-        self.image_token_id = hf_config.image_token_id
-        self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
+        super().__init__(model_dir, tokenizer, hf_config.image_token_id)
         self.merge = hf_config.vision_config.spatial_merge_size
 
-    def _images(self, images: Sequence) -> list[dict[str, torch.Tensor]]:
-        if not images:
-            return []
-        out = self.image_processor(images=list(images), return_tensors="pt")
+    def image_tensors(self, images: Sequence) -> list[dict[str, torch.Tensor]]:
+        out = self.image_processor(images=list(images), return_tensors="pt", **self.image_kwargs)
         grids = out["image_grid_thw"]
         chunks = out["pixel_values"].split((grids.prod(-1)).tolist())
         return [{"pixel_values": pv, "image_grid_thw": g.view(1, 3)} for pv, g in zip(chunks, grids)]
 
-    def __call__(self, prompt: str | Sequence[int], images: Sequence) -> ProcessedPrompt:
-        data = self._images(images)
-        counts = [int(d["image_grid_thw"].prod()) // self.merge**2 for d in data]
-        if isinstance(prompt, str):
-            n = prompt.count(self.image_token)
-            if n != len(data):
-                raise InputError(f"prompt has {n} image placeholders ({self.image_token}) but {len(data)} images")
-            parts = prompt.split(self.image_token)
-            text = parts[0] + "".join(self.image_token * c + p for c, p in zip(counts, parts[1:]))
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = self._expand_ids(list(prompt), counts)
-        items, pos = [], 0
-        for d, c in zip(data, counts):
-            pos = ids.index(self.image_token_id, pos)
-            items.append(ImageItem(d, c, pos, tensor_hash(d["pixel_values"], d["image_grid_thw"])))
-            pos += c
-        positions, delta = self.mrope_positions(len(ids), items)
-        return ProcessedPrompt(ids, items, positions, delta)
+    def num_tokens(self, data: dict[str, torch.Tensor]) -> int:
+        return int(data["image_grid_thw"].prod()) // self.merge**2
 
-    def _expand_ids(self, ids: list[int], counts: list[int]) -> list[int]:
-        runs, out, i = 0, [], 0
-        while i < len(ids):
-            if ids[i] != self.image_token_id:
-                out.append(ids[i])
-                i += 1
-                continue
-            j = i
-            while j < len(ids) and ids[j] == self.image_token_id:
-                j += 1
-            if runs >= len(counts):
-                raise InputError("prompt has more image placeholders than images")
-            if j - i not in (1, counts[runs]):
-                raise InputError(f"image {runs} needs 1 or {counts[runs]} placeholder tokens, got {j - i}")
-            out.extend([self.image_token_id] * counts[runs])
-            runs, i = runs + 1, j
-        if runs != len(counts):
-            raise InputError(f"prompt has {runs} image placeholders but {len(counts)} images")
-        return out
-
-    def mrope_positions(self, length: int, items: Sequence[ImageItem]) -> tuple[torch.Tensor, int]:
+    def positions(self, length: int, items: Sequence[ImageItem]) -> tuple[torch.Tensor, int]:
         """Text advances all three axes together; an image spans a (t, h, w) grid starting at the current
         position, and the text after it resumes past the grid's largest extent."""
         chunks, cur, idx = [], 0, 0
