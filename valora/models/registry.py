@@ -15,10 +15,18 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
+    from valora.models.internvl import InternVLForConditionalGeneration, InternVLInputProcessor
+    from valora.models.llava import LlavaForConditionalGeneration, LlavaInputProcessor
+    from valora.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
     from valora.models.qwen2_vl import Qwen2VLForConditionalGeneration, Qwen2VLInputProcessor
 
     return {
         "Qwen2VLForConditionalGeneration": Family("qwen2_vl", Qwen2VLForConditionalGeneration, Qwen2VLInputProcessor),
+        "Qwen2_5_VLForConditionalGeneration": Family("qwen2_5_vl", Qwen2_5_VLForConditionalGeneration,
+                                                     Qwen2VLInputProcessor),
+        "LlavaForConditionalGeneration": Family("llava", LlavaForConditionalGeneration, LlavaInputProcessor),
+        "InternVLForConditionalGeneration": Family("internvl", InternVLForConditionalGeneration,
+                                                   InternVLInputProcessor),
     }
 
 

@@ -1,0 +1,184 @@
+"""InternVL (transformers' native `InternVLForConditionalGeneration`): InternViT over 448-pixel tiles, pixel shuffle
+(2x2 neighbouring patches into one token), an MLP projector, and a Qwen2 (or Llama) LM with plain RoPE.
+
+A large image becomes several tiles plus a thumbnail, cut by the checkpoint's GotOcr2 image processor as
+`InternVLProcessor` asks it to; each tile gives `image_seq_length` tokens between `<img>` and `</img>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from valora.lora.batch import LoRABatch
+from valora.models.decoder import DecoderConfig, DecoderModel
+from valora.models.layers.linear import LoRALinear
+from valora.models.layers.mlp import MLP
+from valora.models.layers.norm import RMSNorm
+from valora.models.layers.vit import ViTAttention, patchify
+from valora.models.loader import WeightMapper
+from valora.models.processing import ImagePromptProcessor
+from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, token_lora
+
+MAPPER = WeightMapper(
+    renames=(
+        (r"^language_model\.lm_head$", "lm_head"),
+        (r"^language_model\.model\.", "model.language_model."),
+        (r"^(vision_tower|multi_modal_projector)\.", r"model.\1."),
+        (r"\.attention\.projection_layer$", ".attention.out_proj"),
+    ),
+    packed=FUSED_PROJECTIONS,
+)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _norm(vc) -> nn.Module:
+    return RMSNorm(vc.hidden_size, vc.layer_norm_eps) if vc.norm_type == "rms_norm" else \
+        nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+
+
+class InternVisionLayer(nn.Module):
+    def __init__(self, vc) -> None:
+        super().__init__()
+        self.attention = ViTAttention(vc.hidden_size, vc.num_attention_heads, qkv_bias=vc.attention_bias,
+                                      qk_norm_eps=1e-6 if vc.use_qk_norm else None)
+        self.mlp = MLP(vc.hidden_size, vc.intermediate_size, vc.hidden_act)
+        self.layernorm_before = _norm(vc)
+        self.layernorm_after = _norm(vc)
+        self.lambda_1 = nn.Parameter(torch.empty(vc.hidden_size))  # layer scale
+        self.lambda_2 = nn.Parameter(torch.empty(vc.hidden_size))
+
+    def forward(self, x: torch.Tensor, num_seqs: int, lora: LoRABatch | None) -> torch.Tensor:
+        x = x + self.lambda_1 * self.attention(self.layernorm_before(x), num_seqs, lora)
+        return x + self.lambda_2 * self.mlp(self.layernorm_after(x), lora)
+
+
+class InternVisionTower(nn.Module):
+    """`InternVLVisionModel` at its native tile size (the image processor always cuts tiles of it)."""
+
+    def __init__(self, vc) -> None:
+        super().__init__()
+        if not vc.use_absolute_position_embeddings:
+            raise ValueError("InternViT without absolute position embeddings is not supported")
+        (ih, iw), (ph, pw) = _pair(vc.image_size), _pair(vc.patch_size)
+        if ph != pw:
+            raise ValueError(f"non-square patches {ph}x{pw} are not supported")
+        self.patch, self.width = ph, vc.hidden_size
+        self.seq = (ih // ph) * (iw // pw) + 1
+        self.embeddings = nn.Module()
+        self.embeddings.cls_token = nn.Parameter(torch.empty(1, 1, vc.hidden_size))
+        self.embeddings.patch_embeddings = nn.Module()
+        self.embeddings.patch_embeddings.projection = LoRALinear(vc.num_channels * ph * pw, vc.hidden_size, bias=True)
+        self.embeddings.position_embeddings = nn.Parameter(torch.empty(1, self.seq, vc.hidden_size))
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList([InternVisionLayer(vc) for _ in range(vc.num_hidden_layers)])
+        self.layernorm = None if vc.use_mean_pooling else nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor, layer: int, slots: Sequence[int],
+                merged_slot: int | None) -> torch.Tensor:
+        """Hidden state `layer` (as `vision_feature_layer`: -1 is the final output) of every tile, [tiles, seq, w]."""
+        n, dev = pixel_values.shape[0], pixel_values.device
+        emb = self.embeddings
+        proj = emb.patch_embeddings.projection
+        patches = patchify(pixel_values.to(proj.weight.dtype), self.patch)
+        if patches.shape[0] != n * (self.seq - 1):
+            raise ValueError(f"InternViT expects {self.seq - 1} patches per tile, got {patches.shape[0] // n}")
+        patches = proj(patches, token_lora(slots, [self.seq - 1] * n, merged_slot, dev)).view(n, -1, self.width)
+        x = (torch.cat([emb.cls_token.expand(n, 1, -1), patches], dim=1) + emb.position_embeddings).view(-1, self.width)
+        lora = token_lora(slots, [self.seq] * n, merged_slot, dev)
+        depth = len(self.encoder.layer)
+        for blk in self.encoder.layer[: depth if layer == -1 else layer % (depth + 1)]:
+            x = blk(x, n, lora)
+        if layer == -1 and self.layernorm is not None:
+            x = self.layernorm(x)
+        return x.view(n, self.seq, self.width)
+
+
+def pixel_shuffle(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """[B, W, H, C] -> [B, H*s, W*s, C/s^2] exactly as `InternVLModel.pixel_shuffle` orders it."""
+    b, w, h, c = x.shape
+    x = x.view(b, w, int(h * scale), int(c / scale)).permute(0, 2, 1, 3).contiguous()
+    x = x.view(b, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    return x.permute(0, 2, 1, 3).contiguous()
+
+
+class InternVLProjector(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        width = config.vision_config.hidden_size * int(1 / config.downsample_ratio) ** 2
+        hidden = config.text_config.hidden_size
+        self.layer_norm = nn.LayerNorm(width)
+        self.linear_1 = LoRALinear(width, hidden, bias=True)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = LoRALinear(hidden, hidden, bias=True)
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(self.layer_norm(x), lora)), lora)
+
+
+class InternVLModel(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.vision_tower = InternVisionTower(config.vision_config)
+        self.multi_modal_projector = InternVLProjector(config)
+        self.language_model = DecoderModel(DecoderConfig.from_hf(config.text_config))
+
+
+def tile_tokens(config) -> int:
+    """LM tokens per tile: patches of a tile after pixel shuffle (the processor's `image_seq_length`)."""
+    (ih, iw), (ph, pw) = _pair(config.vision_config.image_size), _pair(config.vision_config.patch_size)
+    return int((ih // ph) * (iw // pw) * config.downsample_ratio**2)
+
+
+class InternVLForConditionalGeneration(VisionLanguageModel):
+    mapper = MAPPER
+
+    def __init__(self, hf_config) -> None:
+        super().__init__(hf_config, InternVLModel(hf_config))
+        if not isinstance(hf_config.vision_feature_layer, int):
+            raise ValueError("InternVL with several vision_feature_layer values is not supported")
+        self.layer = hf_config.vision_feature_layer
+        self.keep_cls = hf_config.vision_feature_select_strategy == "full"
+        self.scale = hf_config.downsample_ratio
+
+    def embed_images(self, data, slots, merged_slot) -> torch.Tensor:
+        pv = torch.cat([d["pixel_values"] for d in data]).to(self.lm_head.weight.device)
+        tiles = [d["pixel_values"].shape[0] for d in data]
+        tile_slots = [s for s, t in zip(slots, tiles) for _ in range(t)]
+        feats = self.model.vision_tower(pv, self.layer, tile_slots, merged_slot)
+        if not self.keep_cls:
+            feats = feats[:, 1:]
+        n, side = feats.shape[0], int(feats.shape[1] ** 0.5)
+        feats = pixel_shuffle(feats.reshape(n, side, side, -1), self.scale)
+        per_tile = feats.shape[1] * feats.shape[2]
+        feats = feats.reshape(n * per_tile, -1)
+        return self.model.multi_modal_projector(feats, token_lora(tile_slots, [per_tile] * n, merged_slot, pv.device))
+
+
+class InternVLInputProcessor(ImagePromptProcessor):
+    """`<IMG_CONTEXT>` -> `<img>` + `<IMG_CONTEXT>` x (tiles * image_seq_length) + `</img>`, as `InternVLProcessor`
+    does; tiles come from the GotOcr2 image processor with `crop_to_patches`, the processor's default."""
+
+    def __init__(self, model_dir: str | Path, hf_config, tokenizer) -> None:
+        missing = [a for a in ("start_image_token", "end_image_token") if getattr(tokenizer, a, None) is None]
+        if missing:
+            raise ValueError(f"InternVL tokenizer lacks the named special tokens {missing} (extra_special_tokens)")
+        self.image_start, self.image_end = tokenizer.start_image_token, tokenizer.end_image_token
+        super().__init__(model_dir, tokenizer, hf_config.image_token_id, crop_to_patches=True)
+        self.tile_tokens = tile_tokens(hf_config)
+
+    def image_tensors(self, images: Sequence) -> list[dict[str, torch.Tensor]]:
+        out = self.image_processor(images=list(images), return_tensors="pt", **self.image_kwargs)
+        counts = out["num_patches"]
+        counts = counts.tolist() if hasattr(counts, "tolist") else list(counts)
+        return [{"pixel_values": pv} for pv in out["pixel_values"].split(counts)]
+
+    def num_tokens(self, data: dict[str, torch.Tensor]) -> int:
+        return data["pixel_values"].shape[0] * self.tile_tokens

@@ -1,0 +1,154 @@
+"""LLaVA (`LlavaForConditionalGeneration`): CLIP ViT features of one hidden layer (CLS dropped by the "default"
+strategy) through a two-layer MLP projector into a Llama/Mistral/Qwen2 LM with plain RoPE.
+
+Checkpoints come in three layouts: the hub's and transformers' `save_pretrained` (`language_model.model.*`,
+`vision_tower.*`, `multi_modal_projector.*`), v5 module paths (`model.language_model.*`, ...), and CLIP towers saved
+with their inner `vision_model.` module (transformers < 5.x and the original llava-hf files).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from valora.lora.batch import LoRABatch
+from valora.models.decoder import DecoderConfig, DecoderModel
+from valora.models.layers.linear import LoRALinear
+from valora.models.layers.mlp import MLP
+from valora.models.layers.vit import ViTAttention, patchify
+from valora.models.loader import WeightMapper
+from valora.models.processing import ImagePromptProcessor
+from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, token_lora
+
+MAPPER = WeightMapper(
+    renames=(
+        (r"^language_model\.lm_head$", "lm_head"),
+        (r"^language_model\.model\.", "model.language_model."),
+        (r"^(vision_tower|multi_modal_projector)\.", r"model.\1."),
+        (r"\.vision_tower\.vision_model\.", ".vision_tower."),
+    ),
+    packed=FUSED_PROJECTIONS,
+    ignore=(r"position_ids$",),
+)
+
+
+def feature_layers(config) -> list[int]:
+    """The CLIP hidden states LLaVA reads, as indices into [embeddings, layer 1 output, ..., layer L output]."""
+    layers = config.vision_feature_layer
+    num = config.vision_config.num_hidden_layers + 1
+    return [i % num for i in ([layers] if isinstance(layers, int) else layers)]
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, vc) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+        self.self_attn = ViTAttention(vc.hidden_size, vc.num_attention_heads, qkv_bias=True)
+        self.layer_norm2 = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+        self.mlp = MLP(vc.hidden_size, vc.intermediate_size, vc.hidden_act)
+
+    def forward(self, x: torch.Tensor, num_seqs: int, lora: LoRABatch | None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), num_seqs, lora)
+        return x + self.mlp(self.layer_norm2(x), lora)
+
+
+class CLIPVisionTower(nn.Module):
+    """`CLIPVisionModel` at its native resolution (LLaVA's processor always resizes to it)."""
+
+    def __init__(self, vc) -> None:
+        super().__init__()
+        if vc.model_type != "clip_vision_model":
+            raise ValueError(f"LLaVA vision tower {vc.model_type!r} is not supported (clip_vision_model is)")
+        self.patch, self.width = vc.patch_size, vc.hidden_size
+        self.num_positions = (vc.image_size // vc.patch_size) ** 2 + 1
+        self.embeddings = nn.Module()
+        self.embeddings.class_embedding = nn.Parameter(torch.empty(vc.hidden_size))
+        self.embeddings.patch_embedding = LoRALinear(vc.num_channels * vc.patch_size**2, vc.hidden_size)
+        self.embeddings.position_embedding = nn.Embedding(self.num_positions, vc.hidden_size)
+        self.pre_layrnorm = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList([CLIPLayer(vc) for _ in range(vc.num_hidden_layers)])
+        self.post_layernorm = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)  # CLIP's pooled head: unused
+
+    def forward(self, pixel_values: torch.Tensor, layers: Sequence[int], slots: Sequence[int],
+                merged_slot: int | None) -> list[torch.Tensor]:
+        """Hidden states `layers` (0 = embeddings) of each image, [images * seq, width]; runs the layers needed."""
+        n, dev = pixel_values.shape[0], pixel_values.device
+        emb = self.embeddings
+        patches = patchify(pixel_values.to(emb.patch_embedding.weight.dtype), self.patch)
+        if patches.shape[0] != n * (self.num_positions - 1):
+            raise ValueError(f"CLIP expects {self.num_positions - 1} patches per image, got {patches.shape[0] // n}")
+        patches = emb.patch_embedding(patches, token_lora(slots, [self.num_positions - 1] * n, merged_slot, dev))
+        x = torch.cat([emb.class_embedding.expand(n, 1, -1), patches.view(n, -1, self.width)], dim=1)
+        x = self.pre_layrnorm((x + emb.position_embedding.weight).view(-1, self.width))
+        lora = token_lora(slots, [self.num_positions] * n, merged_slot, dev)
+        states = [x]
+        for layer in self.encoder.layers[: max(layers)]:
+            x = layer(x, n, lora)
+            states.append(x)
+        return [states[i] for i in layers]
+
+
+class LlavaProjector(nn.Module):
+    def __init__(self, config, in_features: int) -> None:
+        super().__init__()
+        bias = getattr(config, "multimodal_projector_bias", True)
+        hidden = config.text_config.hidden_size
+        self.linear_1 = LoRALinear(in_features, hidden, bias=bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = LoRALinear(hidden, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x, lora)), lora)
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.vision_tower = CLIPVisionTower(config.vision_config)
+        in_features = config.vision_config.hidden_size * len(feature_layers(config))
+        self.multi_modal_projector = LlavaProjector(config, in_features)
+        self.language_model = DecoderModel(DecoderConfig.from_hf(config.text_config))
+
+
+class LlavaForConditionalGeneration(VisionLanguageModel):
+    mapper = MAPPER
+
+    def __init__(self, hf_config) -> None:
+        super().__init__(hf_config, LlavaModel(hf_config))
+        self.layers = feature_layers(hf_config)
+        self.keep_cls = hf_config.vision_feature_select_strategy == "full"
+
+    def embed_images(self, data, slots, merged_slot) -> torch.Tensor:
+        tower = self.model.vision_tower
+        pv = torch.cat([d["pixel_values"] for d in data]).to(self.lm_head.weight.device)
+        n, seq = pv.shape[0], tower.num_positions
+        states = tower(pv, self.layers, slots, merged_slot)
+        feats = torch.cat([s.view(n, seq, -1) for s in states], dim=-1)
+        if not self.keep_cls:
+            feats = feats[:, 1:]
+        tokens = feats.shape[1]
+        return self.model.multi_modal_projector(feats.reshape(n * tokens, -1),
+                                                token_lora(slots, [tokens] * n, merged_slot, pv.device))
+
+
+class LlavaInputProcessor(ImagePromptProcessor):
+    """`<image>` -> one token per feature: (H/p)(W/p) patches, plus the CLS with the "full" strategy, as
+    `LlavaProcessor` counts them."""
+
+    def __init__(self, model_dir: str | Path, hf_config, tokenizer) -> None:
+        super().__init__(model_dir, tokenizer, hf_config.image_token_id)
+        self.patch = hf_config.vision_config.patch_size
+        self.extra = 1 if hf_config.vision_feature_select_strategy == "full" else 0
+
+    def image_tensors(self, images: Sequence) -> list[dict[str, torch.Tensor]]:
+        pv = self.image_processor(images=list(images), return_tensors="pt", **self.image_kwargs)["pixel_values"]
+        return [{"pixel_values": p.unsqueeze(0)} for p in pv]
+
+    def num_tokens(self, data: dict[str, torch.Tensor]) -> int:
+        h, w = data["pixel_values"].shape[-2:]
+        return (h // self.patch) * (w // self.patch) + self.extra
