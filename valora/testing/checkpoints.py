@@ -1,4 +1,4 @@
-"""Build Qwen2-VL checkpoints, tokenizers and PEFT adapters offline, saved exactly as `save_pretrained` does.
+"""Build model checkpoints, tokenizers and PEFT adapters offline, saved exactly as `save_pretrained` does.
 
 No model hub is reachable from CI or the GPU machine, so tests and benchmarks build their own models from
 configs (random or briefly trained weights). The engine then loads them through its real loading code.
@@ -9,32 +9,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
-QWEN2_VL_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>",
-]
-
-# Qwen2-VL's chat format: system turn by default, each image as <|vision_start|><|image_pad|><|vision_end|>.
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from valora.testing.families import FAMILIES, TinyFamily
 
 _CORPUS = (
     "the quick brown fox jumps over the lazy dog . a picture of a cat sitting on a mat . "
@@ -46,118 +27,79 @@ _CORPUS = (
 )
 
 
-def build_qwen2_vl_tokenizer(out_dir: str | Path, vocab_size: int = 512, corpus: Iterable[str] | None = None):
-    """A byte-level BPE tokenizer with Qwen2-VL's special tokens, trained in milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(family: str | TinyFamily, out_dir: str | Path, vocab_size: int = 512,
+                    corpus: Iterable[str] | None = None):
+    """A byte-level BPE tokenizer with the family's special tokens and chat template, trained in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    fam = FAMILIES[family] if isinstance(family, str) else family
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=QWEN2_VL_SPECIAL_TOKENS,
+        vocab_size=vocab_size, special_tokens=list(fam.special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    lines = list(corpus) if corpus is not None else [_CORPUS] * 4
-    tok.train_from_iterator(lines, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN2_VL_CHAT_TEMPLATE
-    )
+    tok.train_from_iterator(list(corpus) if corpus is not None else [_CORPUS] * 4, trainer)
+    if fam.add_bos:
+        bos = [(fam.bos, tok.token_to_id(fam.bos))]
+        tok.post_processor = processors.TemplateProcessing(single=f"{fam.bos} $A", pair=f"{fam.bos} $A {fam.bos} $B",
+                                                           special_tokens=bos)
+    template = None if fam.template_in_processor else fam.chat_template
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=fam.eos, pad_token=fam.pad, bos_token=fam.bos,
+                                        chat_template=template, extra_special_tokens=dict(fam.named_tokens))
     tokenizer.save_pretrained(out_dir)
+    if fam.template_in_processor:  # as llava-hf ships it: beside the processor, unseen by AutoTokenizer
+        (Path(out_dir) / "chat_template.json").write_text(json.dumps({"chat_template": fam.chat_template}))
     return tokenizer
 
 
-def qwen2_vl_config(
-    *,
-    vocab_size: int = 512,
-    hidden_size: int = 64,
-    intermediate_size: int = 128,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    vision_depth: int = 2,
-    vision_embed_dim: int = 32,
-    vision_num_heads: int = 2,
-    max_position_embeddings: int = 4096,
-    initializer_range: float = 0.02,
-    tie_word_embeddings: bool = False,
-    token_ids: dict[str, int] | None = None,
-):
-    """A Qwen2-VL config; the M-RoPE sections are derived from the head size as Qwen2-VL does ([1/4, 3/8, 3/8])."""
-    from transformers import Qwen2VLConfig
-
-    head_dim = hidden_size // num_attention_heads
-    half = head_dim // 2
-    t = half // 4
-    h = (half - t) // 2
-    section = [t, h, half - t - h]
-    ids = token_ids or {}
-    text = dict(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
-        initializer_range=initializer_range, rms_norm_eps=1e-6,
-        bos_token_id=ids.get("bos", 0), eos_token_id=ids.get("eos", 2), pad_token_id=ids.get("pad", 0),
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    vision = dict(
-        depth=vision_depth, embed_dim=vision_embed_dim, hidden_size=hidden_size, num_heads=vision_num_heads,
-        initializer_range=initializer_range,
-    )
-    return Qwen2VLConfig(
-        text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings,
-        image_token_id=ids.get("image", 5), video_token_id=ids.get("video", 6),
-        vision_start_token_id=ids.get("vision_start", 3), vision_end_token_id=ids.get("vision_end", 4),
-    )
-
-
-def build_qwen2_vl(
+def build_model(
+    family: str | TinyFamily,
     out_dir: str | Path,
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-    min_pixels: int = 56 * 56,
-    max_pixels: int = 112 * 112,
     tokenizer_vocab: int = 512,
     corpus: Iterable[str] | None = None,
     large: bool = False,
     device: str = "cpu",
-    **config_kwargs,
+    **knobs,
 ) -> Path:
-    """A complete Qwen2-VL model directory: config, safetensors weights, tokenizer, image processor.
+    """A complete model directory of one family: config, safetensors weights, tokenizer, image processor.
 
     Small models are initialised by transformers and saved with `save_pretrained`; `large=True` writes random
-    weights tensor by tensor (on `device`) so a 7B-shaped checkpoint never has to fit in memory twice."""
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+    weights tensor by tensor (on `device`) so a 7B-shaped checkpoint never has to fit in memory twice. `knobs`
+    are the family's config and image-processor settings (see `valora.testing.families`)."""
+    from transformers import AutoModelForImageTextToText, GenerationConfig
 
+    fam = FAMILIES[family] if isinstance(family, str) else family
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_qwen2_vl_tokenizer(out, vocab_size=tokenizer_vocab, corpus=corpus)
-    vocab = config_kwargs.pop("vocab_size", max(len(tokenizer), tokenizer_vocab))
-    ids = {
-        "eos": tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        "pad": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        "bos": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        "image": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        "video": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        "vision_start": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    }
-    cfg = qwen2_vl_config(vocab_size=vocab, token_ids=ids, **config_kwargs)
-    cfg.architectures = ["Qwen2VLForConditionalGeneration"]
+    tokenizer = build_tokenizer(fam, out, vocab_size=tokenizer_vocab, corpus=corpus)
+    ids = fam.token_ids(tokenizer)
+    image_knobs = {k: knobs.pop(k) for k in list(knobs) if k in fam.image_knobs and k not in fam.shared_knobs}
+    image_knobs |= {k: knobs[k] for k in fam.shared_knobs if k in knobs}
+    vocab = knobs.pop("vocab_size", max(len(tokenizer), tokenizer_vocab))
+    cfg = fam.config(vocab, ids, **knobs)
+    cfg.architectures = [fam.architecture]
     if large:
         save_random_checkpoint(cfg, out, dtype=dtype, device=device, seed=seed, std=cfg.text_config.initializer_range)
         GenerationConfig(eos_token_id=ids["eos"], pad_token_id=ids["pad"]).save_pretrained(out)
     else:
         torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(cfg).to(dtype)
+        model = AutoModelForImageTextToText.from_config(cfg).to(dtype)
         model.generation_config.eos_token_id = ids["eos"]
         model.generation_config.pad_token_id = ids["pad"]
         model.save_pretrained(out)
-    Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out)
+    fam.image_processor(**image_knobs).save_pretrained(out)
     return out
+
+
+def build_qwen2_vl(out_dir: str | Path, *, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112, **kwargs) -> Path:
+    """A Qwen2-VL model directory (see `build_model`)."""
+    return build_model("qwen2_vl", out_dir, min_pixels=min_pixels, max_pixels=max_pixels, **kwargs)
 
 
 def peft_target_regex(modules: Sequence[str], scope: str = "language_model") -> str:
@@ -213,8 +155,6 @@ def save_random_adapter(
 ) -> Path:
     """A PEFT adapter with random weights for a (possibly 7B-shaped) checkpoint, written without loading it:
     module shapes come from a meta-device model, names and config from PEFT itself."""
-    import re
-
     from peft import LoraConfig
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -246,6 +186,9 @@ def save_random_adapter(
     return out
 
 
+_NORM = re.compile(r"(norm[^.]*|ln_q)\.(weight|bias)$")
+
+
 def save_random_checkpoint(
     config, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", std: float = 0.02,
     seed: int = 0, shard_bytes: int = 4 << 30,
@@ -266,8 +209,8 @@ def save_random_checkpoint(
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, meta in params.items():
-        if name.endswith("norm.weight") or name.endswith("ln_q.weight") or ".norm1." in name or ".norm2." in name:
-            t = torch.ones(meta.shape, dtype=dtype, device=device)
+        if _NORM.search(name):  # norms start as the identity: ones, and zero biases
+            t = (torch.ones if name.endswith("weight") else torch.zeros)(meta.shape, dtype=dtype, device=device)
         else:
             t = (torch.randn(meta.shape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
         nbytes = t.numel() * t.element_size()

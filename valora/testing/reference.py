@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
 
 from valora.multimodal.inputs import ProcessedPrompt
+
+
+def hf_inputs(model, prompt: ProcessedPrompt, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The HF model's keyword inputs for one prompt: the ids, and each image tensor the processor made,
+    concatenated over images as the family's HF processor batches them (plus Qwen's token types where the model
+    takes them)."""
+    ids = torch.tensor([prompt.token_ids], device=device)
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if prompt.images:
+        for key in prompt.images[0].data:
+            kw[key] = torch.cat([i.data[key] for i in prompt.images]).to(device)
+        if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+            kw["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
+    return kw
 
 
 @dataclass
@@ -36,20 +51,16 @@ class HFReference:
         return self._peft[adapter_dir]
 
     def inputs(self, prompt: ProcessedPrompt) -> dict[str, torch.Tensor]:
-        ids = torch.tensor([prompt.token_ids], device=self.device)
-        kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if prompt.images:
-            kw["pixel_values"] = torch.cat([i.data["pixel_values"] for i in prompt.images]).to(self.device)
-            kw["image_grid_thw"] = torch.cat([i.data["image_grid_thw"] for i in prompt.images]).to(self.device)
-            kw["mm_token_type_ids"] = (ids == self.base.config.image_token_id).int()
-        return kw
+        return hf_inputs(self.base, prompt, self.device)
 
     @torch.no_grad()
     def generate(self, prompt: ProcessedPrompt, adapter_dir: str | None, max_new_tokens: int) -> Reference:
+        """Greedy decoding for exactly `max_new_tokens`, EOS neither stopping nor suppressed (the engine's
+        `ignore_eos`; `min_new_tokens` would mask EOS instead)."""
         kw = self.inputs(prompt)
         out = self.model_for(adapter_dir).generate(
-            **kw, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
+            **kw, max_new_tokens=max_new_tokens, eos_token_id=[], do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
         )
         tokens = out.sequences[0, kw["input_ids"].shape[1] :].tolist()
         return Reference(tokens, [step[0].float().log_softmax(-1).cpu() for step in out.logits])
