@@ -1,4 +1,8 @@
-"""Shared fixtures. Without CUDA, Triton kernels run in the interpreter: set before any kernel is defined."""
+"""Shared fixtures. Without CUDA, Triton kernels run in the interpreter: set before any kernel is defined.
+
+Tests that take the `family` fixture (directly or through `tiny_model`) run once per supported model family;
+`@pytest.mark.families(...)` narrows a test or module to some of them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The test models are tiny: one thread is faster than a pool, and immune to busy neighbours on a shared CI box
+# (a contended 2-thread pool turned a 10x64 matmul into 15 ms).
+torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -17,7 +24,22 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from valora.testing.families import FAMILIES, LM_LINEARS, TinyFamily  # noqa: E402, F401 (LM_LINEARS: for tests)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "families(*names): run only for these model families")
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if "family" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("families")
+        metafunc.parametrize("family", marker.args if marker else list(FAMILIES), indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def family(request) -> TinyFamily:
+    return FAMILIES[request.param]
 
 
 @pytest.fixture(autouse=True)
@@ -29,24 +51,24 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def model_factory(tmp_path_factory):
-    """Tiny Qwen2-VL checkpoints, one directory per distinct config, built once per session."""
-    from valora.testing.checkpoints import build_qwen2_vl
+    """Tiny checkpoints, one directory per (family, config), built once per session."""
+    from valora.testing.checkpoints import build_model
 
     cache: dict[tuple, Path] = {}
 
-    def make(**config) -> Path:
-        key = tuple(sorted(config.items()))
+    def make(family: str, **config) -> Path:
+        key = (family, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items())))
         if key not in cache:
-            d = tmp_path_factory.mktemp("qwen2vl")
-            cache[key] = build_qwen2_vl(d / "model", **config)
+            d = tmp_path_factory.mktemp(family)
+            cache[key] = build_model(family, d / "model", **config)
         return cache[key]
 
     return make
 
 
 @pytest.fixture(scope="session")
-def tiny_model(model_factory) -> Path:
-    return model_factory(initializer_range=0.05)
+def tiny_model(model_factory, family) -> Path:
+    return model_factory(family.name, initializer_range=0.05)
 
 
 @pytest.fixture(scope="session")

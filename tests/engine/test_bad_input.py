@@ -14,7 +14,6 @@ from valora.engine.llm_engine import LLMEngine
 from valora.testing.checkpoints import peft_target_regex
 from valora.testing.images import random_image
 
-IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
@@ -63,12 +62,13 @@ def _broken_copies(tmp_path, good):
     return cases
 
 
-def test_bad_adapters_are_refused_and_serving_continues(engine, tiny_model, good_adapter, model_factory,
+def test_bad_adapters_are_refused_and_serving_continues(engine, family, tiny_model, good_adapter, model_factory,
                                                         adapter_factory, tmp_path):
     cases = _broken_copies(tmp_path, good_adapter)
     # real PEFT adapters that this model cannot take
     cases["rank-too-high"] = (adapter_factory(tiny_model, r=16, target_modules=["q_proj"]), "exceeds max_lora_rank=8")
-    other_base = model_factory(hidden_size=96, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    other_base = model_factory(family.name, hidden_size=96, intermediate_size=128, num_attention_heads=4,
+                               num_key_value_heads=2)
     cases["other-base"] = (adapter_factory(other_base, r=4, target_modules=["q_proj"]), "another base model")
     cases["lm-head"] = (adapter_factory(tiny_model, r=4, target_modules=["lm_head"]), "lm_head")
 
@@ -84,16 +84,17 @@ def test_bad_adapters_are_refused_and_serving_continues(engine, tiny_model, good
     assert all(len(o.outputs[0].token_ids) == 6 for o in outputs.values())
 
 
-def test_bad_prompts_are_refused_and_serving_continues(engine):
+def test_bad_prompts_are_refused_and_serving_continues(engine, family):
+    img = family.image_prompt
     engine.add_request("keep", "a dog runs across green grass", PARAMS)
     engine.step()
     bad = {
         "too-long": ("word " * 400, "context length"),
-        "unreadable-image": ({"prompt": f"{IMG} hi", "multi_modal_data": {"image": b"\x89PNG not an image"}},
+        "unreadable-image": ({"prompt": f"{img} hi", "multi_modal_data": {"image": b"\x89PNG not an image"}},
                              "cannot read image"),
         "placeholder-mismatch": ({"prompt": "no placeholder", "multi_modal_data": {"image": random_image(32, 32)}},
                                  "0 image placeholders"),
-        "too-many-images": ({"prompt": IMG * 9, "multi_modal_data": {"image": [random_image(32, 32)] * 9}},
+        "too-many-images": ({"prompt": img * 9, "multi_modal_data": {"image": [random_image(32, 32)] * 9}},
                             "over the limit"),
         "empty": ("", "empty"),
         "token-out-of-vocab": ({"prompt_token_ids": [1, 2, 10**6]}, "prompt_token_ids"),

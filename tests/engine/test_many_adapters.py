@@ -7,18 +7,16 @@ import random
 
 from tests.conftest import LM_LINEARS
 from valora import LLM, LoRARequest, SamplingParams
-from valora.testing.checkpoints import peft_target_regex
 from valora.testing.images import random_image
 
-IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 
-
-def test_32_requests_over_20_adapters_with_4_slots(tiny_model, adapter_factory):
+def test_32_requests_over_20_adapters_with_4_slots(family, tiny_model, adapter_factory):
+    vision = f"{family.targets('vision')}|{family.targets('projector')}|{family.targets('lm', ('o_proj',))}"
     ranks = [4, 8, 16, 2, 12]
     adapters = [
         LoRARequest(f"a{i}", i + 1, str(adapter_factory(
             tiny_model, r=ranks[i % len(ranks)], seed=100 + i,
-            target_modules=peft_target_regex(LM_LINEARS[: 2 + i % 6]) if i % 4 else ["qkv", "fc2", "o_proj"],
+            target_modules=family.targets("lm", LM_LINEARS[: 2 + i % 6]) if i % 4 else vision,
         )))
         for i in range(20)
     ]
@@ -28,7 +26,8 @@ def test_32_requests_over_20_adapters_with_4_slots(tiny_model, adapter_factory):
     for i in range(32):
         text = " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))
         if i % 3 == 0:
-            prompts.append({"prompt": f"{IMG} {text}", "multi_modal_data": {"image": random_image(56, 84, seed=i)}})
+            prompts.append({"prompt": f"{family.image_prompt} {text}",
+                            "multi_modal_data": {"image": random_image(56, 84, seed=i)}})
         else:
             prompts.append(text)
         loras.append(None if i % 8 == 7 else adapters[(i * 7) % 20])

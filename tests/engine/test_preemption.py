@@ -4,20 +4,17 @@ without pressure (preemption by recompute; seeded sampling included, since recom
 from __future__ import annotations
 
 from valora import LLM, LoRARequest, SamplingParams
-from valora.testing.checkpoints import peft_target_regex
 from valora.testing.images import random_image
 
-IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 
-
-def test_outputs_survive_preemption(tiny_model, adapter_factory):
-    adapter = adapter_factory(tiny_model, r=8, target_modules=peft_target_regex(["q_proj", "v_proj", "down_proj"]))
+def test_outputs_survive_preemption(family, tiny_model, adapter_factory):
+    adapter = adapter_factory(tiny_model, r=8, target_modules=family.targets("lm", ("q_proj", "v_proj", "down_proj")))
     lora = LoRARequest("ad", 1, str(adapter))
     prompts, loras, params = [], [], []
     for i in range(10):
         text = "describe the scene : a red car parks near a tall building " * (1 + i % 3)
-        prompts.append({"prompt": f"{IMG} {text}", "multi_modal_data": {"image": random_image(56, 56, seed=i)}}
-                       if i % 2 else text)
+        image = {"image": random_image(56, 56, seed=i)}
+        prompts.append({"prompt": f"{family.image_prompt} {text}", "multi_modal_data": image} if i % 2 else text)
         loras.append(lora if i % 3 else None)
         params.append(SamplingParams(temperature=0.8 if i % 4 == 0 else 0, seed=i, top_k=50, top_p=0.9,
                                      max_tokens=40, ignore_eos=True))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from valora import LLM, SamplingParams
+from valora.testing.families import FAMILIES
+
+pytestmark = pytest.mark.families("qwen2_vl")  # sampling is the same for every family; chat templates are not
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +88,15 @@ def test_max_model_len_caps_generation(tiny_model):
     assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 24
 
 
-def test_chat_applies_template_with_images(llm):
+@pytest.mark.families(*FAMILIES)
+def test_chat_applies_template_with_images(llm, family):
+    """The family's own template (LLaVA's ships beside the processor, in chat_template.json)."""
     from valora.testing.images import random_image
 
     messages = [{"role": "user", "content": [{"type": "image", "image": random_image(56, 56)},
                                               {"type": "text", "text": "what digit is shown ?"}]}]
     prompt = llm.chat_prompt(messages)
-    assert prompt["prompt"].count("<|image_pad|>") == 1 and prompt["prompt"].endswith("<|im_start|>assistant\n")
+    assert prompt["prompt"].count(family.image_token) == 1 and "what digit is shown ?" in prompt["prompt"]
     out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
     direct = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
     assert out.outputs[0].token_ids == direct.outputs[0].token_ids
