@@ -68,6 +68,8 @@ class EngineStats:
     adapter_slot_loads: int
     adapter_slot_evictions: int
     adapter_host_evictions: int
+    adapter_slot_hits: int
+    adapter_blocking_loads: int
     num_preemptions: int
     scheduler: str
     mode: str  # of the last step
@@ -351,6 +353,8 @@ class LLMEngine:
             adapter_slot_loads=lora.stats.slot_loads if lora else 0,
             adapter_slot_evictions=lora.stats.slot_evictions if lora else 0,
             adapter_host_evictions=lora.stats.host_evictions if lora else 0,
+            adapter_slot_hits=lora.stats.slot_hits if lora else 0,
+            adapter_blocking_loads=lora.stats.blocking_loads if lora else 0,
             num_preemptions=sched.num_preemptions,
             scheduler=self.policy.name if self.policy else "fcfs",
             mode=self.last_mode.value if self.policy else Mode.UNMERGED.value,

@@ -72,6 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="POST /v1/load_lora_adapter reads adapters only under DIR (no '..', no symlinks out)")
 
     g = p.add_argument_group("scheduling and memory")
+    g.add_argument("--scheduler", default="valora", choices=["valora", "slora", "punica", "dlora"],
+                   help="policy choosing each step's mode (merged / unmerged / mixture) and batch; the baselines "
+                        "reproduce S-LoRA, Punica and dLoRA (default: valora)")
+    g.add_argument("--max-wait-ms", type=float, default=1000.0, metavar="MS",
+                   help="valora: a request waiting this long is admitted before all others (default: 1000)")
     g.add_argument("--max-num-seqs", type=int, default=128, metavar="N",
                    help="sequences in the running batch (default: 128)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
@@ -112,7 +117,8 @@ def engine_config(args: argparse.Namespace):
         max_model_len=args.max_model_len, enable_lora=True,
         lora=LoRAConfig(args.max_loras, args.max_lora_rank, args.max_cpu_loras, args.lora_backend),
         cache=CacheConfig(args.block_size, args.num_kv_blocks, args.gpu_memory_utilization, args.cpu_kv_cache_gb),
-        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_queued_requests),
+        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_queued_requests,
+                                  policy=args.scheduler, max_wait_ms=args.max_wait_ms),
         multimodal=MultiModalConfig(args.max_images_per_prompt, args.max_image_pixels, args.max_image_bytes),
     )
 

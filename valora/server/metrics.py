@@ -57,6 +57,28 @@ class _EngineCollector:
                             {"disk": s.adapter_disk_loads, "slot": s.adapter_slot_loads})
         yield self._counter("valora:lora_adapter_evictions", "Adapters evicted from a slot or from host memory.",
                             {"slot": s.adapter_slot_evictions, "host": s.adapter_host_evictions})
+        yield self._counter("valora:lora_adapter_hits", "Steps that found an adapter already in its slot.",
+                            {"slot": s.adapter_slot_hits})
+        yield self._gauge("valora:lora_adapter_blocking_loads", "Adapter disk reads made on the step loop (stalls).",
+                          s.adapter_blocking_loads)
+        mode = GaugeMetricFamily("valora:inference_mode", "1 for the mode of the last step.",
+                                 labels=["model_name", "mode", "scheduler", "hot_adapter"])
+        for name in s.mode_steps or {"unmerged": 0}:
+            mode.add_metric([self.model, name, s.scheduler, s.hot_adapter or ""], float(name == s.mode))
+        yield mode
+        labels = ["model_name", "mode"]
+        steps = CounterMetricFamily("valora:mode_steps", "Engine steps per inference mode.", labels=labels)
+        seconds = CounterMetricFamily("valora:mode_seconds", "Step time per inference mode.", labels=labels)
+        for name, n in s.mode_steps.items():
+            steps.add_metric([self.model, name], n)
+            seconds.add_metric([self.model, name], s.mode_seconds[name])
+        yield steps
+        yield seconds
+        for name, doc, value in (("valora:mode_switches", "Changes of the merged adapter.", s.num_switches),
+                                 ("valora:mode_switch_seconds", "Time spent switching modes.", s.switch_seconds)):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric([self.model], value)
+            yield c
 
 
 class ServerMetrics:
