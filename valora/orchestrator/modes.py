@@ -13,12 +13,15 @@ After any number of switches W is bit-identical to the checkpoint.
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections.abc import Iterable
 
 import torch
 
 from valora.lora.manager import LoRAManager
+
+logger = logging.getLogger(__name__)
 
 
 class Mode(str, enum.Enum):
@@ -43,8 +46,12 @@ class ModeSwitcher:
         self.switch_seconds = 0.0
 
     def reserve(self) -> None:
-        for layer in self.manager.layers.values():
+        layers = self.manager.layers.values()
+        for layer in layers:
             layer.reserve_merged()
+        nbytes = sum(layer.merged_weight.numel() * layer.merged_weight.element_size() for layer in layers)
+        logger.info("reserved %.2f GiB of shadow weights for merged and mixture modes (schedulers slora and punica "
+                    "never merge and skip this)", nbytes / 2**30)
 
     def switch(self, name: str | None, slot: int | None) -> float:
         """Serve `name` (resident in `slot`) merged, or nothing merged for None; returns the seconds it took."""
