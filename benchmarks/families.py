@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from benchmarks.common import write_result
 from valora import LLM, LoRARequest, SamplingParams
@@ -113,6 +114,7 @@ def bench(family: TinyFamily, workdir: Path, steps: int, batch: int, shapes: dic
     llm = LLM(str(model_dir), enable_lora=True, max_loras=8, max_lora_rank=64, max_model_len=4096,
               max_num_batched_tokens=16384, gpu_memory_utilization=0.6, max_num_seqs=64, device=DEVICE)
     rows["valora_load_s"] = time.perf_counter() - t
+    rows["valora_lora_backend"] = llm.engine.lora_manager.backend
     loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapter_dirs)]
     prompts = requests(family, batch)
     processed = [llm.engine.process_prompt(p)[1] for p in prompts]
@@ -154,7 +156,7 @@ def main() -> None:
         shapes = {} if args.tiny else SHAPES[name]
         rows = bench(FAMILIES[name], args.workdir, args.steps, args.batch, shapes)
         path = write_result(f"families_{name}{'_tiny' if args.tiny else ''}",
-                            {"family": name, "shapes": shapes, "rows": rows})
+                            {"family": name, "transformers": transformers.__version__, "shapes": shapes, "rows": rows})
         print(f"written {path}", flush=True)
         table.append((name, rows))
     print(f"\n{'family':11s} {'run':18s} {'prefill s':>9s} {'ms/step':>8s} {'tok/s':>7s}")

@@ -7,6 +7,7 @@ vision blocks and attention windows (qwen2_5_vl.py).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -46,14 +47,19 @@ class VisionAttention(nn.Module):
         self.proj = LoRALinear(dim, dim, bias=True)
 
     def forward(self, x, cos, sin, seqlens: Sequence[int], lora: LoRABatch | None) -> torch.Tensor:
+        """Attention within each span of `seqlens` rows; consecutive spans of one length (frames of equal size,
+        Qwen2.5-VL's full windows) go through one batched call."""
         s = x.shape[0]
         q, k, v = self.qkv(x, lora).view(s, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = _apply_rotary_fp32(q, cos, sin), _apply_rotary_fp32(k, cos, sin)
-        outs = []
-        for qs, ks, vs in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens)):
-            o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1))
-            outs.append(o.transpose(0, 1))
-        return self.proj(torch.cat(outs).reshape(s, -1), lora)
+        outs, start = [], 0
+        for length, group in itertools.groupby(seqlens):
+            n = len(list(group))
+            qs, ks, vs = (t[start : start + n * length].view(n, length, self.num_heads, -1).transpose(1, 2)
+                          for t in (q, k, v))
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(n * length, -1))
+            start += n * length
+        return self.proj(torch.cat(outs), lora)
 
 
 class VisionBlock(nn.Module):
