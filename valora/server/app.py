@@ -156,16 +156,19 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         if body.lora_name not in models.adapters:
             raise not_found(f"The adapter `{body.lora_name}` is not loaded", "adapter_not_found", "lora_name")
 
-        def unload(engine: LLMEngine) -> None:
-            engine.remove_lora(body.lora_name)
-            del models.adapters[body.lora_name]
+        def unload(engine: LLMEngine) -> bool:
+            gone = engine.remove_lora(body.lora_name)
+            del models.adapters[body.lora_name]  # new requests for it are refused from now on
+            return gone
 
         try:
-            await async_engine.call(unload)
+            gone = await async_engine.call(unload)
         except (AdapterError, InputError) as e:
-            raise bad_request(f"cannot unload adapter {body.lora_name!r}: {e}", "adapter_in_use", "lora_name") from e
-        logger.info("unloaded adapter %s", body.lora_name)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+            raise bad_request(f"cannot unload adapter {body.lora_name!r}: {e}", "adapter_unload_failed",
+                              "lora_name") from e
+        later = "" if gone else " (it leaves memory once the requests using it finish)"
+        logger.info("unloaded adapter %s%s", body.lora_name, later)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.{later}")
 
     app.include_router(v1)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)

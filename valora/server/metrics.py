@@ -75,7 +75,8 @@ class _EngineCollector:
         yield steps
         yield seconds
         for name, doc, value in (("valora:mode_switches", "Changes of the merged adapter.", s.num_switches),
-                                 ("valora:mode_switch_seconds", "Time spent switching modes.", s.switch_seconds)):
+                                 ("valora:mode_switch_seconds", "Time spent switching modes.", s.switch_seconds),
+                                 ("valora:num_preemptions", "Sequences preempted for KV blocks.", s.num_preemptions)):
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             c.add_metric([self.model], value)
             yield c
