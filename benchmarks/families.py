@@ -123,6 +123,8 @@ def bench(family: TinyFamily, workdir: Path, steps: int, batch: int, shapes: dic
     valora_run(llm, prompts, loras, 4)  # warm-up, adapters into their slots
     rows["valora_8_adapters"] = valora_run(llm, prompts, loras, steps)
     rows["valora_no_adapter"] = valora_run(llm, prompts, [None] * batch, steps)
+    stats = llm.engine.stats()  # the orchestrator's mode decisions over all three runs
+    rows["valora_modes"] = {"steps": stats.mode_steps, "switches": stats.num_switches}
     print(family.name, rows, flush=True)
     del llm
     gc.collect()
