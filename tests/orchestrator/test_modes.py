@@ -14,9 +14,6 @@ from valora.orchestrator.policy import Decision, Policy, SchedulerView
 from valora.testing.checkpoints import peft_target_regex
 from valora.testing.images import random_image
 
-IMG = "<|vision_start|><|image_pad|><|vision_end|>"
-pytestmark = pytest.mark.families("qwen2_vl")  # the adapters below name Qwen2-VL's vision modules
-
 
 class FixedHot(Policy):
     """Keeps one adapter merged whatever the queues hold (None: always unmerged)."""
@@ -32,11 +29,12 @@ class FixedHot(Policy):
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model, adapter_factory):
+def adapters(family, tiny_model, adapter_factory):
+    vision = "|".join([family.targets("vision"), family.targets("projector"),
+                       family.targets("lm", ("q_proj", "v_proj", "gate_proj"))])
     return {
         "A": adapter_factory(tiny_model, r=8, target_modules=peft_target_regex(LM_LINEARS), seed=21),
-        "B": adapter_factory(tiny_model, r=4, lora_alpha=16, seed=22,
-                             target_modules=["qkv", "fc1", "proj", "mlp.0", "q_proj", "v_proj", "gate_proj"]),
+        "B": adapter_factory(tiny_model, r=4, lora_alpha=16, seed=22, target_modules=vision),
         "C": adapter_factory(tiny_model, r=16, use_rslora=True, target_modules=["up_proj", "o_proj"], seed=23),
     }
 
@@ -45,6 +43,7 @@ def _llm(tiny_model):
     return LLM(str(tiny_model), enable_lora=True, max_loras=4, max_lora_rank=16, dtype="float32", device="cpu")
 
 
+@pytest.mark.families("qwen2_vl")  # weight bookkeeping only: the same for every family
 def test_thousand_switches_leave_weights_bit_identical(tiny_model, adapters):
     llm = _llm(tiny_model)
     engine = llm.engine
@@ -71,10 +70,11 @@ def test_thousand_switches_leave_weights_bit_identical(tiny_model, adapters):
 
 
 @pytest.mark.parametrize("hot", ["A", "B"])
-def test_every_mode_matches_unmerged(tiny_model, adapters, hot):
-    cases = [("a red car", "A"), (f"{IMG} what digit ?", "B"), ("the quick fox", None), (f"{IMG} caption", "C"),
-             ("hello world", "A"), (f"{IMG} count", None)]
-    prompts = [{"prompt": p, "multi_modal_data": {"image": [random_image(56, 70, seed=i)] if IMG in p else []}}
+def test_every_mode_matches_unmerged(family, tiny_model, adapters, hot):
+    img = family.image_prompt
+    cases = [("a red car", "A"), (f"{img} what digit ?", "B"), ("the quick fox", None), (f"{img} caption", "C"),
+             ("hello world", "A"), (f"{img} count", None)]
+    prompts = [{"prompt": p, "multi_modal_data": {"image": [random_image(56, 70, seed=i)] if img in p else []}}
                for i, (p, _) in enumerate(cases)]
     loras = [LoRARequest(a, ord(a), str(adapters[a])) if a else None for _, a in cases]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
