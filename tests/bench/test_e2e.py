@@ -1,0 +1,145 @@
+"""Acceptance 1 and 4 of issue 12: a CI-sized sweep (tiny Qwen2-VL, two policies, two rates) through the real
+server as users start it, checked against its own raw records; and `valora bench run --base-url` against a server
+started separately, which yields the same kind of report.
+
+Every number the summary reports is recomputed here from the JSONL with plain numpy, the client's token counts are
+checked against the server's own counters, and the request list against a fresh build of the seeded workload.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from valora.bench.results import MODES
+from valora.bench.server import ServerProcess
+from valora.bench.sweep import SweepConfig, run_sweep
+from valora.cli import main
+
+SLO_LATENCY = 1.5
+CONFIG = {
+    "server": {"schedulers": ["valora", "dlora"], "warmup_s": 1.0,
+               "args": ["--device", "cpu", "--max-num-seqs", "4", "--num-kv-blocks", "512"]},
+    "workloads": [{"name": "vqa", "rates": [2, 5], "skews": ["hot:0.8"], "duration_s": 3.0, "warmup_s": 1.0,
+                   "image_size": [56, 56], "pictures": 8}],
+    "slo": {"latency_s": SLO_LATENCY, "attainment": 0.5},
+    "drain_timeout_s": 60.0,
+    "seed": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def bench_model(model_factory) -> Path:
+    return model_factory("qwen2_vl", initializer_range=0.05)
+
+
+@pytest.fixture(scope="module")
+def config(bench_model, tmp_path_factory) -> SweepConfig:
+    adapters = {"count": 4, "ranks": [8, 2], "dir": str(tmp_path_factory.mktemp("bench") / "adapters"),
+                "dtype": "float32"}
+    return SweepConfig.from_dict({**CONFIG, "model": {"path": str(bench_model), "adapters": adapters}})
+
+
+@pytest.fixture(scope="module")
+def results(config, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "results"
+    assert run_sweep(config, out, progress=False) == 0
+    assert main(["bench", "report", str(out)]) == 0
+    return out
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _stats(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=float)
+    return {"mean": v.mean(), "p50": np.percentile(v, 50), "p90": np.percentile(v, 90), "p99": np.percentile(v, 99)}
+
+
+def test_every_request_accounted_for(results, config):
+    spec = config.workloads[0]
+    names = tuple(f"lora{i:02d}" for i in range(4))
+    for policy in ("valora", "dlora"):
+        for rate in (2.0, 5.0):
+            stem = results / "points" / f"{policy}__vqa__hot0.8__r{rate:g}"
+            records = _jsonl(Path(f"{stem}.requests.jsonl"))
+            expected = spec.workload(rate, "hot:0.8", names, config.seed).requests()
+            assert [r["index"] for r in records] == list(range(len(expected))) and len(expected) >= 8
+            for rec, req in zip(records, expected):  # the seeded workload, rebuilt, is what was sent
+                assert (rec["adapter"], rec["task"], rec["warmup"]) == (req.adapter, req.task, req.warmup)
+                assert rec["scheduled_s"] == pytest.approx(req.arrival_s)
+                assert rec["status"] == "ok", rec
+                assert rec["output_tokens"] == rec["expected_output_tokens"] == req.output_tokens  # ignore_eos
+                assert rec["sent_s"] <= rec["first_token_s"] <= rec["finished_s"]
+                assert 0 < rec["queue_time_s"] <= rec["ttft_s"]  # the server's queue time lies inside the TTFT
+            meta = json.loads(Path(f"{stem}.json").read_text())
+            # The server counted the same tokens as the client (warm-up included: the whole point).
+            assert meta["server_tokens"] == {"prompt": sum(r["prompt_tokens"] for r in records),
+                                             "output": sum(r["output_tokens"] for r in records)}
+            modes = meta["modes"]
+            assert set(modes["steps"]) <= set(MODES) and sum(modes["steps"].values()) > 0
+            assert modes["switches"] >= 0 and sum(modes["seconds"].values()) > 0
+
+
+def test_summary_matches_raw_records(results):
+    summary = json.loads((results / "summary.json").read_text())
+    rows = summary["points"]
+    assert {(r["policy"], r["rate"]) for r in rows} == {(p, r) for p in ("valora", "dlora") for r in (2.0, 5.0)}
+    for row in rows:
+        records = _jsonl(results / "points" / f"{row['policy']}__vqa__hot0.8__r{row['rate']:g}.requests.jsonl")
+        measured = [r for r in records if not r["warmup"]]
+        assert (row["requests"], row["measured"], row["ok"]) == (len(records), len(measured), len(measured))
+        latency = [r["finished_s"] - r["scheduled_s"] for r in measured]
+        ttft = [r["first_token_s"] - r["scheduled_s"] for r in measured]
+        tpot = [(r["finished_s"] - r["first_token_s"]) / (r["output_tokens"] - 1) for r in measured
+                if r["output_tokens"] > 1]
+        per_token = [lat / (r["prompt_tokens"] + r["output_tokens"]) for lat, r in zip(latency, measured)]
+        for name, values in (("latency_s", latency), ("ttft_s", ttft), ("tpot_s", tpot), ("per_token_s", per_token)):
+            for stat, v in _stats(values).items():
+                assert row[name][stat] == pytest.approx(v), (name, stat)
+        span = max(r["finished_s"] for r in measured) - min(r["scheduled_s"] for r in measured)
+        met = sum(lat <= SLO_LATENCY for lat in latency)
+        assert row["duration_s"] == pytest.approx(span)
+        assert row["throughput_rps"] == pytest.approx(len(measured) / span)
+        assert row["output_tps"] == pytest.approx(sum(r["output_tokens"] for r in measured) / span)
+        assert row["slo_attainment"] == pytest.approx(met / len(measured))
+        assert row["goodput_rps"] == pytest.approx(met / span)
+    for best in summary["max_rate_within_slo"]:
+        attained = {r["rate"]: r["slo_attainment"] >= 0.5 for r in rows if r["policy"] == best["policy"]}
+        expect = None if not attained[2.0] else (5.0 if attained[5.0] else 2.0)
+        assert best["max_rate"] == expect
+    csv_lines = (results / "summary.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(rows) and "latency_p99_s" in csv_lines[0]
+
+
+def test_plots_and_report_written(results):
+    names = ["fig14_latency", "fig14_per_token", "cdf_vqa_hot0.8", "timeline_valora__vqa__hot0.8__r5"]
+    for name in names:
+        for ext, magic in ((".png", b"\x89PNG"), (".pdf", b"%PDF")):
+            assert (results / "plots" / f"{name}{ext}").read_bytes()[:4] == magic
+    report = (results / "report.md").read_text()
+    assert "## Highest rate within the SLO" in report and "## valora against the best baseline" in report
+    assert "| dlora | 5 |" in report and "plots/timeline_valora__vqa__hot0.8__r5.png" in report
+
+
+def test_base_url_gives_the_same_report(config, results, tmp_path):
+    """A server the harness did not start (a peer server, for all it knows): adapters come from /v1/models."""
+    adapters = {p.name: p for p in sorted(config.model.adapter_dir.iterdir())}
+    out = tmp_path / "peer"
+    with ServerProcess(config.model.path, adapters, "slora", ["--device", "cpu"], tmp_path / "server.log", 120) as url:
+        code = main(["bench", "run", "--base-url", url, "--out", str(out), "--name", "peer", "--mix", "video",
+                     "--rate", "3", "--duration", "2", "--warmup", "0", "--image-size", "56x56", "--no-progress",
+                     "--slo-latency", "5"])
+    assert code == 0
+    rows = json.loads((out / "summary.json").read_text())["points"]
+    assert [(r["policy"], r["workload"], r["rate"]) for r in rows] == [("peer", "video", 3.0)]
+    records = _jsonl(out / "points" / "peer__video__zipf1__r3.requests.jsonl")
+    assert records and all(r["status"] == "ok" for r in records)
+    assert {r["adapter"] for r in records} <= set(adapters) and {r["task"] for r in records} <= {"detect", "action"}
+    assert all(r["images"] == (6 if r["task"] == "action" else 1) for r in records)
+    assert rows[0]["ok"] == len(records)
+    assert (out / "plots" / "fig14_latency.png").exists() and "| peer | 3 |" in (out / "report.md").read_text()

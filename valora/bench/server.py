@@ -1,0 +1,138 @@
+"""The system under test: a model with adapters (built with `valora.testing` when missing) and `valora serve`
+in a subprocess, started once per scheduler exactly as a user would start it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from valora.testing.families import LM_LINEARS
+
+logger = logging.getLogger("valora.bench")
+SERVED_NAME = "base"
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """`count` random PEFT adapters; adapter i has rank `ranks[i % len(ranks)]` and targets the LM's `targets`.
+    Adapter order is popularity order under Zipf and `hot` skews (adapter 0 is the hottest)."""
+
+    count: int = 16
+    ranks: tuple[int, ...] = (8, 16, 32, 64)
+    targets: tuple[str, ...] = LM_LINEARS
+    dir: Path | None = None  # default: next to the model, "<model>-adapters"
+    dtype: str = "bfloat16"
+    device: str = "cpu"  # where the random weights are drawn (cuda is faster for 7B shapes)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model directory; `build` (the keyword arguments of `valora.testing.checkpoints.build_model`, with
+    `family`, and `dtype` as a name) makes a random checkpoint there when it does not exist yet."""
+
+    path: Path
+    build: dict | None = None
+    adapters: AdapterSpec = field(default_factory=AdapterSpec)
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.adapters.dir or self.path.with_name(self.path.name + "-adapters")
+
+    def prepare(self) -> dict[str, Path]:
+        """Build whatever is missing and return the adapters by name. A build on the GPU runs in a child process,
+        so that none of the memory it used stays held here while the server sizes its KV cache."""
+        adapters = {f"lora{i:02d}": self.adapter_dir / f"lora{i:02d}" for i in range(self.adapters.count)}
+        missing = [p for p in adapters.values() if not (p / "adapter_config.json").exists()]
+        if (self.path / "config.json").exists() and not missing:
+            return adapters
+        devices = {(self.build or {}).get("device", "cpu"), self.adapters.device}
+        if any(d.startswith("cuda") for d in devices):
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                pool.submit(self._build, adapters).result()
+        else:
+            self._build(adapters)
+        return adapters
+
+    def _build(self, adapters: dict[str, Path]) -> None:
+        import torch
+
+        from valora.testing.checkpoints import build_model, peft_target_regex, save_random_adapter
+
+        if not (self.path / "config.json").exists():
+            if self.build is None:
+                raise FileNotFoundError(f"{self.path} is not a model directory and the config has no `build`")
+            kw = dict(self.build)
+            family = kw.pop("family")
+            kw["dtype"] = getattr(torch, kw.get("dtype", "float32"))
+            t = time.perf_counter()
+            build_model(family, self.path, **kw)
+            logger.info("built %s checkpoint in %s (%.0f s)", family, self.path, time.perf_counter() - t)
+        spec = self.adapters
+        for i, path in enumerate(adapters.values()):
+            if not (path / "adapter_config.json").exists():
+                save_random_adapter(self.path, path, r=spec.ranks[i % len(spec.ranks)], seed=1000 + i,
+                                    target_modules=peft_target_regex(spec.targets), dtype=getattr(torch, spec.dtype),
+                                    device=spec.device)
+
+
+class ServerProcess:
+    """`valora serve MODEL --scheduler S ...` on a free local port; its output goes to `log_path`."""
+
+    def __init__(self, model: Path, adapters: dict[str, Path], scheduler: str, args: list[str], log_path: Path,
+                 startup_timeout_s: float) -> None:
+        from valora.server.launch import free_port
+
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.cmd = [sys.executable, "-m", "valora.cli", "serve", str(model), "--host", "127.0.0.1",
+                    "--port", self.url.rsplit(":", 1)[1], "--served-model-name", SERVED_NAME, "--scheduler", scheduler,
+                    "--lora-modules", *(f"{n}={p}" for n, p in adapters.items()), *args]
+        self.log_path, self.startup_timeout_s = log_path, startup_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> str:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = self.log_path.open("w")
+        env = {k: v for k, v in os.environ.items() if k != "VALORA_API_KEY"}
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.__exit__()
+                raise RuntimeError(f"`{' '.join(self.cmd)}` exited with {self.proc.returncode}:\n"
+                                   f"{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self.url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.__exit__()
+        raise TimeoutError(f"the server was not ready after {self.startup_timeout_s} s; log: {self.log_path}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def served_adapters(base_url: str, api_key: str | None = None) -> list[str]:
+    """The adapters a running server lists in `/v1/models` (entries with a `parent`), in name order."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
+    r.raise_for_status()
+    return sorted(m["id"] for m in r.json()["data"] if m.get("parent"))

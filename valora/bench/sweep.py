@@ -1,0 +1,261 @@
+"""`valora bench sweep`: for each scheduler start the server, warm it up, replay every workload x skew x rate
+point, drain, and write the point before the next one starts; then the summary, plots and report.
+
+A point already in the results directory is skipped, so an interrupted or partial sweep (e.g. one policy per GPU
+session) continues where it stopped. Ctrl-C stops the server and leaves every finished point readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from valora.bench.client import ClientConfig, Record, replay
+from valora.bench.images import data_url
+from valora.bench.results import Point, PointKey, is_done, load_points, save_point, write_summary
+from valora.bench.scrape import Sample, mode_usage, poll, token_totals, wait_idle
+from valora.bench.server import AdapterSpec, ModelSpec, ServerProcess, served_adapters
+from valora.bench.summary import SLO
+from valora.bench.workload import MIXES, Arrivals, Lengths, Skew, Task, Workload
+
+logger = logging.getLogger("valora.bench")
+POLICIES = ("valora", "slora", "punica", "dlora")
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to reach the system under test: `valora serve` per scheduler, or one running server (`base_url`),
+    reported under the policy name `name`."""
+
+    schedulers: tuple[str, ...] = POLICIES
+    args: tuple[str, ...] = ()  # further `valora serve` flags
+    startup_timeout_s: float = 1800.0
+    warmup_s: float = 10.0  # per server start, replaying every workload at its highest rate (not recorded)
+    base_url: str | None = None
+    name: str = "external"
+    api_key: str | None = None
+
+    @property
+    def policies(self) -> tuple[str, ...]:
+        return (self.name,) if self.base_url else self.schedulers
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """One task mix swept over rates and skews."""
+
+    name: str
+    mix: str | tuple[Task, ...]
+    rates: tuple[float, ...]
+    skews: tuple[str, ...] = ("zipf:1.0",)
+    duration_s: float = 60.0
+    warmup_s: float = 10.0
+    arrivals: Arrivals = field(default_factory=Arrivals)
+    pictures: int = 64
+    image_size: tuple[int, int] | None = None
+
+    def workload(self, rate: float, skew: str, adapters: tuple[str, ...], seed: int, duration_s: float | None = None,
+                 warmup_s: float | None = None) -> Workload:
+        return Workload(self.mix, rate, self.duration_s if duration_s is None else duration_s, adapters,
+                        warmup_s=self.warmup_s if warmup_s is None else warmup_s, arrivals=self.arrivals,
+                        skew=Skew.parse(skew), pictures=self.pictures, image_size=self.image_size, seed=seed)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    workloads: tuple[WorkloadSpec, ...]
+    server: ServerSpec = field(default_factory=ServerSpec)
+    model: ModelSpec | None = None  # needed unless server.base_url is set
+    slo: SLO = field(default_factory=SLO)
+    seed: int = 0
+    drain_timeout_s: float = 120.0  # after the last arrival: then whatever still runs is aborted
+    sample_interval_s: float = 0.1
+    max_concurrency: int = 512
+    timeline: dict[str, Any] | None = None  # {workload, skew, rate} of the valora run to draw; default: see report
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepConfig:
+        d = dict(d)
+        model = d.pop("model", None)
+        if model is not None:
+            model = dict(model)
+            adapters = dict(model.pop("adapters", {}))
+            for k in ("ranks", "targets"):
+                if k in adapters:
+                    adapters[k] = tuple(adapters[k])
+            if adapters.get("dir"):
+                adapters["dir"] = Path(adapters["dir"]).expanduser()
+            model = ModelSpec(Path(model.pop("path")).expanduser(), adapters=AdapterSpec(**adapters), **model)
+        server = dict(d.pop("server", {}))
+        for k in ("schedulers", "args"):
+            if k in server:
+                server[k] = tuple(str(a) for a in server[k])
+        return cls(workloads=tuple(_workload(w) for w in d.pop("workloads")), server=ServerSpec(**server),
+                   model=model, slo=SLO(**d.pop("slo", {})), **d)
+
+    @classmethod
+    def load(cls, path: Path) -> SweepConfig:
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(path.read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+def _workload(d: dict[str, Any]) -> WorkloadSpec:
+    d = dict(d)
+    mix = d.pop("mix", d["name"])
+    if isinstance(mix, str) and mix not in MIXES:
+        raise ValueError(f"workload {d['name']!r}: unknown mix {mix!r}; known: {sorted(MIXES)}, or a list of tasks")
+    if not isinstance(mix, str):  # inline tasks
+        mix = tuple(Task(**{**t, "prompt": Lengths(**t.get("prompt", {})), "output": Lengths(**t.get("output", {})),
+                            "image_size": tuple(t.get("image_size", (448, 448)))}) for t in mix)
+    for k in ("rates", "skews"):
+        d[k] = tuple(d[k])
+    if d.get("image_size"):
+        d["image_size"] = tuple(d["image_size"])
+    return WorkloadSpec(mix=mix, arrivals=Arrivals(**d.pop("arrivals", {})), **d)
+
+
+def run_info(config: SweepConfig) -> dict[str, Any]:
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                         stderr=subprocess.DEVNULL, cwd=Path(__file__).parent).strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    try:  # not through torch: a CUDA context in this process would take memory from the server's GPU
+        device = subprocess.check_output(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], text=True,
+                                         stderr=subprocess.DEVNULL).strip().replace("\n", ", ")
+    except (OSError, subprocess.CalledProcessError):
+        device = f"cpu ({os.cpu_count()} cores)"
+    return {"started": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit, "device": device,
+            "host": platform.node(), "config": config.to_dict()}
+
+
+async def run_point(base_url: str, workload: Workload, config: SweepConfig, api_key: str | None = None,
+                    progress: bool = True) -> tuple[list[Record], list[Sample]]:
+    """Replay one workload while polling `/metrics`; drain; return (records, /metrics samples)."""
+    from tqdm import tqdm
+
+    requests = workload.requests()
+    for ref in {ref for r in requests for ref in r.images}:  # encode before the clock starts
+        data_url(ref)
+    bar = tqdm(total=len(requests), desc=f"  r={workload.rate:g}/s", unit="req", leave=False, disable=not progress)
+    t0 = time.perf_counter() + 0.1
+    stop = asyncio.Event()
+    poller = asyncio.create_task(poll(base_url, t0, config.sample_interval_s, stop))
+    limit = workload.warmup_s + workload.duration_s + config.drain_timeout_s
+    try:
+        records = await replay(requests, ClientConfig(base_url, limit, config.max_concurrency, api_key), t0,
+                               on_done=lambda _: bar.update())
+        if not await wait_idle(base_url, config.drain_timeout_s):
+            logger.warning("the server still had requests %.0f s after the point ended", config.drain_timeout_s)
+    finally:
+        stop.set()
+        samples = await poller
+        bar.close()
+    return records, samples
+
+
+def _warm_up(base_url: str, config: SweepConfig, adapters: tuple[str, ...]) -> None:
+    """Every mix at its highest rate over uniform adapters, unrecorded: first-call compilation, adapter loads and
+    allocator growth happen here, not in the first point. Fails loudly if the server answers nothing."""
+    if config.server.warmup_s <= 0:
+        return
+    for spec in config.workloads:
+        w = spec.workload(max(spec.rates), "uniform", adapters, config.seed + 7919, config.server.warmup_s, 0.0)
+        records, _ = asyncio.run(run_point(base_url, w, config, config.server.api_key, progress=False))
+        if not any(r.ok for r in records):
+            errors = {r.error for r in records if r.error}
+            raise RuntimeError(f"no warm-up request of {spec.name} succeeded: {sorted(errors)[:3]}")
+
+
+def plan(config: SweepConfig, policies: tuple[str, ...] | None = None,
+         workloads: tuple[str, ...] | None = None) -> list[tuple[PointKey, WorkloadSpec, str]]:
+    """Every (point, its workload, its skew as written in the config), policy by policy."""
+    chosen = policies or config.server.policies
+    unknown = set(chosen) - set(config.server.policies)
+    if unknown:
+        raise ValueError(f"policies {sorted(unknown)} are not in the config's {config.server.policies}")
+    return [(PointKey(spec.name, Skew.parse(skew).label, policy, float(rate)), spec, skew)
+            for policy in chosen for spec in config.workloads if not workloads or spec.name in workloads
+            for skew in spec.skews for rate in spec.rates]
+
+
+def run_sweep(config: SweepConfig, out: Path, policies: tuple[str, ...] | None = None,
+              workloads: tuple[str, ...] | None = None, progress: bool = True, budget_s: float | None = None) -> int:
+    """Run the points not yet in `out`. Returns 0 when none is left, 75 when `budget_s` (seconds for this call)
+    left no room for the next point, 130 when interrupted (Ctrl-C or SIGTERM); finished points stay either way."""
+    from tqdm import tqdm
+
+    start = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [p for p in plan(config, policies, workloads) if not is_done(out, p[0])]
+    if not todo:
+        return 0
+    run_json = out / "run.json"
+    runs = json.loads(run_json.read_text())["runs"] if run_json.exists() else []
+    run_json.write_text(json.dumps({"runs": [*runs, run_info(config)]}, indent=2))
+    adapters: dict[str, Path] = {}
+    if config.server.base_url is None:
+        if config.model is None:
+            raise ValueError("the config has neither `model` nor `server.base_url`")
+        adapters = config.model.prepare()
+    bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for policy in dict.fromkeys(k.policy for k, _, _ in todo):
+            with _server(config, policy, adapters, out) as url:
+                names = tuple(adapters) or tuple(served_adapters(url, config.server.api_key))
+                _warm_up(url, config, names)
+                for key, spec, skew in [p for p in todo if p[0].policy == policy]:
+                    w = spec.workload(key.rate, skew, names, config.seed)
+                    if budget_s is not None and time.monotonic() - start + w.warmup_s + w.duration_s + 30 > budget_s:
+                        left = bar.total - bar.n
+                        logger.warning("time budget used: %d points left; run the same command again", left)
+                        return 75
+                    bar.set_description(key.stem)
+                    save_point(out, _run_point(url, key, spec, w, config, progress))
+                    write_summary(out, load_points(out), config.slo)
+                    bar.update()
+    except KeyboardInterrupt:
+        logger.warning("interrupted: the finished points are in %s", out)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+    return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # so that a job killed with SIGTERM stops its server and keeps its finished points
+
+
+def _run_point(url: str, key: PointKey, spec: WorkloadSpec, w: Workload, config: SweepConfig,
+               progress: bool) -> Point:
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    records, samples = asyncio.run(run_point(url, w, config, config.server.api_key, progress))
+    meta = {"started": started, "mix": spec.mix if isinstance(spec.mix, str) else "custom",
+            "duration_s": w.duration_s, "warmup_s": w.warmup_s, "arrivals": asdict(w.arrivals), "seed": w.seed,
+            "adapters": list(w.adapters), "modes": mode_usage(samples, w.warmup_s),
+            "server_tokens": token_totals(samples)}
+    return Point(key, records, samples, meta)
+
+
+def _server(config: SweepConfig, policy: str, adapters: dict[str, Path], out: Path):
+    if config.server.base_url is not None:
+        return contextlib.nullcontext(config.server.base_url)
+    return ServerProcess(config.model.path, adapters, policy, list(config.server.args), out / "logs" / f"{policy}.log",
+                         config.server.startup_timeout_s)
