@@ -214,19 +214,27 @@ def run_sweep(config: SweepConfig, out: Path, policies: tuple[str, ...] | None =
             raise ValueError("the config has neither `model` nor `server.base_url`")
         adapters = config.model.prepare()
     bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress)
+
+    def over_budget(spec: WorkloadSpec) -> bool:  # could the next point end after the budget?
+        if budget_s is None or time.monotonic() - start + spec.warmup_s + spec.duration_s + 30 <= budget_s:
+            return False
+        logger.warning("time budget used: %d points left; run the same command again", bar.total - bar.n)
+        return True
+
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         for policy in dict.fromkeys(k.policy for k, _, _ in todo):
+            points = [p for p in todo if p[0].policy == policy]
+            if over_budget(points[0][1]):
+                return 75
             with _server(config, policy, adapters, out) as url:
                 names = tuple(adapters) or tuple(served_adapters(url, config.server.api_key))
                 _warm_up(url, config, names)
-                for key, spec, skew in [p for p in todo if p[0].policy == policy]:
-                    w = spec.workload(key.rate, skew, names, config.seed)
-                    if budget_s is not None and time.monotonic() - start + w.warmup_s + w.duration_s + 30 > budget_s:
-                        left = bar.total - bar.n
-                        logger.warning("time budget used: %d points left; run the same command again", left)
+                for key, spec, skew in points:
+                    if over_budget(spec):
                         return 75
                     bar.set_description(key.stem)
+                    w = spec.workload(key.rate, skew, names, config.seed)
                     save_point(out, _run_point(url, key, spec, w, config, progress))
                     write_summary(out, load_points(out), config.slo)
                     bar.update()
