@@ -235,7 +235,7 @@ def run_sweep(config: SweepConfig, out: Path, policies: tuple[str, ...] | None =
                         return 75
                     bar.set_description(key.stem)
                     w = spec.workload(key.rate, skew, names, config.seed)
-                    save_point(out, _run_point(url, key, spec, w, config, progress))
+                    save_point(out, _record_point(url, key, spec, w, config, progress))
                     write_summary(out, load_points(out), config.slo)
                     bar.update()
     except KeyboardInterrupt:
@@ -251,7 +251,7 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # so that a job killed with SIGTERM stops its server and keeps its finished points
 
 
-def _run_point(url: str, key: PointKey, spec: WorkloadSpec, w: Workload, config: SweepConfig,
+def _record_point(url: str, key: PointKey, spec: WorkloadSpec, w: Workload, config: SweepConfig,
                progress: bool) -> Point:
     started = datetime.datetime.now().isoformat(timespec="seconds")
     records, samples = asyncio.run(run_point(url, w, config, config.server.api_key, progress))
