@@ -90,13 +90,19 @@ def write_report(root: Path) -> Path:
     best = max_rates(rows, slo)
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     groups = list(dict.fromkeys((b["workload"], b["skew"]) for b in best))
+    compare = OURS in policies and len(policies) > 1
     table = []
     for w, s in groups:
         by_policy = {b["policy"]: b["max_rate"] for b in best if (b["workload"], b["skew"]) == (w, s)}
         swept = max(r["rate"] for r in rows if (r["workload"], r["skew"]) == (w, s))
-        table.append([w, s, *(_fmt(by_policy.get(p)) + ("+" if by_policy.get(p) == swept else "") for p in policies)])
-    lines += _table(["mix", "skew", *policies], table)
-    lines += ["", "`+`: sustained at the highest swept rate (the real limit is higher); `-`: not even the lowest.", ""]
+        row = [w, s, *(_fmt(by_policy.get(p)) + ("+" if by_policy.get(p) == swept else "") for p in policies)]
+        if compare:
+            theirs = max((v for p, v in by_policy.items() if p != OURS and v is not None), default=None)
+            row.append(_fmt(by_policy[OURS] / theirs, 2) if by_policy.get(OURS) and theirs else "-")
+        table.append(row)
+    lines += _table(["mix", "skew", *policies, *([f"{OURS} / best baseline"] if compare else [])], table)
+    lines += ["", "`+`: sustained at the highest swept rate (the real limit is higher); `-`: not even the lowest."
+              + (" The target for the ratio is >= 1.5." if compare else ""), ""]
 
     if comps:
         lines += [f"## {OURS} against the best baseline", "",
