@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("sweep", help="start the server per scheduler and replay every point of a YAML config")
     p.add_argument("config", type=Path, help="sweep config (see benchmarks/e2e_sweep.yaml)")
-    p.add_argument("--out", type=Path, default=None, help="results directory (default: bench-results/<config name>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results directory; points already there are kept, not rerun (default: bench-results/<config>)")
     p.add_argument("--policies", nargs="+", default=None, help="run only these schedulers (default: the config's)")
     p.add_argument("--workloads", nargs="+", default=None, help="run only these workloads (default: all)")
     p.add_argument("--base-url", default=None,
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("run", help="replay one point against a running server (--base-url)")
     p.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--out", type=Path, required=True, help="results directory")
+    p.add_argument("--out", type=Path, required=True, help="results directory (a point already there is kept)")
     p.add_argument("--name", default="external", help="policy name in the results (default: external)")
     p.add_argument("--api-key", default=None, help="bearer key for the server")
     p.add_argument("--mix", default="vqa", help="vqa, video, grounding or retrieval (default: vqa)")
