@@ -104,6 +104,7 @@ class LLMEngine:
         self.lora_manager: LoRAManager | None = None
         self.policy: Policy | None = None
         self.switcher: ModeSwitcher | None = None
+        self.draining: set[str] = set()  # adapters to unload once their requests finish
         if config.enable_lora:
             self._init_lora()
         self.eos_token_ids = self._eos_ids(model_dir)
@@ -143,7 +144,6 @@ class LLMEngine:
         if self.policy.merges:
             self.switcher.reserve()  # before the KV cache takes the remaining memory
         self._merge_bytes: dict[str, int] = {}
-        self.draining: set[str] = set()  # adapters to unload once their requests finish
         self.mode_steps = {m.value: 0 for m in Mode}
         self.mode_seconds = {m.value: 0.0 for m in Mode}
         self.last_mode = Mode.UNMERGED
