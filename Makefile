@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# On a machine without CUDA pin the CPU build first; otherwise keep the installed torch (>=2.11).
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "torch==2.13.0"; fi
-	$(PY) -m pip install -q -e ".[triton,server,dev]"
+	$(PY) -m pip install -q -e ".[triton,server,demo,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

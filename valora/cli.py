@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("valora.generate_cli", "run an offline generation on a model directory"),
     "serve": ("valora.server.cli", "start the OpenAI-compatible server for a model and its LoRA adapters"),
+    "demo": ("valora.demo.cli", "train a small vision model with LoRA adapters on digit images and serve it"),
     "bench": ("valora.bench.cli", "trace-driven benchmark of the server under each scheduler: run, sweep, report"),
     "tune-kernels": ("valora.lora.tuning.cli", "grid-search the LoRA kernel tiles on this GPU and write its table"),
 }

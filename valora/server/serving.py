@@ -93,7 +93,7 @@ class OpenAIServing:
     def _chat_prompt(self, req: ChatCompletionRequest) -> dict:
         try:
             messages, raw_images = parse_messages(req.messages, self.allowed_local_media_path)
-        except InputError as e:
+        except InputError as e:  # malformed messages, or an image URL that cannot be used (those name the image)
             raise bad_request(str(e), "invalid_image" if "image" in str(e) else "invalid_messages", "messages") from e
         images = self._decode_images(raw_images)
         try:
