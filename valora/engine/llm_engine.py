@@ -447,7 +447,7 @@ class LLMEngine:
             merged_bytes = self._merge_bytes_of(decision.hot) if switch_s and decision.hot else 0
         stop_ids = [self._stop_ids(s) for s in sched.seqs]
         tokens = self.runner.run(sched.seqs, slots, stop_ids, slots.get(decision.hot))
-        if self.lora_manager is not None:  # fill free slots for the next requests in line while this step runs
+        if self.lora_manager is not None:  # fill free slots for the next requests in line, off the critical path
             upcoming = [s.lora_name for s in self.scheduler.waiting if s.lora_name and ready.get(s.lora_name)]
             self.lora_manager.prefetch(upcoming[: self.config.lora.max_loras])
         if self.policy is not None:

@@ -79,6 +79,7 @@ class LoRAManager:
         self.slot_scale = [0.0] * config.max_loras  # host copy of `scalings`
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._inflight: list[tuple[torch.cuda.Event, LoRAAdapter]] = []  # keep pinned sources alive until copied
+        self._copied: dict[int, torch.cuda.Event] = {}  # prefetched slots: a step that uses one waits for its copy
         self._last_step_slots: set[int] = set()
         self.stats = LoRAStats()
 
@@ -204,11 +205,15 @@ class LoRAManager:
         if missing:
             self._fill([(n, self._claim_slot(n, set(needed))) for n in missing], after_running=True)
         slots = {name: self.slot_lru[name] for name in needed}
+        for slot in slots.values():
+            if slot in self._copied:
+                torch.cuda.current_stream(self.device).wait_event(self._copied.pop(slot))
         self._last_step_slots = set(slots.values())
         return slots
 
     def prefetch(self, names: Iterable[str]) -> None:
-        """Copy host-resident adapters into slots the running step does not use, overlapping that step."""
+        """Copy host-resident adapters into free slots the last step did not use; the copies overlap whatever
+        runs next, and only a step that uses one of those slots waits for it."""
         todo = []
         for name in dict.fromkeys(names):
             with self._lock:
@@ -237,8 +242,9 @@ class LoRAManager:
         return slot
 
     def _fill(self, assignments: list[tuple[str, int]], after_running: bool) -> None:
-        """Copy adapters into slots. On the GPU this runs on the side stream; a slot that the previous step may
-        still read waits for it (`after_running`), and the compute stream waits for the copies."""
+        """Copy adapters into slots. On the GPU this runs on the side stream. For a slot the coming step needs
+        (`after_running`), the copy waits for the work already queued (which may still read the slot's old
+        contents) and the compute stream waits for the copy; a prefetched slot is waited for only when used."""
         with self._lock:
             missing = [name for name, _ in assignments if name not in self.host]
             self.stats.blocking_loads += len(missing)
@@ -255,7 +261,10 @@ class LoRAManager:
                 self._write_slot(adapter, slot)
             done = torch.cuda.Event()
             done.record(self._copy_stream)
-        compute.wait_event(done)
+        if after_running:
+            compute.wait_event(done)
+        else:
+            self._copied.update({slot: done for _, slot in adapters})
         self._inflight = [(e, a) for e, a in self._inflight if not e.query()]
         self._inflight += [(done, a) for a, _ in adapters]
 
