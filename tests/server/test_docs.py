@@ -1,0 +1,51 @@
+"""Acceptance 5: `valora serve --help` and the README's Serving section name every flag and every endpoint."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from valora.cli import build_parser
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _serve_parser():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sub.choices["serve"]
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_every_flag_is_documented_in_help_and_readme():
+    parser = _serve_parser()
+    flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+    assert len(flags) >= 30
+    help_text = parser.format_help()
+    serving = _section(README.read_text(), "Serving")
+    for flag in flags:
+        assert flag in help_text, flag
+        assert re.search(rf"`{re.escape(flag)}[ `]", serving), f"{flag} is missing from the README's Serving section"
+
+
+def test_every_endpoint_is_documented_in_help_and_readme(server_model):
+    from valora.config import CacheConfig, EngineConfig
+    from valora.engine.llm_engine import LLMEngine
+    from valora.server.app import ServerConfig, build_app
+
+    engine = LLMEngine(EngineConfig(model=str(server_model), device="cpu", enable_lora=True,
+                                    cache=CacheConfig(num_blocks=64)))
+    app = build_app(engine, ServerConfig(served_model_names=["m"]))
+    endpoints = {f"{method.upper()} {path}" for path, ops in app.openapi()["paths"].items() for method in ops}
+    assert len(endpoints) == 7
+    help_text = " ".join(_serve_parser().format_help().split())
+    serving = _section(README.read_text(), "Serving")
+    for endpoint in endpoints:
+        method, path = endpoint.split()
+        assert re.search(rf"{method}\s+{re.escape(path)}\b", help_text), endpoint
+        assert f"`{method} {path}`" in serving, endpoint
+    assert "curl http" in serving and "openai.OpenAI(" in serving
