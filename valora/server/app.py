@@ -87,7 +87,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         lora = models.new_adapter(name, path, confine=False)  # operator-given paths are trusted
         engine.add_lora(lora)
         models.adapters[name] = lora
-    async_engine = AsyncEngine(engine, config.max_queued_requests)
+    async_engine = AsyncEngine(engine, config.max_queued_requests, admit=models.check_served)
     metrics = async_engine.metrics = ServerMetrics(models.name, lambda: async_engine.stats)
     serving = OpenAIServing(async_engine, models, config.allowed_local_media_path)
 

@@ -40,8 +40,11 @@ class ClientDisconnectedError(Exception):
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_queued: int, metrics: ServerMetrics | None = None,
-                 poll_interval: float = 0.5) -> None:
+                 poll_interval: float = 0.5, admit: Callable[[LoRARequest], None] | None = None) -> None:
+        """`admit(lora)` runs on the engine thread right before a request for that adapter is added; it may
+        raise to refuse the request."""
         self.engine = engine
+        self.admit = admit
         self.max_in_flight = engine.config.scheduler.max_num_seqs + max_queued
         self.metrics = metrics
         self.poll_interval = poll_interval
@@ -112,7 +115,7 @@ class AsyncEngine:
         self._streams[request_id] = q
         added = finished = False
         try:
-            await self.call(lambda engine: engine.add_request(request_id, prompt, params, lora, arrival_time))
+            await self.call(lambda engine: self._add(engine, request_id, prompt, params, lora, arrival_time))
             added = True
             next_check = time.monotonic() + self.poll_interval
             while not finished:
@@ -130,6 +133,11 @@ class AsyncEngine:
                 self.abort(request_id)
                 if added and self.metrics is not None:
                     self.metrics.aborted(params.n)
+
+    def _add(self, engine: LLMEngine, request_id: str, prompt, params, lora, arrival_time) -> None:
+        if lora is not None and self.admit is not None:
+            self.admit(lora)
+        engine.add_request(request_id, prompt, params, lora, arrival_time)
 
     @staticmethod
     async def _next(q: asyncio.Queue, timeout: float | None) -> RequestOutput | None:

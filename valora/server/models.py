@@ -41,6 +41,12 @@ class ServedModels:
         raise not_found(f"The model `{model}` does not exist; GET /v1/models lists the base model and adapters",
                         "model_not_found", "model")
 
+    def check_served(self, lora: LoRARequest) -> None:
+        """Refuse a request whose adapter was unloaded after its `model` was resolved (run on the engine thread,
+        right before the request is added, so the engine never silently loads it back)."""
+        if self.adapters.get(lora.lora_name) is not lora:
+            raise not_found(f"The adapter `{lora.lora_name}` was unloaded", "model_not_found", "model")
+
     def new_adapter(self, name: str, path: str, confine: bool = True) -> LoRARequest:
         """A request for a new adapter (not yet loaded): the name must be free and, when `confine` is set and
         a `lora_root` exists, the path must stay inside it."""

@@ -26,8 +26,8 @@ from valora.multimodal.chat import parse_messages
 from valora.multimodal.inputs import InputError, load_image
 from valora.outputs import RequestOutput
 from valora.sampling_params import SamplingParams
-from valora.server.async_engine import AsyncEngine, ClientDisconnectedError
-from valora.server.errors import bad_request
+from valora.server.async_engine import AsyncEngine, ClientDisconnectedError, EngineDeadError
+from valora.server.errors import APIError, bad_request
 from valora.server.models import ServedModels
 from valora.server.protocol import (
     ChatChoice,
@@ -200,11 +200,16 @@ class OpenAIServing:
             yield "data: [DONE]\n\n"
             done = True
             call.log(outs)
-        except Exception as e:  # the stream has started: report in-band, as OpenAI does
-            logger.exception("stream %s failed", call.request_id)
-            yield _sse({"error": {"message": str(e), "type": "server_error", "code": "internal_error"}})
-            yield "data: [DONE]\n\n"
+        except Exception as e:  # the stream has started (status 200 is sent): report in-band, as OpenAI does
             done = True
+            if isinstance(e, (APIError, ValueError)):  # refused when added (InputError / AdapterError are ValueErrors)
+                call.log(finals.values(), f"refused: {e}")
+                err = e if isinstance(e, APIError) else bad_request(str(e), "invalid_request")
+            else:
+                logger.exception("stream %s failed", call.request_id)
+                err = APIError(503 if isinstance(e, EngineDeadError) else 500, str(e), "internal_error")
+            yield _sse(err.body())
+            yield "data: [DONE]\n\n"
         finally:
             if not done:
                 call.log(finals.values(), "client disconnected, aborted")
