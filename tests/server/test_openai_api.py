@@ -35,10 +35,20 @@ def messages(i: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def server(start_server, adapters):
+def media(tmp_path_factory):
+    """A folder the server may read images from, and one beside it that it may not."""
+    root = tmp_path_factory.mktemp("media")
+    (root / "allowed").mkdir()
+    random_image(56, 84, seed=5).save(root / "allowed" / "cat.png")
+    random_image(56, 84, seed=5).save(root / "secret.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(start_server, adapters, media):
     modules = [f"{name}={path}" for name, path in adapters.items()]
     return start_server(["--lora-modules", *modules, "--max-loras", "4", "--num-kv-blocks", "1024",
-                         "--max-model-len", "2048"])
+                         "--max-model-len", "2048", "--allowed-local-media-path", str(media / "allowed")])
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +97,20 @@ def test_chat_with_image_matches_offline_for_every_adapter(client, offline, adap
         assert got.model == model
     texts = {offline(m, messages(0)).outputs[0].text for m in [SERVED, *adapters]}
     assert len(texts) > 1  # the adapters change the answer, so the comparison above can tell them apart
+
+
+def test_local_images_only_under_the_allowed_folder(client, offline, media):
+    def ask(url: str):
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What is it?"}]}]
+        return client.chat.completions.create(model="lora1", messages=msgs, temperature=0, max_tokens=MAX_TOKENS)
+
+    inline = ask(data_url(random_image(56, 84, seed=5))).choices[0].message.content
+    assert ask(f"file://{media / 'allowed' / 'cat.png'}").choices[0].message.content == inline
+    for outside in (media / "secret.png", media / "allowed" / ".." / "secret.png"):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(f"file://{outside}")
+        assert e.value.code == "invalid_image" and "outside the allowed media folder" in e.value.message
 
 
 def test_chat_streaming_equals_non_streaming(client, offline):
