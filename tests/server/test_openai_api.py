@@ -99,7 +99,7 @@ def test_chat_with_image_matches_offline_for_every_adapter(client, offline, adap
     assert len(texts) > 1  # the adapters change the answer, so the comparison above can tell them apart
 
 
-def test_local_images_only_under_the_allowed_folder(client, offline, media):
+def test_local_images_only_under_the_allowed_folder(client, media):
     def ask(url: str):
         msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                              {"type": "text", "text": "What is it?"}]}]
