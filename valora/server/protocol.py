@@ -36,7 +36,6 @@ class SamplingFields(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: bool | int | None = None
-    user: str | None = None
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -112,7 +111,6 @@ class LoadLoRAAdapterRequest(BaseModel):
 
 class UnloadLoRAAdapterRequest(BaseModel):
     lora_name: str = Field(min_length=1)
-    lora_int_id: int | None = None
 
 
 class Usage(BaseModel):
