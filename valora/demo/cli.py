@@ -24,10 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve", action="store_true", help="keep the server up afterwards and print how to query it")
     p.add_argument("--host", default="127.0.0.1", help="address for the server (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port for the server (default: a free one)")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where the trained model and adapters are kept (default: ~/.cache/valora)")
+    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                   help="where the trained model and adapters are kept (default: $VALORA_CACHE_DIR, else "
+                        "~/.cache/valora)")
     p.add_argument("--retrain", action="store_true", help="train again even if a cached model exists")
-    p.add_argument("--concurrency", type=int, default=128, help="requests in flight at once (default: 128)")
+    p.add_argument("--concurrency", type=int, default=128, metavar="N",
+                   help="requests in flight at once (default: 128)")
 
 
 def _quiet() -> None:
