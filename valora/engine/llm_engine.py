@@ -445,6 +445,11 @@ class LLMEngine:
         if self.switcher is not None:
             switch_s = self.switcher.switch(decision.hot, slots.get(decision.hot))
             merged_bytes = self._merge_bytes_of(decision.hot) if switch_s and decision.hot else 0
+        scheduled_at = self.clock()
+        for seq in sched.seqs:
+            metrics = self.requests[seq.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = scheduled_at  # queue time ends here, before this step's prefill
         stop_ids = [self._stop_ids(s) for s in sched.seqs]
         tokens = self.runner.run(sched.seqs, slots, stop_ids, slots.get(decision.hot))
         if self.lora_manager is not None:  # fill free slots for the next requests in line, off the critical path
@@ -463,8 +468,6 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         for seq, token, stops in zip(sched.seqs, tokens, stop_ids):
             req = self.requests[seq.request_id]
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
             seq.num_computed = len(seq)
             seq.output_ids.append(token)
             if req.metrics.first_token_time is None:
