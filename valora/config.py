@@ -95,6 +95,7 @@ class MultiModalConfig:
     max_images_per_prompt: int = 8
     max_image_pixels: int = 4096 * 4096
     max_image_bytes: int = 20 * 1024 * 1024
+    embed_cache_mb: int = 512  # image embeddings kept by content hash (0 disables)
 
 
 @dataclass

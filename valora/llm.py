@@ -37,6 +37,7 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         cpu_kv_cache_gb: float = 1.0,
         max_images_per_prompt: int = 8,
+        embed_cache_mb: int = 512,
         scheduler: str = "valora",
         max_wait_ms: float = 1000.0,
     ) -> None:
@@ -48,7 +49,7 @@ class LLM:
                 cache=CacheConfig(block_size, num_kv_blocks, gpu_memory_utilization, cpu_kv_cache_gb),
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, policy=scheduler,
                                           max_wait_ms=max_wait_ms),
-                multimodal=MultiModalConfig(max_images_per_prompt=max_images_per_prompt),
+                multimodal=MultiModalConfig(max_images_per_prompt=max_images_per_prompt, embed_cache_mb=embed_cache_mb),
             )
         )
         self._counter = 0

@@ -27,6 +27,7 @@ from valora.lora.manager import LoRAManager
 from valora.lora.request import LoRARequest
 from valora.models.loader import iter_checkpoint
 from valora.models.registry import resolve_family
+from valora.multimodal.cache import EmbeddingCache
 from valora.multimodal.inputs import InputError, ProcessedPrompt, load_image
 from valora.orchestrator.modes import Mode, ModeSwitcher, step_mode
 from valora.orchestrator.policy import Decision, Policy, SchedulerView, StepRecord, make_policy
@@ -71,6 +72,8 @@ class EngineStats:
     adapter_slot_hits: int
     adapter_blocking_loads: int
     num_preemptions: int
+    image_cache_hits: int
+    image_cache_misses: int
     scheduler: str
     mode: str  # of the last step
     hot_adapter: str | None
@@ -118,7 +121,9 @@ class LLMEngine:
             self.max_model_len = capacity
         self.max_batched_tokens = max(self.max_batched_tokens, self.max_model_len, sc.max_num_seqs)
         self.blocks = blocks
-        self.runner = ModelRunner(self.model, blocks, self.dtype, self.device)
+        cache_mb = config.multimodal.embed_cache_mb
+        self.embed_cache = EmbeddingCache(cache_mb * 2**20) if cache_mb > 0 else None
+        self.runner = ModelRunner(self.model, blocks, self.dtype, self.device, self.embed_cache)
         self.scheduler = Scheduler(sc, blocks, self.max_batched_tokens,
                                    config.lora.max_loras if config.enable_lora else None)
         self.requests: dict[str, Request] = {}
@@ -318,6 +323,8 @@ class LLMEngine:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seq = Sequence(next(self._seq_ids), request_id, i, processed, params, lora_name, now, gen)
             seq.deadline = now + deadline_s if deadline_s is not None else None
+            if lora_request is not None and self.lora_manager.info[lora_name].changes_images:
+                seq.vision_tag = f"{lora_name}@{lora_request.lora_path}"
             seqs.append(seq)
         detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in seqs]
         self.requests[request_id] = Request(request_id, text, processed, params, lora_name, seqs, detoks,
@@ -356,6 +363,8 @@ class LLMEngine:
             adapter_slot_hits=lora.stats.slot_hits if lora else 0,
             adapter_blocking_loads=lora.stats.blocking_loads if lora else 0,
             num_preemptions=sched.num_preemptions,
+            image_cache_hits=self.embed_cache.hits if self.embed_cache else 0,
+            image_cache_misses=self.embed_cache.misses if self.embed_cache else 0,
             scheduler=self.policy.name if self.policy else "fcfs",
             mode=self.last_mode.value if self.policy else Mode.UNMERGED.value,
             hot_adapter=self.switcher.hot if self.switcher else None,

@@ -12,13 +12,16 @@ from valora.engine.forward_batch import AttentionMeta, ForwardBatch, ImageInputs
 from valora.engine.sampler import sample
 from valora.engine.sequence import Sequence
 from valora.lora.batch import LoRABatch
+from valora.multimodal.cache import EmbeddingCache
 
 logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, blocks: BlockManager, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, blocks: BlockManager, dtype: torch.dtype, device: torch.device,
+                 embed_cache: EmbeddingCache | None = None) -> None:
         self.model, self.blocks, self.dtype, self.device = model, blocks, dtype, device
+        self.embed_cache = embed_cache
         c = model.decoder_config
         slots = blocks.num_blocks * blocks.block_size
         shape = (slots, c.num_kv_heads, c.head_dim)
@@ -63,6 +66,8 @@ class ModelRunner:
             lora_ids.extend([slot] * n)
             for k, item in enumerate(seq.prompt.images):
                 if item.offset >= start:
+                    if seq.image_embeds[k] is None and self.embed_cache is not None:
+                        seq.image_embeds[k] = self.embed_cache.get((item.content_hash, seq.vision_tag))
                     img_data.append(item.data)
                     img_tokens.append(item.num_tokens)
                     img_slots.append(slot)
@@ -110,5 +115,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_rows))
         if batch.images is not None:
             for (seq, k), emb in zip(image_owners, batch.images.cached):
+                if seq.image_embeds[k] is None and self.embed_cache is not None:
+                    self.embed_cache.put((seq.prompt.images[k].content_hash, seq.vision_tag), emb)
                 seq.image_embeds[k] = emb
         return sample(logits, seqs, stop_ids)

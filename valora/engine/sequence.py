@@ -37,6 +37,7 @@ class Sequence:
     image_embeds: list[torch.Tensor | None] = field(default_factory=list)  # kept across preemption
     num_preemptions: int = 0
     deadline: float | None = None  # absolute time by which the request should finish, if it has one
+    vision_tag: str | None = None  # the adapter, when it changes image embeddings (part of the cache key)
     logprobs: list[dict[int, float]] | None = None
 
     def __post_init__(self) -> None:

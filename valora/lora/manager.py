@@ -51,6 +51,11 @@ class AdapterInfo:
     nbytes: int
     targets: frozenset[str]  # layer paths
 
+    @property
+    def changes_images(self) -> bool:
+        """Whether it adapts the vision tower or projector, so its image embeddings differ from the base's."""
+        return any(not p.startswith("model.language_model.") for p in self.targets)
+
 
 class LoRAManager:
     def __init__(self, model: nn.Module, mapper: WeightMapper, config: LoRAConfig, dtype: torch.dtype,

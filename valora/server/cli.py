@@ -105,6 +105,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="width x height per image (default: 4096*4096)")
     g.add_argument("--max-image-bytes", type=int, default=20 * 2**20, metavar="N",
                    help="encoded bytes per image (default: 20 MiB)")
+    g.add_argument("--image-cache-mb", type=int, default=512, metavar="MB",
+                   help="device memory for image embeddings kept by content hash, so repeated frames are encoded "
+                        "once (0 disables; default: 512)")
     g.add_argument("--max-request-body-bytes", type=int, default=64 * 2**20, metavar="N",
                    help="larger request bodies get 413 (default: 64 MiB)")
 
@@ -119,7 +122,8 @@ def engine_config(args: argparse.Namespace):
         cache=CacheConfig(args.block_size, args.num_kv_blocks, args.gpu_memory_utilization, args.cpu_kv_cache_gb),
         scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_queued_requests,
                                   policy=args.scheduler, max_wait_ms=args.max_wait_ms),
-        multimodal=MultiModalConfig(args.max_images_per_prompt, args.max_image_pixels, args.max_image_bytes),
+        multimodal=MultiModalConfig(args.max_images_per_prompt, args.max_image_pixels, args.max_image_bytes,
+                                    args.image_cache_mb),
     )
 
 

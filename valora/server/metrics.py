@@ -33,10 +33,10 @@ class _EngineCollector:
         g.add_metric([self.model], value)
         return g
 
-    def _counter(self, name: str, doc: str, by_tier: dict[str, int]) -> CounterMetricFamily:
-        c = CounterMetricFamily(name, doc, labels=["model_name", "tier"])
-        for tier, value in by_tier.items():
-            c.add_metric([self.model, tier], value)
+    def _counter(self, name: str, doc: str, values: dict[str, int], label: str = "tier") -> CounterMetricFamily:
+        c = CounterMetricFamily(name, doc, labels=["model_name", label])
+        for key, value in values.items():
+            c.add_metric([self.model, key], value)
         return c
 
     def collect(self) -> Iterable[Metric]:
@@ -59,6 +59,8 @@ class _EngineCollector:
                             {"slot": s.adapter_slot_evictions, "host": s.adapter_host_evictions})
         yield self._counter("valora:lora_adapter_hits", "Steps that found an adapter already in its slot.",
                             {"slot": s.adapter_slot_hits})
+        yield self._counter("valora:image_embedding_cache", "Image embedding cache lookups by result.",
+                            {"hit": s.image_cache_hits, "miss": s.image_cache_misses}, label="result")
         yield self._gauge("valora:lora_adapter_blocking_loads", "Adapter disk reads made on the step loop (stalls).",
                           s.adapter_blocking_loads)
         mode = GaugeMetricFamily("valora:inference_mode", "1 for the mode of the last step.",
