@@ -23,6 +23,7 @@ from valora.engine.detokenizer import IncrementalDetokenizer
 from valora.engine.model_runner import ModelRunner
 from valora.engine.scheduler import Scheduler
 from valora.engine.sequence import Sequence, SequenceStatus
+from valora.heads import HeadParams, HeadSet, answer_all, load_heads
 from valora.lora.manager import LoRAManager
 from valora.lora.request import LoRARequest
 from valora.models.loader import iter_checkpoint
@@ -31,7 +32,7 @@ from valora.multimodal.cache import EmbeddingCache
 from valora.multimodal.inputs import InputError, ProcessedPrompt, load_image
 from valora.orchestrator.modes import Mode, ModeSwitcher, step_mode
 from valora.orchestrator.policy import Decision, Policy, SchedulerView, StepRecord, make_policy
-from valora.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from valora.outputs import CompletionOutput, HeadOutput, RequestMetrics, RequestOutput
 from valora.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class LLMEngine:
         self.policy: Policy | None = None
         self.switcher: ModeSwitcher | None = None
         self.draining: set[str] = set()  # adapters to unload once their requests finish
+        self.heads: dict[str, HeadSet | None] = {}  # task heads of each registered adapter (None: it has none)
         if config.enable_lora:
             self._init_lora()
         self.eos_token_ids = self._eos_ids(model_dir)
@@ -225,7 +227,13 @@ class LLMEngine:
             raise InputError("LoRA is disabled; start the engine with enable_lora=True")
         if lora_request.lora_name in self.draining:
             raise InputError(f"adapter {lora_request.lora_name!r} is being unloaded")
+        name = lora_request.lora_name
+        known = name in self.heads
+        heads = None if known else load_heads(name, lora_request.lora_path, self.model.decoder_config.hidden_size,
+                                               self.device)
         self.lora_manager.register(lora_request)
+        if not known:
+            self.heads[name] = heads
 
     def remove_lora(self, name: str) -> bool:
         """Unload an adapter. If requests still use it, it stops taking new ones and goes once they finish;
@@ -240,6 +248,7 @@ class LLMEngine:
         if self.switcher is not None and self.switcher.hot == name:
             self.switcher.switch(None, None)
         self.lora_manager.unregister(name)
+        self.heads.pop(name, None)
         self._merge_bytes.pop(name, None)
         self.draining.discard(name)
         return True
@@ -301,12 +310,13 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: PromptType,
-        params: SamplingParams | None = None,
+        params: SamplingParams | HeadParams | None = None,
         lora_request: LoRARequest | None = None,
         arrival_time: float | None = None,
         deadline_s: float | None = None,
     ) -> None:
-        """Queue a request; `deadline_s` (seconds after arrival) lets the valora policy serve it in time."""
+        """Queue a request; `deadline_s` (seconds after arrival) lets the valora policy serve it in time.
+        With `HeadParams` the adapter's task head answers after the prefill, and the request ends there."""
         if request_id in self.requests:
             raise InputError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -314,23 +324,37 @@ class LLMEngine:
         if lora_request is not None:
             self.add_lora(lora_request)
             lora_name = lora_request.lora_name
+        by_head = isinstance(params, HeadParams)
+        if by_head:
+            params = self._head_params(params, lora_name)
         text, processed = self.process_prompt(prompt)
         now = arrival_time if arrival_time is not None else self.clock()
         seqs = []
-        for i in range(params.n):
+        for i in range(1 if by_head else params.n):
             gen = None
-            if params.seed is not None:
+            if not by_head and params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seq = Sequence(next(self._seq_ids), request_id, i, processed, params, lora_name, now, gen)
             seq.deadline = now + deadline_s if deadline_s is not None else None
             if lora_request is not None and self.lora_manager.info[lora_name].changes_images:
                 seq.vision_tag = f"{lora_name}@{lora_request.lora_path}"
             seqs.append(seq)
-        detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in seqs]
+        detoks = [] if by_head else [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in seqs]
         self.requests[request_id] = Request(request_id, text, processed, params, lora_name, seqs, detoks,
                                             RequestMetrics(arrival_time=now))
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def _head_params(self, params: HeadParams, lora_name: str | None) -> HeadParams:
+        """`params` with the head that will answer named (checked now, so the step never fails on it)."""
+        heads = self.heads.get(lora_name) if lora_name is not None else None
+        if heads is None:
+            raise InputError("only a LoRA adapter with a task head can answer with one"
+                             + (f"; {lora_name!r} has none" if lora_name else ""))
+        try:
+            return HeadParams(heads.resolve(params.head))
+        except KeyError as e:
+            raise InputError(f"adapter {lora_name!r}: {e.args[0]}") from e
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
@@ -382,6 +406,8 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------------------------------------
     def _stop_ids(self, seq: Sequence) -> set[int]:
+        if isinstance(seq.params, HeadParams):
+            return set()
         ids = set(seq.params.stop_token_ids)
         if not seq.params.ignore_eos:
             ids |= self.eos_token_ids
@@ -461,6 +487,7 @@ class LLMEngine:
                 metrics.first_scheduled_time = scheduled_at  # queue time ends here, before this step's prefill
         stop_ids = [self._stop_ids(s) for s in sched.seqs]
         tokens = self.runner.run(sched.seqs, slots, stop_ids, slots.get(decision.hot))
+        answers = self._answer_heads(sched.seqs, tokens)
         if self.lora_manager is not None:  # fill free slots for the next requests in line, off the critical path
             upcoming = [s.lora_name for s in self.scheduler.waiting if s.lora_name and ready.get(s.lora_name)]
             self.lora_manager.prefetch(upcoming[: self.config.lora.max_loras])
@@ -478,10 +505,14 @@ class LLMEngine:
         for seq, token, stops in zip(sched.seqs, tokens, stop_ids):
             req = self.requests[seq.request_id]
             seq.num_computed = len(seq)
-            seq.output_ids.append(token)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
-            self._check_stop(seq, req, token, stops)
+            if seq in answers:  # answered by its head: done after the prefill
+                seq.head_output, seq.output_text = answers[seq], answers[seq].label
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "stop"
+            else:
+                seq.output_ids.append(token)
+                self._check_stop(seq, req, token, stops)
             if seq.finished:
                 self.scheduler.remove(seq)
             touched[req.request_id] = req
@@ -494,6 +525,14 @@ class LLMEngine:
         if self.draining:
             self._unload_drained()
         return outputs
+
+    def _answer_heads(self, seqs: list[Sequence], results: list) -> dict[Sequence, HeadOutput]:
+        """Head answers for the sequences that asked for one (their step result is their last hidden state)."""
+        asked = [(s, r) for s, r in zip(seqs, results) if isinstance(s.params, HeadParams)]
+        if not asked:
+            return {}
+        answers = answer_all([(self.heads[s.lora_name].heads[s.params.head], r) for s, r in asked])
+        return {s: a for (s, _), a in zip(asked, answers)}
 
     def _check_stop(self, seq: Sequence, req: Request, token: int, stops: set[int]) -> None:
         p = seq.params
@@ -520,7 +559,7 @@ class LLMEngine:
     def _output(self, req: Request) -> RequestOutput:
         completions = [
             CompletionOutput(s.index, s.output_text, list(s.output_ids), s.finish_reason, s.stop_reason,
-                             list(s.logprobs) if s.logprobs is not None else None)
+                             list(s.logprobs) if s.logprobs is not None else None, s.head_output)
             for s in req.seqs
         ]
         return RequestOutput(req.request_id, req.prompt, list(req.processed.token_ids), completions, req.finished,

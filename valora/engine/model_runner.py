@@ -11,6 +11,7 @@ from valora.engine.block_manager import BlockManager
 from valora.engine.forward_batch import AttentionMeta, ForwardBatch, ImageInputs, PrefillSpan
 from valora.engine.sampler import sample
 from valora.engine.sequence import Sequence
+from valora.heads.params import HeadParams
 from valora.lora.batch import LoRABatch
 from valora.multimodal.cache import EmbeddingCache
 
@@ -109,13 +110,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, seqs: Seq[Sequence], lora_slots: dict[str, int], stop_ids: Seq[set[int]],
-            merged_slot: int | None = None) -> list[int]:
+            merged_slot: int | None = None) -> list[int | torch.Tensor]:
+        """The next token of every decoding sequence; for one a task head answers (`HeadParams`), its final hidden
+        state at the last prompt token instead, and no logits are computed for it."""
         batch, image_owners = self.prepare(seqs, lora_slots, merged_slot)
-        hidden = self.model(batch, self.kv_caches)
-        logits = self.model.compute_logits(hidden.index_select(0, batch.logits_rows))
+        last = self.model(batch, self.kv_caches).index_select(0, batch.logits_rows)
+        decode = [i for i, s in enumerate(seqs) if not isinstance(s.params, HeadParams)]
         if batch.images is not None:
             for (seq, k), emb in zip(image_owners, batch.images.cached):
                 if seq.image_embeds[k] is None and self.embed_cache is not None:
                     self.embed_cache.put((seq.prompt.images[k].content_hash, seq.vision_tag), emb)
                 seq.image_embeds[k] = emb
-        return sample(logits, seqs, stop_ids)
+        if len(decode) == len(seqs):
+            return sample(self.model.compute_logits(last), seqs, stop_ids)
+        results: list[int | torch.Tensor] = list(last.unbind(0))
+        if decode:
+            rows = torch.tensor(decode, device=last.device)
+            tokens = sample(self.model.compute_logits(last.index_select(0, rows)), [seqs[i] for i in decode],
+                            [stop_ids[i] for i in decode])
+            for i, token in zip(decode, tokens):
+                results[i] = token
+        return results

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from valora.heads.params import HeadParams
 from valora.multimodal.inputs import ProcessedPrompt
+from valora.outputs import HeadOutput
 from valora.sampling_params import SamplingParams
 
 
@@ -23,7 +25,7 @@ class Sequence:
     request_id: str
     index: int  # which of the request's n completions
     prompt: ProcessedPrompt
-    params: SamplingParams
+    params: SamplingParams | HeadParams
     lora_name: str | None
     arrival_time: float
     generator: torch.Generator | None = None
@@ -39,6 +41,7 @@ class Sequence:
     deadline: float | None = None  # absolute time by which the request should finish, if it has one
     vision_tag: str | None = None  # the adapter, when it changes image embeddings (part of the cache key)
     logprobs: list[dict[int, float]] | None = None
+    head_output: HeadOutput | None = None  # the answer of its task head, when a head answered it
 
     def __post_init__(self) -> None:
         self.image_embeds = [None] * len(self.prompt.images)
