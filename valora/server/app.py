@@ -28,6 +28,7 @@ from valora.server.metrics import CONTENT_TYPE, ServerMetrics
 from valora.server.models import ServedModels
 from valora.server.protocol import (
     ChatCompletionRequest,
+    ClassificationRequest,
     CompletionRequest,
     LoadLoRAAdapterRequest,
     UnloadLoRAAdapterRequest,
@@ -132,6 +133,10 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         return _respond(await serving.completion(body, request.is_disconnected))
+
+    @v1.post("/classify")
+    async def classify(body: ClassificationRequest, request: Request):
+        return _respond(await serving.classify(body, request.is_disconnected))
 
     @v1.post("/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:

@@ -30,6 +30,7 @@ endpoints:
   GET  /v1/models                 the base model and every loaded adapter (adapters with `parent`)
   POST /v1/chat/completions       chat, images as image_url parts with data: URLs; `model` picks the adapter
   POST /v1/completions            plain-text prompts
+  POST /v1/classify               a task head's answer after one prefill (chat `messages` or text `input`)
   POST /v1/load_lora_adapter      {"lora_name": ..., "lora_path": ...} at run time
   POST /v1/unload_lora_adapter    {"lora_name": ...}
   GET  /health                    200 while the engine runs

@@ -2,7 +2,8 @@
 
 Fields follow OpenAI's API, plus the extras vLLM users send (`top_k`, `min_tokens`, `ignore_eos`,
 `stop_token_ids`, ...). Responses carry one extra object, `metrics`, with the request's queue time and
-latencies as the server measured them.
+latencies as the server measured them. A chat answered by a task head carries it in each choice's `head`
+(`head` in the request picks one); `/v1/classify` follows vLLM's classification API.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class SamplingFields(BaseModel):
@@ -64,6 +65,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     add_generation_prompt: bool = True
+    head: str | None = None  # VaLoRA: answer with this task head of the adapter instead of decoding
 
     @property
     def token_limit(self) -> int | None:
@@ -113,6 +115,29 @@ class UnloadLoRAAdapterRequest(BaseModel):
     lora_name: str = Field(min_length=1)
 
 
+class ClassificationRequest(BaseModel):
+    """`POST /v1/classify`, shaped like vLLM's: one chat (`messages`, images allowed) or text prompts (`input`),
+    answered by a task head of the adapter `model` after one prefill."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    messages: list[dict[str, Any]] | None = Field(None, min_length=1)
+    input: str | list[str] | None = None
+    head: str | None = None  # which head of the adapter; default: its default head, else its only one
+    add_generation_prompt: bool = True
+    stream: Literal[False] = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ClassificationRequest:
+        if (self.messages is None) == (self.input is None) or self.input == []:
+            raise ValueError("give exactly one of 'messages' or 'input' (a string or a non-empty list of strings)")
+        return self
+
+    def prompts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input or [])
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -127,6 +152,15 @@ class RequestTimings(BaseModel):
     e2e_latency: float | None = None
 
 
+class HeadResult(BaseModel):
+    """What a task head answered (a VaLoRA extension; the label is also the message content)."""
+
+    name: str
+    label: str
+    scores: dict[str, float] | None = None  # classification: the probability of every label
+    box: list[float] | None = None  # box: [x1, y1, x2, y2] as fractions of the image size
+
+
 class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -138,6 +172,7 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
     stop_reason: str | int | None = None
     logprobs: None = None
+    head: HeadResult | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -161,6 +196,7 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: None = None
+    head: HeadResult | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -188,6 +224,27 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    metrics: RequestTimings | None = None
+
+
+class ClassificationData(BaseModel):
+    index: int
+    object: Literal["classification"] = "classification"
+    label: str
+    probs: list[float] | None = None  # in the order of `labels`; None for a box head
+    num_classes: int = 0
+    head: str
+    labels: list[str] | None = None
+    box: list[float] | None = None
+
+
+class ClassificationResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ClassificationData]
+    usage: Usage
     metrics: RequestTimings | None = None
 
 

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
+from valora.heads.params import HeadParams
 from valora.lora.request import LoRARequest
 from valora.multimodal.chat import parse_messages
 from valora.multimodal.inputs import InputError, load_image
@@ -36,10 +37,14 @@ from valora.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
+    ClassificationData,
+    ClassificationRequest,
+    ClassificationResponse,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    HeadResult,
     RequestTimings,
     SamplingFields,
     Usage,
@@ -54,7 +59,7 @@ class Prepared:
 
     request_id: str
     prompt: Any
-    params: SamplingParams
+    params: SamplingParams | HeadParams
     lora: LoRARequest | None
     num_prompt_tokens: int
 
@@ -90,7 +95,22 @@ class OpenAIServing:
         except InputError as e:
             raise bad_request(str(e), "invalid_image", "messages") from e
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> dict:
+    def _head_params(self, lora: LoRARequest | None, head: str | None, required: bool) -> HeadParams | None:
+        """A chat is answered by a head when it names one or its adapter has a default head; a classification
+        always is. Checked here so that a wrong head is a 400 naming the choices."""
+        heads = self.llm.heads.get(lora.lora_name) if lora is not None else None
+        if head is None and not required and (heads is None or heads.default is None):
+            return None
+        if heads is None:
+            what = f"adapter `{lora.lora_name}`" if lora is not None else "the base model"
+            raise bad_request(f"{what} has no task head; only adapters trained with heads answer with one",
+                              "no_task_head", "model")
+        try:
+            return HeadParams(heads.resolve(head))
+        except KeyError as e:
+            raise bad_request(str(e.args[0]), "invalid_head", "head") from e
+
+    def _chat_prompt(self, req: ChatCompletionRequest | ClassificationRequest) -> dict:
         try:
             messages, raw_images = parse_messages(req.messages, self.allowed_local_media_path)
         except InputError as e:  # malformed messages, or an image URL that cannot be used (those name the image)
@@ -103,7 +123,7 @@ class OpenAIServing:
             raise bad_request(f"cannot apply the chat template: {e}", "invalid_messages", "messages") from e
         return {"prompt": text, "multi_modal_data": {"image": images}}
 
-    def _check(self, request_id: str, prompt: Any, params: SamplingParams, lora: LoRARequest | None,
+    def _check(self, request_id: str, prompt: Any, params: SamplingParams | HeadParams, lora: LoRARequest | None,
                max_tokens: int | None) -> Prepared:
         """Tokenise (and preprocess images) once to refuse what the engine would: too long, bad ids."""
         try:
@@ -120,8 +140,16 @@ class OpenAIServing:
         return Prepared(request_id, prompt, params, lora, n)
 
     def _prepare_chat(self, req: ChatCompletionRequest, request_id: str, lora) -> list[Prepared]:
-        params = self.sampling_params(req, req.token_limit)
-        return [self._check(request_id, self._chat_prompt(req), params, lora, req.token_limit)]
+        head = self._head_params(lora, req.head, required=False)
+        if head is not None and req.n != 1:
+            raise bad_request("a task head gives one answer: n must be 1", "invalid_value", "n")
+        params = head or self.sampling_params(req, req.token_limit)
+        return [self._check(request_id, self._chat_prompt(req), params, lora, None if head else req.token_limit)]
+
+    def _prepare_classify(self, req: ClassificationRequest, request_id: str, lora) -> list[Prepared]:
+        params = self._head_params(lora, req.head, required=True)
+        prompts = [self._chat_prompt(req)] if req.messages is not None else [{"prompt": p} for p in req.prompts()]
+        return [self._check(f"{request_id}-{i}", p, params, lora, None) for i, p in enumerate(prompts)]
 
     def _prepare_completion(self, req: CompletionRequest, request_id: str, lora) -> list[Prepared]:
         params = self.sampling_params(req, req.token_limit)
@@ -144,7 +172,10 @@ class OpenAIServing:
     async def completion(self, req: CompletionRequest, is_disconnected) -> BaseModel | AsyncIterator[str]:
         return await self._serve(req, "cmpl", self._prepare_completion, _CompletionFormat(), is_disconnected)
 
-    async def _serve(self, req: SamplingFields, prefix: str, prepare, fmt: _Format,
+    async def classify(self, req: ClassificationRequest, is_disconnected) -> BaseModel:
+        return await self._serve(req, "classify", self._prepare_classify, _ClassifyFormat(), is_disconnected)
+
+    async def _serve(self, req: SamplingFields | ClassificationRequest, prefix: str, prepare, fmt: _Format,
                      is_disconnected) -> BaseModel | AsyncIterator[str]:
         arrival = time.time()
         lora = self.models.resolve(req.model)
@@ -173,7 +204,8 @@ class OpenAIServing:
 
     async def _stream(self, call: _Call, fmt: _Format) -> AsyncIterator[str]:
         n = call.req.n
-        deltas = _TextDeltas(len(call.prepared) * n, call.prepared[0].params.stop)
+        params = call.prepared[0].params
+        deltas = _TextDeltas(len(call.prepared) * n, params.stop if isinstance(params, SamplingParams) else [])
         finals: dict[int, RequestOutput] = {}
         done = False
         first = fmt.first_chunk(call)
@@ -187,7 +219,8 @@ class OpenAIServing:
                         index = i * n + c.index
                         text, first_finish = deltas.next(index, c.text, c.finish_reason)
                         if text or first_finish:
-                            choices.append((index, text, c.finish_reason if first_finish else None, c.stop_reason))
+                            choices.append((index, text, c.finish_reason if first_finish else None, c.stop_reason,
+                                            c.head if first_finish else None))
                     if out.finished:
                         finals[i] = out
                     if choices:
@@ -219,7 +252,7 @@ class OpenAIServing:
 class _Call:
     request_id: str
     model: str
-    req: SamplingFields
+    req: SamplingFields | ClassificationRequest
     prepared: list[Prepared]
     arrival: float
     created: int = field(init=False)
@@ -311,8 +344,8 @@ class _ChatFormat:
         return ChatCompletionChunk(id=call.request_id, created=call.created, model=call.model, choices=choices)
 
     def chunk(self, call, choices, timings):
-        items = [ChatChunkChoice(index=i, delta=DeltaMessage(content=text), finish_reason=fr, stop_reason=sr)
-                 for i, text, fr, sr in choices]
+        items = [ChatChunkChoice(index=i, delta=DeltaMessage(content=text), finish_reason=fr, stop_reason=sr,
+                                 head=_head_result(h)) for i, text, fr, sr, h in choices]
         return ChatCompletionChunk(id=call.request_id, created=call.created, model=call.model, choices=items,
                                    metrics=timings)
 
@@ -322,7 +355,7 @@ class _ChatFormat:
 
     def response(self, call, outs):
         choices = [ChatChoice(index=c.index, message=ChatMessage(content=c.text), finish_reason=c.finish_reason,
-                              stop_reason=c.stop_reason) for c in outs[0].outputs]
+                              stop_reason=c.stop_reason, head=_head_result(c.head)) for c in outs[0].outputs]
         return ChatCompletionResponse(id=call.request_id, created=call.created, model=call.model, choices=choices,
                                       usage=_usage(outs), metrics=_timings(outs))
 
@@ -332,7 +365,8 @@ class _CompletionFormat:
         return None
 
     def chunk(self, call, choices, timings):
-        items = [CompletionChoice(index=i, text=text, finish_reason=fr, stop_reason=sr) for i, text, fr, sr in choices]
+        items = [CompletionChoice(index=i, text=text, finish_reason=fr, stop_reason=sr)
+                 for i, text, fr, sr, _ in choices]
         return CompletionResponse(id=call.request_id, created=call.created, model=call.model, choices=items,
                                   metrics=timings)
 
@@ -346,6 +380,25 @@ class _CompletionFormat:
                                     stop_reason=c.stop_reason) for i, o in enumerate(outs) for c in o.outputs]
         return CompletionResponse(id=call.request_id, created=call.created, model=call.model, choices=choices,
                                   usage=_usage(outs), metrics=_timings(outs))
+
+
+class _ClassifyFormat:
+    """Non-streaming only (the request model refuses `stream`)."""
+
+    def response(self, call, outs):
+        data = []
+        for i, o in enumerate(outs):
+            h = o.outputs[0].head
+            labels = list(h.scores) if h.scores is not None else None
+            data.append(ClassificationData(index=i, label=h.label, head=h.head, labels=labels, box=h.box,
+                                           probs=list(h.scores.values()) if labels else None,
+                                           num_classes=len(labels or ())))
+        return ClassificationResponse(id=call.request_id, created=call.created, model=call.model, data=data,
+                                      usage=_usage(outs), metrics=_timings(outs))
+
+
+def _head_result(h) -> HeadResult | None:
+    return None if h is None else HeadResult(name=h.head, label=h.label, scores=h.scores, box=h.box)
 
 
 async def _merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
