@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence as Seq
 
+import numpy as np
 import torch
 
 from valora.engine.block_manager import BlockManager
-from valora.engine.forward_batch import AttentionMeta, ForwardBatch, ImageInputs, PrefillSpan
+from valora.engine.forward_batch import AttentionMeta, ForwardBatch, ImageInputs
 from valora.engine.sampler import sample
 from valora.engine.sequence import Sequence
 from valora.heads.params import HeadParams
@@ -20,8 +21,11 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, blocks: BlockManager, dtype: torch.dtype, device: torch.device,
-                 embed_cache: EmbeddingCache | None = None) -> None:
+                 embed_cache: EmbeddingCache | None = None, max_blocks_per_seq: int | None = None) -> None:
         self.model, self.blocks, self.dtype, self.device = model, blocks, dtype, device
+        # Width of the decode block tables: a constant (e.g. ceil(max_model_len / block_size)) gives every decode
+        # batch of one size the same tensor shapes; None sizes them to the longest sequence of the step.
+        self.max_blocks_per_seq = max_blocks_per_seq
         self.embed_cache = embed_cache
         c = model.decoder_config
         slots = blocks.num_blocks * blocks.block_size
@@ -43,9 +47,12 @@ class ModelRunner:
         ids: list[int] = []
         pos_chunks: list[torch.Tensor] = []
         slot_mapping: list[int] = []
-        prefills: list[PrefillSpan] = []
+        prefills: list[tuple[int, int, int]] = []  # (q_start, q_len, context_len)
+        pre_tables: list[list[int]] = []
         dec_rows: list[int] = []
-        dec_keys: list[list[int]] = []
+        dec_lens: list[int] = []
+        dec_tables: list[list[int]] = []
+        bs = self.blocks.block_size
         logits_rows: list[int] = []
         lora_ids: list[int] = []
         img_data, img_tokens, img_slots, img_rows, img_cached, img_owner = [], [], [], [], [], []
@@ -54,14 +61,15 @@ class ModelRunner:
             row0, n, total = len(ids), len(new), len(seq)
             ids.extend(new)
             pos_chunks.append(self._positions(seq, start, total))
-            slots = [self.blocks.slot(seq, i) for i in range(start, total)]
-            slot_mapping.extend(slots)
+            table = seq.block_table[: -(-total // bs)]
+            slot_mapping.extend(table[i // bs] * bs + i % bs for i in range(start, total))
             if n == 1 and start > 0:
                 dec_rows.append(row0)
-                dec_keys.append([self.blocks.slot(seq, i) for i in range(total)])
+                dec_lens.append(total)
+                dec_tables.append(table)
             else:
-                keys = [self.blocks.slot(seq, i) for i in range(start)] + slots
-                prefills.append(PrefillSpan(row0, n, torch.tensor(keys, dtype=torch.long, device=self.device)))
+                prefills.append((row0, n, total))
+                pre_tables.append(table)
             logits_rows.append(row0 + n - 1)
             slot = lora_slots.get(seq.lora_name, -1) if seq.lora_name is not None else -1
             lora_ids.extend([slot] * n)
@@ -75,14 +83,7 @@ class ModelRunner:
                     img_rows.extend(range(row0 + item.offset - start, row0 + item.offset - start + item.num_tokens))
                     img_cached.append(seq.image_embeds[k])
                     img_owner.append((seq, k))
-        attn = AttentionMeta(torch.tensor(slot_mapping, dtype=torch.long, device=self.device), prefills)
-        if dec_rows:
-            lmax = max(len(k) for k in dec_keys)
-            attn.decode_rows = torch.tensor(dec_rows, dtype=torch.long, device=self.device)
-            attn.decode_slots = torch.tensor([k + [0] * (lmax - len(k)) for k in dec_keys], dtype=torch.long,
-                                             device=self.device)
-            lens = torch.tensor([len(k) for k in dec_keys], device=self.device)
-            attn.decode_mask = (torch.arange(lmax, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
+        attn = self._attention_meta(slot_mapping, prefills, pre_tables, dec_rows, dec_lens, dec_tables)
         images = None
         if img_data:
             images = ImageInputs(img_data, img_tokens, img_slots, merged_slot,
@@ -96,6 +97,41 @@ class ModelRunner:
             images=images,
         )
         return batch, img_owner
+
+    def _attention_meta(self, slot_mapping: list[int], prefills: list[tuple[int, int, int]],
+                        pre_tables: list[list[int]], dec_rows: list[int], dec_lens: list[int],
+                        dec_tables: list[list[int]]) -> AttentionMeta:
+        """All of the step's attention ints go to the device in one int32 copy; the fields are views of it."""
+        t, sp, bd = len(slot_mapping), len(prefills), len(dec_rows)
+        wp = max((len(b) for b in pre_tables), default=0)
+        wd = max(max((len(b) for b in dec_tables), default=0), self.max_blocks_per_seq or 0)
+        sizes = [t, bd, sp, sp, sp, bd, sp * wp, bd * wd]
+        buf = np.zeros(sum(sizes), dtype=np.int32)
+        buf[:t] = slot_mapping
+        o = t + bd
+        buf[t:o] = dec_rows
+        if sp:
+            buf[o : o + 3 * sp] = np.asarray(prefills, dtype=np.int32).T.reshape(-1)
+        o += 3 * sp
+        buf[o : o + bd] = dec_lens
+        o += bd
+        for tables, w in ((pre_tables, wp), (dec_tables, wd)):
+            for b in tables:
+                buf[o : o + len(b)] = b
+                o += w
+        dev = torch.from_numpy(buf).to(self.device)
+        slot_map, rows, q_starts, q_lens, ctx, d_ctx, p_tab, d_tab = dev.split(sizes)
+        attn = AttentionMeta(slot_map.long(), self.blocks.block_size)
+        if sp:
+            attn.prefill_q_starts, attn.prefill_q_lens, attn.prefill_context_lens = q_starts, q_lens, ctx
+            attn.prefill_block_tables = p_tab.view(sp, wp)
+            attn.prefill_host = tuple(prefills)
+        if bd:
+            attn.decode_rows = rows.long()
+            attn.decode_context_lens = d_ctx
+            attn.decode_block_tables = d_tab.view(bd, wd)
+            attn.decode_max_context = max(dec_lens)
+        return attn
 
     @staticmethod
     def _positions(seq: Sequence, start: int, end: int) -> torch.Tensor:
