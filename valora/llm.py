@@ -40,6 +40,7 @@ class LLM:
         embed_cache_mb: int = 512,
         scheduler: str = "valora",
         max_wait_ms: float = 1000.0,
+        enforce_eager: bool = False,
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
@@ -50,6 +51,7 @@ class LLM:
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, policy=scheduler,
                                           max_wait_ms=max_wait_ms),
                 multimodal=MultiModalConfig(max_images_per_prompt=max_images_per_prompt, embed_cache_mb=embed_cache_mb),
+                enforce_eager=enforce_eager,
             )
         )
         self._counter = 0

@@ -161,3 +161,32 @@ def test_gpu_atmm_needs_no_sync_and_replays_in_a_graph() -> None:
     out.copy_(case.base)
     graph.replay()
     assert_matches(case, out)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_graph_meta_refilled_for_any_mix_matches_reference(backend: str) -> None:
+    """One fixed-size meta (as a CUDA graph captures it), refilled with different mixes of adapters and fewer
+    real tokens than its size: every fill gives the reference result, padding tokens are left alone."""
+    from valora.lora.ops.meta import GraphLoRAMeta
+
+    size = tokens_for(backend, 24)
+    graph = GraphLoRAMeta(size, max_slots=4, device=DEVICE)
+    for seed, used in ((10, size), (11, size - 3), (12, 1)):
+        case = make_case(used, 40, (36, 9, 17), [[16, 0, 5, 9], [3, 16, 0, 1], [0, 7, 16, 12]], 16, DTYPES[0],
+                         DEVICE, seed=seed)
+        graph.fill(case.ids.tolist())
+        pad = size - used
+        x = torch.cat([case.x, torch.randn(pad, 40, dtype=case.x.dtype, device=DEVICE)])
+        out = torch.cat([case.base, torch.randn(pad, case.base.shape[1], dtype=case.base.dtype, device=DEVICE)])
+        before = out.clone()
+        lora_matmul(x, None, case.stack_a, case.stack_b, case.ranks, case.scalings, backend, slices=case.slices,
+                    out=out, meta=graph.meta)
+        assert_matches(case, out[:used])
+        assert torch.equal(out[used:], before[used:])
+
+
+def test_graph_meta_refuses_more_adapters_than_sized_for() -> None:
+    from valora.lora.ops.meta import GraphLoRAMeta
+
+    with pytest.raises(ValueError, match="3 adapters"):
+        GraphLoRAMeta(8, max_slots=2, device="cpu").fill([0, 1, 2])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,3 +58,10 @@ class ForwardBatch:
     logits_rows: torch.Tensor  # [B] last row of each sequence that samples this step
     lora: LoRABatch | None = None
     images: ImageInputs | None = None
+    # What `lora` is built from, on the host: each row's adapter slot (-1: none) and the merged adapter's slot.
+    # A CUDA-graph replay refills its static LoRA metadata from these instead.
+    lora_slots: list[int] = field(default_factory=list)
+    merged_slot: int | None = None
+
+    def build_lora(self) -> None:
+        self.lora = LoRABatch.build(self.lora_slots, self.merged_slot, self.input_ids.device)

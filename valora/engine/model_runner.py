@@ -13,7 +13,6 @@ from valora.engine.forward_batch import AttentionMeta, ForwardBatch, ImageInputs
 from valora.engine.sampler import sample
 from valora.engine.sequence import Sequence
 from valora.heads.params import HeadParams
-from valora.lora.batch import LoRABatch
 from valora.multimodal.cache import EmbeddingCache
 
 logger = logging.getLogger(__name__)
@@ -27,9 +26,11 @@ class ModelRunner:
         # batch of one size the same tensor shapes; None sizes them to the longest sequence of the step.
         self.max_blocks_per_seq = max_blocks_per_seq
         self.embed_cache = embed_cache
+        self.graphs = None  # CUDAGraphRunner, once `enable_cuda_graphs` ran
         c = model.decoder_config
-        slots = blocks.num_blocks * blocks.block_size
-        shape = (slots, c.num_kv_heads, c.head_dim)
+        # One block more than the block manager hands out: padding rows of a graph batch write their K/V there.
+        self.pad_slot = blocks.num_blocks * blocks.block_size
+        shape = (self.pad_slot + blocks.block_size, c.num_kv_heads, c.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(c.num_layers)
@@ -43,7 +44,8 @@ class ModelRunner:
     def prepare(
         self, seqs: Seq[Sequence], lora_slots: dict[str, int], merged_slot: int | None = None
     ) -> tuple[ForwardBatch, list[tuple[Sequence, int]]]:
-        """The batch, and for each of its images the (sequence, image index) that owns it."""
+        """The batch (its LoRA work not built yet: see `forward`), and for each of its images the (sequence, image
+        index) that owns it."""
         ids: list[int] = []
         pos_chunks: list[torch.Tensor] = []
         slot_mapping: list[int] = []
@@ -93,8 +95,9 @@ class ModelRunner:
             positions=torch.cat(pos_chunks, dim=1).to(self.device),
             attn=attn,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
-            lora=LoRABatch.build(lora_ids, merged_slot, self.device),
             images=images,
+            lora_slots=lora_ids,
+            merged_slot=merged_slot,
         )
         return batch, img_owner
 
@@ -144,13 +147,31 @@ class ModelRunner:
         tail = torch.arange(tail_start + p.position_delta, end + p.position_delta).expand(3, -1)
         return torch.cat([head, tail], dim=1)
 
+    def enable_cuda_graphs(self, max_num_seqs: int, max_loras: int) -> None:
+        """Replay decode steps from CUDA graphs (captured now for the common variants, later for the others)."""
+        from valora.engine.cuda_graphs import CUDAGraphRunner
+
+        if self.max_blocks_per_seq is None:
+            raise ValueError("CUDA graphs need a fixed block-table width (max_blocks_per_seq)")
+        self.graphs = CUDAGraphRunner(
+            self.model, self.kv_caches, max_num_seqs=max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq,
+            block_size=self.blocks.block_size, pad_slot=self.pad_slot, max_loras=max_loras, device=self.device)
+        self.graphs.capture_common()
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Final hidden states of every row: replayed from a CUDA graph when the step is a plain decode step."""
+        if self.graphs is not None and self.graphs.usable(batch):
+            return self.graphs.run(batch)
+        batch.build_lora()
+        return self.model(batch, self.kv_caches)
+
     @torch.inference_mode()
     def run(self, seqs: Seq[Sequence], lora_slots: dict[str, int], stop_ids: Seq[set[int]],
             merged_slot: int | None = None) -> list[int | torch.Tensor]:
         """The next token of every decoding sequence; for one a task head answers (`HeadParams`), its final hidden
         state at the last prompt token instead, and no logits are computed for it."""
         batch, image_owners = self.prepare(seqs, lora_slots, merged_slot)
-        last = self.model(batch, self.kv_caches).index_select(0, batch.logits_rows)
+        last = self.forward(batch).index_select(0, batch.logits_rows)
         decode = [i for i, s in enumerate(seqs) if not isinstance(s.params, HeadParams)]
         if batch.images is not None:
             for (seq, k), emb in zip(image_owners, batch.images.cached):

@@ -90,6 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV cache block (default: 16)")
     g.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
                    help="KV cache blocks (default: sized from free memory)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="GPU: run decode steps eagerly instead of replaying CUDA graphs (slower; for debugging)")
     g.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, metavar="GB",
                    help="KV cache size when running on the CPU (default: 1.0)")
 
@@ -125,6 +127,7 @@ def engine_config(args: argparse.Namespace):
                                   policy=args.scheduler, max_wait_ms=args.max_wait_ms),
         multimodal=MultiModalConfig(args.max_images_per_prompt, args.max_image_pixels, args.max_image_bytes,
                                     args.image_cache_mb),
+        enforce_eager=args.enforce_eager,
     )
 
 

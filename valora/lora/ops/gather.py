@@ -10,6 +10,8 @@ from valora.lora.ops.meta import LoRAMeta
 
 def lora_gather(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch.Tensor, ranks: torch.Tensor,
                 scalings: torch.Tensor, slices: tuple[int, ...], out: torch.Tensor) -> None:
+    if meta.sizes is not None:
+        raise ValueError("this backend needs the host layout; CUDA graphs run atmm, sgmv or bgmv")
     rows = meta.token_order
     slot = meta.ids.index_select(0, rows).long()  # [T_lora]
     xs = x.index_select(0, rows).unsqueeze(2)  # [T_lora, K, 1]

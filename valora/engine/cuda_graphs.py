@@ -1,0 +1,165 @@
+"""Decode steps replayed from CUDA graphs, so a step costs its kernels and not Python or launch overhead.
+
+A graph is captured per batch-size bucket and per *variant*: whether the step has tokens with their own adapter,
+whether it has corrections for a merged adapter (mixture mode), and which layers serve merged weights. Every input
+lives in a static buffer that a replay refills: token ids, positions, KV slots, block tables and context lengths,
+and the LoRA metadata (`GraphLoRAMeta`: per-token slots, segments, tile maps), sized for the bucket's worst case so
+one graph serves any mix of adapters. A batch smaller than its bucket is padded with rows that attend to nothing,
+write their K/V to a slot no sequence owns and carry no adapter.
+
+Weights, adapter stacks, ranks and scalings are read through pointers the graph keeps: loading an adapter writes
+into its slot of the stacks, and merging writes into the layer's shadow weights, so neither invalidates a graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from valora.engine.forward_batch import AttentionMeta, ForwardBatch
+from valora.lora.batch import LoRABatch
+from valora.lora.ops.meta import GraphLoRAMeta
+from valora.models.layers.linear import LoRALinear
+
+logger = logging.getLogger(__name__)
+
+GRAPH_BACKENDS = ("atmm", "sgmv", "bgmv")  # LoRA backends whose launches depend on shapes only
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """Batch sizes with a graph: 1, 2, 4, 8, then every 8 up to 64, every 16 up to 128, every 32 beyond."""
+    sizes = [1, 2, 4]
+    b = 8
+    while b < max_num_seqs:
+        sizes.append(b)
+        b += 8 if b < 64 else 16 if b < 128 else 32
+    sizes.append(max_num_seqs)
+    return sorted({s for s in sizes if s <= max_num_seqs})
+
+
+@dataclass(frozen=True)
+class Variant:
+    size: int  # bucket
+    own: bool  # some token runs its own adapter
+    correction: bool  # some token takes the merged adapter back out (mixture mode)
+    merged: tuple[bool, ...]  # per LoRA layer: serving merged weights
+
+
+class CUDAGraphRunner:
+    def __init__(self, model: torch.nn.Module, kv_caches: list, *, max_num_seqs: int, max_blocks_per_seq: int,
+                 block_size: int, pad_slot: int, max_loras: int, device: torch.device) -> None:
+        self.model, self.kv_caches, self.device = model, kv_caches, device
+        self.buckets = batch_buckets(max_num_seqs)
+        self.block_size, self.pad_slot = block_size, pad_slot
+        self.lora_layers = [m for m in model.language_model.modules() if isinstance(m, LoRALinear)]
+        backends = {m.lora_backend for m in self.lora_layers if m.lora_a is not None}
+        self.lora_enabled = bool(backends)
+        self.lora_ok = backends <= set(GRAPH_BACKENDS)
+        n, opts = self.buckets[-1], dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(3, n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), pad_slot, dtype=torch.long, device=device)
+        self.rows = torch.arange(n, device=device)
+        self.context_lens = torch.zeros(n, **opts)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, **opts)
+        self.own = {b: GraphLoRAMeta(b, max_loras, device) for b in self.buckets}
+        self.correction = {b: GraphLoRAMeta(b, 1, device) for b in self.buckets}
+        self.graphs: dict[Variant, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.capture_seconds = 0.0
+
+    def bucket(self, size: int) -> int | None:
+        return next((b for b in self.buckets if b >= size), None)
+
+    def usable(self, batch: ForwardBatch) -> bool:
+        """A step can replay a graph when every sequence decodes one token, with no image, within the buckets."""
+        a = batch.attn
+        slots = batch.lora_slots
+        return (batch.images is None and not a.prefill_host and a.decode_rows is not None
+                and len(slots) <= self.buckets[-1]
+                and (self.lora_ok or (batch.merged_slot is None and all(s < 0 for s in slots))))
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states [T, hidden] of a decode-only `batch`."""
+        t = batch.input_ids.shape[0]
+        b = self.bucket(t)
+        merged = batch.merged_slot
+        own = [s if s != merged else -1 for s in batch.lora_slots]
+        corr = [merged if s != merged else -1 for s in batch.lora_slots] if merged is not None else []
+        variant = Variant(b, any(s >= 0 for s in own), any(s >= 0 for s in corr),
+                          tuple(m.merged_slot is not None for m in self.lora_layers))
+        self._fill(batch, t, b)
+        if variant.own:
+            self.own[b].fill(own)
+        if variant.correction:
+            self.correction[b].fill(corr)
+        if variant not in self.graphs:
+            self.graphs[variant] = self._capture(variant)
+        graph, out = self.graphs[variant]
+        graph.replay()
+        return out[:t]
+
+    def _fill(self, batch: ForwardBatch, t: int, b: int) -> None:
+        a = batch.attn
+        self.input_ids[:t].copy_(batch.input_ids)
+        pos = batch.positions if batch.positions.dim() == 2 else batch.positions.expand(3, -1)
+        self.positions[:, :t].copy_(pos)
+        self.slot_mapping[:t].copy_(a.slot_mapping)
+        self.context_lens[:t].copy_(a.decode_context_lens)
+        self.block_tables[:t, : a.decode_block_tables.shape[1]].copy_(a.decode_block_tables)
+        if b > t:  # padding rows: no keys, a K/V slot nobody owns
+            self.slot_mapping[t:b].fill_(self.pad_slot)
+            self.context_lens[t:b].zero_()
+
+    def _static_batch(self, v: Variant) -> ForwardBatch:
+        b = v.size
+        attn = AttentionMeta(
+            slot_mapping=self.slot_mapping[:b], block_size=self.block_size, decode_rows=self.rows[:b],
+            decode_context_lens=self.context_lens[:b], decode_block_tables=self.block_tables[:b],
+            decode_max_context=self.block_tables.shape[1] * self.block_size,
+        )
+        lora = None
+        if v.own or v.correction:
+            lora = LoRABatch(self.own[b].meta if v.own else None, self.correction[b].meta if v.correction else None)
+        return ForwardBatch(input_ids=self.input_ids[:b], positions=self.positions[:, :b], attn=attn,
+                            logits_rows=self.rows[:b], lora=lora)
+
+    @torch.inference_mode()
+    def _capture(self, v: Variant) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture one variant: two eager runs first (Triton compiles, cuBLAS picks its kernels), off the graph."""
+        start = time.perf_counter()
+        batch = self._static_batch(v)
+        forward: Callable[[], torch.Tensor] = lambda: self.model(batch, self.kv_caches)  # noqa: E731
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                forward()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = forward()
+        if self.pool is None:
+            self.pool = graph.pool()
+        seconds = time.perf_counter() - start
+        self.capture_seconds += seconds
+        logger.debug("captured a decode graph for %s in %.2f s", v, seconds)
+        return graph, out
+
+    def capture_common(self) -> None:
+        """Capture the variants every deployment meets (no adapter, own adapters) for every bucket, up front."""
+        start = time.perf_counter()
+        merged = tuple(False for _ in self.lora_layers)
+        self.slot_mapping.fill_(self.pad_slot)  # nothing real yet: every row is padding
+        for b in reversed(self.buckets):  # the largest first: later ones fit in its memory pool
+            self.own[b].fill([])
+            for own in (False, True) if self.lora_enabled and self.lora_ok else (False,):
+                v = Variant(b, own, False, merged)
+                if v not in self.graphs:
+                    self.graphs[v] = self._capture(v)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self.graphs),
+                    ",".join(map(str, self.buckets)), time.perf_counter() - start)
