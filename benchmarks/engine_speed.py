@@ -1,0 +1,350 @@
+"""Engine speed on the GPU (issue 11): decode, prefill and TTFT of a Qwen2-VL-7B-shaped checkpoint with random bf16
+weights, side by side with transformers `generate` (+ peft for adapter rows) on the same checkpoint, every row next
+to its roofline, plus the GPU's idle time between decode steps and a kernel profile of one step.
+
+    python benchmarks/engine_speed.py --workdir /tmp/speed            # everything (about 8 minutes on an H100)
+    python benchmarks/engine_speed.py --skip-hf --batches 1,32        # ours only, fewer rows
+
+Roofline of a row: the larger of (bytes it must read) / (measured copy bandwidth) and (FLOPs) / (measured bf16
+matmul rate). A decode step reads the LM weights, the distinct adapters in the batch and every sequence's KV; a
+prefill reads the weights once and does 2 x params x tokens FLOPs plus causal attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import LM_LINEARS, QWEN2_VL_7B, write_result
+from benchmarks.engine_smoke import hf_decode
+from valora import LLM, LoRARequest, SamplingParams
+from valora.testing.checkpoints import build_qwen2_vl, peft_target_regex, save_random_adapter
+
+H, FF, L, V = (QWEN2_VL_7B[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+KVH, D = QWEN2_VL_7B["num_key_value_heads"], H // QWEN2_VL_7B["num_attention_heads"]
+LAYER_SHAPES = {"q_proj": (H, H), "k_proj": (H, KVH * D), "v_proj": (H, KVH * D), "o_proj": (H, H),
+                "gate_proj": (H, FF), "up_proj": (H, FF), "down_proj": (FF, H)}  # (in, out)
+LM_PARAMS = L * sum(i * o for i, o in LAYER_SHAPES.values()) + H * V  # linears + LM head (embedding: rows only)
+BYTES = 2  # bf16
+
+
+# -- the device ------------------------------------------------------------------------------------------------
+def measure_device() -> dict:
+    """Copy bandwidth (read + write of 2 GiB) and dense bf16 matmul rate (8192^3), best of a few runs."""
+    x = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+
+    def best(fn, n=10) -> float:
+        fn()
+        times = []
+        for _ in range(n):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        return min(times)
+
+    bw = 2 * x.numel() * 2 / best(lambda: y.copy_(x))
+    rate = 2 * 8192**3 / best(lambda: a @ b)
+    return {"copy_bandwidth_bytes_per_s": bw, "bf16_matmul_flops_per_s": rate}
+
+
+def roofline(dev: dict, nbytes: float, flops: float) -> dict:
+    t_bytes = nbytes / dev["copy_bandwidth_bytes_per_s"]
+    t_flops = flops / dev["bf16_matmul_flops_per_s"]
+    return {"roofline_ms": max(t_bytes, t_flops) * 1e3, "bound": "memory" if t_bytes >= t_flops else "compute",
+            "bytes": nbytes, "flops": flops}
+
+
+def adapter_bytes(rank: int) -> int:
+    return L * sum(rank * (i + o) for i, o in LAYER_SHAPES.values()) * BYTES
+
+
+def kv_bytes(tokens: int) -> int:
+    return tokens * L * 2 * KVH * D * BYTES
+
+
+def decode_roofline(dev: dict, batch: int, context: int, adapters: int, rank: int) -> dict:
+    nbytes = LM_PARAMS * BYTES + adapters * adapter_bytes(rank) + kv_bytes(batch * context)
+    flops = 2 * LM_PARAMS * batch + 4 * batch * context * L * H
+    return roofline(dev, nbytes, flops)
+
+
+def prefill_roofline(dev: dict, tokens: int) -> dict:
+    attn = 2 * tokens * tokens * L * H  # causal: half of 4 * T^2 * heads * head_dim
+    return roofline(dev, LM_PARAMS * BYTES + kv_bytes(tokens), 2 * LM_PARAMS * tokens + attn)
+
+
+# -- the checkpoint --------------------------------------------------------------------------------------------
+def build(workdir: Path, num_adapters: int, rank: int) -> tuple[Path, list[Path]]:
+    model = workdir / "qwen2-vl-7b-random"
+    if not (model / "config.json").exists():
+        t = time.perf_counter()
+        build_qwen2_vl(model, large=True, dtype=torch.bfloat16, device="cuda", max_pixels=448 * 448, **QWEN2_VL_7B)
+        print(f"checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
+    adapters = []
+    for i in range(num_adapters):
+        path = workdir / f"adapter-r{rank}-{i}"
+        if not (path / "adapter_config.json").exists():
+            save_random_adapter(model, path, r=rank, target_modules=peft_target_regex(LM_LINEARS), seed=i,
+                                device="cuda")
+        adapters.append(path)
+    return model, adapters
+
+
+def token_prompts(batch: int, length: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(10, 5000, (length,), generator=g).tolist()} for _ in range(batch)]
+
+
+# -- ours ------------------------------------------------------------------------------------------------------
+def steps_of(llm: LLM, prompts: list, loras: list, max_tokens: int) -> list[float]:
+    """Wall time of every engine step until all requests finish (host and device, synchronised)."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for i, (p, lr) in enumerate(zip(prompts, loras)):
+        engine.add_request(f"r{i}-{time.monotonic_ns()}", p, params, lr)
+    times = []
+    while engine.has_unfinished_requests():
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def ours_decode(llm: LLM, batch: int, context: int, loras: list, steps: int) -> float:
+    """Median decode step once every request is past its prefill (the last `steps` steps)."""
+    times = steps_of(llm, token_prompts(batch, context), loras, steps * 2)
+    tail = sorted(times[-steps:])
+    return tail[len(tail) // 2]
+
+
+def ours_prefill(llm: LLM, tokens: int, repeats: int = 3) -> float:
+    best = float("inf")
+    for k in range(repeats):
+        times = steps_of(llm, token_prompts(1, tokens, seed=100 + k), [None], 1)
+        best = min(best, sum(times))
+    return best
+
+
+def image_request(llm: LLM, seed: int, text: str = "Describe the image.") -> dict:
+    messages, image = hf_messages(seed, text)
+    messages[0]["content"][0]["image"] = image
+    return llm.chat_prompt(messages)
+
+
+def graph_parity(llm: LLM, loras: list, requests: int = 16, tokens: int = 32) -> dict:
+    """Greedy outputs of a mixed batch (8 adapters, images and text) replayed from CUDA graphs vs run eagerly."""
+    prompts = [image_request(llm, 1000 + i, f"Question {i}: what is shown?") if i % 2 else
+               token_prompts(1, 40 + 7 * i, seed=i)[0] for i in range(requests)]
+    mix = [loras[i % 8] if i % 4 else None for i in range(requests)]
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    runner = llm.engine.runner
+    outs = {}
+    for mode, graphs in (("graphs", runner.graphs), ("eager", None)):
+        saved, runner.graphs = runner.graphs, graphs
+        try:
+            outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=mix,
+                                                                       use_tqdm=False)]
+        finally:
+            runner.graphs = saved
+    same = [a == b for a, b in zip(outs["graphs"], outs["eager"])]
+    tokens_same = sum(x == y for a, b in zip(outs["graphs"], outs["eager"]) for x, y in zip(a, b))
+    return {"requests": requests, "tokens_each": tokens, "identical_requests": sum(same),
+            "identical_tokens": tokens_same, "total_tokens": requests * tokens}
+
+
+def ours_ttft(llm: LLM, repeats: int = 5) -> float:
+    times = []
+    for k in range(repeats):
+        prompt = image_request(llm, seed=k)  # a new image each time: no embedding-cache hits
+        times.append(sum(steps_of(llm, [prompt], [None], 1)))
+    return sorted(times)[len(times) // 2]
+
+
+def idle_and_profile(llm: LLM, batch: int, context: int, loras: list, steps: int = 16) -> dict:
+    """GPU idle share between the first and the last kernel of `steps` decode steps, and kernel time per step."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    for i, (p, lr) in enumerate(zip(token_prompts(batch, context), loras)):
+        engine.add_request(f"p{i}", p, params, lr)
+    for _ in range(4):  # prefills and the first decodes
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    while engine.has_unfinished_requests():
+        engine.step()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, cur_s, cur_e = 0.0, None, None
+    for s, e in spans:
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    window = (spans[-1][1] - spans[0][0]) if spans else 0.0
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + (e.time_range.end - e.time_range.start)
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
+    return {"batch": batch, "steps": steps, "wall_ms_per_step": wall / steps * 1e3,
+            "gpu_busy_ms_per_step": busy / steps / 1e3, "gpu_window_ms_per_step": window / steps / 1e3,
+            "idle_share_of_step": 1 - busy / 1e3 / (wall * 1e3) if wall else None,
+            "kernels_ms_per_step": {name[:90]: us / steps / 1e3 for name, us in top}}
+
+
+# -- transformers ---------------------------------------------------------------------------------------------
+def hf_prefill(model, tokens: int) -> float:
+    ids = torch.tensor([token_prompts(1, tokens, seed=100)[0]["prompt_token_ids"]], device="cuda")
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def hf_ttft(model, model_dir: Path) -> float:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    times = []
+    for k in range(5):
+        messages, image = hf_messages(k)
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(text=[text], images=[image], return_tensors="pt").to("cuda")
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def hf_messages(seed: int, text: str = "Describe the image."):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    image = Image.fromarray(torch.randint(0, 256, (448, 448, 3), generator=g, dtype=torch.uint8).numpy())
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], image
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/valora-speed"))
+    ap.add_argument("--batches", default="1,8,32,64,128")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--prefills", default="512,2048,8192")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=24, help="decode steps timed per row (default: 24)")
+    ap.add_argument("--hf-steps", type=int, default=6)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--name", default="engine_speed")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    prefills = [int(t) for t in args.prefills.split(",")]
+    adapter_counts = (0, 8, 32)
+
+    model_dir, adapter_dirs = build(args.workdir, max(adapter_counts), args.rank)
+    dev = measure_device()
+    torch.cuda.empty_cache()
+    print(json.dumps(dev), flush=True)
+    result: dict = {"device_rates": dev, "context": args.context, "rank": args.rank, "lm_params": LM_PARAMS,
+                    "enforce_eager": args.enforce_eager, "decode": [], "prefill": [], "ttft": {}}
+    t = time.perf_counter()
+    llm = LLM(str(model_dir), enable_lora=True, max_loras=32, max_lora_rank=args.rank, max_model_len=8704,
+              gpu_memory_utilization=0.85, max_num_seqs=max(batches), enforce_eager=args.enforce_eager)
+    result["valora_start_s"] = time.perf_counter() - t
+    loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapter_dirs)]
+    for lr in loras:
+        llm.engine.add_lora(lr)
+    steps_of(llm, token_prompts(4, 64), [None, loras[0], loras[1], None], 4)  # warm-up
+    for n in adapter_counts:
+        for b in batches:
+            mix = [loras[i % n] for i in range(b)] if n else [None] * b
+            ms = ours_decode(llm, b, args.context, mix, args.steps) * 1e3
+            row = {"batch": b, "adapters": n, "distinct_adapters": min(b, n), "valora_ms": ms,
+                   **decode_roofline(dev, b, args.context + args.steps, min(b, n), args.rank)}
+            row["valora_over_roofline"] = ms / row["roofline_ms"]
+            result["decode"].append(row)
+            print(json.dumps(row), flush=True)
+    for tokens in prefills:
+        ms = ours_prefill(llm, tokens) * 1e3
+        row = {"tokens": tokens, "valora_ms": ms, **prefill_roofline(dev, tokens)}
+        row["valora_matmul_share"] = row["flops"] / (ms / 1e3) / dev["bf16_matmul_flops_per_s"]
+        result["prefill"].append(row)
+        print(json.dumps(row), flush=True)
+    result["ttft"]["valora_ms"] = ours_ttft(llm) * 1e3
+    result["idle_b32_32_adapters"] = idle_and_profile(llm, 32, args.context, [loras[i % 32] for i in range(32)])
+    result["idle_b32_no_adapter"] = idle_and_profile(llm, 32, args.context, [None] * 32)
+    runner = llm.engine.runner
+    if runner.graphs is not None:
+        result["graph_parity"] = graph_parity(llm, loras)
+    result["graphs"] = {"captured": len(runner.graphs.graphs), "capture_s": runner.graphs.capture_seconds} \
+        if runner.graphs is not None else None
+    print(json.dumps({k: result.get(k) for k in ("ttft", "idle_b32_32_adapters", "graphs", "graph_parity")}),
+          flush=True)
+    write_result(args.name, result)  # ours first: a run cut short keeps it
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    if not args.skip_hf:
+        from peft import PeftModel
+        from transformers import AutoModelForImageTextToText
+
+        hf = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+        result["ttft"]["hf_ms"] = hf_ttft(hf, model_dir) * 1e3
+        for row in result["prefill"]:
+            row["hf_ms"] = hf_prefill(hf, row["tokens"]) * 1e3
+            print(json.dumps(row), flush=True)
+        for row in result["decode"]:
+            if row["adapters"] == 0:
+                row["hf_ms"] = hf_decode(hf, row["batch"], args.context, args.hf_steps)["ms_per_step"]
+                print(json.dumps(row), flush=True)
+        write_result(args.name, result)
+        peft = PeftModel.from_pretrained(hf, str(adapter_dirs[0]), adapter_name="a0")
+        for i, p in enumerate(adapter_dirs[1:], start=1):
+            peft.load_adapter(str(p), adapter_name=f"a{i}")
+        for row in result["decode"]:
+            if row["adapters"]:
+                names = [f"a{i % row['adapters']}" for i in range(row["batch"])]
+                row["hf_peft_ms"] = hf_decode(peft, row["batch"], args.context, args.hf_steps, names)["ms_per_step"]
+                row["speedup_vs_hf_peft"] = row["hf_peft_ms"] / row["valora_ms"]
+                print(json.dumps(row), flush=True)
+                write_result(args.name, result)
+    path = write_result(args.name, result)
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
