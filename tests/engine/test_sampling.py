@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from valora import LLM, SamplingParams
+from valora.engine.sampler import _filter_rows, sample
+from valora.engine.sequence import Sequence
+from valora.multimodal.inputs import ProcessedPrompt
 from valora.testing.families import FAMILIES
 
 pytestmark = pytest.mark.families("qwen2_vl")  # sampling is the same for every family; chat templates are not
@@ -100,3 +104,205 @@ def test_chat_applies_template_with_images(llm, family):
     out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
     direct = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
     assert out.outputs[0].token_ids == direct.outputs[0].token_ids
+
+
+# --- the batched sampler itself, on synthetic logits (no model): one host transfer per step for any mix of rows
+
+
+def _seq(params: SamplingParams, generated: int = 0):
+    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None  # as the engine does
+    seq = Sequence(0, "r", 0, ProcessedPrompt([1, 2, 3]), params, None, 0.0, gen)
+    seq.output_ids = [0] * generated
+    return seq
+
+
+def _old_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The per-row filter the batched one replaced (the reference for `_filter_rows`)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def _mixed_batch(vocab: int = 64):
+    """A batch with every kind of row; the seeded one (row 2) is the one followed across batches."""
+    gen = torch.Generator().manual_seed(123)
+    logits = torch.randn(7, vocab, generator=gen) * 2
+    seqs = [
+        _seq(SamplingParams(temperature=0)),
+        _seq(SamplingParams(temperature=0.7, logprobs=3)),
+        _seq(SamplingParams(temperature=1.0, seed=42)),
+        _seq(SamplingParams(temperature=1.2, top_k=5, top_p=0.8, seed=7, logprobs=0)),
+        _seq(SamplingParams(temperature=0, min_tokens=4, logprobs=2), generated=1),
+        _seq(SamplingParams(temperature=0.9, top_p=0.5)),
+        _seq(SamplingParams(temperature=1.5, top_k=3, min_tokens=2)),
+    ]
+    stops = [set(), set(), set(), set(), {int(logits[4].argmax())}, set(), {int(logits[6].argmax())}]
+    return logits, seqs, stops
+
+
+def test_greedy_is_argmax_ties_included():
+    logits = torch.randn(6, 40)
+    logits[1, 3] = logits[1, 17] = logits[1].max() + 1  # a tie: torch.argmax's pick
+    tokens = sample(logits.clone(), [_seq(SamplingParams(temperature=0)) for _ in range(6)], [set()] * 6)
+    assert tokens == logits.argmax(-1).tolist()
+    mixed, seqs, stops = _mixed_batch()
+    tokens = sample(mixed.clone(), seqs, stops)
+    assert tokens[0] == int(mixed[0].argmax())  # a greedy row is not touched by its sampled neighbours
+
+
+def test_filter_rows_matches_per_row_reference_and_leaves_other_rows():
+    x = torch.randn(7, 50) * 3
+    x[2, :3] = x[2].max() + 1  # ties at the top
+    x[6, 10:14] = x[6].sort(descending=True).values[3] + 1e-3  # ties at the k-th value: all of them are kept
+    cases = {0: (5, 1.0), 2: (12, 0.7), 6: (6, 1.0), 3: (50, 0.3), 5: (1, 0.9)}
+    by_k = [r for r, (k, _) in cases.items() if k < 50]
+    by_p = [r for r, (k, _) in cases.items() if k == 50]
+    out = x.clone()
+    _filter_rows(out, [(torch.tensor(by_k), torch.tensor([cases[r][0] for r in by_k]),
+                        torch.tensor([cases[r][1] if cases[r][1] < 1 else 2.0 for r in by_k]), 12),
+                       (torch.tensor(by_p), torch.tensor([50] * len(by_p)), torch.tensor([cases[r][1] for r in by_p]),
+                        50)])
+    for r, (k, p) in cases.items():
+        assert torch.equal(out[r], _old_filter(x[r], k if k < 50 else 0, p)), r
+    assert int(torch.isfinite(out[6]).sum()) == 7  # three above, four tied at the sixth value
+    for r in (1, 4):
+        assert torch.equal(out[r], x[r])
+
+
+def test_seeded_row_same_alone_and_in_any_batch():
+    logits, seqs, stops = _mixed_batch()
+    row = logits[2:3]
+
+    def steps(batch_logits, batch_seqs, batch_stops, at, n=6):
+        batch_seqs[at].generator.manual_seed(42)
+        return [sample(batch_logits.clone(), batch_seqs, batch_stops)[at] for _ in range(n)]
+
+    alone = steps(row, [seqs[2]], [set()], 0)
+    assert steps(logits, seqs, stops, 2) == alone
+    flipped = list(range(6, -1, -1))
+    assert steps(logits[flipped], [seqs[i] for i in flipped], [stops[i] for i in flipped], 4) == alone
+    seqs[2].generator.manual_seed(43)
+    assert [sample(row.clone(), [seqs[2]], [set()])[0] for _ in range(6)] != alone
+    # an unseeded row is random
+    free = [_seq(SamplingParams(temperature=1.0))]
+    assert len({tuple(sample(row.clone(), free, [set()])) for _ in range(8)}) > 1
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = torch.randn(8, 100) * 2
+    seqs = [_seq(SamplingParams(temperature=1.5, top_k=1, seed=i)) for i in range(4)]
+    seqs += [_seq(SamplingParams(temperature=1.5, top_p=1e-6)) for _ in range(4)]
+    for _ in range(3):
+        assert sample(logits.clone(), seqs, [set()] * 8) == logits.argmax(-1).tolist()
+
+
+def test_top_k_and_top_p_restrict_support():
+    logits = torch.tensor([3.0, 2.5, 2.2, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0])
+    n = 3000
+    by_k = sample(logits.repeat(n, 1), [_seq(SamplingParams(temperature=1.0, top_k=4))] * n, [set()] * n)
+    assert set(by_k) == {0, 1, 2, 3}
+    probs = logits.softmax(-1)
+    need = int((probs.cumsum(-1) < 0.8).sum()) + 1  # smallest prefix with mass >= 0.8
+    by_p = sample(logits.repeat(n, 1), [_seq(SamplingParams(temperature=1.0, top_p=0.8))] * n, [set()] * n)
+    assert set(by_p) == set(range(need))
+    free = sample(logits.repeat(n, 1), [_seq(SamplingParams(temperature=1.0))] * n, [set()] * n)
+    assert set(free) > set(by_k)  # rows without top_k / top_p keep the whole vocabulary
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sampled_frequencies_follow_softmax_over_temperature(temperature, seeded):
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0])
+    n = 2000 if seeded else 20000
+    seqs = [_seq(SamplingParams(temperature=temperature, seed=i if seeded else None)) for i in range(n)]
+    counts = torch.bincount(torch.tensor(sample(logits.repeat(n, 1), seqs, [set()] * n)), minlength=6).double()
+    expected = (logits / temperature).softmax(-1).double() * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5, (counts.tolist(), expected.tolist())  # 5 degrees of freedom, p = 0.001
+
+
+def test_min_tokens_masks_stop_ids_until_reached():
+    logits = torch.zeros(4, 20)
+    logits[:, 7] = 10.0
+    logits[:, 3] = 5.0
+    original = logits.clone()
+    seqs = [_seq(SamplingParams(temperature=0, min_tokens=3), generated=2),
+            _seq(SamplingParams(temperature=0, min_tokens=3), generated=3),
+            _seq(SamplingParams(temperature=1.0, min_tokens=3, seed=1), generated=0),
+            _seq(SamplingParams(temperature=0))]
+    stops = [{7, 99}, {7}, {7, 3}, {7}]  # 99: out of the vocabulary, ignored
+    for _ in range(20):
+        tokens = sample(logits, seqs, stops)
+        assert tokens[0] == 3 and tokens[1] == 7 and tokens[2] not in (3, 7) and tokens[3] == 7
+    assert torch.equal(logits, original)  # the caller's logits are never modified
+
+
+def test_logprobs_are_the_models_log_softmax():
+    logits, seqs, stops = _mixed_batch()
+    ref = logits.log_softmax(-1)
+    for step in range(2):
+        tokens = sample(logits.clone(), seqs, stops)
+        for i, seq in enumerate(seqs):
+            k = seq.params.logprobs
+            if k is None:
+                assert seq.logprobs is None
+                continue
+            entry = seq.logprobs[step]
+            top = torch.topk(ref[i], k).indices.tolist()
+            assert list(entry)[:k] == top and tokens[i] in entry
+            assert set(entry) == set(top) | {tokens[i]}
+            for token, value in entry.items():
+                assert value == float(ref[i, token])  # unmasked, untempered: the model's own distribution
+        assert len(seqs[1].logprobs) == step + 1
+
+
+_SYNCS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize("kind", ["mixed", "greedy", "sampled"])
+def test_one_device_to_host_transfer_per_step(monkeypatch, kind):
+    logits, seqs, stops = _mixed_batch()
+    if kind == "greedy":
+        seqs = [_seq(SamplingParams(temperature=0)) for _ in seqs]
+    elif kind == "sampled":
+        seqs = [_seq(SamplingParams(temperature=0.8, top_k=10)) for _ in seqs]
+    calls: list[str] = []
+    for name in _SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **kw):
+            calls.append(_name)
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    tokens = sample(logits, seqs, stops)
+    monkeypatch.undo()
+    assert calls == ["tolist"] and len(tokens) == len(seqs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_synchronisation_per_step_on_cuda():
+    import warnings
+
+    logits, seqs, stops = _mixed_batch()
+    for s in seqs:
+        if s.generator is not None:
+            s.generator = torch.Generator(device="cuda").manual_seed(1)
+    logits = logits.cuda()
+    sample(logits, seqs, stops)  # warm up (pinned-memory pool, lazy init)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sample(logits, seqs, stops)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1

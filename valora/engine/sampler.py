@@ -1,4 +1,15 @@
-"""Token selection per sequence: greedy, or temperature / top-k / top-p sampling with optional per-request seeds."""
+"""Token selection for a whole batch on the logits' device: greedy, or temperature / top-k / top-p sampling with
+optional per-request seeds, plus the model's own log-probabilities where asked.
+
+Per step the per-row parameters go to the device in one host->device copy, everything runs as batched tensor ops
+with no host synchronisation, and the tokens (with any log-probabilities) come back in one device->host copy.
+
+Sampling is an exponential race (the Gumbel-max trick): the token is `argmax(logits / T - log E)` with
+`E ~ Exp(1)` drawn per vocabulary entry, which picks token i with probability `softmax(logits / T)[i]`. A row with a
+seed draws its `E` from its own generator (`seq.generator`, V draws per step whatever else is in the batch), so its
+stream does not depend on its company; unseeded rows share one draw from the device's default generator. Greedy
+rows get `E = 1` (no noise), so they are the exact `argmax` of their (min_tokens-masked) logits.
+"""
 
 from __future__ import annotations
 
@@ -8,40 +19,154 @@ import torch
 
 from valora.engine.sequence import Sequence
 
+_TINY = torch.finfo(torch.float32).tiny  # keeps log(E) finite, so a filtered (-inf) logit never turns into NaN
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
+
+class _Pack:
+    """Host-side segments sent to the device in one copy (float64: exact for token ids, flat indices and params)."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+        self.spans: dict[str, tuple[int, int]] = {}
+
+    def add(self, name: str, values: list) -> None:
+        self.spans[name] = (len(self.values), len(self.values) + len(values))
+        self.values.extend(values)
+
+    def send(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if not self.values:
+            return {}
+        cuda = device.type == "cuda"
+        host = torch.tensor(self.values, dtype=torch.float64, pin_memory=cuda)
+        dev = host.to(device, non_blocking=cuda)
+        return {name: dev[a:b] for name, (a, b) in self.spans.items()}
+
+
+def _cutoffs(vals: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor | None) -> torch.Tensor:
+    """vals: [n, W] each row's W largest logits, descending. The smallest logit each row keeps: its top-k (ties at
+    the k-th value kept), then the smallest prefix of those whose probability mass reaches its top-p."""
+    cut = vals.gather(1, (top_k - 1).unsqueeze(1)).squeeze(1)
+    if top_p is None:
+        return cut
+    vals = vals.masked_fill(vals < cut.unsqueeze(1), float("-inf"))
+    probs = vals.softmax(-1)
+    drop = (probs.cumsum(-1) - probs) > top_p.unsqueeze(1)
+    return torch.maximum(cut, vals.masked_fill(drop, float("inf")).amin(-1))
+
+
+def _filter_rows(x: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]]) -> None:
+    """In place: -inf every logit of x ([B, V], temperature applied) under its row's cutoff. Each group is (rows,
+    top_k, top_p or None, width): rows with a top-k look at their `width` = max(top_k) best logits (`topk`), rows
+    with only a top-p sort their whole row; a row without a top-k has top_k = width, without a top-p top_p = 2.
+    Rows in no group are left as they are (their cutoff is -inf). A cutoff is a value: logits tied with it are all
+    kept (the per-row sort this replaced kept an arbitrary subset of a tie at the top-p edge)."""
+    thresh = torch.full((x.shape[0],), float("-inf"), dtype=x.dtype, device=x.device)
+    for rows, top_k, top_p, width in groups:
+        sub = x.index_select(0, rows)
+        vals = sub.sort(-1, descending=True).values if width == x.shape[1] else sub.topk(width).values
+        thresh.index_copy_(0, rows, _cutoffs(vals, top_k, top_p))
+    x.masked_fill_(x < thresh.unsqueeze(1), float("-inf"))
 
 
 def sample(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[int]]) -> list[int]:
     """logits: [B, V] float32, one row per sequence. `stop_ids[i]` are masked while min_tokens is not reached.
-    Sequences that asked for logprobs get the model's own (unprocessed) distribution appended."""
-    want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-    logprobs = logits[want].log_softmax(-1) if want else None
+    Sequences that asked for logprobs get the model's own (unprocessed) distribution appended: its top-k and the
+    chosen token, as {token_id: logprob}."""
+    num_rows, vocab = logits.shape
+    if num_rows == 0:
+        return []
+    device = logits.device
+    params = [s.params for s in seqs]
+
+    # --- host side: which rows need what, packed for one host->device copy
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    seeded = [i for i in sampled if seqs[i].generator is not None]
+    unseeded = [i for i in sampled if seqs[i].generator is None]
+    by_k = [i for i in sampled if 0 < params[i].top_k < vocab]  # top-k (and maybe top-p): `topk` of the widest
+    by_p = [i for i in sampled if params[i].top_p < 1.0 and not 0 < params[i].top_k < vocab]  # top-p only: a sort
+    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    kmax = min(vocab, max((params[i].logprobs for i in want), default=0))
+    masked: list[int] = []  # flat indices row * V + token of the stop ids held back by min_tokens
     for i, seq in enumerate(seqs):
-        if len(seq.output_ids) < seq.params.min_tokens and stop_ids[i]:
-            logits[i, list(stop_ids[i])] = float("-inf")
-    tokens = logits.argmax(-1).tolist()
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        if p.greedy:
-            continue
-        row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
-        tokens[i] = int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator).item())
+        if stop_ids[i] and len(seq.output_ids) < params[i].min_tokens:
+            masked.extend(i * vocab + t for t in stop_ids[i] if 0 <= t < vocab)
+
+    pack = _Pack()
+    if sampled:
+        pack.add("temp", [1.0 if p.greedy else p.temperature for p in params])
+        if unseeded and len(unseeded) < num_rows:
+            pack.add("unseeded", unseeded)
+    groups = []  # (name, width, whether any row has a top-p)
+    for name, rows in (("k", by_k), ("p", by_p)):
+        if rows:
+            width = max(params[i].top_k for i in rows) if name == "k" else vocab
+            any_p = any(params[i].top_p < 1.0 for i in rows)
+            groups.append((name, width, any_p))
+            pack.add(name + "_rows", rows)
+            pack.add(name + "_k", [params[i].top_k if name == "k" else vocab for i in rows])
+            if any_p:
+                pack.add(name + "_p", [params[i].top_p if params[i].top_p < 1.0 else 2.0 for i in rows])  # 2: all
+    if masked:
+        pack.add("masked", masked)
+    if want and len(want) < num_rows:
+        pack.add("want", want)
+    dev = pack.send(device)
+
+    # --- device side: no host synchronisation until the single copy back
+    x = logits.float()
+    owned = False  # whether x is our own copy (logits themselves are never modified)
+    if sampled:
+        x = x / dev["temp"].to(x.dtype).unsqueeze(1)  # greedy rows divide by 1.0: exact
+        owned = True
+    if masked:
+        flat = dev["masked"].long()
+        if owned:
+            x.view(-1).index_fill_(0, flat, float("-inf"))
+        else:
+            x = x.reshape(-1).index_fill(0, flat, float("-inf")).view(num_rows, vocab)
+    if groups:
+        _filter_rows(x, [(dev[name + "_rows"].long(), dev[name + "_k"].long(),
+                          dev[name + "_p"].to(x.dtype) if any_p else None, width) for name, width, any_p in groups])
+    if sampled:
+        if len(unseeded) == num_rows:
+            race = torch.empty_like(x).exponential_()
+        else:  # greedy rows keep E = 1: no noise
+            race = torch.ones_like(x)
+            if unseeded:
+                race.index_copy_(0, dev["unseeded"].long(), x.new_empty(len(unseeded), vocab).exponential_())
+        for i in seeded:
+            gen = seqs[i].generator
+            if gen.device == race.device:
+                race[i].exponential_(generator=gen)
+            else:  # a generator on another device: draw there, copy over (no host sync)
+                race[i].copy_(torch.empty(vocab, device=gen.device).exponential_(generator=gen), non_blocking=True)
+        x.sub_(race.clamp_min_(_TINY).log_())  # greedy rows: log(1) = 0, x unchanged
+    tokens = x.argmax(-1)
+
+    if not want:
+        return tokens.tolist()
+    lp, want_tokens = logits, tokens
+    if len(want) < num_rows:
+        rows = dev["want"].long()
+        lp, want_tokens = logits.index_select(0, rows), tokens.index_select(0, rows)
+    lp = lp.float().log_softmax(-1)
+    chosen = lp.gather(1, want_tokens.unsqueeze(1))
+    parts = [tokens.double(), chosen.double().flatten()]
+    if kmax:
+        top = lp.topk(kmax)
+        parts += [top.indices.double().flatten(), top.values.double().flatten()]
+    host = torch.cat(parts).tolist()  # the one device->host copy
+
+    out = [int(t) for t in host[:num_rows]]
+    n = len(want)
+    chosen_lp = host[num_rows : num_rows + n]
+    top_ids = host[num_rows + n : num_rows + n + n * kmax]
+    top_vals = host[num_rows + n + n * kmax :]
     for j, i in enumerate(want):
-        k = seqs[i].params.logprobs
-        top = torch.topk(logprobs[j], k) if k else None
-        entry = dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {}
-        entry[tokens[i]] = float(logprobs[j, tokens[i]])
+        k = min(params[i].logprobs, kmax)
+        entry = {int(t): v for t, v in zip(top_ids[j * kmax : j * kmax + k], top_vals[j * kmax : j * kmax + k])}
+        entry[out[i]] = chosen_lp[j]
         if seqs[i].logprobs is None:
             seqs[i].logprobs = []
         seqs[i].logprobs.append(entry)
-    return tokens
+    return out
