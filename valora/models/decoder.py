@@ -2,6 +2,10 @@
 
 Fused qkv and gate/up projections (one GEMM each), paged-KV attention, RoPE or M-RoPE. Module paths mirror the
 Hugging Face ones (`layers.N.self_attn.*`, `layers.N.mlp.*`) so checkpoints and PEFT adapters map by name.
+
+The residual stream flows vLLM-style: each layer returns (its MLP output, the residual before it), and the next
+norm adds the two (`h, residual = norm(x, residual)`), so on CUDA every residual add is fused into a norm kernel
+and a layer launches norm, qkv, rotary, attention, o, norm, gate/up, silu*mul, down (see layers/fused_kernels.py).
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import torch
 from torch import nn
 
 from valora.engine.forward_batch import ForwardBatch
+from valora.models.layers import fused_kernels
 from valora.models.layers.attention import PagedAttention
 from valora.models.layers.linear import LoRALinear
 from valora.models.layers.mlp import GatedMLP
 from valora.models.layers.norm import RMSNorm
-from valora.models.layers.rotary import MRotaryEmbedding, apply_rotary
+from valora.models.layers.rotary import MRotaryEmbedding, Rope
 
 
 @dataclass(frozen=True)
@@ -76,12 +81,11 @@ class DecoderAttention(nn.Module):
         self.o_proj = LoRALinear(q, c.hidden_size)
         self.attn = PagedAttention(c.num_heads, c.num_kv_heads, c.head_dim)
 
-    def forward(self, x, cos, sin, kv_cache, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, x, rope: Rope, kv_cache, batch: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x, batch.lora)
         q, k, v = qkv.split([self.num_heads * self.head_dim, *(2 * [self.num_kv_heads * self.head_dim])], dim=-1)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = rope(q.view(t, self.num_heads, self.head_dim), k.view(t, self.num_kv_heads, self.head_dim))
         o = self.attn(q, k, v.view(t, self.num_kv_heads, self.head_dim), kv_cache, batch.attn)
         return self.o_proj(o.reshape(t, -1), batch.lora)
 
@@ -94,9 +98,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act)
 
-    def forward(self, x, cos, sin, kv_cache, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch)
-        return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
+    def forward(self, x, residual, rope: Rope, kv_cache, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream before it); their sum is the layer's output. `residual` is None for the
+        first layer, else the previous layer's second result (x is then its first)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rope, kv_cache, batch)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h, batch.lora), residual
 
 
 class DecoderModel(nn.Module):
@@ -110,8 +121,8 @@ class DecoderModel(nn.Module):
         self.rotary = MRotaryEmbedding(c.head_dim, c.rope_theta, c.mrope_section)
 
     def forward(self, embeds: torch.Tensor, kv_caches, batch: ForwardBatch) -> torch.Tensor:
-        cos, sin = self.rotary(batch.positions, embeds.dtype)
-        x = embeds
+        rope = self.rotary.for_step(batch.positions, embeds.dtype, fused=fused_kernels.use_triton(embeds))
+        x, residual = embeds, None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, batch)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache, batch)
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]

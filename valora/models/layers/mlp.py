@@ -8,7 +8,11 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from valora.lora.batch import LoRABatch
+from valora.models.layers import fused_kernels
 from valora.models.layers.linear import LoRALinear
+
+# activations whose act(gate) * up has a fused kernel (fused_kernels.silu_and_mul)
+_FUSED_ACTS = ("silu", "swish")
 
 
 class MLP(nn.Module):
@@ -23,15 +27,23 @@ class MLP(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)); gate and up are one GEMM whose slices carry PEFT's gate_proj/up_proj names."""
+    """down(act(gate(x)) * up(x)); gate and up are one GEMM whose slices carry PEFT's gate_proj/up_proj names.
+
+    With SiLU on CUDA, act(gate) * up is one Triton kernel; other activations and devices use ACT2FN."""
 
     def __init__(self, dim: int, hidden: int, act: str, bias: bool = False) -> None:
         super().__init__()
         self.hidden = hidden
         self.gate_up_proj = LoRALinear(dim, (hidden, hidden), bias=bias, lora_names=("gate_proj", "up_proj"))
         self.act = ACT2FN[act]
+        self.fused_act = act in _FUSED_ACTS
         self.down_proj = LoRALinear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, lora).split(self.hidden, dim=-1)
-        return self.down_proj(self.act(gate) * up, lora)
+        gate_up = self.gate_up_proj(x, lora)
+        if self.fused_act and fused_kernels.use_triton(gate_up):
+            h = fused_kernels.silu_and_mul(gate_up)
+        else:
+            gate, up = gate_up.split(self.hidden, dim=-1)
+            h = self.act(gate) * up
+        return self.down_proj(h, lora)
