@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from types import SimpleNamespace
@@ -33,9 +34,10 @@ def _tables(lens: list[int], block_size: int, num_blocks: int, gen: random.Rando
     return table, width
 
 
-def _cache(num_blocks: int, block_size: int, kvh: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+def _cache(num_blocks: int, block_size: int, kvh: int, dtype: torch.dtype, seed: int, d: int = D
+           ) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
-    shape = (num_blocks * block_size, kvh, D)
+    shape = (num_blocks * block_size, kvh, d)
     return torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
 
 
@@ -172,3 +174,24 @@ def test_module_triton_matches_torch(dtype):
                       for c in runner.kv_caches[0])  # same prefix contents for both backends
         outs[backend] = PagedAttention(h, kvh, D, backend=backend)(q, k, v, cache, meta)
     torch.testing.assert_close(outs["triton"], outs["torch"], atol=TOL[dtype] * 2, rtol=TOL[dtype] * 2)
+
+
+def test_head_dim_not_a_power_of_two():
+    """D = 24 runs as a masked 32-wide tile, in both kernels."""
+    d, h, kvh, bs = 24, 6, 2, 4
+    gen = random.Random(3)
+    spans = [(9, 9), (4, 15)]
+    table, _ = _tables([c for _, c in spans], bs, 16, gen)
+    kc, vc = _cache(16, bs, kvh, torch.float32, seed=4, d=d)
+    q = torch.randn(13, h, d, generator=torch.Generator().manual_seed(6))
+    out = torch.full_like(q, 123.0)
+    i32 = functools.partial(torch.tensor, dtype=torch.int32)
+    paged_prefill_attention(q, kc, vc, table, i32([0, 9]), i32([9, 4]), i32([9, 15]), bs, 0.2, out, 9)
+    for j, ((ql, ctx), st) in enumerate(zip(spans, [0, 9])):
+        ref = _reference(q[st : st + ql], kc, vc, table[j], ctx, ql, bs, 0.2)
+        torch.testing.assert_close(out[st : st + ql].double(), ref, atol=2e-5, rtol=2e-5)
+    qd, od = q[:2].clone(), torch.empty_like(q[:2])
+    paged_decode_attention(qd, kc, vc, table, i32([9, 15]), bs, 0.2, od, num_splits=2)
+    for j, ctx in enumerate([9, 15]):
+        ref = _reference(qd[j : j + 1], kc, vc, table[j], ctx, 1, bs, 0.2)[0]
+        torch.testing.assert_close(od[j].double(), ref, atol=2e-5, rtol=2e-5)
