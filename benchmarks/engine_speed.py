@@ -145,24 +145,30 @@ def image_request(llm: LLM, seed: int, text: str = "Describe the image.") -> dic
 
 
 def graph_parity(llm: LLM, loras: list, requests: int = 16, tokens: int = 32) -> dict:
-    """Greedy outputs of a mixed batch (8 adapters, images and text) replayed from CUDA graphs vs run eagerly."""
+    """Greedy outputs of a mixed batch (8 adapters, images and text) replayed from CUDA graphs, vs the same padded
+    decode batches run eagerly (`--enforce-eager`), and vs plain unpadded eager steps (different GEMM and LoRA tile
+    shapes: bf16 rounding differs, so a random model's near-tied logits can flip)."""
     prompts = [image_request(llm, 1000 + i, f"Question {i}: what is shown?") if i % 2 else
                token_prompts(1, 40 + 7 * i, seed=i)[0] for i in range(requests)]
     mix = [loras[i % 8] if i % 4 else None for i in range(requests)]
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     runner = llm.engine.runner
+    graphs = runner.graphs
     outs = {}
-    for mode, graphs in (("graphs", runner.graphs), ("eager", None)):
-        saved, runner.graphs = runner.graphs, graphs
+    for mode in ("graphs", "eager", "unpadded_eager"):
+        graphs.capture = mode == "graphs"
+        runner.graphs = None if mode == "unpadded_eager" else graphs
         try:
             outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=mix,
                                                                        use_tqdm=False)]
         finally:
-            runner.graphs = saved
-    same = [a == b for a, b in zip(outs["graphs"], outs["eager"])]
-    tokens_same = sum(x == y for a, b in zip(outs["graphs"], outs["eager"]) for x, y in zip(a, b))
-    return {"requests": requests, "tokens_each": tokens, "identical_requests": sum(same),
-            "identical_tokens": tokens_same, "total_tokens": requests * tokens}
+            graphs.capture, runner.graphs = True, graphs
+    result = {"requests": requests, "tokens_each": tokens}
+    for mode in ("eager", "unpadded_eager"):
+        pairs = list(zip(outs["graphs"], outs[mode]))
+        result[mode] = {"identical_requests": sum(a == b for a, b in pairs),
+                        "identical_tokens": sum(x == y for a, b in pairs for x, y in zip(a, b))}
+    return result
 
 
 def ours_ttft(llm: LLM, repeats: int = 5) -> float:
@@ -214,6 +220,30 @@ def idle_and_profile(llm: LLM, batch: int, context: int, loras: list, steps: int
             "gpu_busy_ms_per_step": busy / steps / 1e3, "gpu_window_ms_per_step": window / steps / 1e3,
             "idle_share_of_step": 1 - busy / 1e3 / (wall * 1e3) if wall else None,
             "kernels_ms_per_step": {name[:90]: us / steps / 1e3 for name, us in top}}
+
+
+def host_profile(llm: LLM, batch: int, context: int, loras: list, steps: int = 20) -> list[str]:
+    """Where the host's share of a decode step goes: cProfile of `steps` steps, the top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    for i, (p, lr) in enumerate(zip(token_prompts(batch, context), loras)):
+        engine.add_request(f"h{i}", p, params, lr)
+    for _ in range(4):
+        engine.step()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    prof.disable()
+    while engine.has_unfinished_requests():
+        engine.step()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    return [line[:160] for line in text.getvalue().splitlines() if line.strip()]
 
 
 # -- transformers ---------------------------------------------------------------------------------------------
@@ -306,6 +336,7 @@ def main() -> None:
     result["ttft"]["valora_ms"] = ours_ttft(llm) * 1e3
     result["idle_b32_32_adapters"] = idle_and_profile(llm, 32, args.context, [loras[i % 32] for i in range(32)])
     result["idle_b32_no_adapter"] = idle_and_profile(llm, 32, args.context, [None] * 32)
+    result["host_profile_b32_32_adapters"] = host_profile(llm, 32, args.context, [loras[i % 32] for i in range(32)])
     runner = llm.engine.runner
     if runner.graphs is not None:
         result["graph_parity"] = graph_parity(llm, loras)

@@ -111,4 +111,4 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     multimodal: MultiModalConfig = field(default_factory=MultiModalConfig)
-    enforce_eager: bool = False  # GPU: run decode steps eagerly instead of replaying CUDA graphs
+    enforce_eager: bool = False  # GPU: run decode steps eagerly (same numerics) instead of replaying CUDA graphs

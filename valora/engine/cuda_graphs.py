@@ -7,6 +7,10 @@ and the LoRA metadata (`GraphLoRAMeta`: per-token slots, segments, tile maps), s
 one graph serves any mix of adapters. A batch smaller than its bucket is padded with rows that attend to nothing,
 write their K/V to a slot no sequence owns and carry no adapter.
 
+With `capture=False` (`--enforce-eager`) the same padded static batches run eagerly: a decode step then computes
+exactly the numbers its graph would (same shapes, same kernels, same LoRA tile configurations), so eager and
+graph outputs are equal token for token, and eager mode stays useful for debugging a graph.
+
 Weights, adapter stacks, ranks and scalings are read through pointers the graph keeps: loading an adapter writes
 into its slot of the stacks, and merging writes into the layer's shadow weights, so neither invalidates a graph.
 """
@@ -51,8 +55,8 @@ class Variant:
 
 class CUDAGraphRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list, *, max_num_seqs: int, max_blocks_per_seq: int,
-                 block_size: int, pad_slot: int, max_loras: int, device: torch.device) -> None:
-        self.model, self.kv_caches, self.device = model, kv_caches, device
+                 block_size: int, pad_slot: int, max_loras: int, device: torch.device, capture: bool = True) -> None:
+        self.model, self.kv_caches, self.device, self.capture = model, kv_caches, device, capture
         self.buckets = batch_buckets(max_num_seqs)
         self.block_size, self.pad_slot = block_size, pad_slot
         self.lora_layers = [m for m in model.language_model.modules() if isinstance(m, LoRALinear)]
@@ -97,6 +101,8 @@ class CUDAGraphRunner:
             self.own[b].fill(own)
         if variant.correction:
             self.correction[b].fill(corr)
+        if not self.capture:
+            return self.model(self._static_batch(variant), self.kv_caches)[:t]
         if variant not in self.graphs:
             self.graphs[variant] = self._capture(variant)
         graph, out = self.graphs[variant]
@@ -152,6 +158,8 @@ class CUDAGraphRunner:
 
     def capture_common(self) -> None:
         """Capture the variants every deployment meets (no adapter, own adapters) for every bucket, up front."""
+        if not self.capture:
+            return
         start = time.perf_counter()
         merged = tuple(False for _ in self.lora_layers)
         self.slot_mapping.fill_(self.pad_slot)  # nothing real yet: every row is padding

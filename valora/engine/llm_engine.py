@@ -127,8 +127,8 @@ class LLMEngine:
         self.embed_cache = EmbeddingCache(cache_mb * 2**20) if cache_mb > 0 else None
         self.runner = ModelRunner(self.model, blocks, self.dtype, self.device, self.embed_cache,
                                   max_blocks_per_seq=blocks.blocks_for(self.max_model_len))
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self.runner.enable_cuda_graphs(sc.max_num_seqs, config.lora.max_loras)
+        if self.device.type == "cuda":
+            self.runner.enable_cuda_graphs(sc.max_num_seqs, config.lora.max_loras, capture=not config.enforce_eager)
         self.scheduler = Scheduler(sc, blocks, self.max_batched_tokens,
                                    config.lora.max_loras if config.enable_lora else None)
         self.requests: dict[str, Request] = {}

@@ -147,15 +147,17 @@ class ModelRunner:
         tail = torch.arange(tail_start + p.position_delta, end + p.position_delta).expand(3, -1)
         return torch.cat([head, tail], dim=1)
 
-    def enable_cuda_graphs(self, max_num_seqs: int, max_loras: int) -> None:
-        """Replay decode steps from CUDA graphs (captured now for the common variants, later for the others)."""
+    def enable_cuda_graphs(self, max_num_seqs: int, max_loras: int, capture: bool = True) -> None:
+        """Run decode steps on padded static batches, replayed from CUDA graphs (captured now for the common
+        variants, later for the others) or, with `capture=False`, eagerly with the same numerics."""
         from valora.engine.cuda_graphs import CUDAGraphRunner
 
         if self.max_blocks_per_seq is None:
             raise ValueError("CUDA graphs need a fixed block-table width (max_blocks_per_seq)")
         self.graphs = CUDAGraphRunner(
             self.model, self.kv_caches, max_num_seqs=max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq,
-            block_size=self.blocks.block_size, pad_slot=self.pad_slot, max_loras=max_loras, device=self.device)
+            block_size=self.blocks.block_size, pad_slot=self.pad_slot, max_loras=max_loras, device=self.device,
+            capture=capture)
         self.graphs.capture_common()
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
