@@ -305,4 +305,5 @@ def test_one_synchronisation_per_step_on_cuda():
             sample(logits, seqs, stops)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1
+    # the tokens come back through pinned memory and an event: at most one synchronising call, never one per row
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) <= 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,20 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
+
+
+@dataclass
+class InFlight:
+    """A launched step: its sequences, their stop ids, the function that waits for its results, and what the
+    policy is told once they are in."""
+
+    seqs: list[Sequence]
+    stop_ids: list[set[int]]
+    results: Callable[[], list]
+    hot: str | None
+    started: float
+    switch_s: float
+    merged_bytes: int
 
 
 @dataclass
@@ -133,6 +147,7 @@ class LLMEngine:
                                    config.lora.max_loras if config.enable_lora else None)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
+        self._inflight: InFlight | None = None  # the launched step whose results the next `step` collects
         logger.info(
             "engine ready: %s (%s) on %s in %s, KV cache %d blocks x %d tokens, max_model_len %d",
             model_dir.name, self.family.name, self.device, str(self.dtype).removeprefix("torch."),
@@ -402,7 +417,7 @@ class LLMEngine:
         )
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -465,16 +480,31 @@ class LLMEngine:
             self.remove_lora(name)
 
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
+        """One model step's outputs. The step is collected from the device, the next one is launched, and only
+        then, while the device runs that one, are the collected tokens turned into text and outputs:
+        detokenisation, stop strings and output building stay off the device's critical path. A sequence that
+        ends on a stop string is found one step late; the token it got in the meantime is dropped."""
         failed = self._fail_unloadable()
+        if self._inflight is None and not self._launch():  # an idle engine: nothing to collect yet
+            self._unload_drained()
+            return failed
+        done = self._collect()
+        launched = self._launch()
+        outputs = failed + self._finish(*done)
+        if not launched or self.draining:
+            self._unload_drained()
+        return outputs
+
+    def _launch(self) -> bool:
+        """Schedule the next step and queue its device work; whether there was anything to run."""
+        t0 = time.perf_counter()
         ready = self._adapters_ready()
         decision = self._decide()
         if decision.hot is not None and not ready.get(decision.hot, False):
             decision.hot = self.switcher.hot if ready.get(self.switcher.hot, False) else None
         sched = self.scheduler.schedule(decision, lambda s: s.lora_name is None or ready[s.lora_name])
         if sched.empty:
-            self._unload_drained()
-            return failed
+            return False
         names = {s.lora_name for s in sched.seqs if s.lora_name is not None}
         if decision.hot is not None:
             names.add(decision.hot)
@@ -489,23 +519,34 @@ class LLMEngine:
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = scheduled_at  # queue time ends here, before this step's prefill
         stop_ids = [self._stop_ids(s) for s in sched.seqs]
-        tokens = self.runner.run(sched.seqs, slots, stop_ids, slots.get(decision.hot))
-        answers = self._answer_heads(sched.seqs, tokens)
+        results = self.runner.launch(sched.seqs, slots, stop_ids, slots.get(decision.hot))
         if self.lora_manager is not None:  # fill free slots for the next requests in line, off the critical path
             upcoming = [s.lora_name for s in self.scheduler.waiting if s.lora_name and ready.get(s.lora_name)]
             self.lora_manager.prefetch(upcoming[: self.config.lora.max_loras])
+        self._inflight = InFlight(list(sched.seqs), stop_ids, results, decision.hot, t0, switch_s, merged_bytes)
+        return True
+
+    def _collect(self) -> tuple[list[Sequence], list[set[int]]]:
+        """Wait for the launched step's results and apply what the next schedule depends on: the new tokens,
+        head answers, and the ends decided by token alone (stop tokens, max_tokens, max_model_len)."""
+        step, self._inflight = self._inflight, None
+        tokens = step.results()
+        elapsed = time.perf_counter() - step.started
+        seqs = step.seqs
         if self.policy is not None:
-            mode = step_mode(decision.hot, (s.lora_name for s in sched.seqs))
-            elapsed = time.perf_counter() - t0
+            mode = step_mode(step.hot, (s.lora_name for s in seqs))
             self.last_mode = mode
             self.mode_steps[mode.value] += 1
             self.mode_seconds[mode.value] += elapsed
-            self.policy.observe(StepRecord(mode.value, decision.hot, len(sched.seqs),
-                                           sum(len(s) - s.num_computed for s in sched.seqs), elapsed, switch_s,
-                                           merged_bytes))
+            self.policy.observe(StepRecord(mode.value, step.hot, len(seqs),
+                                           sum(len(s) - s.num_computed for s in seqs), elapsed, step.switch_s,
+                                           step.merged_bytes))
+        answers = self._answer_heads(seqs, tokens)
         now = self.clock()
-        touched: dict[str, Request] = {}
-        for seq, token, stops in zip(sched.seqs, tokens, stop_ids):
+        kept, stops = [], []
+        for seq, token, stop in zip(seqs, tokens, step.stop_ids):
+            if seq.finished:  # aborted, or ended on a stop string while this step ran: drop its token
+                continue
             req = self.requests[seq.request_id]
             seq.num_computed = len(seq)
             if req.metrics.first_token_time is None:
@@ -515,18 +556,32 @@ class LLMEngine:
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, "stop"
             else:
                 seq.output_ids.append(token)
-                self._check_stop(seq, req, token, stops)
+                self._check_stop_token(seq, token, stop)
+            if seq.finished:
+                self.scheduler.remove(seq)
+            kept.append(seq)
+            stops.append(stop)
+        return kept, stops
+
+    def _finish(self, seqs: list[Sequence], stops: list[set[int]]) -> list[RequestOutput]:
+        """Text, stop strings and outputs for the collected step (while the next one runs on the device)."""
+        now = self.clock()
+        touched: dict[str, Request] = {}
+        for seq in seqs:
+            req = self.requests.get(seq.request_id)
+            if req is None:  # aborted meanwhile
+                continue
+            if seq.head_output is None:
+                self._check_stop_text(seq, req)
             if seq.finished:
                 self.scheduler.remove(seq)
             touched[req.request_id] = req
-        outputs = failed
+        outputs = []
         for req in touched.values():
             outputs.append(self._output(req))
             if req.finished:
                 req.metrics.finished_time = now
                 del self.requests[req.request_id]
-        if self.draining:
-            self._unload_drained()
         return outputs
 
     def _answer_heads(self, seqs: list[Sequence], results: list) -> dict[Sequence, HeadOutput]:
@@ -537,17 +592,24 @@ class LLMEngine:
         answers = answer_all([(self.heads[s.lora_name].heads[s.params.head], r) for s, r in asked])
         return {s: a for (s, _), a in zip(asked, answers)}
 
-    def _check_stop(self, seq: Sequence, req: Request, token: int, stops: set[int]) -> None:
+    def _check_stop_token(self, seq: Sequence, token: int, stops: set[int]) -> None:
+        """Ends decided by the token alone."""
         p = seq.params
-        detok = req.detoks[seq.index]
         reason: str | None = None
         if token in stops:  # the sampler masks stop tokens until min_tokens is reached
             reason, seq.stop_reason = "stop", (token if token in p.stop_token_ids else None)
         elif p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
+        if reason is not None:
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+
+    def _check_stop_text(self, seq: Sequence, req: Request) -> None:
+        """The new text of `seq` (through its last token), and the ends decided by it: stop strings."""
+        p = seq.params
+        detok = req.detoks[seq.index]
         prev = len(seq.output_text)
-        seq.output_text += detok.step(seq.output_ids, final=reason is not None)
-        if p.stop and len(seq.output_ids) >= p.min_tokens:
+        seq.output_text += detok.step(seq.output_ids, final=seq.finished)
+        if p.stop and len(seq.output_ids) >= p.min_tokens and seq.finish_reason != "abort":
             longest = max(len(s) for s in p.stop)
             window_start = max(0, prev - longest + 1)
             hits = [(seq.output_text.find(s, window_start), s) for s in p.stop]
@@ -555,9 +617,7 @@ class LLMEngine:
             if hits:
                 i, s = min(hits)
                 seq.output_text = seq.output_text[: i + len(s) if p.include_stop_str_in_output else i]
-                reason, seq.stop_reason = "stop", s
-        if reason is not None:
-            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+                seq.status, seq.finish_reason, seq.stop_reason = SequenceStatus.FINISHED, "stop", s
 
     def _output(self, req: Request) -> RequestOutput:
         completions = [

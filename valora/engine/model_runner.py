@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from valora.engine.block_manager import BlockManager
 from valora.engine.forward_batch import AttentionMeta, ForwardBatch, ImageInputs
-from valora.engine.sampler import sample
+from valora.engine.sampler import sample_async
 from valora.engine.sequence import Sequence
 from valora.heads.params import HeadParams
 from valora.multimodal.cache import EmbeddingCache
@@ -167,11 +168,17 @@ class ModelRunner:
         batch.build_lora()
         return self.model(batch, self.kv_caches)
 
-    @torch.inference_mode()
     def run(self, seqs: Seq[Sequence], lora_slots: dict[str, int], stop_ids: Seq[set[int]],
             merged_slot: int | None = None) -> list[int | torch.Tensor]:
         """The next token of every decoding sequence; for one a task head answers (`HeadParams`), its final hidden
         state at the last prompt token instead, and no logits are computed for it."""
+        return self.launch(seqs, lora_slots, stop_ids, merged_slot)()
+
+    @torch.inference_mode()
+    def launch(self, seqs: Seq[Sequence], lora_slots: dict[str, int], stop_ids: Seq[set[int]],
+               merged_slot: int | None = None) -> Callable[[], list[int | torch.Tensor]]:
+        """`run` split in two: the step's device work is queued now, the returned function waits for its results.
+        The host can post-process the previous step meanwhile."""
         batch, image_owners = self.prepare(seqs, lora_slots, merged_slot)
         last = self.forward(batch).index_select(0, batch.logits_rows)
         decode = [i for i, s in enumerate(seqs) if not isinstance(s.params, HeadParams)]
@@ -181,12 +188,18 @@ class ModelRunner:
                     self.embed_cache.put((seq.prompt.images[k].content_hash, seq.vision_tag), emb)
                 seq.image_embeds[k] = emb
         if len(decode) == len(seqs):
-            return sample(self.model.compute_logits(last), seqs, stop_ids)
-        results: list[int | torch.Tensor] = list(last.unbind(0))
+            return sample_async(self.model.compute_logits(last), seqs, stop_ids).result
+        pending = None
         if decode:
             rows = torch.tensor(decode, device=last.device)
-            tokens = sample(self.model.compute_logits(last.index_select(0, rows)), [seqs[i] for i in decode],
-                            [stop_ids[i] for i in decode])
-            for i, token in zip(decode, tokens):
-                results[i] = token
+            pending = sample_async(self.model.compute_logits(last.index_select(0, rows)), [seqs[i] for i in decode],
+                                   [stop_ids[i] for i in decode])
+
+        @torch.inference_mode()
+        def results() -> list[int | torch.Tensor]:
+            out: list[int | torch.Tensor] = list(last.unbind(0))
+            for i, token in zip(decode, pending.result() if pending is not None else []):
+                out[i] = token
+            return out
+
         return results

@@ -13,6 +13,7 @@ rows get `E = 1` (no noise), so they are the exact `argmax` of their (min_tokens
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -72,9 +73,48 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[int]]) -
     """logits: [B, V] float32, one row per sequence. `stop_ids[i]` are masked while min_tokens is not reached.
     Sequences that asked for logprobs get the model's own (unprocessed) distribution appended: its top-k and the
     chosen token, as {token_id: logprob}."""
+    return sample_async(logits, seqs, stop_ids).result()
+
+
+class PendingSample:
+    """Tokens (and logprob values) on their way to the host: on a GPU the one copy is queued into pinned memory
+    and `result()` waits for it alone, so the host can work while the step runs."""
+
+    def __init__(self, packed: torch.Tensor | None, finish: Callable[[list], list[int]]) -> None:
+        self.finish, self.event = finish, None
+        self.packed = packed
+        if packed is not None and packed.is_cuda:
+            self.packed = _staging(packed)
+            self.packed.copy_(packed, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def result(self) -> list[int]:
+        if self.packed is None:
+            return self.finish([])
+        if self.event is not None:
+            self.event.synchronize()
+        return self.finish(self.packed.tolist())  # the one device->host copy (on a GPU: already done)
+
+
+_STAGING: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _staging(like: torch.Tensor) -> torch.Tensor:
+    """A pinned host buffer for `like`, reused step after step (one step's results are in flight at a time)."""
+    buf = _STAGING.get(like.dtype)
+    if buf is None or buf.numel() < like.numel():
+        buf = torch.empty(max(like.numel(), 1024), dtype=like.dtype, pin_memory=True)
+        _STAGING[like.dtype] = buf
+    return buf[: like.numel()].view(like.shape)
+
+
+def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[int]]) -> PendingSample:
+    """`sample` with the host's part deferred: every device operation is queued now, `result()` returns the
+    tokens (and appends logprobs to their sequences)."""
     num_rows, vocab = logits.shape
     if num_rows == 0:
-        return []
+        return PendingSample(None, lambda _: [])
     device = logits.device
     params = [s.params for s in seqs]
 
@@ -144,7 +184,7 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[int]]) -
     tokens = x.argmax(-1)
 
     if not want:
-        return tokens.tolist()
+        return PendingSample(tokens, lambda host: host)
     lp, want_tokens = logits, tokens
     if len(want) < num_rows:
         rows = dev["want"].long()
@@ -155,8 +195,13 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[int]]) -
     if kmax:
         top = lp.topk(kmax)
         parts += [top.indices.double().flatten(), top.values.double().flatten()]
-    host = torch.cat(parts).tolist()  # the one device->host copy
+    return PendingSample(torch.cat(parts), lambda host: _unpack(host, seqs, want, kmax))
 
+
+def _unpack(host: list[float], seqs: Seq[Sequence], want: list[int], kmax: int) -> list[int]:
+    """Tokens from the packed copy; logprob entries appended to the sequences that asked for them."""
+    num_rows = len(seqs)
+    params = [s.params for s in seqs]
     out = [int(t) for t in host[:num_rows]]
     n = len(want)
     chosen_lp = host[num_rows : num_rows + n]
