@@ -13,8 +13,10 @@ prefill reads the weights once and does 2 x params x tokens FLOPs plus causal at
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -287,29 +289,9 @@ def hf_messages(seed: int, text: str = "Describe the image."):
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/valora-speed"))
-    ap.add_argument("--batches", default="1,8,32,64,128")
-    ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--prefills", default="512,2048,8192")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=24, help="decode steps timed per row (default: 24)")
-    ap.add_argument("--hf-steps", type=int, default=6)
-    ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--name", default="engine_speed")
-    args = ap.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
-    prefills = [int(t) for t in args.prefills.split(",")]
-    adapter_counts = (0, 8, 32)
-
-    model_dir, adapter_dirs = build(args.workdir, max(adapter_counts), args.rank)
-    dev = measure_device()
-    torch.cuda.empty_cache()
-    print(json.dumps(dev), flush=True)
-    result: dict = {"device_rates": dev, "context": args.context, "rank": args.rank, "lm_params": LM_PARAMS,
-                    "enforce_eager": args.enforce_eager, "decode": [], "prefill": [], "ttft": {}}
+def ours(args, model_dir: Path, adapter_dirs: list[Path], batches: list[int], prefills: list[int],
+         result: dict) -> None:
+    dev = result["device_rates"]
     t = time.perf_counter()
     llm = LLM(str(model_dir), enable_lora=True, max_loras=32, max_lora_rank=args.rank, max_model_len=8704,
               gpu_memory_utilization=0.85, max_num_seqs=max(batches), enforce_eager=args.enforce_eager)
@@ -318,7 +300,7 @@ def main() -> None:
     for lr in loras:
         llm.engine.add_lora(lr)
     steps_of(llm, token_prompts(4, 64), [None, loras[0], loras[1], None], 4)  # warm-up
-    for n in adapter_counts:
+    for n in ADAPTER_COUNTS:
         for b in batches:
             mix = [loras[i % n] for i in range(b)] if n else [None] * b
             ms = ours_decode(llm, b, args.context, mix, args.steps) * 1e3
@@ -337,43 +319,73 @@ def main() -> None:
     result["idle_b32_32_adapters"] = idle_and_profile(llm, 32, args.context, [loras[i % 32] for i in range(32)])
     result["idle_b32_no_adapter"] = idle_and_profile(llm, 32, args.context, [None] * 32)
     result["host_profile_b32_32_adapters"] = host_profile(llm, 32, args.context, [loras[i % 32] for i in range(32)])
-    runner = llm.engine.runner
-    if runner.graphs is not None:
+    graphs = llm.engine.runner.graphs
+    if graphs is not None and graphs.capture:
         result["graph_parity"] = graph_parity(llm, loras)
-    result["graphs"] = {"captured": len(runner.graphs.graphs), "capture_s": runner.graphs.capture_seconds} \
-        if runner.graphs is not None else None
-    print(json.dumps({k: result.get(k) for k in ("ttft", "idle_b32_32_adapters", "graphs", "graph_parity")}),
-          flush=True)
-    write_result(args.name, result)  # ours first: a run cut short keeps it
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
+        result["graphs"] = {"captured": len(graphs.graphs), "capture_s": graphs.capture_seconds}
+    print(json.dumps({k: result.get(k) for k in ("ttft", "graphs", "graph_parity")}), flush=True)
 
-    if not args.skip_hf:
-        from peft import PeftModel
-        from transformers import AutoModelForImageTextToText
 
-        hf = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
-        result["ttft"]["hf_ms"] = hf_ttft(hf, model_dir) * 1e3
-        for row in result["prefill"]:
-            row["hf_ms"] = hf_prefill(hf, row["tokens"]) * 1e3
+def transformers_rows(args, model_dir: Path, adapter_dirs: list[Path], result: dict) -> None:
+    """The same rows through transformers `generate` (+ peft for adapter rows), in a process of their own so
+    that none of the engine's memory is still held."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    hf = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    result["ttft"]["hf_ms"] = hf_ttft(hf, model_dir) * 1e3
+    for row in result["prefill"]:
+        row["hf_ms"] = hf_prefill(hf, row["tokens"]) * 1e3
+        print(json.dumps(row), flush=True)
+    for row in result["decode"]:
+        if row["adapters"] == 0:
+            row["hf_ms"] = hf_decode(hf, row["batch"], args.context, args.hf_steps)["ms_per_step"]
             print(json.dumps(row), flush=True)
-        for row in result["decode"]:
-            if row["adapters"] == 0:
-                row["hf_ms"] = hf_decode(hf, row["batch"], args.context, args.hf_steps)["ms_per_step"]
-                print(json.dumps(row), flush=True)
+    write_result(args.name, result)
+    peft = PeftModel.from_pretrained(hf, str(adapter_dirs[0]), adapter_name="a0")
+    for i, p in enumerate(adapter_dirs[1:], start=1):
+        peft.load_adapter(str(p), adapter_name=f"a{i}")
+    for row in result["decode"]:
+        if row["adapters"]:
+            names = [f"a{i % row['adapters']}" for i in range(row["batch"])]
+            row["hf_peft_ms"] = hf_decode(peft, row["batch"], args.context, args.hf_steps, names)["ms_per_step"]
+            row["speedup_vs_hf_peft"] = row["hf_peft_ms"] / row["valora_ms"]
+            print(json.dumps(row), flush=True)
+            write_result(args.name, result)
+
+
+ADAPTER_COUNTS = (0, 8, 32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/valora-speed"))
+    ap.add_argument("--batches", default="1,8,32,64,128")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--prefills", default="512,2048,8192")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=24, help="decode steps timed per row (default: 24)")
+    ap.add_argument("--hf-steps", type=int, default=6)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-only", action="store_true", help="add transformers rows to an existing result")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--name", default="engine_speed")
+    args = ap.parse_args()
+    model_dir, adapter_dirs = build(args.workdir, max(ADAPTER_COUNTS), args.rank)
+    path = Path(os.environ.get("OUT", "benchmarks/results")) / f"{args.name}.json"
+    if args.hf_only:
+        transformers_rows(args, model_dir, adapter_dirs, json.loads(path.read_text()))
+    else:
+        result: dict = {"device_rates": measure_device(), "context": args.context, "rank": args.rank,
+                        "lm_params": LM_PARAMS, "enforce_eager": args.enforce_eager, "decode": [], "prefill": [],
+                        "ttft": {}}
+        torch.cuda.empty_cache()
+        print(json.dumps(result["device_rates"]), flush=True)
+        ours(args, model_dir, adapter_dirs, [int(b) for b in args.batches.split(",")],
+             [int(t) for t in args.prefills.split(",")], result)
         write_result(args.name, result)
-        peft = PeftModel.from_pretrained(hf, str(adapter_dirs[0]), adapter_name="a0")
-        for i, p in enumerate(adapter_dirs[1:], start=1):
-            peft.load_adapter(str(p), adapter_name=f"a{i}")
-        for row in result["decode"]:
-            if row["adapters"]:
-                names = [f"a{i % row['adapters']}" for i in range(row["batch"])]
-                row["hf_peft_ms"] = hf_decode(peft, row["batch"], args.context, args.hf_steps, names)["ms_per_step"]
-                row["speedup_vs_hf_peft"] = row["hf_peft_ms"] / row["valora_ms"]
-                print(json.dumps(row), flush=True)
-                write_result(args.name, result)
-    path = write_result(args.name, result)
+        if not args.skip_hf:
+            subprocess.run([sys.executable, *sys.argv, "--hf-only"], check=True)
     print(f"written {path}")
 
 

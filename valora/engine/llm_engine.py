@@ -625,5 +625,5 @@ class LLMEngine:
                              list(s.logprobs) if s.logprobs is not None else None, s.head_output)
             for s in req.seqs
         ]
-        return RequestOutput(req.request_id, req.prompt, list(req.processed.token_ids), completions, req.finished,
+        return RequestOutput(req.request_id, req.prompt, req.processed.token_ids, completions, req.finished,
                              req.lora_name, req.metrics)

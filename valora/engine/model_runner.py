@@ -48,7 +48,7 @@ class ModelRunner:
         """The batch (its LoRA work not built yet: see `forward`), and for each of its images the (sequence, image
         index) that owns it."""
         ids: list[int] = []
-        pos_chunks: list[torch.Tensor] = []
+        pos_chunks: list[torch.Tensor | int] = []  # a generated token's position is one int on every axis
         slot_mapping: list[int] = []
         prefills: list[tuple[int, int, int]] = []  # (q_start, q_len, context_len)
         pre_tables: list[list[int]] = []
@@ -63,7 +63,11 @@ class ModelRunner:
             start, new = seq.num_computed, seq.new_token_ids()
             row0, n, total = len(ids), len(new), len(seq)
             ids.extend(new)
-            pos_chunks.append(self._positions(seq, start, total))
+            p = seq.prompt
+            if n == 1 and start >= seq.prompt_len:
+                pos_chunks.append(start + (p.position_delta if p.positions is not None else 0))
+            else:
+                pos_chunks.append(self._positions(seq, start, total))
             table = seq.block_table[: -(-total // bs)]
             slot_mapping.extend(table[i // bs] * bs + i % bs for i in range(start, total))
             if n == 1 and start > 0:
@@ -93,7 +97,7 @@ class ModelRunner:
                                  torch.tensor(img_rows, dtype=torch.long, device=self.device), img_cached)
         batch = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
-            positions=torch.cat(pos_chunks, dim=1).to(self.device),
+            positions=self._position_tensor(pos_chunks, len(ids)),
             attn=attn,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
             images=images,
@@ -136,6 +140,19 @@ class ModelRunner:
             attn.decode_block_tables = d_tab.view(bd, wd)
             attn.decode_max_context = max(dec_lens)
         return attn
+
+    def _position_tensor(self, chunks: list[torch.Tensor | int], num_tokens: int) -> torch.Tensor:
+        """[3, T] positions on the device, in one copy."""
+        pos = np.empty((3, num_tokens), dtype=np.int64)
+        col = 0
+        for c in chunks:
+            if isinstance(c, int):
+                pos[:, col] = c
+                col += 1
+            else:
+                pos[:, col : col + c.shape[1]] = c.numpy()
+                col += c.shape[1]
+        return torch.from_numpy(pos).to(self.device)
 
     @staticmethod
     def _positions(seq: Sequence, start: int, end: int) -> torch.Tensor:
