@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -384,8 +383,8 @@ def main() -> None:
         ours(args, model_dir, adapter_dirs, [int(b) for b in args.batches.split(",")],
              [int(t) for t in args.prefills.split(",")], result)
         write_result(args.name, result)
-        if not args.skip_hf:
-            subprocess.run([sys.executable, *sys.argv, "--hf-only"], check=True)
+        if not args.skip_hf:  # the engine's memory is not given back inside this process
+            os.execv(sys.executable, [sys.executable, *sys.argv, "--hf-only"])
     print(f"written {path}")
 
 
