@@ -21,10 +21,13 @@ LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 
 def git_commit() -> str:
+    """VALORA_COMMIT when set (a copy of the tree without its own .git, as on the GPU machine), else git's HEAD."""
+    if os.environ.get("VALORA_COMMIT"):
+        return os.environ["VALORA_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("VALORA_COMMIT") or "unknown"
+        return "unknown"
 
 
 def run_info() -> dict:

@@ -356,6 +356,38 @@ def transformers_rows(args, model_dir: Path, adapter_dirs: list[Path], result: d
 ADAPTER_COUNTS = (0, 8, 32)
 
 
+def plot(path: Path) -> Path:
+    """Decode ms/step against batch size, ours next to the roofline and transformers (+ peft), one panel per
+    adapter count; written beside the JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = json.loads(path.read_text())
+    fig, axes = plt.subplots(1, len(ADAPTER_COUNTS), figsize=(13, 4), sharey=True)
+    for ax, n in zip(axes, ADAPTER_COUNTS):
+        rows = [r for r in result["decode"] if r["adapters"] == n]
+        batches = [r["batch"] for r in rows]
+        hf_key = "hf_peft_ms" if n else "hf_ms"
+        ax.plot(batches, [r["valora_ms"] for r in rows], "o-", label="VaLoRA")
+        ax.plot(batches, [r["roofline_ms"] for r in rows], "k--", label="roofline")
+        if all(hf_key in r for r in rows):
+            ax.plot(batches, [r[hf_key] for r in rows], "s-", label="transformers" + (" + peft" if n else ""))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch (context 512)")
+        ax.set_title(f"{n} adapters of rank {result['rank']}" if n else "no adapter")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("ms per decode step")
+    fig.suptitle(f"Decode, Qwen2-VL-7B shapes, bf16, {result['device']} (commit {result['commit']})")
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/valora-speed"))
@@ -369,7 +401,11 @@ def main() -> None:
     ap.add_argument("--hf-only", action="store_true", help="add transformers rows to an existing result")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--name", default="engine_speed")
+    ap.add_argument("--plot", type=Path, default=None, metavar="JSON", help="only draw the plot of a result")
     args = ap.parse_args()
+    if args.plot is not None:
+        print(f"written {plot(args.plot)}")
+        return
     model_dir, adapter_dirs = build(args.workdir, max(ADAPTER_COUNTS), args.rank)
     path = Path(os.environ.get("OUT", "benchmarks/results")) / f"{args.name}.json"
     if args.hf_only:
