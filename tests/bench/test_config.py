@@ -26,6 +26,9 @@ def test_e2e_sweep_config_covers_the_acceptance():
     assert len(points) == 4 * (len(vqa.rates) * 2 + len(video.rates))
     assert len({k.stem for k, _, _ in points}) == len(points)
     assert config.timeline["rate"] in vqa.rates
+    some = plan(config, ("valora", "dlora"), ("vqa",), ("zipf:1.0",))  # the filters of `valora bench sweep`
+    assert [(k.policy, k.workload, k.skew) for k, _, _ in some] == [("valora", "vqa", "zipf1")] * len(vqa.rates) + \
+        [("dlora", "vqa", "zipf1")] * len(vqa.rates)
 
 
 def test_model_and_adapters_built_once(tmp_path):

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="results directory; points already there are kept, not rerun (default: bench-results/<config>)")
     p.add_argument("--policies", nargs="+", default=None, help="run only these schedulers (default: the config's)")
     p.add_argument("--workloads", nargs="+", default=None, help="run only these workloads (default: all)")
+    p.add_argument("--skews", nargs="+", default=None, metavar="SKEW",
+                   help="run only these skews, as written in the config, e.g. zipf:1.0 (default: all)")
     p.add_argument("--base-url", default=None,
                    help="drive this running OpenAI-compatible server instead of starting `valora serve`")
     p.add_argument("--name", default="external", help="policy name for --base-url results (default: external)")
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or Path("bench-results") / args.config.stem
         policies = tuple(args.policies) if args.policies else None
         workloads = tuple(args.workloads) if args.workloads else None
+        skews = tuple(args.skews) if args.skews else None
         budget = args.budget_s
     else:
         config = SweepConfig.from_dict({
@@ -82,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
             "slo": {"latency_s": args.slo_latency, "ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
             "seed": args.seed,
         })
-        out, policies, workloads, budget = args.out, None, None, None
-    code = run_sweep(config, out, policies, workloads, progress=not args.no_progress, budget_s=budget)
+        out, policies, workloads, skews, budget = args.out, None, None, None, None
+    code = run_sweep(config, out, policies, workloads, progress=not args.no_progress, budget_s=budget, skews=skews)
     if (out / "points").is_dir():
         logger.info("report: %s", write_report(out))
     return code

@@ -182,8 +182,8 @@ def _warm_up(base_url: str, config: SweepConfig, adapters: tuple[str, ...]) -> N
             raise RuntimeError(f"no warm-up request of {spec.name} succeeded: {sorted(errors)[:3]}")
 
 
-def plan(config: SweepConfig, policies: tuple[str, ...] | None = None,
-         workloads: tuple[str, ...] | None = None) -> list[tuple[PointKey, WorkloadSpec, str]]:
+def plan(config: SweepConfig, policies: tuple[str, ...] | None = None, workloads: tuple[str, ...] | None = None,
+         skews: tuple[str, ...] | None = None) -> list[tuple[PointKey, WorkloadSpec, str]]:
     """Every (point, its workload, its skew as written in the config), policy by policy."""
     chosen = policies or config.server.policies
     unknown = set(chosen) - set(config.server.policies)
@@ -191,18 +191,19 @@ def plan(config: SweepConfig, policies: tuple[str, ...] | None = None,
         raise ValueError(f"policies {sorted(unknown)} are not in the config's {config.server.policies}")
     return [(PointKey(spec.name, Skew.parse(skew).label, policy, float(rate)), spec, skew)
             for policy in chosen for spec in config.workloads if not workloads or spec.name in workloads
-            for skew in spec.skews for rate in spec.rates]
+            for skew in spec.skews if not skews or skew in skews for rate in spec.rates]
 
 
 def run_sweep(config: SweepConfig, out: Path, policies: tuple[str, ...] | None = None,
-              workloads: tuple[str, ...] | None = None, progress: bool = True, budget_s: float | None = None) -> int:
+              workloads: tuple[str, ...] | None = None, progress: bool = True, budget_s: float | None = None,
+              skews: tuple[str, ...] | None = None) -> int:
     """Run the points not yet in `out`. Returns 0 when none is left, 75 when `budget_s` (seconds for this call)
     left no room for the next point, 130 when interrupted (Ctrl-C or SIGTERM); finished points stay either way."""
     from tqdm import tqdm
 
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    todo = [p for p in plan(config, policies, workloads) if not is_done(out, p[0])]
+    todo = [p for p in plan(config, policies, workloads, skews) if not is_done(out, p[0])]
     if not todo:
         return 0
     run_json = out / "run.json"
