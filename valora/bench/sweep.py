@@ -130,9 +130,10 @@ def _workload(d: dict[str, Any]) -> WorkloadSpec:
 
 
 def run_info(config: SweepConfig) -> dict[str, Any]:
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         stderr=subprocess.DEVNULL, cwd=Path(__file__).parent).strip()
+    try:  # VALORA_COMMIT names the commit of a copy of the tree without its .git (the GPU machine's)
+        commit = os.environ.get("VALORA_COMMIT") or subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL,
+            cwd=Path(__file__).parent).strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     try:  # not through torch: a CUDA context in this process would take memory from the server's GPU
