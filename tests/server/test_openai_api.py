@@ -128,6 +128,22 @@ def test_chat_streaming_equals_non_streaming(client, offline):
     assert chunks[-1].model_extra["metrics"]["queue_time"] >= 0
 
 
+def test_continuous_usage_streams_every_token(client, offline):
+    """vLLM's `continuous_usage_stats`: a chunk for every step that made tokens (even ones that add no text yet),
+    each with the running usage, so a client can time the first token whatever it decodes to."""
+    msgs = messages(3)
+    want = offline("lora1", msgs)
+    stream = client.chat.completions.create(model="lora1", messages=msgs, temperature=0, max_tokens=MAX_TOKENS,
+                                            stream=True, stream_options={"include_usage": True,
+                                                                         "continuous_usage_stats": True})
+    chunks = [c for c in stream if c.choices]
+    counts = [c.usage.completion_tokens for c in chunks[1:]]  # after the role chunk
+    # one chunk per step, unless the client reads slower than the engine steps (outputs are cumulative: the newest
+    # one supersedes those not yet sent)
+    assert counts == sorted(set(counts)) and counts[-1] == len(want.outputs[0].token_ids) and counts[0] >= 1
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.outputs[0].text
+
+
 def test_completions_match_offline(client, offline):
     want = offline.complete("lora1", "Hello world")
     got = client.completions.create(model="lora1", prompt="Hello world", max_tokens=MAX_TOKENS, temperature=0)

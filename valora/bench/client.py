@@ -2,7 +2,9 @@
 
 Requests go out at their scheduled arrival times whatever the server's state (open loop), so queueing shows up
 as latency. All latencies are measured from the scheduled arrival, so a client held back by its own concurrency
-bound counts that wait too. Token counts come from the stream's `usage` (`stream_options.include_usage`); the
+bound counts that wait too. Token counts come from the stream's `usage` (`stream_options.include_usage`, and
+`continuous_usage_stats` where the server has it, so the first token is timed even when it adds no text: a
+random-weight model's tokens often decode to nothing); the
 server's own queue time comes from the `metrics` object VaLoRA adds to the last chunk (absent on other servers).
 """
 
@@ -83,7 +85,7 @@ def chat_body(req: Request) -> dict[str, Any]:
     content.append({"type": "text", "text": req.prompt})
     return {"model": req.adapter, "messages": [{"role": "user", "content": content}],
             "max_tokens": req.output_tokens, "min_tokens": req.output_tokens, "ignore_eos": True, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,9 @@ async def _stream(http: httpx.AsyncClient, url: str, body: str, rec: Record, t0:
             if obj.get("usage"):
                 rec.prompt_tokens = obj["usage"].get("prompt_tokens")
                 rec.output_tokens = obj["usage"].get("completion_tokens")
+                # continuous usage (vLLM, VaLoRA): the first token counts even when it adds no text yet
+                if rec.output_tokens and rec.first_token_s is None:
+                    rec.first_token_s = now
             if (obj.get("metrics") or {}).get("queue_time") is not None:
                 rec.queue_time_s = obj["metrics"]["queue_time"]
         rec.finished_s = time.perf_counter() - t0

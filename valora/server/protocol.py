@@ -59,6 +59,9 @@ class SamplingFields(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    # vLLM's: `usage` in every chunk, and a chunk for every step that produced tokens, even tokens that add no text
+    # yet (an incomplete character, a token of a random model's vocabulary the tokenizer does not cover)
+    continuous_usage_stats: bool = False
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -207,6 +207,10 @@ class OpenAIServing:
         params = call.prepared[0].params
         deltas = _TextDeltas(len(call.prepared) * n, params.stop if isinstance(params, SamplingParams) else [])
         finals: dict[int, RequestOutput] = {}
+        opts = call.req.stream_options
+        continuous = bool(opts and opts.continuous_usage_stats)
+        latest: dict[int, RequestOutput] = {}  # per prompt, for continuous usage
+        tokens_seen: dict[int, int] = {}
         done = False
         first = fmt.first_chunk(call)
         try:
@@ -218,15 +222,21 @@ class OpenAIServing:
                     for c in out.outputs:
                         index = i * n + c.index
                         text, first_finish = deltas.next(index, c.text, c.finish_reason)
-                        if text or first_finish:
+                        advanced = len(c.token_ids) > tokens_seen.get(index, 0)
+                        tokens_seen[index] = len(c.token_ids)
+                        if text or first_finish or (continuous and advanced):
                             choices.append((index, text, c.finish_reason if first_finish else None, c.stop_reason,
                                             c.head if first_finish else None))
                     if out.finished:
                         finals[i] = out
+                    latest[i] = out
                     if choices:
                         last = len(finals) == len(call.prepared) and not call.req.include_usage
                         timings = _timings(list(finals.values())) if last else None
-                        yield _sse(fmt.chunk(call, choices, timings))
+                        chunk = fmt.chunk(call, choices, timings)
+                        if continuous:
+                            chunk.usage = _usage(list(latest.values()))
+                        yield _sse(chunk)
             outs = [finals[i] for i in range(len(call.prepared))]
             if call.req.include_usage:
                 yield _sse(fmt.usage_chunk(call, _usage(outs), _timings(outs)))
