@@ -1,5 +1,6 @@
 """Gather backend: index every token's adapter weights and use batched matmuls (padded to the max rank), the
-gather+BMM baseline of Punica's micro-benchmark. Memory grows as tokens x rank x (K + width)."""
+gather+BMM baseline of Punica's micro-benchmark. Memory grows as tokens x rank x (K + width), so tokens go in
+chunks of bounded size."""
 
 from __future__ import annotations
 
@@ -7,13 +8,25 @@ import torch
 
 from valora.lora.ops.meta import LoRAMeta
 
+# Tokens are gathered in chunks of at most this many bytes of per-token weights: a prefill of thousands of tokens
+# at rank 64 would otherwise gather tens of GB (the baseline's arithmetic, with its memory bounded).
+GATHER_BYTES = 256 << 20
+
 
 def lora_gather(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch.Tensor, ranks: torch.Tensor,
                 scalings: torch.Tensor, slices: tuple[int, ...], out: torch.Tensor) -> None:
     if meta.sizes is not None:
         raise ValueError("this backend needs the host layout; CUDA graphs run atmm, sgmv or bgmv")
-    rows = meta.token_order
-    slot = meta.ids.index_select(0, rows).long()  # [T_lora]
+    rmax = stack_b.shape[2]
+    per_token = rmax * (x.shape[1] + max(slices)) * x.element_size()  # the gathered A and B of one token
+    chunk = max(1, GATHER_BYTES // per_token)
+    for start in range(0, meta.num_lora_tokens, chunk):
+        _gather_chunk(x, meta.ids, meta.token_order[start : start + chunk], stack_a, stack_b, ranks, scalings,
+                      slices, out)
+
+
+def _gather_chunk(x, ids, rows, stack_a, stack_b, ranks, scalings, slices, out) -> None:
+    slot = ids.index_select(0, rows).long()  # [T_lora]
     xs = x.index_select(0, rows).unsqueeze(2)  # [T_lora, K, 1]
     rmax = stack_b.shape[2]
     r_idx = torch.arange(rmax, device=x.device)
