@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -37,6 +38,18 @@ def run_info() -> dict:
         "commit": git_commit(),
         "torch": torch.__version__,
     }
+
+
+def timed_steps(engine) -> list[float]:
+    """Wall time of every engine step until all requests finish (host and device, synchronised)."""
+    times = []
+    while engine.has_unfinished_requests():
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def write_result(name: str, payload: dict) -> Path:

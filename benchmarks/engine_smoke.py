@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import LM_LINEARS, QWEN2_VL_7B, write_result
+from benchmarks.common import LM_LINEARS, QWEN2_VL_7B, timed_steps, write_result
 from valora import LLM, LoRARequest, SamplingParams
 from valora.testing.checkpoints import build_qwen2_vl, peft_target_regex, save_random_adapter
 
@@ -48,13 +48,7 @@ def engine_decode(llm: LLM, batch: int, loras: list, prompt_len: int, steps: int
     for i, (p, lr) in enumerate(zip(prompts(batch, prompt_len), loras)):
         engine.add_request(f"b{batch}-{i}-{time.time()}", p, params, lr)
     engine.step()  # prefill of the whole batch
-    times = []
-    while engine.has_unfinished_requests():
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        engine.step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    times = timed_steps(engine)
     step = sorted(times)[len(times) // 2]
     return {"batch": batch, "ms_per_step": step * 1e3, "tokens_per_s": batch / step, "steps": len(times)}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import LM_LINEARS, QWEN2_VL_7B, write_result
+from benchmarks.common import LM_LINEARS, QWEN2_VL_7B, timed_steps, write_result
 from benchmarks.engine_smoke import hf_decode
 from valora import LLM, LoRARequest, SamplingParams
 from valora.testing.checkpoints import build_qwen2_vl, peft_target_regex, save_random_adapter
@@ -114,14 +114,7 @@ def steps_of(llm: LLM, prompts: list, loras: list, max_tokens: int) -> list[floa
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i, (p, lr) in enumerate(zip(prompts, loras)):
         engine.add_request(f"r{i}-{time.monotonic_ns()}", p, params, lr)
-    times = []
-    while engine.has_unfinished_requests():
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        engine.step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return times
+    return timed_steps(engine)
 
 
 def ours_decode(llm: LLM, batch: int, context: int, loras: list, steps: int) -> float:

@@ -171,6 +171,17 @@ def _decode_reduce_kernel(
              mask=offs_d < HEAD_DIM)
 
 
+def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor
+                  ) -> tuple[int, int, int]:
+    """(query heads, head dim, KV heads), once the layouts both kernels assume are checked."""
+    h, d, kvh = q.shape[1], q.shape[2], k_cache.shape[1]
+    if h % kvh:
+        raise ValueError(f"{h} query heads are not a multiple of {kvh} KV heads")
+    if q.stride(-1) != 1 or out.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q, out and the caches need a contiguous last dimension")
+    return h, d, kvh
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [B, H, D], or [T, H, D] with `rows`
     k_cache: torch.Tensor,  # [num_slots, KVH, D]
@@ -186,12 +197,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """One-query-per-sequence attention over each sequence's first context_lens[b] keys. Writes `out`; returns it."""
     b = block_tables.shape[0]
-    h, d = q.shape[1], q.shape[2]
-    kvh = k_cache.shape[1]
-    if h % kvh:
-        raise ValueError(f"{h} query heads are not a multiple of {kvh} KV heads")
-    if q.stride(-1) != 1 or out.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("q, out and the caches need a contiguous last dimension")
+    h, d, kvh = _check_inputs(q, k_cache, v_cache, out)
     if b == 0:
         return out
     g = h // kvh
@@ -342,12 +348,7 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its cached + new keys. Writes `out`; returns it."""
     s = block_tables.shape[0]
-    h, d = q.shape[1], q.shape[2]
-    kvh = k_cache.shape[1]
-    if h % kvh:
-        raise ValueError(f"{h} query heads are not a multiple of {kvh} KV heads")
-    if q.stride(-1) != 1 or out.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("q, out and the caches need a contiguous last dimension")
+    h, d, kvh = _check_inputs(q, k_cache, v_cache, out)
     if s == 0 or max_q_len <= 0:
         return out
     block_d = triton.next_power_of_2(d)
