@@ -58,6 +58,11 @@ def test_stop_string_truncates_text(llm):
     out = _tokens(llm, "the answer is", temperature=0, max_tokens=20, ignore_eos=True, stop=[stop])[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == full.text[: full.text.find(stop)]
+    # the step pipeline finds a stop string one step late: the token sampled meanwhile must not be kept
+    tok = llm.get_tokenizer()
+    text_of = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    ends = next(k for k in range(1, len(full.token_ids) + 1) if stop in text_of(full.token_ids[:k]))
+    assert out.token_ids == full.token_ids[:ends]
     kept = _tokens(llm, "the answer is", temperature=0, max_tokens=20, ignore_eos=True, stop=[stop],
                    include_stop_str_in_output=True)[0]
     assert kept.text == full.text[: full.text.find(stop) + len(stop)]
