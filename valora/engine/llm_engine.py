@@ -490,7 +490,7 @@ class LLMEngine:
             return failed
         done = self._collect()
         launched = self._launch()
-        outputs = failed + self._finish(*done)
+        outputs = failed + self._finish(done)
         if not launched or self.draining:
             self._unload_drained()
         return outputs
@@ -526,7 +526,7 @@ class LLMEngine:
         self._inflight = InFlight(list(sched.seqs), stop_ids, results, decision.hot, t0, switch_s, merged_bytes)
         return True
 
-    def _collect(self) -> tuple[list[Sequence], list[set[int]]]:
+    def _collect(self) -> list[Sequence]:
         """Wait for the launched step's results and apply what the next schedule depends on: the new tokens,
         head answers, and the ends decided by token alone (stop tokens, max_tokens, max_model_len)."""
         step, self._inflight = self._inflight, None
@@ -543,7 +543,7 @@ class LLMEngine:
                                            step.merged_bytes))
         answers = self._answer_heads(seqs, tokens)
         now = self.clock()
-        kept, stops = [], []
+        kept = []
         for seq, token, stop in zip(seqs, tokens, step.stop_ids):
             if seq.finished:  # aborted, or ended on a stop string while this step ran: drop its token
                 continue
@@ -560,10 +560,9 @@ class LLMEngine:
             if seq.finished:
                 self.scheduler.remove(seq)
             kept.append(seq)
-            stops.append(stop)
-        return kept, stops
+        return kept
 
-    def _finish(self, seqs: list[Sequence], stops: list[set[int]]) -> list[RequestOutput]:
+    def _finish(self, seqs: list[Sequence]) -> list[RequestOutput]:
         """Text, stop strings and outputs for the collected step (while the next one runs on the device)."""
         now = self.clock()
         touched: dict[str, Request] = {}
