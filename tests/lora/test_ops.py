@@ -163,7 +163,7 @@ def test_gpu_atmm_needs_no_sync_and_replays_in_a_graph() -> None:
     assert_matches(case, out)
 
 
-@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("backend", [*TRITON, "gather"])
 def test_graph_meta_refilled_for_any_mix_matches_reference(backend: str) -> None:
     """One fixed-size meta (as a CUDA graph captures it), refilled with different mixes of adapters and fewer
     real tokens than its size: every fill gives the reference result, padding tokens are left alone."""

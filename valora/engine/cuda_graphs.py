@@ -31,7 +31,7 @@ from valora.models.layers.linear import LoRALinear
 
 logger = logging.getLogger(__name__)
 
-GRAPH_BACKENDS = ("atmm", "sgmv", "bgmv")  # LoRA backends whose launches depend on shapes only
+GRAPH_BACKENDS = ("atmm", "sgmv", "bgmv", "gather")  # LoRA backends whose launches depend on shapes only
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:

@@ -15,25 +15,27 @@ GATHER_BYTES = 256 << 20
 
 def lora_gather(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch.Tensor, ranks: torch.Tensor,
                 scalings: torch.Tensor, slices: tuple[int, ...], out: torch.Tensor) -> None:
-    if meta.sizes is not None:
-        raise ValueError("this backend needs the host layout; CUDA graphs run atmm, sgmv or bgmv")
     rmax = stack_b.shape[2]
     per_token = rmax * (x.shape[1] + max(slices)) * x.element_size()  # the gathered A and B of one token
     chunk = max(1, GATHER_BYTES // per_token)
+    # Positions of `token_order` past the step's adapter tokens (a CUDA graph's padding) must add nothing; their
+    # count is on the device (the last segment start), so shapes stay fixed and nothing waits for the host.
+    real = meta.seg_starts[-1]
     for start in range(0, meta.num_lora_tokens, chunk):
-        _gather_chunk(x, meta.ids, meta.token_order[start : start + chunk], stack_a, stack_b, ranks, scalings,
-                      slices, out)
+        rows = meta.token_order[start : start + chunk]
+        valid = torch.arange(start, start + rows.shape[0], device=x.device) < real
+        _gather_chunk(x, meta.ids, rows, valid, stack_a, stack_b, ranks, scalings, slices, out)
 
 
-def _gather_chunk(x, ids, rows, stack_a, stack_b, ranks, scalings, slices, out) -> None:
-    slot = ids.index_select(0, rows).long()  # [T_lora]
+def _gather_chunk(x, ids, rows, valid, stack_a, stack_b, ranks, scalings, slices, out) -> None:
+    slot = ids.index_select(0, rows).long().clamp_min(0)  # [T_lora]
     xs = x.index_select(0, rows).unsqueeze(2)  # [T_lora, K, 1]
     rmax = stack_b.shape[2]
     r_idx = torch.arange(rmax, device=x.device)
     scale = scalings.index_select(0, slot)[:, None]
     col = 0
     for j, width in enumerate(slices):
-        keep = r_idx[None, :] < ranks[j].index_select(0, slot)[:, None]  # [T_lora, R]
+        keep = (r_idx[None, :] < ranks[j].index_select(0, slot)[:, None]) & valid[:, None]  # [T_lora, R]
         a = stack_a[slot, j * rmax : (j + 1) * rmax]  # [T_lora, R, K]
         # Rows past the rank may hold garbage (even NaN): each only reaches its own entry of `mid`, dropped here.
         mid = torch.where(keep, torch.bmm(a, xs).squeeze(2).float() * scale, 0.0).to(x.dtype)

@@ -8,7 +8,7 @@ from valora.lora.ops.meta import LoRAMeta
 def lora_torch(x, meta: LoRAMeta, stack_a, stack_b, ranks, scalings, slices, out) -> None:
     """Adds each segment's delta into `out` in place; ranks are honoured exactly (no padding in the math)."""
     if meta.sizes is not None:
-        raise ValueError("this backend needs the host layout; CUDA graphs run atmm, sgmv or bgmv")
+        raise ValueError("this backend needs the host layout; CUDA graphs run atmm, sgmv, bgmv or gather")
     host_ranks = ranks.tolist()
     host_scale = scalings.tolist()
     rmax = stack_b.shape[2]
