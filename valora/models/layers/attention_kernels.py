@@ -86,6 +86,13 @@ def _split_range(ctx, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     return start, end, per
 
 
+@triton.jit
+def _kv_bases(tables_ptr, k_ptr, v_ptr, seq, kvh, offs_d, stride_tb, stride_kh, stride_vh):
+    """Sequence `seq`'s block-table row, and its KV head's key and value columns in the cache."""
+    table = tables_ptr + seq.to(tl.int64) * stride_tb
+    return table, k_ptr + kvh * stride_kh + offs_d[None, :], v_ptr + kvh * stride_vh + offs_d[None, :]
+
+
 @triton.jit(do_not_specialize=["stride_tb"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, rows_ptr, tables_ptr, lens_ptr, qk_scale,
@@ -108,9 +115,7 @@ def _decode_kernel(
     heads = kvh * G + offs_g
     gd_mask = _tile_mask(offs_g < G, offs_d, HEAD_DIM, BLOCK_D)
     q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gd_mask, other=0.0)
-    table = tables_ptr + b.to(tl.int64) * stride_tb
-    k_base = k_ptr + kvh * stride_kh + offs_d[None, :]
-    v_base = v_ptr + kvh * stride_vh + offs_d[None, :]
+    table, k_base, v_base = _kv_bases(tables_ptr, k_ptr, v_ptr, b, kvh, offs_d, stride_tb, stride_kh, stride_vh)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -300,9 +305,7 @@ def _prefill_kernel(
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=md_mask, other=0.0)
     pos = prefix + offs_m  # position of each query in its context: it sees keys 0..pos
 
-    table = tables_ptr + seq.to(tl.int64) * stride_tb
-    k_base = k_ptr + kvh * stride_kh + offs_d[None, :]
-    v_base = v_ptr + kvh * stride_vh + offs_d[None, :]
+    table, k_base, v_base = _kv_bases(tables_ptr, k_ptr, v_ptr, seq, kvh, offs_d, stride_tb, stride_kh, stride_vh)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
