@@ -45,7 +45,7 @@ def start_server(server_model, tmp_path_factory) -> Iterator:
         log = tmp_path_factory.mktemp("server") / "server.log"
         server = ServerProcess(server_model, args, log, api_key)
         started.append(server)
-        server.wait_ready()
+        server.start()
         return server
 
     yield start

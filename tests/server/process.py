@@ -2,54 +2,27 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from valora.server.launch import free_port
+from valora.bench.server import ServeProcess
 
 SERVED = "tiny-qwen2-vl"
 
 
-class ServerProcess:
-    """`valora serve` in a subprocess; its log is kept in a file for the tests to read."""
+class ServerProcess(ServeProcess):
+    """The tests' server: the tiny model on the CPU under SERVED, optionally behind an API key."""
 
     def __init__(self, model: Path, args: list[str], log_path: Path, api_key: str | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
+        key = ["--api-key", api_key] if api_key else []
+        super().__init__(model, ["--served-model-name", SERVED, "--device", "cpu", *args, *key], log_path)
         self.api_key = api_key
-        cmd = [sys.executable, "-m", "valora.cli", "serve", str(model), "--host", "127.0.0.1",
-               "--port", str(self.port), "--served-model-name", SERVED, "--device", "cpu", *args]
-        if api_key:
-            cmd += ["--api-key", api_key]
-        env = {k: v for k, v in os.environ.items() if k != "VALORA_API_KEY"}
-        self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_text()[-3000:]}")
-
-    def log_text(self) -> str:
-        return self.log_path.read_text()
 
     def metrics(self) -> dict[str, float]:
         """`/metrics` as {series: value}, fetched without following redirects (there must be none)."""
@@ -74,15 +47,6 @@ class ServerProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"server not idle after {timeout} s: {m}")
             time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 def gauge(metrics: dict[str, float], name: str) -> float:

@@ -85,21 +85,21 @@ class ModelSpec:
                                     device=spec.device)
 
 
-class ServerProcess:
-    """`valora serve MODEL --scheduler S ...` on a free local port; its output goes to `log_path`."""
+class ServeProcess:
+    """`valora serve MODEL ARGS...` in a subprocess on a free local port, as users run it, its output in `log_path`.
+    `start()` (or `with`) returns the base URL once `/health` answers; `stop()` ends it (and may be called again)."""
 
-    def __init__(self, model: Path, adapters: dict[str, Path], scheduler: str, args: list[str], log_path: Path,
-                 startup_timeout_s: float) -> None:
+    def __init__(self, model: Path, args: list[str], log_path: Path, startup_timeout_s: float = 120.0) -> None:
         from valora.server.launch import free_port
 
-        self.url = f"http://127.0.0.1:{free_port()}"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "valora.cli", "serve", str(model), "--host", "127.0.0.1",
-                    "--port", self.url.rsplit(":", 1)[1], "--served-model-name", SERVED_NAME, "--scheduler", scheduler,
-                    "--lora-modules", *(f"{n}={p}" for n, p in adapters.items()), *args]
+                    "--port", str(self.port), *args]
         self.log_path, self.startup_timeout_s = log_path, startup_timeout_s
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> str:
+    def start(self) -> str:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.log_path.open("w")
         env = {k: v for k, v in os.environ.items() if k != "VALORA_API_KEY"}
@@ -107,20 +107,22 @@ class ServerProcess:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                self.__exit__()
+                self.stop()
                 raise RuntimeError(f"`{' '.join(self.cmd)}` exited with {self.proc.returncode}:\n"
-                                   f"{self.log_path.read_text()[-3000:]}")
+                                   f"{self.log_text()[-3000:]}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return self.url
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        self.__exit__()
-        raise TimeoutError(f"the server was not ready after {self.startup_timeout_s} s; log: {self.log_path}")
+        self.stop()
+        raise TimeoutError(f"the server was not ready after {self.startup_timeout_s} s:\n{self.log_text()[-3000:]}")
 
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=30)
@@ -128,6 +130,24 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ServerProcess(ServeProcess):
+    """`valora serve MODEL --scheduler S` with the sweep's adapters, served under SERVED_NAME."""
+
+    def __init__(self, model: Path, adapters: dict[str, Path], scheduler: str, args: list[str], log_path: Path,
+                 startup_timeout_s: float) -> None:
+        super().__init__(model, ["--served-model-name", SERVED_NAME, "--scheduler", scheduler, "--lora-modules",
+                                 *(f"{n}={p}" for n, p in adapters.items()), *args], log_path, startup_timeout_s)
 
 
 def served_adapters(base_url: str, api_key: str | None = None) -> list[str]:
