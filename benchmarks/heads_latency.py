@@ -15,8 +15,6 @@ anything; the text answers are forced (ignore_eos) to the token counts of real a
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import statistics
 import time
@@ -26,14 +24,9 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import LM_LINEARS, QWEN2_VL_7B, write_result
+from valora.multimodal.chat import image_data_url
 
 TASKS = ("rotation", "locate")
-
-
-def data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def serve(model: Path, adapters: dict[str, Path], max_loras: int):
@@ -78,7 +71,7 @@ def measure_trained(client: httpx.Client, url: str, task, served: str, limit: in
     from valora.outputs import HeadOutput
 
     examples = task.data.splits["test"]
-    bodies = [chat(served, data_url(img), task.question, temperature=0, max_tokens=24)
+    bodies = [chat(served, image_data_url(img), task.question, temperature=0, max_tokens=24)
               for img in examples.images[: min(limit, len(examples))]]
     for body in bodies[:warmup]:
         ask(client, url, body)
@@ -159,7 +152,7 @@ def gpu(args, save) -> dict:
 
     forced = dict(args.text_tokens)
     model, adapter = random_setup(args.workdir, args.shape)
-    image = data_url(rotation(56, 0).splits["test"].images[0].resize((448, 448)))
+    image = image_data_url(rotation(56, 0).splits["test"].images[0].resize((448, 448)))
     results: dict = {"shape": f"Qwen2-VL-{args.shape} random", "image": "448x448", "forced_text_tokens": forced,
                      "tasks": {}}
     with serve(model, {"a": adapter}, 1) as url, httpx.Client(timeout=300) as client:

@@ -5,7 +5,6 @@ can be hit cheaply."""
 from __future__ import annotations
 
 import base64
-import io
 import shutil
 import time
 
@@ -15,18 +14,13 @@ import pytest
 from PIL import Image
 
 from tests.server.process import SERVED, gauge
+from valora.multimodal.chat import image_data_url
 from valora.testing.images import random_image
 
 KEY = "test-key"
 LIMITS = ["--max-num-seqs", "2", "--max-queued-requests", "1", "--max-model-len", "4096", "--num-kv-blocks", "1024",
           "--max-images-per-prompt", "2", "--max-image-pixels", "40000", "--max-image-bytes", "50000",
           "--max-request-body-bytes", "300000"]
-
-
-def png_url(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def chat(*image_urls: str, text: str = "What is this?", **extra) -> dict:
@@ -67,7 +61,7 @@ def assert_error(r: httpx.Response, status: int, code: str, fragment: str = "") 
 
 
 def assert_still_serving(http: httpx.Client) -> None:
-    r = http.post("/v1/chat/completions", json=chat(png_url(random_image(56, 56, seed=1))))
+    r = http.post("/v1/chat/completions", json=chat(image_data_url(random_image(56, 56, seed=1))))
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 2
 
@@ -89,9 +83,9 @@ BAD_CHAT = {
     "not-an-image": (dict(json=chat("data:image/png;base64," + base64.b64encode(b"hello, not a png").decode())),
                      400, "invalid_image", "cannot read image"),
     "bad-base64": (dict(json=chat("data:image/png;base64,@@@")), 400, "invalid_image", "base64"),
-    "too-many-pixels": (dict(json=chat(png_url(BIG_FLAT))), 400, "invalid_image", "pixels"),
-    "too-many-bytes": (dict(json=chat(png_url(random_image(150, 150)))), 400, "invalid_image", "bytes"),
-    "too-many-images": (dict(json=chat(*[png_url(random_image(56, 56, seed=i)) for i in range(3)])), 400,
+    "too-many-pixels": (dict(json=chat(image_data_url(BIG_FLAT))), 400, "invalid_image", "pixels"),
+    "too-many-bytes": (dict(json=chat(image_data_url(random_image(150, 150)))), 400, "invalid_image", "bytes"),
+    "too-many-images": (dict(json=chat(*[image_data_url(random_image(56, 56, seed=i)) for i in range(3)])), 400,
                         "too_many_images", "limit of 2"),
     "remote-image-url": (dict(json=chat("https://example.com/cat.png")), 400, "invalid_image", "not fetched"),
     "local-file-not-allowed": (dict(json=chat("file:///etc/hostname")), 400, "invalid_image", "local image"),
@@ -131,7 +125,7 @@ def test_api_key_required_on_v1_only(server, http):
 def test_openai_client_sees_the_error_body(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(**chat(png_url(BIG_FLAT)))
+        client.chat.completions.create(**chat(image_data_url(BIG_FLAT)))
     assert e.value.status_code == 400 and e.value.code == "invalid_image"
 
 

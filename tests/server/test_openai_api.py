@@ -5,8 +5,6 @@ model; afterwards the KV cache and adapter slots are idle again; a client that l
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 
 import httpx
 import openai
@@ -14,15 +12,10 @@ import pytest
 
 from tests.server.process import SERVED, gauge, series
 from valora import LLM, LoRARequest, SamplingParams
+from valora.multimodal.chat import image_data_url
 from valora.testing.images import random_image
 
 MAX_TOKENS = 12
-
-
-def data_url(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def messages(i: int) -> list[dict]:
@@ -30,7 +23,7 @@ def messages(i: int) -> list[dict]:
     text = {"type": "text", "text": f"Describe picture {i} please."}
     if i % 2:
         return [{"role": "user", "content": [text]}]
-    image = {"type": "image_url", "image_url": {"url": data_url(random_image(56, 56 + 28 * (i % 3), seed=i))}}
+    image = {"type": "image_url", "image_url": {"url": image_data_url(random_image(56, 56 + 28 * (i % 3), seed=i))}}
     return [{"role": "user", "content": [image, text]}]
 
 
@@ -105,7 +98,7 @@ def test_local_images_only_under_the_allowed_folder(client, media):
                                              {"type": "text", "text": "What is it?"}]}]
         return client.chat.completions.create(model="lora1", messages=msgs, temperature=0, max_tokens=MAX_TOKENS)
 
-    inline = ask(data_url(random_image(56, 84, seed=5))).choices[0].message.content
+    inline = ask(image_data_url(random_image(56, 84, seed=5))).choices[0].message.content
     assert ask(f"file://{media / 'allowed' / 'cat.png'}").choices[0].message.content == inline
     for outside in (media / "secret.png", media / "allowed" / ".." / "secret.png"):
         with pytest.raises(openai.BadRequestError) as e:

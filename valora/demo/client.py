@@ -7,8 +7,6 @@ all adapters: what the demo shows is heterogeneous multi-LoRA batching, not one 
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import random
 import time
 from dataclasses import dataclass
@@ -16,6 +14,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from valora.demo.tasks import Task
+from valora.multimodal.chat import image_data_url
 
 
 @dataclass(frozen=True)
@@ -30,12 +29,6 @@ class Reply:
     query: Query
     text: str
     latency: float  # seconds from sending to the full answer
-
-
-def data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 async def _ask_all(base_url: str, queries: list[Query], urls: list[str], concurrency: int) -> list[Reply]:
@@ -58,7 +51,7 @@ async def _ask_all(base_url: str, queries: list[Query], urls: list[str], concurr
 def ask_all(base_url: str, queries: list[Query], images: list[Image.Image], concurrency: int = 128,
             seed: int = 0) -> list[Reply]:
     """Replies in the order of `queries` (they are sent in a shuffled order)."""
-    urls = [data_url(img) for img in images]
+    urls = [image_data_url(img) for img in images]
     order = list(range(len(queries)))
     random.Random(seed).shuffle(order)
     replies = asyncio.run(_ask_all(base_url, [queries[i] for i in order], urls, concurrency))

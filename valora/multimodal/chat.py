@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -15,6 +16,13 @@ from urllib.parse import unquote, urlparse
 from valora.multimodal.inputs import InputError
 
 _IMAGE_TYPES = ("image", "image_url", "image_pil", "input_image")
+
+
+def image_data_url(image) -> str:
+    """A PIL image as the PNG `data:` URL that `decode_image_url` reads back (what OpenAI clients send)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def decode_image_url(url: str, allowed_local_path: str | Path | None = None) -> bytes | Path:
