@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import write_result
-from valora.engine.forward_batch import AttentionMeta
 from valora.models.layers import attention_kernels as ak
-from valora.models.layers.attention import PagedAttention
+from valora.models.layers.attention import AttentionMeta, PagedAttention
 
 DECODE_BATCHES = (1, 8, 32, 128)
 DECODE_CONTEXTS = (512, 2048, 8192)

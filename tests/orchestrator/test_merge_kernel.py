@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from valora.lora.merge import merge_into
+from valora.lora.ops.merge import merge_into
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from valora.engine.forward_batch import AttentionMeta, ForwardBatch
-from valora.lora.batch import LoRABatch
+from valora.lora.ops.batch import LoRABatch
 from valora.lora.ops.meta import GraphLoRAMeta
+from valora.models.forward_batch import ForwardBatch
+from valora.models.layers.attention import AttentionMeta
 from valora.models.layers.linear import LoRALinear
 
 logger = logging.getLogger(__name__)

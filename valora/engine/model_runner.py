@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from valora.engine.block_manager import BlockManager
-from valora.engine.forward_batch import AttentionMeta, ForwardBatch, ImageInputs
 from valora.engine.sampler import sample_async
 from valora.engine.sequence import Sequence
 from valora.heads.params import HeadParams
+from valora.models.forward_batch import ForwardBatch, ImageInputs
+from valora.models.layers.attention import AttentionMeta
 from valora.multimodal.cache import EmbeddingCache
 
 logger = logging.getLogger(__name__)

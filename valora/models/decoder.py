@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from valora.engine.forward_batch import ForwardBatch
+from valora.models.forward_batch import ForwardBatch
 from valora.models.layers import fused_kernels
 from valora.models.layers.attention import PagedAttention
 from valora.models.layers.linear import LoRALinear

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from valora.lora.batch import LoRABatch
+from valora.lora.ops.batch import LoRABatch
 from valora.models.decoder import DecoderConfig, DecoderModel
 from valora.models.layers.linear import LoRALinear
 from valora.models.layers.mlp import MLP

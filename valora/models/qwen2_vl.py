@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from valora.lora.batch import LoRABatch
+from valora.lora.ops.batch import LoRABatch
 from valora.models.decoder import DecoderConfig, DecoderModel
 from valora.models.layers.linear import LoRALinear
 from valora.models.layers.mlp import MLP

@@ -14,9 +14,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from valora.engine.forward_batch import ForwardBatch, ImageInputs
-from valora.lora.batch import LoRABatch
+from valora.lora.ops.batch import LoRABatch
 from valora.models.decoder import DecoderConfig, DecoderModel
+from valora.models.forward_batch import ForwardBatch, ImageInputs
 from valora.models.loader import WeightMapper, load_weights
 
 # The shared decoder fuses q/k/v and gate/up (and so do the vision towers that have them): checkpoint and PEFT

@@ -13,8 +13,7 @@
 
 from __future__ import annotations
 
-from valora.engine.sequence import Sequence
-from valora.orchestrator.policy import Decision, Policy, SchedulerView, StepRecord
+from valora.orchestrator.policy import Decision, Policy, SchedulerView, Sequence, StepRecord
 
 
 class SLoRAPolicy(Policy):

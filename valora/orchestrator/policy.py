@@ -9,9 +9,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
-from valora.engine.sequence import Sequence
+
+class Sequence(Protocol):
+    """What a policy reads of a queued or running sequence (the engine's `Sequence` has these and more): the
+    orchestrator sits below the engine and never imports it."""
+
+    seq_id: int
+    lora_name: str | None
+    arrival_time: float
+    deadline: float | None  # absolute time by which its request should finish, if it has one
+    num_computed: int  # tokens already in the KV cache
+
+    def __len__(self) -> int: ...
 
 
 @dataclass

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from valora.engine.sequence import Sequence
-from valora.orchestrator.policy import Decision, Policy, SchedulerView, StepRecord
+from valora.orchestrator.policy import Decision, Policy, SchedulerView, Sequence, StepRecord
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,40 @@ attends over its sequence's context through the block table. Two backends share 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from valora.engine.forward_batch import AttentionMeta
+
+@dataclass
+class AttentionMeta:
+    """Where each new token's K/V goes and which cached keys every query reads, in block-table form.
+
+    Device tensors feed the kernels (and can be copied into static CUDA-graph buffers); the host ints are what the
+    PyTorch path and the kernel launch grids need. A sequence's key i sits in KV slot
+    `block_table[i // block_size] * block_size + i % block_size`; table rows are padded with block 0.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: KV slot of each new token (pad rows: any slot the runner reserves)
+    block_size: int
+    # Sequences with several new tokens (prefill, recompute after preemption, chunks): queries are batch rows
+    # [q_start, q_start + q_len) and sit at the LAST q_len positions of a context of context_len keys.
+    prefill_q_starts: torch.Tensor | None = None  # [Sp] int32
+    prefill_q_lens: torch.Tensor | None = None  # [Sp] int32
+    prefill_context_lens: torch.Tensor | None = None  # [Sp] int32
+    prefill_block_tables: torch.Tensor | None = None  # [Sp, max_blocks] int32
+    prefill_host: tuple[tuple[int, int, int], ...] = ()  # (q_start, q_len, context_len) per prefill
+    # Single-token decodes.
+    decode_rows: torch.Tensor | None = None  # [Bd] int64 rows of the batch
+    decode_context_lens: torch.Tensor | None = None  # [Bd] int32 (0: padding row, its output is 0)
+    decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks] int32
+    decode_max_context: int = 0  # host: the longest decode context
+
+    @property
+    def prefill_max_q_len(self) -> int:
+        return max((q for _, q, _ in self.prefill_host), default=0)
 
 
 def _triton_available() -> bool:

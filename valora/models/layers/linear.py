@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from valora.lora.batch import LoRABatch
-from valora.lora.merge import merge_into
 from valora.lora.ops import lora_matmul
+from valora.lora.ops.batch import LoRABatch
+from valora.lora.ops.merge import merge_into
 
 
 class LoRALinear(nn.Module):

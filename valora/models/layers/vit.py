@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from valora.lora.batch import LoRABatch
+from valora.lora.ops.batch import LoRABatch
 from valora.models.layers.linear import LoRALinear
 from valora.models.layers.norm import RMSNorm
 

@@ -1,0 +1,39 @@
+"""What one model step needs, built once per step by the model runner and shared by every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from valora.lora.ops.batch import LoRABatch
+from valora.models.layers.attention import AttentionMeta
+
+
+@dataclass
+class ImageInputs:
+    """New images of this step, in the order their placeholder tokens appear in the flat batch."""
+
+    data: list[dict[str, torch.Tensor]]  # per image: the processor's tensors (pixel_values, image_grid_thw, ...)
+    num_tokens: list[int]  # placeholder tokens per image
+    lora_slots: list[int]  # adapter slot of the request that owns each image (-1: none)
+    merged_slot: int | None  # the adapter folded into the weights this step, if any
+    token_rows: torch.Tensor  # [sum num_tokens] rows of the batch that receive image embeddings
+    cached: list[torch.Tensor | None]  # embeddings already computed for an image (recompute after preemption)
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [3, T] (M-RoPE) or [T]
+    attn: AttentionMeta
+    logits_rows: torch.Tensor  # [B] last row of each sequence that samples this step
+    lora: LoRABatch | None = None
+    images: ImageInputs | None = None
+    # What `lora` is built from, on the host: each row's adapter slot (-1: none) and the merged adapter's slot.
+    # A CUDA-graph replay refills its static LoRA metadata from these instead.
+    lora_slots: list[int] = field(default_factory=list)
+    merged_slot: int | None = None
+
+    def build_lora(self) -> None:
+        self.lora = LoRABatch.build(self.lora_slots, self.merged_slot, self.input_ids.device)
