@@ -1,8 +1,51 @@
-"""Per-request decoding options, named as in vLLM's `SamplingParams`."""
+"""Per-request decoding options, named as in vLLM's `SamplingParams` (and `StructuredOutputsParams`).
+
+Plain, picklable data: everything the sampler needs travels inside `SamplingParams`, grammars included (as their
+source; the engine compiles them).
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a grammar, as vLLM's `StructuredOutputsParams`: exactly one of a JSON schema
+    (`json`, a dict or its JSON text), any JSON object (`json_object`), a regular expression (`regex`), one of
+    several strings (`choice`), or a Lark / GBNF grammar (`grammar`). `disable_any_whitespace` makes JSON compact
+    (no whitespace between tokens), which also keeps weak models from emitting whitespace forever."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("structured outputs take exactly one of json, regex, choice, grammar or json_object"
+                             + (f"; got {', '.join(given)}" if given else ""))
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("choice must be a non-empty list of strings")
+        if isinstance(self.json, str):
+            try:
+                json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"the JSON schema is not valid JSON: {e}") from e
+
+    @property
+    def key(self) -> str:
+        """What identifies the compiled grammar (equal keys share one compilation)."""
+        spec = {k: getattr(self, k) for k in ("json", "regex", "choice", "grammar", "json_object")
+                if getattr(self, k)}
+        if isinstance(spec.get("json"), str):
+            spec["json"] = json.loads(spec["json"])
+        return json.dumps([spec, self.disable_any_whitespace], sort_keys=True)
 
 
 @dataclass
@@ -20,6 +63,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # also return the top-k log-probabilities of the model at every step
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated
+    repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt and output tokens
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -36,6 +83,11 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be non-negative, got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
@@ -44,3 +96,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

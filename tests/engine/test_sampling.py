@@ -267,16 +267,75 @@ def test_logprobs_are_the_models_log_softmax():
         assert len(seqs[1].logprobs) == step + 1
 
 
+def _penalized_reference(logits: torch.Tensor, prompt: list[int], output: list[int], p: SamplingParams) -> torch.Tensor:
+    """vLLM's penalties, one row at a time, from the token lists."""
+    x = logits.clone()
+    counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=x.shape[0]).float()
+    seen = counts > 0
+    seen[torch.tensor(prompt)] = True
+    x = torch.where(seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
+    return x - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+
+
+def test_penalties_follow_vllm_over_many_steps():
+    vocab = 24
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.7),
+              SamplingParams(temperature=0, frequency_penalty=0.6, presence_penalty=-0.3, logprobs=1),
+              SamplingParams(temperature=0, repetition_penalty=0.8, frequency_penalty=-0.4, presence_penalty=1.1),
+              SamplingParams(temperature=0.8, seed=3)]
+    plain, _, with_logprobs, _, _ = seqs = [_seq(p) for p in params]
+    seqs[3].prompt = ProcessedPrompt([5, 6, 7, 5])
+    gen = torch.Generator().manual_seed(0)
+    changed = 0
+    for step in range(16):
+        if step == 8:  # rows move between steps (others finish, preemption): the counts follow the sequence
+            seqs = [seqs[i] for i in (3, 0, 4, 2, 1)]
+        logits = torch.randn(len(seqs), vocab, generator=gen)
+        logits[:, :4] += 1.5  # a few favourites, so that outputs repeat and the penalties bite
+        tokens = sample(logits, seqs, [set()] * len(seqs))
+        for i, seq in enumerate(seqs):
+            if seq.params.greedy:
+                ref = _penalized_reference(logits[i], seq.prompt.token_ids, seq.output_ids, seq.params)
+                assert tokens[i] == int(ref.argmax()), (step, i)
+                changed += tokens[i] != int(logits[i].argmax())
+            if seq is with_logprobs:  # logprobs stay the model's own
+                assert seq.logprobs[-1][tokens[i]] == pytest.approx(float(logits[i].log_softmax(-1)[tokens[i]]))
+        for seq, t in zip(seqs, tokens):
+            seq.output_ids.append(t)
+    assert changed > 5
+    assert plain.penalty_counts is None  # unpenalised rows keep no state
+
+
+def test_penalised_seeded_row_same_alone_and_in_a_batch():
+    def run(batch: bool) -> list[int]:
+        p = SamplingParams(temperature=1.0, seed=9, frequency_penalty=1.5)
+        seq = _seq(p)
+        others = [_seq(SamplingParams(temperature=0.5, repetition_penalty=1.3)), _seq(SamplingParams())]
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            logits = torch.randn(3, 16, generator=gen)
+            rows = [others[0], seq, others[1]] if batch else [seq]
+            token = sample(logits if batch else logits[1:2], rows, [set()] * len(rows))[1 if batch else 0]
+            for s in rows:
+                s.output_ids.append(token if s is seq else 0)
+        return seq.output_ids
+
+    assert run(True) == run(False)
+
+
 _SYNCS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
 
-@pytest.mark.parametrize("kind", ["mixed", "greedy", "sampled"])
+@pytest.mark.parametrize("kind", ["mixed", "greedy", "sampled", "penalised"])
 def test_one_device_to_host_transfer_per_step(monkeypatch, kind):
     logits, seqs, stops = _mixed_batch()
     if kind == "greedy":
         seqs = [_seq(SamplingParams(temperature=0)) for _ in seqs]
     elif kind == "sampled":
         seqs = [_seq(SamplingParams(temperature=0.8, top_k=10)) for _ in seqs]
+    elif kind == "penalised":
+        seqs = [_seq(SamplingParams(temperature=0.8 * (i % 2), repetition_penalty=1.2, presence_penalty=0.5),
+                     generated=i) for i in range(len(seqs))]
     calls: list[str] = []
     for name in _SYNCS:
         original = getattr(torch.Tensor, name)

@@ -23,6 +23,7 @@ from valora.engine.detokenizer import IncrementalDetokenizer
 from valora.engine.model_runner import ModelRunner
 from valora.engine.scheduler import Scheduler
 from valora.engine.sequence import Sequence, SequenceStatus
+from valora.engine.structured_outputs import GrammarCompiler
 from valora.heads import HeadParams, HeadSet, answer_all, load_heads
 from valora.lora.manager import LoRAManager
 from valora.lora.request import LoRARequest
@@ -127,6 +128,7 @@ class LLMEngine:
         if config.enable_lora:
             self._init_lora()
         self.eos_token_ids = self._eos_ids(model_dir)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model.decoder_config.vocab_size, self.eos_token_ids)
         self.max_model_len = config.max_model_len or getattr(text_cfg, "max_position_embeddings", 4096)
         sc = config.scheduler
         self.max_batched_tokens = sc.max_num_batched_tokens or max(self.max_model_len, 2048)
@@ -346,6 +348,9 @@ class LLMEngine:
         if by_head:
             params = self._head_params(params, lora_name)
         text, processed = self.process_prompt(prompt)
+        grammar = None
+        if not by_head and params.structured_outputs is not None:
+            grammar = self.grammars.compile(params.structured_outputs)
         now = arrival_time if arrival_time is not None else self.clock()
         seqs = []
         for i in range(1 if by_head else params.n):
@@ -356,6 +361,8 @@ class LLMEngine:
             seq.deadline = now + deadline_s if deadline_s is not None else None
             if lora_request is not None and self.lora_manager.info[lora_name].changes_images:
                 seq.vision_tag = f"{lora_name}@{lora_request.lora_path}"
+            if grammar is not None:
+                seq.grammar = grammar if i == 0 else grammar.deep_copy()
             seqs.append(seq)
         detoks = [] if by_head else [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in seqs]
         self.requests[request_id] = Request(request_id, text, processed, params, lora_name, seqs, detoks,
@@ -592,11 +599,17 @@ class LLMEngine:
         return {s: a for (s, _), a in zip(asked, answers)}
 
     def _check_stop_token(self, seq: Sequence, token: int, stops: set[int]) -> None:
-        """Ends decided by the token alone."""
+        """Ends decided by the token alone (a structured output also ends when its grammar is complete)."""
         p = seq.params
         reason: str | None = None
-        if token in stops:  # the sampler masks stop tokens until min_tokens is reached
+        if seq.grammar is not None and not seq.grammar.consume_token(token) and token not in stops:
+            logger.warning("request %s: token %d broke its grammar (%s); ending it", seq.request_id, token,
+                           seq.grammar.get_error())
+            reason = "abort"
+        elif token in stops:  # the sampler masks stop tokens until min_tokens is reached
             reason, seq.stop_reason = "stop", (token if token in p.stop_token_ids else None)
+        elif seq.grammar is not None and seq.grammar.is_stopped():
+            reason = "stop"
         elif p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
         if reason is not None:

@@ -4,6 +4,12 @@ optional per-request seeds, plus the model's own log-probabilities where asked.
 Per step the per-row parameters go to the device in one host->device copy, everything runs as batched tensor ops
 with no host synchronisation, and the tokens (with any log-probabilities) come back in one device->host copy.
 
+Before sampling, per row as it asks: vLLM's penalties on the raw logits (repetition: logits of tokens in the prompt
+or output divided by it when positive, multiplied when negative; frequency and presence: subtracted per
+occurrence and once per generated token) from token counts kept on the device with the sequence and updated there
+with each sampled token; then a structured-output row's grammar bitmask (computed on the host from its matcher while
+the model runs, sent in one more copy). Rows that ask for neither cost nothing.
+
 Sampling is an exponential race (the Gumbel-max trick): the token is `argmax(logits / T - log E)` with
 `E ~ Exp(1)` drawn per vocabulary entry, which picks token i with probability `softmax(logits / T)[i]`. A row with a
 seed draws its `E` from its own generator (`seq.generator`, V draws per step whatever else is in the batch), so its
@@ -19,6 +25,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from valora.engine.sequence import Sequence
+from valora.engine.structured_outputs import apply_bitmasks, fill_bitmasks
 
 _TINY = torch.finfo(torch.float32).tiny  # keeps log(E) finite, so a filtered (-inf) logit never turns into NaN
 
@@ -124,6 +131,8 @@ def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[in
     unseeded = [i for i in sampled if seqs[i].generator is None]
     by_k = [i for i in sampled if 0 < params[i].top_k < vocab]  # top-k (and maybe top-p): `topk` of the widest
     by_p = [i for i in sampled if params[i].top_p < 1.0 and not 0 < params[i].top_k < vocab]  # top-p only: a sort
+    penalized = [i for i, p in enumerate(params) if p.penalized]
+    guided = [i for i, s in enumerate(seqs) if s.grammar is not None]
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     kmax = min(vocab, max((params[i].logprobs for i in want), default=0))
     masked: list[int] = []  # flat indices row * V + token of the stop ids held back by min_tokens
@@ -150,11 +159,27 @@ def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[in
         pack.add("masked", masked)
     if want and len(want) < num_rows:
         pack.add("want", want)
+    if penalized:
+        _pack_penalties(pack, seqs, penalized, vocab)
+    if guided:
+        pack.add("guided", guided)
     dev = pack.send(device)
+    masks = None
+    if guided:  # the model's step is queued already: the host computes the masks while the device runs it
+        host_masks = fill_bitmasks([seqs[i].grammar for i in guided], vocab, pin=device.type == "cuda")
+        masks = host_masks.to(device, non_blocking=True)
 
     # --- device side: no host synchronisation until the single copy back
     x = logits.float()
     owned = False  # whether x is our own copy (logits themselves are never modified)
+    counts = None
+    if penalized:
+        x, owned = x.clone(), True
+        counts = _apply_penalties(x, seqs, penalized, dev)
+    if guided:
+        if not owned:
+            x, owned = x.clone(), True
+        apply_bitmasks(x, dev["guided"].long(), masks)
     if sampled:
         x = x / dev["temp"].to(x.dtype).unsqueeze(1)  # greedy rows divide by 1.0: exact
         owned = True
@@ -182,6 +207,10 @@ def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[in
                 race[i].copy_(torch.empty(vocab, device=gen.device).exponential_(generator=gen), non_blocking=True)
         x.sub_(race.clamp_min_(_TINY).log_())  # greedy rows: log(1) = 0, x unchanged
     tokens = x.argmax(-1)
+    if counts is not None:  # the sampled tokens join the counts on the device: no host round trip
+        rows = dev["pen_rows"].long()
+        counts[:, 0].scatter_add_(1, tokens.index_select(0, rows).unsqueeze(1),
+                                  torch.ones(len(penalized), 1, dtype=counts.dtype, device=device))
 
     if not want:
         return PendingSample(tokens, lambda host: host)
@@ -196,6 +225,59 @@ def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[in
         top = lp.topk(kmax)
         parts += [top.indices.double().flatten(), top.values.double().flatten()]
     return PendingSample(torch.cat(parts), lambda host: _unpack(host, seqs, want, kmax))
+
+
+def _pack_penalties(pack: _Pack, seqs: Seq[Sequence], rows: list[int], vocab: int) -> None:
+    """Penalty parameters, and for a row penalised for the first time the flat indices of its prompt and output
+    tokens (once per sequence: afterwards its counts live on the device)."""
+    params = [seqs[i].params for i in rows]
+    pack.add("pen_rows", rows)
+    pack.add("pen", [v for p in params for v in (p.repetition_penalty, p.frequency_penalty, p.presence_penalty)])
+    prompt, output = [], []
+    for j, i in enumerate(rows):
+        seq = seqs[i]
+        if seq.penalty_counts is None:
+            base = j * 2 * vocab
+            output.extend(base + t for t in seq.output_ids)
+            prompt.extend(base + vocab + t for t in set(seq.prompt.token_ids) if 0 <= t < vocab)
+    if output:
+        pack.add("pen_output", output)
+    if prompt:
+        pack.add("pen_prompt", prompt)
+
+
+def _apply_penalties(x: torch.Tensor, seqs: Seq[Sequence], rows: list[int], dev: dict) -> torch.Tensor:
+    """In place on x ([B, V], raw logits); returns the rows' [P, 2, V] state (generated-token counts, prompt
+    presence), which becomes each sequence's `penalty_counts` (views of it)."""
+    vocab = x.shape[1]
+    zero = None
+    states = []
+    for i in rows:
+        state = seqs[i].penalty_counts
+        if state is None:
+            if zero is None:
+                zero = torch.zeros(2, vocab, device=x.device)
+            state = zero
+        states.append(state)
+    counts = torch.stack(states)
+    if "pen_output" in dev:
+        flat = counts.view(-1)
+        flat.index_put_((dev["pen_output"].long(),), torch.ones_like(dev["pen_output"], dtype=flat.dtype),
+                        accumulate=True)
+    if "pen_prompt" in dev:
+        counts.view(-1).index_fill_(0, dev["pen_prompt"].long(), 1.0)
+    for j, i in enumerate(rows):
+        seqs[i].penalty_counts = counts[j]
+    rep, freq, pres = dev["pen"].to(x.dtype).view(-1, 3).unbind(1)
+    idx = dev["pen_rows"].long()
+    sub = x.index_select(0, idx)
+    generated = counts[:, 0]
+    seen = (generated > 0) | (counts[:, 1] > 0)
+    scaled = torch.where(sub > 0, sub / rep.unsqueeze(1), sub * rep.unsqueeze(1))
+    sub = torch.where(seen, scaled, sub)
+    sub -= freq.unsqueeze(1) * generated + pres.unsqueeze(1) * (generated > 0).to(sub.dtype)
+    x.index_copy_(0, idx, sub)
+    return counts
 
 
 def _unpack(host: list[float], seqs: Seq[Sequence], want: list[int], kmax: int) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,6 +43,8 @@ class Sequence:
     vision_tag: str | None = None  # the adapter, when it changes image embeddings (part of the cache key)
     logprobs: list[dict[int, float]] | None = None
     head_output: HeadOutput | None = None  # the answer of its task head, when a head answered it
+    grammar: Any = None  # its structured-output matcher (llguidance), advanced with every accepted token
+    penalty_counts: torch.Tensor | None = None  # [2, V] on the device: generated-token counts, prompt presence
 
     def __post_init__(self) -> None:
         self.image_embeds = [None] * len(self.prompt.images)
