@@ -7,6 +7,7 @@ source; the engine compiles them).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,9 @@ class StructuredOutputsParams:
         return json.dumps([spec, self.disable_any_whitespace], sort_keys=True)
 
 
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, as vLLM documents; `seed + i` for the i-th of n samples still fits torch
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -69,29 +73,34 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
+        """Every field range-checked here, so that no caller (server, offline API) can hand the engine a value
+        that fails later, mid-step (a seed torch cannot take, a NaN temperature)."""
+        _integer("n", self.n, 1)
+        if not _real(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a non-negative number, got {self.temperature}")
+        if not _real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled) or positive, got {self.top_k}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be non-negative, got {self.logprobs}")
+        _integer("top_k", self.top_k, -1, what="-1 (disabled) or positive")
+        if self.seed is not None:
+            _integer("seed", self.seed, *SEED_RANGE)
+        if self.max_tokens is not None:
+            _integer("max_tokens", self.max_tokens, 1)
+        _integer("min_tokens", self.min_tokens, 0, self.max_tokens, what="in [0, max_tokens]")
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, 0)
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
+            if not _real(getattr(self, name)) or not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.repetition_penalty <= 0:
+        if not _real(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple, type(None))) or not all(isinstance(s, str) for s in self.stop or []):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = [s for s in (self.stop or []) if s]
         self.stop_token_ids = list(self.stop_token_ids or [])
+        for t in self.stop_token_ids:
+            _integer("stop_token_ids", t, 0, what="non-negative token ids")
 
     @property
     def greedy(self) -> bool:
@@ -100,3 +109,13 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(name: str, value, low: int, high: int | None = None, what: str | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = what or (f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}")
+        raise ValueError(f"{name} must be {bounds}, got {value!r}")

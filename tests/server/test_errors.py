@@ -5,6 +5,7 @@ can be hit cheaply."""
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import time
 
@@ -37,7 +38,16 @@ def lora_root(tmp_path_factory, adapters):
     shutil.copytree(adapters["lora0"], root / "corrupt")
     (root / "corrupt" / "adapter_config.json").write_text("{ not json")
     (root / "escape").symlink_to(adapters["lora1"], target_is_directory=True)
+    for name, update in BAD_CONFIGS.items():
+        shutil.copytree(adapters["lora0"], root / name)
+        cfg = json.loads((root / name / "adapter_config.json").read_text())
+        (root / name / "adapter_config.json").write_text(json.dumps(cfg | update))
     return root
+
+
+# adapter_config.json values that raised inside the load (a 500) or loaded silently in issue 23
+BAD_CONFIGS = {"fractional-rank": {"r": 0.5}, "nan-alpha": {"lora_alpha": float("nan")},
+               "bad-pattern": {"alpha_pattern": {"(": 4}}, "rank-not-the-tensors": {"r": 10}}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +100,20 @@ BAD_CHAT = {
     "remote-image-url": (dict(json=chat("https://example.com/cat.png")), 400, "invalid_image", "not fetched"),
     "local-file-not-allowed": (dict(json=chat("file:///etc/hostname")), 400, "invalid_image", "local image"),
     "body-over-limit": (dict(json=chat(text="x" * 400_000)), 413, "request_too_large", "300000"),
+    # issue 23, item 1: each was a 500 (or a 200 and then an error event when streamed)
+    "seed-over-uint64": (dict(json=chat(seed=2**64)), 400, "invalid_value", "seed"),
+    "seed-under-int64": (dict(json=chat(seed=-(2**63) - 1, stream=True)), 400, "invalid_value", "seed"),
+    "seed-10e30": (dict(json=chat(seed=10**30)), 400, "invalid_value", "seed"),
+    "aspect-ratio-wide": (dict(json=chat(image_data_url(Image.new("RGB", (1000, 4))))), 400, "invalid_image",
+                          "200 times"),
+    "aspect-ratio-tall": (dict(json=chat(image_data_url(Image.new("RGB", (4, 1000))), stream=True)), 400,
+                          "invalid_image", "200 times"),
+    "one-pixel-high": (dict(json=chat(image_data_url(Image.new("RGB", (300, 1))))), 400, "invalid_image",
+                       "at least 4"),
+    "role-not-a-string": (dict(json={"model": SERVED, "messages": [{"role": ["user"], "content": "hi"}]}), 400,
+                          "invalid_messages", "role"),
+    "text-not-a-string": (dict(json={"model": SERVED, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": [[["deep"]]]}]}]}), 400, "invalid_messages", "string"),
 }
 
 
@@ -141,6 +165,27 @@ LOADS = {
     "taken-name": (lambda root, outside: {"lora_name": SERVED, "lora_path": "good"}, "adapter_exists",
                    "already in use"),
     "no-path": (lambda root, outside: {"lora_name": "x"}, "invalid_value", "lora_path"),
+    # issue 23, items 1, 6 and 7
+    "nul-byte": (lambda root, outside: {"lora_name": "x", "lora_path": "good\0"}, "invalid_lora_path", "NUL"),
+    "long-path": (lambda root, outside: {"lora_name": "x", "lora_path": "a/" * 2500}, "invalid_lora_path",
+                  "over the limit"),
+    "long-component": (lambda root, outside: {"lora_name": "x", "lora_path": "a" * 300}, "invalid_lora_path",
+                       "longer than 255"),
+    "fractional-rank": (lambda root, outside: {"lora_name": "x", "lora_path": "fractional-rank"},
+                        "adapter_load_failed", "positive integer"),
+    "nan-alpha": (lambda root, outside: {"lora_name": "x", "lora_path": "nan-alpha"}, "adapter_load_failed",
+                  "finite"),
+    "bad-pattern": (lambda root, outside: {"lora_name": "x", "lora_path": "bad-pattern"}, "adapter_load_failed",
+                    "RE2"),
+    "rank-not-the-tensors": (lambda root, outside: {"lora_name": "x", "lora_path": "rank-not-the-tensors"},
+                             "adapter_load_failed", "says 10"),
+    "name-with-newline": (lambda root, outside: {"lora_name": "x\nINFO forged", "lora_path": "good"},
+                          "invalid_value", "lora_name"),
+    "name-too-long": (lambda root, outside: {"lora_name": "x" * 10_000, "lora_path": "good"}, "invalid_value",
+                      "lora_name"),
+    "name-with-dots": (lambda root, outside: {"lora_name": "../evil", "lora_path": "good"}, "invalid_value",
+                       "lora_name"),
+    "name-blank": (lambda root, outside: {"lora_name": " ", "lora_path": "good"}, "invalid_value", "lora_name"),
 }
 
 

@@ -1,7 +1,10 @@
 """Load a PEFT LoRA adapter directory and check it against the served model before it can touch a request.
 
 Every failure names the adapter and the problem (missing files, corrupt config or weights, a rank over the
-limit, modules the model does not have, shapes of another base model, PEFT features we do not serve).
+limit, modules the model does not have, shapes of another base model, PEFT features we do not serve). Configs come
+from clients at run time, so every value is checked before use: `r` a positive integer that the tensors have, a
+finite positive `lora_alpha`, finite weights, and `rank_pattern` / `alpha_pattern` keys matched by RE2, whose time
+is linear in the module name (Python's `re` backtracks: one crafted key stalled the engine for seconds).
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import re2
 import torch
 from torch import nn
 
 from valora.models.layers.linear import LoRALinear
 from valora.models.loader import WeightMapper
+from valora.paths import check_path
 
 
 class AdapterError(ValueError):
@@ -66,10 +71,47 @@ def _read_config(d: Path, name: str) -> dict:
             raise AdapterError(f"adapter {name!r}: {what} is not supported")
     if cfg.get("bias", "none") != "none":
         raise AdapterError(f"adapter {name!r}: bias={cfg['bias']!r} is not supported (only 'none')")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
-            raise AdapterError(f"adapter {name!r}: adapter_config.json needs a positive {key!r}")
+    _check_positive(cfg.get("r"), f"adapter {name!r}: adapter_config.json 'r'", integer=True)
+    _check_positive(cfg.get("lora_alpha"), f"adapter {name!r}: adapter_config.json 'lora_alpha'", integer=False)
     return cfg
+
+
+def _check_positive(value, what: str, integer: bool) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(value, bool) or not ok or value <= 0:
+        raise AdapterError(f"{what} must be a positive {'integer' if integer else 'finite number'}, got {value!r}")
+
+
+MAX_PATTERNS = 1024  # a real adapter has at most one key per adapted module
+MAX_PATTERN_CHARS = 512
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a client's bad key is answered, not logged to stderr by the C++ library
+
+
+class _Patterns:
+    """PEFT's `rank_pattern` / `alpha_pattern`: the first key (in file order) whose regex matches the end of a module
+    path (`(.*\\.)?(key)$`, as PEFT's `get_pattern_key` does) gives that module its value."""
+
+    def __init__(self, cfg: dict, key: str, name: str, integer: bool) -> None:
+        patterns = cfg.get(key) or {}
+        what = f"adapter {name!r}: adapter_config.json {key!r}"
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{what} must be an object of regex -> value")
+        if len(patterns) > MAX_PATTERNS:
+            raise AdapterError(f"{what} has {len(patterns)} keys, over the limit of {MAX_PATTERNS}")
+        self.rules = []
+        for pattern, value in patterns.items():
+            if len(pattern) > MAX_PATTERN_CHARS:
+                raise AdapterError(f"{what} has a key of {len(pattern)} characters, over {MAX_PATTERN_CHARS}")
+            _check_positive(value, f"{what}[{pattern!r}]", integer)
+            try:
+                self.rules.append((re2.compile(rf"(.*\.)?({pattern})$", _RE2_OPTIONS), value))
+            except re2.error as e:
+                reason = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+                raise AdapterError(f"{what} key {pattern!r} is not a regex RE2 accepts: {reason}") from e
+
+    def get(self, module: str, default):
+        return next((value for regex, value in self.rules if regex.match(module)), default)
 
 
 def _read_tensors(d: Path, name: str) -> dict[str, torch.Tensor]:
@@ -86,29 +128,32 @@ def _read_tensors(d: Path, name: str) -> dict[str, torch.Tensor]:
     raise AdapterError(f"adapter {name!r}: {d} has neither adapter_model.safetensors nor adapter_model.bin")
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            return value
-    return default
-
-
 def load_adapter(
     name: str, path: str | Path, model: nn.Module, mapper: WeightMapper, max_rank: int, dtype: torch.dtype
 ) -> LoRAAdapter:
-    d = Path(path)
+    try:
+        d = Path(check_path(path, "adapter path"))
+    except ValueError as e:
+        raise AdapterError(f"adapter {name!r}: {e}") from e
     if not d.is_dir():
         raise AdapterError(f"adapter {name!r}: directory not found: {d}")
     cfg = _read_config(d, name)
+    ranks = _Patterns(cfg, "rank_pattern", name, integer=True)
+    alphas = _Patterns(cfg, "alpha_pattern", name, integer=False)
     tensors = _read_tensors(d, name)
     if not tensors:
         raise AdapterError(f"adapter {name!r}: adapter weights are empty")
+    if cfg["r"] > max_rank:
+        raise AdapterError(f"adapter {name!r}: rank {cfg['r']} exceeds max_lora_rank={max_rank}")
     use_rslora = bool(cfg.get("use_rslora", False))
 
     def scale(alpha: float, r: int) -> float:
         return alpha / math.sqrt(r) if use_rslora else alpha / r
 
-    adapter_scale = scale(cfg["lora_alpha"], int(cfg["r"]))
+    adapter_scale = scale(cfg["lora_alpha"], cfg["r"])
+    f32 = torch.finfo(torch.float32)  # the slot scales are float32, and every module's scale is divided by it
+    if not f32.tiny <= adapter_scale <= f32.max:
+        raise AdapterError(f"adapter {name!r}: the scale lora_alpha / r = {adapter_scale} is out of float32's range")
     modules = dict(model.named_modules())
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -142,10 +187,16 @@ def load_adapter(
             )
         if r > max_rank:
             raise AdapterError(f"adapter {name!r}: rank {r} of {module_name} exceeds max_lora_rank={max_rank}")
-        alpha = _pattern_value(cfg.get("alpha_pattern"), module_name, cfg["lora_alpha"])
+        declared = ranks.get(module_name, cfg["r"])
+        if r != declared:
+            raise AdapterError(f"adapter {name!r}: {module_name} has rank {r} but adapter_config.json says {declared}")
+        alpha = alphas.get(module_name, cfg["lora_alpha"])
         ratio = scale(alpha, r) / adapter_scale
         b = b.float() * ratio if ratio != 1.0 else b
-        weights[(target, shard)] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
+        a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"adapter {name!r}: {module_name} has NaN or infinite weights (in {dtype}, scaled)")
+        weights[(target, shard)] = (a, b)
         rank = max(rank, r)
     if unknown:
         raise AdapterError(

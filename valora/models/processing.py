@@ -66,7 +66,10 @@ class ImagePromptProcessor:
         return None, 0
 
     def __call__(self, prompt: str | Sequence[int], images: Sequence) -> ProcessedPrompt:
-        data = self.image_tensors(images) if images else []
+        try:
+            data = self.image_tensors(images) if images else []
+        except ValueError as e:  # `load_image` checks what the families refuse; a processor may still refuse more
+            raise InputError(f"the image processor refused an image: {e}") from e
         counts = [self.num_tokens(d) for d in data]
         ids = self._expand_text(prompt, counts) if isinstance(prompt, str) else self._expand_ids(list(prompt), counts)
         items, pos = [], 0

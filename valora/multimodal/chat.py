@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from valora.multimodal.inputs import InputError
+from valora.paths import check_path
 
 _IMAGE_TYPES = ("image", "image_url", "image_pil", "input_image")
 
@@ -41,7 +42,10 @@ def decode_image_url(url: str, allowed_local_path: str | Path | None = None) -> 
         if allowed_local_path is None:
             raise InputError("local image files are disabled; start the server with --allowed-local-media-path")
         root = Path(allowed_local_path).resolve()
-        path = Path(unquote(parsed.path if parsed.scheme == "file" else url)).resolve()
+        try:
+            path = Path(check_path(unquote(parsed.path if parsed.scheme == "file" else url), "image path")).resolve()
+        except ValueError as e:
+            raise InputError(str(e)) from e
         if not path.is_relative_to(root):
             raise InputError(f"image path is outside the allowed media folder {root}")
         if not path.is_file():
@@ -67,8 +71,8 @@ def parse_messages(messages: list[dict], allowed_local_path: str | Path | None =
         raise InputError("messages must be a non-empty list")
     out, images = [], []
     for m in messages:
-        if not isinstance(m, dict) or "role" not in m:
-            raise InputError("each message needs a 'role'")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InputError("each message needs a 'role' string")
         content = m.get("content")
         if content is None or isinstance(content, str):
             out.append({"role": m["role"], "content": content or ""})
@@ -83,7 +87,9 @@ def parse_messages(messages: list[dict], allowed_local_path: str | Path | None =
                 images.append(_image_of(part, allowed_local_path))
                 parts.append({"type": "image"})
             elif part["type"] in ("text", "input_text"):
-                parts.append({"type": "text", "text": str(part.get("text", ""))})
+                if not isinstance(part.get("text", ""), str):
+                    raise InputError("a text content part's 'text' must be a string")
+                parts.append({"type": "text", "text": part.get("text", "")})
             else:
                 raise InputError(f"unsupported content part type {part['type']!r}")
         out.append({"role": m["role"], "content": parts})

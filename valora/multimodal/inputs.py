@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,12 @@ from valora.config import MultiModalConfig
 
 class InputError(ValueError):
     """A request that cannot be served as given; the message names the problem."""
+
+
+# Geometry every family's processor takes: Qwen2-VL's `smart_resize` refuses an aspect ratio over 200, and sides of
+# 1 or 3 pixels make the HF image processors guess the channel axis wrongly. Checked before any processor runs.
+MIN_IMAGE_SIDE = 4
+MAX_IMAGE_ASPECT_RATIO = 200
 
 
 @dataclass
@@ -44,14 +51,20 @@ def load_image(obj: Any, limits: MultiModalConfig) -> Image.Image:
                 raise InputError(f"image is {len(obj)} bytes, over the limit of {limits.max_image_bytes}")
             img = Image.open(io.BytesIO(obj))
         elif isinstance(obj, (str, Path)):
+            size = os.stat(obj).st_size
+            if size > limits.max_image_bytes:
+                raise InputError(f"image file is {size} bytes, over the limit of {limits.max_image_bytes}")
             img = Image.open(obj)
         else:
             raise InputError(f"unsupported image type {type(obj).__name__}; pass a PIL image, bytes or a path")
         w, h = img.size
         if w * h > limits.max_image_pixels:
             raise InputError(f"image is {w}x{h} pixels, over the limit of {limits.max_image_pixels}")
-        if w < 1 or h < 1:
-            raise InputError("image has no pixels")
+        if min(w, h) < MIN_IMAGE_SIDE:
+            raise InputError(f"image is {w}x{h} pixels; each side must be at least {MIN_IMAGE_SIDE}")
+        if max(w, h) > MAX_IMAGE_ASPECT_RATIO * min(w, h):
+            raise InputError(f"image is {w}x{h} pixels; the longer side may be at most {MAX_IMAGE_ASPECT_RATIO} times "
+                             "the shorter")
         img.load()
         return img.convert("RGB")
     except InputError:

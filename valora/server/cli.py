@@ -8,6 +8,8 @@ import logging
 import os
 from pathlib import Path
 
+from valora.lora.request import check_adapter_name
+
 logger = logging.getLogger("valora.server")
 
 
@@ -16,12 +18,17 @@ def _lora_module(text: str) -> tuple[str, str]:
     if text.lstrip().startswith("{"):
         try:
             obj = json.loads(text)
-            return str(obj["name"]), str(obj["path"])
+            name, path = str(obj["name"]), str(obj["path"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise argparse.ArgumentTypeError(f"bad --lora-modules JSON {text!r}: {e}") from e
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--lora-modules takes name=path, got {text!r}")
+    else:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise argparse.ArgumentTypeError(f"--lora-modules takes name=path, got {text!r}")
+    try:
+        check_adapter_name(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--lora-modules {text!r}: {e}") from e
     return name, path
 
 

@@ -11,7 +11,8 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from valora.lora.request import LoRARequest
+from valora.lora.request import LoRARequest, check_adapter_name
+from valora.paths import check_path
 from valora.server.errors import bad_request, not_found
 from valora.server.protocol import ModelCard, ModelList
 
@@ -50,28 +51,40 @@ class ServedModels:
     def new_adapter(self, name: str, path: str, confine: bool = True) -> LoRARequest:
         """A request for a new adapter (not yet loaded): the name must be free and, when `confine` is set and
         a `lora_root` exists, the path must stay inside it."""
+        try:
+            check_adapter_name(name)
+        except ValueError as e:
+            raise bad_request(str(e), "invalid_value", "lora_name") from e
         if name in self.names or name in self.adapters:
             raise bad_request(f"The name `{name}` is already in use; unload the adapter first", "adapter_exists",
                               "lora_name")
         if confine and self.lora_root is not None:
-            path = str(self._inside_root(path))
-        return LoRARequest(name, next(self._ids), path)
+            path = self._inside_root(path)
+        return LoRARequest(name, next(self._ids), _checked(path))
 
-    def _inside_root(self, path: str) -> Path:
+    def _inside_root(self, path: str) -> str:
         root = self.lora_root.resolve()
-        p = Path(path)
+        p = Path(_checked(path))
         if ".." in p.parts:
             raise bad_request("lora_path must not contain '..'", "invalid_lora_path", "lora_path")
-        resolved = (p if p.is_absolute() else root / p).resolve()
+        resolved = Path(_checked(p if p.is_absolute() else root / p)).resolve()
         outside = not resolved.is_relative_to(root)
         if not outside and resolved.is_dir():
             outside = any(not f.resolve().is_relative_to(root) for f in resolved.iterdir())
         if outside:
             raise bad_request(f"lora_path must lie inside the adapter root {root} (symlinks out are refused)",
                               "invalid_lora_path", "lora_path")
-        return resolved
+        return str(resolved)
 
     def cards(self) -> ModelList:
         base = [ModelCard(id=n, root=self.root, max_model_len=self.max_model_len) for n in self.names]
         loras = [ModelCard(id=n, root=r.lora_path, parent=self.name) for n, r in self.adapters.items()]
         return ModelList(data=base + loras)
+
+
+def _checked(path: str | Path) -> str:
+    """Refused before any filesystem call: NUL bytes, paths or components over the kernel's limits."""
+    try:
+        return check_path(path, "lora_path")
+    except ValueError as e:
+        raise bad_request(str(e), "invalid_lora_path", "lora_path") from e

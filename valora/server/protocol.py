@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from valora.sampling_params import SEED_RANGE
+
 
 class SamplingFields(BaseModel):
     """Decoding options shared by chat and completions; unknown fields are ignored as OpenAI's API does."""
@@ -25,7 +27,7 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     min_tokens: int = Field(0, ge=0)
