@@ -7,10 +7,12 @@ A large image becomes several tiles plus a thumbnail, cut by the checkpoint's Go
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -23,6 +25,7 @@ from valora.models.layers.vit import ViTAttention, patchify
 from valora.models.loader import WeightMapper
 from valora.models.processing import ImagePromptProcessor
 from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, token_lora
+from valora.multimodal.pixels import as_tensor, resize
 
 MAPPER = WeightMapper(
     renames=(
@@ -162,23 +165,52 @@ class InternVLForConditionalGeneration(VisionLanguageModel):
         return self.model.multi_modal_projector(feats, token_lora(tile_slots, [per_tile] * n, merged_slot, pv.device))
 
 
+@functools.lru_cache(maxsize=1024)
+def tile_grid(height: int, width: int, tile_height: int, tile_width: int, min_tiles: int,
+              max_tiles: int) -> tuple[int, int]:
+    """(columns, rows) of tiles for an image, as GotOcr2's `get_optimal_tiled_canvas` picks them: the grid whose
+    aspect ratio is closest to the image's, fewer tiles first; on a tie the larger grid wins while the image
+    covers more than half of its area."""
+    grids = sorted(((c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1)
+                    if min_tiles <= c * r <= max_tiles), key=lambda g: g[0] * g[1])
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), float("inf")
+    for c, r in grids:
+        diff = abs(aspect - c / r)
+        if diff < best_diff:
+            best, best_diff = (c, r), diff
+        elif diff == best_diff and area > 0.5 * tile_height * tile_width * c * r:
+            best = (c, r)
+    return best
+
+
 class InternVLInputProcessor(ImagePromptProcessor):
     """`<IMG_CONTEXT>` -> `<img>` + `<IMG_CONTEXT>` x (tiles * image_seq_length) + `</img>`, as `InternVLProcessor`
-    does; tiles come from the GotOcr2 image processor with `crop_to_patches`, the processor's default."""
+    does; tiles as the GotOcr2 image processor cuts them with `crop_to_patches`, the processor's default: the image
+    resized onto the best grid of tiles, row by row, then (when there is more than one) the whole image as a
+    thumbnail tile."""
 
     def __init__(self, model_dir: str | Path, hf_config, tokenizer) -> None:
         missing = [a for a in ("start_image_token", "end_image_token") if getattr(tokenizer, a, None) is None]
         if missing:
             raise ValueError(f"InternVL tokenizer lacks the named special tokens {missing} (extra_special_tokens)")
         self.image_start, self.image_end = tokenizer.start_image_token, tokenizer.end_image_token
-        super().__init__(model_dir, tokenizer, hf_config.image_token_id, crop_to_patches=True)
+        super().__init__(model_dir, tokenizer, hf_config.image_token_id)
         self.tile_tokens = tile_tokens(hf_config)
+        c = self.config
+        self.tile = (c.size.height, c.size.width)
+        self.max_tiles = c.max_patches if c.max_patches > 1 else 1
+        self.min_tiles = c.min_patches
 
-    def image_tensors(self, images: Sequence) -> list[dict[str, torch.Tensor]]:
-        out = self.image_processor(images=list(images), return_tensors="pt", **self.image_kwargs)
-        counts = out["num_patches"]
-        counts = counts.tolist() if hasattr(counts, "tolist") else list(counts)
-        return [{"pixel_values": pv} for pv in out["pixel_values"].split(counts)]
+    def image_tensors(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        (th, tw), rows, cols = self.tile, 1, 1
+        if self.max_tiles > 1:
+            cols, rows = tile_grid(image.height, image.width, th, tw, self.min_tiles, self.max_tiles)
+        tiles = as_tensor(resize(image, rows * th, cols * tw, self.resample))
+        tiles = tiles.view(rows, th, cols, tw, 3).transpose(1, 2).reshape(rows * cols, th, tw, 3)
+        if rows * cols > 1:
+            tiles = torch.cat([tiles, as_tensor(resize(image, th, tw, self.resample))[None]])
+        return {"pixel_values": self.normalize(tiles.permute(0, 3, 1, 2), channel_dim=1)}
 
     def num_tokens(self, data: dict[str, torch.Tensor]) -> int:
         return data["pixel_values"].shape[0] * self.tile_tokens

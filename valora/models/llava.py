@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -23,6 +24,7 @@ from valora.models.layers.vit import ViTAttention, patchify
 from valora.models.loader import WeightMapper
 from valora.models.processing import ImagePromptProcessor
 from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, token_lora
+from valora.multimodal.pixels import as_tensor, center_crop, pad_to_square, resize
 
 MAPPER = WeightMapper(
     renames=(
@@ -138,16 +140,37 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
 
 class LlavaInputProcessor(ImagePromptProcessor):
     """`<image>` -> one token per feature: (H/p)(W/p) patches, plus the CLS with the "full" strategy, as
-    `LlavaProcessor` counts them."""
+    `LlavaProcessor` counts them. Pixels as CLIP's image processor makes them (LLaVA's own pads to a square of the
+    mean colour first): the shorter side resized to `size`, the centre crop of `crop_size`."""
 
     def __init__(self, model_dir: str | Path, hf_config, tokenizer) -> None:
         super().__init__(model_dir, tokenizer, hf_config.image_token_id)
         self.patch = hf_config.vision_config.patch_size
         self.extra = 1 if hf_config.vision_feature_select_strategy == "full" else 0
+        c = self.config
+        self.pad_color = tuple(int(x * 255) for x in c.image_mean) if getattr(c, "do_pad", False) else None
+        if c.do_resize and not (c.size.shortest_edge and not c.size.longest_edge or c.size.height and c.size.width):
+            raise ValueError(f"LLaVA image processor size {dict(c.size)} is not supported "
+                             "(shortest_edge, or height and width, are)")
 
-    def image_tensors(self, images: Sequence) -> list[dict[str, torch.Tensor]]:
-        pv = self.image_processor(images=list(images), return_tensors="pt", **self.image_kwargs)["pixel_values"]
-        return [{"pixel_values": p.unsqueeze(0)} for p in pv]
+    def _resized(self, height: int, width: int) -> tuple[int, int]:
+        size = self.config.size
+        if not size.shortest_edge:
+            return size.height, size.width
+        short, long = sorted((height, width))
+        long = int(size.shortest_edge * long / short)  # as HF's get_resize_output_image_size rounds it
+        return (long, size.shortest_edge) if width <= height else (size.shortest_edge, long)
+
+    def image_tensors(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        c = self.config
+        if self.pad_color is not None:
+            image = pad_to_square(image, self.pad_color)
+        if c.do_resize:
+            image = resize(image, *self._resized(image.height, image.width), self.resample)
+        pixels = as_tensor(image)
+        if c.do_center_crop:
+            pixels = center_crop(pixels, c.crop_size.height, c.crop_size.width)
+        return {"pixel_values": self.normalize(pixels.permute(2, 0, 1)[None], channel_dim=1)}
 
     def num_tokens(self, data: dict[str, torch.Tensor]) -> int:
         h, w = data["pixel_values"].shape[-2:]

@@ -1,7 +1,8 @@
 """Prompt preprocessing shared by the families: image placeholders expanded as each family's HF processor does.
 
-A prompt marks each image with one placeholder token (the chat template writes it). Its image's tensors come from
-the checkpoint's own image processor (`AutoImageProcessor` on the model directory), and the placeholder becomes
+A prompt marks each image with one placeholder token (the chat template writes it). Its image's tensors are what
+the checkpoint's own image processor would give (its settings are read from the model directory), made by the
+family's processor from the tensor ops of `valora.multimodal.pixels`, and the placeholder becomes
 `image_start + placeholder * num_tokens + image_end`, the run of rows its embeddings fill. Token-id prompts may
 carry a single placeholder per image (expanded here) or the already expanded run (kept).
 """
@@ -13,8 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from valora.multimodal.inputs import ImageItem, InputError, ProcessedPrompt, tensor_hash
+from valora.multimodal.inputs import ImageItem, InputError, ProcessedPrompt
+from valora.multimodal.pixels import PixelNormalizer, content_hash
 
 
 def ensure_chat_template(model_dir: str | Path, tokenizer) -> None:
@@ -38,12 +41,16 @@ class ImagePromptProcessor:
     image_start = ""  # text the processor puts around each expanded run (InternVL's <img> ... </img>)
     image_end = ""
 
-    def __init__(self, model_dir: str | Path, tokenizer, image_token_id: int, **image_kwargs) -> None:
+    def __init__(self, model_dir: str | Path, tokenizer, image_token_id: int) -> None:
         from transformers import AutoImageProcessor
 
         self.tokenizer = tokenizer
-        self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
-        self.image_kwargs = image_kwargs  # what the family's HF processor passes to its image processor
+        # The checkpoint's image processor settings, resolved by transformers (legacy keys, class defaults); its
+        # PIL backend is the reference our tensors equal, whatever backends this host has.
+        self.config = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+        self.normalize = PixelNormalizer.from_hf(self.config)
+        self.resample = int(self.config.resample)
+        self.hash_key = json.dumps([type(self).__name__, self.config.to_dict()], sort_keys=True, default=str).encode()
         self.image_token_id = image_token_id
         self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
         self._start_ids = self._ids(self.image_start)
@@ -53,8 +60,8 @@ class ImagePromptProcessor:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def image_tensors(self, images: Sequence) -> list[dict[str, torch.Tensor]]:
-        """The image processor's tensors, split per image."""
+    def image_tensors(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        """What the checkpoint's image processor gives for this one RGB image, as the HF model takes it."""
         raise NotImplementedError
 
     def num_tokens(self, data: dict[str, torch.Tensor]) -> int:
@@ -67,15 +74,15 @@ class ImagePromptProcessor:
 
     def __call__(self, prompt: str | Sequence[int], images: Sequence) -> ProcessedPrompt:
         try:
-            data = self.image_tensors(images) if images else []
+            data = [self.image_tensors(image) for image in images]
         except ValueError as e:  # `load_image` checks what the families refuse; a processor may still refuse more
             raise InputError(f"the image processor refused an image: {e}") from e
         counts = [self.num_tokens(d) for d in data]
         ids = self._expand_text(prompt, counts) if isinstance(prompt, str) else self._expand_ids(list(prompt), counts)
         items, pos = [], 0
-        for d, c in zip(data, counts):
+        for image, d, c in zip(images, data, counts):
             pos = ids.index(self.image_token_id, pos)
-            items.append(ImageItem(d, c, pos, tensor_hash(*d.values())))
+            items.append(ImageItem(d, c, pos, content_hash(self.hash_key, [image])))
             pos += c
         positions, delta = self.positions(len(ids), items)
         return ProcessedPrompt(ids, items, positions, delta)

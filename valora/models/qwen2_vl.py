@@ -8,12 +8,14 @@ vision blocks and attention windows (qwen2_5_vl.py).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from valora.lora.ops.batch import LoRABatch
@@ -24,7 +26,8 @@ from valora.models.layers.rotary import rotate_half
 from valora.models.loader import WeightMapper
 from valora.models.processing import ImagePromptProcessor
 from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, token_lora
-from valora.multimodal.inputs import ImageItem
+from valora.multimodal.inputs import ImageItem, InputError
+from valora.multimodal.pixels import as_tensor, resize
 
 # Hub checkpoints predate transformers v5 and keep the LM at `model.*` and the ViT at `visual.*`.
 MAPPER = WeightMapper(
@@ -175,19 +178,52 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
         return self.model.visual(pv, grids, slots, merged_slot)
 
 
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The size Qwen2-VL's processors resize to (transformers' `smart_resize`): both sides multiples of `factor`,
+    the area within [min_pixels, max_pixels], the aspect ratio kept as closely as that allows."""
+    if max(height, width) / min(height, width) > 200:
+        raise InputError(f"image of {width}x{height} pixels: Qwen2-VL takes aspect ratios up to 200")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
 class Qwen2VLInputProcessor(ImagePromptProcessor):
     """Expands each `<|image_pad|>` to its image's token count and computes M-RoPE positions, as the HF
-    processor and `get_rope_index` do, with the checkpoint's own image processor."""
+    processor and `get_rope_index` do, with the checkpoint's own image processor settings."""
 
     def __init__(self, model_dir: str | Path, hf_config, tokenizer) -> None:
         super().__init__(model_dir, tokenizer, hf_config.image_token_id)
         self.merge = hf_config.vision_config.spatial_merge_size
+        c = self.config
+        self.patch, self.temporal = c.patch_size, c.temporal_patch_size
+        self.min_pixels, self.max_pixels = c.size.shortest_edge, c.size.longest_edge
 
-    def image_tensors(self, images: Sequence) -> list[dict[str, torch.Tensor]]:
-        out = self.image_processor(images=list(images), return_tensors="pt", **self.image_kwargs)
-        grids = out["image_grid_thw"]
-        chunks = out["pixel_values"].split((grids.prod(-1)).tolist())
-        return [{"pixel_values": pv, "image_grid_thw": g.view(1, 3)} for pv, g in zip(chunks, grids)]
+    def image_tensors(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        if self.config.do_resize:
+            h, w = smart_resize(image.height, image.width, self.patch * self.merge, self.min_pixels, self.max_pixels)
+            image = resize(image, h, w, self.resample)
+        pixels, grid = self.patchify(as_tensor(image)[None])
+        return {"pixel_values": pixels, "image_grid_thw": grid}
+
+    def patchify(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[F, H, W, 3] uint8 frames -> ([t*h*w, 3*T*p*p] float32 patches, [1, 3] grid (t, h, w)): the frames
+        padded with copies of the last to a multiple of the temporal patch T (an image is T copies of itself),
+        patches in merge-unit order (each merge x merge block of patches consecutive), a patch's values channel,
+        then frame within the temporal patch, then row and column."""
+        if pad := -frames.shape[0] % self.temporal:
+            frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
+        f, height, width, _ = frames.shape
+        p, m, t = self.patch, self.merge, self.temporal
+        gt, gh, gw = f // t, height // p, width // p
+        x = frames.view(gt, t, gh // m, m, p, gw // m, m, p, 3).permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
+        return self.normalize(x, channel_dim=5).view(gt * gh * gw, -1), torch.tensor([[gt, gh, gw]])
 
     def num_tokens(self, data: dict[str, torch.Tensor]) -> int:
         return int(data["image_grid_thw"].prod()) // self.merge**2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ import torch
 from PIL import Image
 
 from valora.config import MultiModalConfig
+from valora.multimodal.pixels import to_rgb
 
 
 class InputError(ValueError):
@@ -42,7 +42,8 @@ class ProcessedPrompt:
 
 
 def load_image(obj: Any, limits: MultiModalConfig) -> Image.Image:
-    """Accept a PIL image, raw bytes or a local path; refuse what cannot be decoded or is over the limits."""
+    """Accept a PIL image, raw bytes or a local path; refuse what cannot be decoded or is over the limits. The
+    result is RGB, transparency composited onto white as the HF image processors do."""
     try:
         if isinstance(obj, Image.Image):
             img = obj
@@ -66,15 +67,8 @@ def load_image(obj: Any, limits: MultiModalConfig) -> Image.Image:
             raise InputError(f"image is {w}x{h} pixels; the longer side may be at most {MAX_IMAGE_ASPECT_RATIO} times "
                              "the shorter")
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img)
     except InputError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"cannot read image: {e}") from e
-
-
-def tensor_hash(*tensors: torch.Tensor) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()

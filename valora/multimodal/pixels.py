@@ -1,0 +1,105 @@
+"""Pixel operations the families' image preprocessing shares, bit-identical to the PIL backend of the Hugging Face
+image processors (what transformers runs without torchvision, and the reference the parity tests compare with).
+
+- `to_rgb`: transparency composited onto white, as HF's `convert_to_rgb` does (a plain `convert("RGB")` would
+  keep whatever colour hides under a transparent pixel).
+- `resize`: PIL's own resize, which is what HF's PIL path calls too (it converts to a PIL image to resize); it is C
+  and releases the GIL, so a thread pool scales with it.
+- `PixelNormalizer`: rescale and normalise as one table lookup. A pixel is one of 256 uint8 values per channel, so
+  HF's arithmetic (uint8 -> float64 times the rescale factor, rounded to float32, then float32 (x - mean) / std)
+  runs once per value when the processor is built, and every image afterwards is a single gather whose outputs are
+  those float32 values bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def resize(image: Image.Image, height: int, width: int, resample: int) -> Image.Image:
+    return image.resize((width, height), resample=resample)
+
+
+def pad_to_square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:
+    """The image centred on a square of `color` as wide as its longer side (LLaVA's `do_pad`)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), color)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def center_crop(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The centre `height` x `width` of [H, W, C] pixels; a side shorter than the crop is first padded with zeros
+    on both ends (the extra pixel after), as HF's `center_crop` does."""
+    h, w = pixels.shape[:2]
+    if h < height or w < width:
+        nh, nw = max(h, height), max(w, width)
+        canvas = pixels.new_zeros(nh, nw, pixels.shape[2])
+        top, left = -(-(nh - h) // 2), -(-(nw - w) // 2)
+        canvas[top : top + h, left : left + w] = pixels
+        pixels, h, w = canvas, nh, nw
+    top, left = (h - height) // 2, (w - width) // 2
+    return pixels[top : top + height, left : left + width]
+
+
+def as_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a [H, W, 3] uint8 tensor (one copy, which the tensor owns)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
+
+
+@dataclass(frozen=True)
+class PixelNormalizer:
+    table: torch.Tensor  # [3 * 256] float32: the processed value of uint8 value v of channel c at c * 256 + v
+
+    @classmethod
+    def from_hf(cls, processor) -> PixelNormalizer:
+        """The table for an HF image processor's `do_rescale`, `rescale_factor`, `do_normalize`, mean and std."""
+        values = np.arange(256, dtype=np.uint8)
+        x = (values.astype(np.float64) * processor.rescale_factor).astype(np.float32) if processor.do_rescale \
+            else values.astype(np.float32)
+        x = np.broadcast_to(x, (3, 256))
+        if processor.do_normalize:
+            mean = np.array(_per_channel(processor.image_mean), dtype=np.float32)[:, None]
+            std = np.array(_per_channel(processor.image_std), dtype=np.float32)[:, None]
+            x = (x - mean) / std
+        return cls(torch.from_numpy(np.ascontiguousarray(x).reshape(-1)))
+
+    def __call__(self, pixels: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """float32 values of uint8 `pixels` (any layout, views welcome; `channel_dim` holds the 3 channels), as a
+        contiguous tensor of the same shape: the view is copied once into table indices in its logical order, so
+        the gather then reads and writes in order."""
+        offsets = torch.arange(0, 3 * 256, 256, dtype=torch.int32).view([3 if d == channel_dim % pixels.dim() else 1
+                                                                         for d in range(pixels.dim())])
+        index = torch.empty(pixels.shape, dtype=torch.int32).copy_(pixels).add_(offsets)
+        return self.table.index_select(0, index.view(-1)).view(pixels.shape)
+
+
+def _per_channel(v) -> list[float]:
+    return [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)] * 3
+
+
+def content_hash(key: bytes, images: Sequence[Image.Image]) -> str:
+    """Identity of a processed item: the decoded RGB pixels (and sizes) of its images plus `key`, the processing
+    parameters that turn them into tensors. Cheaper than hashing the float32 outputs (4x the bytes, 8x with
+    Qwen's temporal patches) and computed once, before the tensors exist."""
+    h = hashlib.blake2b(key, digest_size=16)
+    for image in images:
+        h.update(b"%dx%d;" % image.size)
+        h.update(image.tobytes())
+    return h.hexdigest()
