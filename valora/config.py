@@ -90,12 +90,14 @@ class SchedulerConfig:
 
 @dataclass
 class MultiModalConfig:
-    """Limits on image inputs; requests over them are refused with a clear error."""
+    """Limits on image inputs (requests over them are refused with a clear error), and where media may come from."""
 
     max_images_per_prompt: int = 8
     max_image_pixels: int = 4096 * 4096
     max_image_bytes: int = 20 * 1024 * 1024
     embed_cache_mb: int = 512  # image embeddings kept by content hash (0 disables)
+    allowed_media_domains: tuple[str, ...] = ()  # http(s) hosts media URLs may be fetched from (none: no fetching)
+    media_fetch_timeout_s: float = 15.0  # one remote fetch, whole (connect, redirects, body)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from valora.config import CacheConfig, EngineConfig, LoRAConfig, MultiModalConfig, SchedulerConfig
 from valora.engine.llm_engine import LLMEngine, PromptType
 from valora.lora.request import LoRARequest
-from valora.multimodal.chat import parse_messages
+from valora.multimodal.chat import MediaSources, parse_messages
 from valora.outputs import RequestOutput
 from valora.sampling_params import SamplingParams
 
@@ -38,6 +38,7 @@ class LLM:
         cpu_kv_cache_gb: float = 1.0,
         max_images_per_prompt: int = 8,
         embed_cache_mb: int = 512,
+        allowed_media_domains: Sequence[str] = (),
         scheduler: str = "valora",
         max_wait_ms: float = 1000.0,
         enforce_eager: bool = False,
@@ -50,11 +51,14 @@ class LLM:
                 cache=CacheConfig(block_size, num_kv_blocks, gpu_memory_utilization, cpu_kv_cache_gb),
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, policy=scheduler,
                                           max_wait_ms=max_wait_ms),
-                multimodal=MultiModalConfig(max_images_per_prompt=max_images_per_prompt, embed_cache_mb=embed_cache_mb),
+                multimodal=MultiModalConfig(max_images_per_prompt=max_images_per_prompt, embed_cache_mb=embed_cache_mb,
+                                            allowed_media_domains=tuple(allowed_media_domains)),
                 enforce_eager=enforce_eager,
             )
         )
         self._counter = 0
+        # Offline use runs in the caller's own process, so local image files are allowed anywhere.
+        self.media = MediaSources.from_config(self.engine.config.multimodal, local_root="/")
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -101,8 +105,7 @@ class LLM:
 
     def chat_prompt(self, messages: list[dict], chat_template: str | None = None,
                     add_generation_prompt: bool = True) -> dict[str, Any]:
-        # Offline use runs in the caller's own process, so local image files are allowed anywhere.
-        template_messages, images = parse_messages(messages, allowed_local_path="/")
+        template_messages, images = parse_messages(messages, self.media, self.engine.config.multimodal)
         text = self.engine.tokenizer.apply_chat_template(
             template_messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
         )

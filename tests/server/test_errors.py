@@ -14,6 +14,7 @@ import openai
 import pytest
 from PIL import Image
 
+from tests.multimodal.media_server import MediaServer
 from tests.server.process import SERVED, gauge
 from valora.multimodal.chat import image_data_url
 from valora.testing.images import random_image
@@ -51,8 +52,17 @@ BAD_CONFIGS = {"fractional-rank": {"r": 0.5}, "nan-alpha": {"lora_alpha": float(
 
 
 @pytest.fixture(scope="module")
+def site():
+    """A local web site for remote images: the server allows its host (127.0.0.1) and no other."""
+    png = base64.b64decode(image_data_url(random_image(56, 56, seed=3)).partition(",")[2])
+    with MediaServer({"/cat.png": png}, {"/moved": "/cat.png", "/away": "http://localhost:1/cat.png"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def server(start_server, lora_root):
-    return start_server(["--lora-root", str(lora_root), *LIMITS], api_key=KEY)
+    return start_server(["--lora-root", str(lora_root), *LIMITS, "--allowed-media-domains", "127.0.0.1",
+                         "--media-fetch-timeout", "2"], api_key=KEY)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +107,8 @@ BAD_CHAT = {
     "too-many-bytes": (dict(json=chat(image_data_url(random_image(150, 150)))), 400, "invalid_image", "bytes"),
     "too-many-images": (dict(json=chat(*[image_data_url(random_image(56, 56, seed=i)) for i in range(3)])), 400,
                         "too_many_images", "limit of 2"),
-    "remote-image-url": (dict(json=chat("https://example.com/cat.png")), 400, "invalid_image", "not fetched"),
+    "remote-image-off-the-list": (dict(json=chat("https://example.com/cat.png")), 400, "invalid_image",
+                                  "not in --allowed-media-domains"),
     "local-file-not-allowed": (dict(json=chat("file:///etc/hostname")), 400, "invalid_image", "local image"),
     "body-over-limit": (dict(json=chat(text="x" * 400_000)), 413, "request_too_large", "300000"),
     # issue 23, item 1: each was a 500 (or a 200 and then an error event when streamed)
@@ -121,6 +132,18 @@ BAD_CHAT = {
 def test_bad_chat_request_then_good_one(http, case):
     kwargs, status, code, fragment = BAD_CHAT[case]
     assert_error(http.post("/v1/chat/completions", **kwargs), status, code, fragment)
+    assert_still_serving(http)
+
+
+def test_remote_images_come_from_allowed_hosts_only(http, site):
+    for path in ("/cat.png", "/moved"):
+        r = http.post("/v1/chat/completions", json=chat(site.url(path)))
+        assert r.status_code == 200, r.text
+    for url, fragment in ((site.url("/cat.png", host="localhost"), "not in --allowed-media-domains"),
+                          (site.url("/away"), "not in --allowed-media-domains"),
+                          (site.url("/undeclared/60000"), "over the limit of 50000"),
+                          (site.url("/trickle"), "took over 2 s"), (site.url("/gone"), "HTTP 404")):
+        assert_error(http.post("/v1/chat/completions", json=chat(url)), 400, "invalid_image", fragment)
     assert_still_serving(http)
 
 

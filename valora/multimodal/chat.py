@@ -1,7 +1,8 @@
 """OpenAI-style chat messages -> what the chat template needs, plus the images in order of appearance.
 
-Image parts may carry a PIL image, bytes, a `data:` URL, or a local file under an explicitly allowed folder.
-Remote URLs are refused: the server never makes outbound fetches.
+Image parts may carry a PIL image, bytes, a `data:` URL, a local file under an explicitly allowed folder, or an
+http(s) URL on an explicitly allowed host (`MediaSources`); with neither allowed, only `data:` URLs are read and
+the server makes no outbound fetches.
 """
 
 from __future__ import annotations
@@ -9,39 +10,69 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from valora.multimodal.inputs import InputError
+from valora.config import MultiModalConfig
+from valora.multimodal.fetch import RemoteMedia
+from valora.multimodal.inputs import InputError, MediaError
 from valora.paths import check_path
 
 _IMAGE_TYPES = ("image", "image_url", "image_pil", "input_image")
 
 
 def image_data_url(image) -> str:
-    """A PIL image as the PNG `data:` URL that `decode_image_url` reads back (what OpenAI clients send)."""
+    """A PIL image as the PNG `data:` URL that `MediaSources.resolve` reads back (what OpenAI clients send)."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def decode_image_url(url: str, allowed_local_path: str | Path | None = None) -> bytes | Path:
-    if url.startswith("data:"):
-        header, sep, payload = url.partition(",")
-        if not sep or ";base64" not in header:
-            raise InputError("image data URL must look like data:image/<type>;base64,<data>")
-        try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise InputError(f"image data URL is not valid base64 ({e})") from e
-    parsed = urlparse(url)
-    if parsed.scheme in ("http", "https"):
-        raise InputError("remote image URLs are not fetched; send the image as a data: URL")
-    if parsed.scheme in ("file", ""):
-        if allowed_local_path is None:
+@dataclass(frozen=True)
+class MediaSources:
+    """Where media URLs may point besides `data:`: local files under `local_root`, http(s) hosts through
+    `remote` (None: refused)."""
+
+    local_root: str | Path | None = None
+    remote: RemoteMedia | None = None
+
+    @classmethod
+    def from_config(cls, limits: MultiModalConfig, local_root: str | Path | None = None) -> MediaSources:
+        remote = None
+        if limits.allowed_media_domains:
+            remote = RemoteMedia(limits.allowed_media_domains, limits.media_fetch_timeout_s)
+        return cls(local_root, remote)
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+
+    def resolve(self, url: str, max_bytes: int) -> bytes | Path:
+        """The encoded bytes behind `url` (or the local file's path), at most `max_bytes` when fetched."""
+        if url.startswith("data:"):
+            header, sep, payload = url.partition(",")
+            if not sep or ";base64" not in header:
+                raise InputError("image data URL must look like data:image/<type>;base64,<data>")
+            try:
+                return base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise InputError(f"image data URL is not valid base64 ({e})") from e
+        parsed = urlparse(url)
+        if parsed.scheme in ("http", "https"):
+            if self.remote is None:
+                raise InputError("remote image URLs are not fetched; send the image as a data: URL (or start the "
+                                 "server with --allowed-media-domains)")
+            return self.remote.fetch(url, max_bytes)
+        if parsed.scheme in ("file", ""):
+            return self._local(url, parsed)
+        raise InputError(f"unsupported image URL scheme {parsed.scheme!r}")
+
+    def _local(self, url: str, parsed) -> Path:
+        if self.local_root is None:
             raise InputError("local image files are disabled; start the server with --allowed-local-media-path")
-        root = Path(allowed_local_path).resolve()
+        root = Path(self.local_root).resolve()
         try:
             path = Path(check_path(unquote(parsed.path if parsed.scheme == "file" else url), "image path")).resolve()
         except ValueError as e:
@@ -51,22 +82,23 @@ def decode_image_url(url: str, allowed_local_path: str | Path | None = None) -> 
         if not path.is_file():
             raise InputError(f"image file not found: {path}")
         return path
-    raise InputError(f"unsupported image URL scheme {parsed.scheme!r}")
 
 
-def _image_of(part: dict, allowed_local_path) -> Any:
+def _image_of(part: dict, sources: MediaSources, max_bytes: int) -> Any:
     kind = part.get("type")
     value = part.get(kind) if kind in part else part.get("image", part.get("image_url"))
     if isinstance(value, dict):
         value = value.get("url")
     if isinstance(value, str):
-        return decode_image_url(value, allowed_local_path)
+        return sources.resolve(value, max_bytes)
     if value is None:
         raise InputError(f"{kind} content part has no image")
     return value
 
 
-def parse_messages(messages: list[dict], allowed_local_path: str | Path | None = None) -> tuple[list[dict], list[Any]]:
+def parse_messages(messages: list[dict], sources: MediaSources,
+                   limits: MultiModalConfig | None = None) -> tuple[list[dict], list[Any]]:
+    limits = limits or MultiModalConfig()
     if not isinstance(messages, list) or not messages:
         raise InputError("messages must be a non-empty list")
     out, images = [], []
@@ -84,7 +116,10 @@ def parse_messages(messages: list[dict], allowed_local_path: str | Path | None =
             if not isinstance(part, dict) or "type" not in part:
                 raise InputError("each content part needs a 'type'")
             if part["type"] in _IMAGE_TYPES:
-                images.append(_image_of(part, allowed_local_path))
+                try:
+                    images.append(_image_of(part, sources, limits.max_image_bytes))
+                except InputError as e:
+                    raise MediaError("image", str(e)) from e
                 parts.append({"type": "image"})
             elif part["type"] in ("text", "input_text"):
                 if not isinstance(part.get("text", ""), str):

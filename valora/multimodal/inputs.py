@@ -19,6 +19,14 @@ class InputError(ValueError):
     """A request that cannot be served as given; the message names the problem."""
 
 
+class MediaError(InputError):
+    """An image or video of the request that cannot be read or fetched (`kind` says which)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 # Geometry every family's processor takes: Qwen2-VL's `smart_resize` refuses an aspect ratio over 200, and sides of
 # 1 or 3 pixels make the HF image processors guess the channel axis wrongly. Checked before any processor runs.
 MIN_IMAGE_SIDE = 4

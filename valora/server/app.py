@@ -97,6 +97,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         async_engine.start()
         yield
         async_engine.stop()
+        serving.close()
 
     app = FastAPI(title="VaLoRA", description="OpenAI-compatible multi-LoRA multimodal server",
                   lifespan=lifespan, docs_url=None, redoc_url=None)

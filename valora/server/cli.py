@@ -109,6 +109,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on every /v1 route (default: $VALORA_API_KEY)")
     g.add_argument("--allowed-local-media-path", type=Path, default=None, metavar="DIR",
                    help="image_url may name local files under DIR (default: only data: URLs)")
+    g.add_argument("--allowed-media-domains", nargs="+", default=[], metavar="HOST",
+                   help="image_url may be an http(s) URL on one of these hosts (every redirect is checked too); "
+                        "default: none, no outbound fetches")
+    g.add_argument("--media-fetch-timeout", type=float, default=15.0, metavar="S",
+                   help="seconds one remote media fetch may take, whole (default: 15)")
     g.add_argument("--max-images-per-prompt", type=int, default=8, metavar="N",
                    help="images per request (default: 8)")
     g.add_argument("--max-image-pixels", type=int, default=4096 * 4096, metavar="N",
@@ -133,7 +138,8 @@ def engine_config(args: argparse.Namespace):
         scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_queued_requests,
                                   policy=args.scheduler, max_wait_ms=args.max_wait_ms),
         multimodal=MultiModalConfig(args.max_images_per_prompt, args.max_image_pixels, args.max_image_bytes,
-                                    args.image_cache_mb),
+                                    args.image_cache_mb, tuple(args.allowed_media_domains),
+                                    args.media_fetch_timeout),
         enforce_eager=args.enforce_eager,
     )
 

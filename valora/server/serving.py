@@ -23,8 +23,8 @@ from pydantic import BaseModel
 
 from valora.heads.params import HeadParams
 from valora.lora.request import LoRARequest
-from valora.multimodal.chat import parse_messages
-from valora.multimodal.inputs import InputError, load_image
+from valora.multimodal.chat import MediaSources, parse_messages
+from valora.multimodal.inputs import InputError, MediaError, load_image
 from valora.outputs import RequestOutput
 from valora.sampling_params import SamplingParams
 from valora.server.async_engine import AsyncEngine, ClientDisconnectedError, EngineDeadError
@@ -68,8 +68,11 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, models: ServedModels, allowed_local_media_path: Path | None) -> None:
         self.engine = engine
         self.models = models
-        self.allowed_local_media_path = allowed_local_media_path
         self.llm = engine.engine  # read-only use from worker threads: tokenizer, processor, limits
+        self.media = MediaSources.from_config(self.llm.config.multimodal, allowed_local_media_path)
+
+    def close(self) -> None:
+        self.media.close()
 
     # -- preparation --------------------------------------------------------------------------------------
     @staticmethod
@@ -112,9 +115,11 @@ class OpenAIServing:
 
     def _chat_prompt(self, req: ChatCompletionRequest | ClassificationRequest) -> dict:
         try:
-            messages, raw_images = parse_messages(req.messages, self.allowed_local_media_path)
-        except InputError as e:  # malformed messages, or an image URL that cannot be used (those name the image)
-            raise bad_request(str(e), "invalid_image" if "image" in str(e) else "invalid_messages", "messages") from e
+            messages, raw_images = parse_messages(req.messages, self.media, self.llm.config.multimodal)
+        except MediaError as e:  # an image URL that cannot be used
+            raise bad_request(str(e), f"invalid_{e.kind}", "messages") from e
+        except InputError as e:
+            raise bad_request(str(e), "invalid_messages", "messages") from e
         images = self._decode_images(raw_images)
         try:
             text = self.llm.tokenizer.apply_chat_template(messages, tokenize=False,
