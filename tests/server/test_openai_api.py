@@ -5,6 +5,7 @@ model; afterwards the KV cache and adapter slots are idle again; a client that l
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import openai
@@ -221,6 +222,7 @@ def test_64_concurrent_streams_over_8_adapters_and_base_match_offline(server, of
     assert gauge(after, "valora:lora_slots_active") == 0
     (info,) = series(after, "valora:lora_requests_info")
     assert 'running_lora_adapters=""' in info and 'waiting_lora_adapters=""' in info and 'max_lora="4"' in info
+    assert f'model_name="{SERVED}"' in info  # as docs/server.md promises for every series
     evictions = series(after, "valora:lora_adapter_evictions_total")
     slot_evictions = next(v for k, v in evictions.items() if 'tier="slot"' in k)
     assert slot_evictions > 0  # 8 adapters through 4 slots, in one mixed batch stream
@@ -257,6 +259,20 @@ def test_non_streaming_client_disconnect_aborts(server):
         httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=0.5)
     server.wait_idle()
     assert _abort_count(server) == aborted + 1
+
+
+def test_client_that_leaves_before_the_engine_has_its_request_is_counted(server):
+    """Right after the first chunk (sent before the request reaches the engine) the client leaves: the request is
+    aborted and counted, whether or not the engine had accepted it yet (issue 23: such aborts were not counted)."""
+    aborted = _abort_count(server)
+    body = {"model": SERVED, "messages": messages(1), "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as r:
+        assert next(r.iter_lines()).startswith("data: {")
+    deadline = time.monotonic() + 30
+    while _abort_count(server) != aborted + 1:
+        assert time.monotonic() < deadline, _abort_count(server) - aborted
+        time.sleep(0.05)
+    server.wait_idle()
 
 
 def test_one_log_line_per_request_and_plain_routes(server, client):

@@ -1,21 +1,25 @@
 """The FastAPI application: routes, API-key check, body-size limit and OpenAI-shaped errors.
 
-`build_app` takes a ready `LLMEngine`; the engine thread starts with the app and stops with it.
+`build_app` takes a ready `LLMEngine`; the engine thread starts with the app and stops with it. The key is checked
+before anything reads the body (a request without it costs no buffering and gets 401 even when its body is not
+JSON); the body limit counts bytes as they are read (FastAPI's `max_body_size`), so nothing is buffered twice.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,18 +28,23 @@ from valora.lora.adapter import AdapterError
 from valora.multimodal.inputs import InputError
 from valora.server.async_engine import AsyncEngine, ClientDisconnectedError, EngineDeadError, QueueFullError
 from valora.server.errors import APIError, bad_request, not_found
+from valora.server.logs import logger
 from valora.server.metrics import CONTENT_TYPE, ServerMetrics
 from valora.server.models import ServedModels
 from valora.server.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     ClassificationRequest,
+    ClassificationResponse,
     CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    HealthStatus,
     LoadLoRAAdapterRequest,
+    ModelList,
     UnloadLoRAAdapterRequest,
 )
 from valora.server.serving import OpenAIServing
-
-logger = logging.getLogger("valora.server")
 
 
 @dataclass
@@ -50,34 +59,93 @@ class ServerConfig:
     retry_after_s: int = 1
 
 
+class APIKeyAuth:
+    """`Authorization: Bearer <key>` on every path under `/v1`, checked from the headers alone: a request without
+    the key is answered 401 before its body is read, and its connection is closed rather than drained."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+            headers = dict(scope["headers"])
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token, self.key):
+                err = APIError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'",
+                               "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                _log(scope["method"], scope["path"], err)
+                unread_body = b"content-length" in headers or b"transfer-encoding" in headers
+                return await err.response(close=unread_body)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class BodySizeLimit:
-    """Refuses request bodies over `max_bytes` with 413 before the app parses them (chunked bodies too)."""
+    """413 for a body over `max_bytes`: at once when Content-Length says so (the body is never read), else as soon
+    as the bytes the app reads pass the limit (chunked bodies); bytes are counted, not buffered, here."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        too_large = declared is not None and declared.isdigit() and int(declared) > self.max_bytes
-        body, messages = 0, []
-        while not too_large:
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            err = _too_large(self.max_bytes)
+            _log(scope["method"], scope["path"], err)
+            return await err.response(close=True)(scope, receive, send)
+        total = 0
+
+        async def counted() -> Message:
+            nonlocal total
             message = await receive()
-            messages.append(message)
-            body += len(message.get("body", b""))
-            too_large = body > self.max_bytes
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                break
-        if too_large:
-            err = APIError(413, f"request body is over the limit of {self.max_bytes} bytes", "request_too_large")
-            logger.info("%s %s 413 request_too_large", scope["method"], scope["path"])
-            return await err.response()(scope, receive, send)
+            total += len(message.get("body", b""))
+            if total > self.max_bytes:  # FastAPI's body reader re-raises its own HTTPException to our handler
+                raise HTTPException(413)
+            return message
 
-        async def replay() -> Message:
-            return messages.pop(0) if messages else await receive()
+        await self.app(scope, counted, send)
 
-        await self.app(scope, replay, send)
+
+def _too_large(max_bytes: int) -> APIError:
+    return APIError(413, f"request body is over the limit of {max_bytes} bytes", "request_too_large")
+
+
+class _JSONRoute(APIRoute):
+    """Bodies that are not JSON text (invalid UTF-8, nesting deeper than the parser's recursion limit) are refused
+    as `invalid_json`, like any other malformed JSON, instead of FastAPI's generic 400."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            return await handler(_JSONRequest(request.scope, request.receive))
+
+        return handle
+
+
+class _JSONRequest(Request):
+    async def json(self) -> Any:
+        body = await self.body()
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, RecursionError) as e:
+            reason = "is not UTF-8" if isinstance(e, UnicodeDecodeError) else "is nested too deeply"
+            raise json.JSONDecodeError(f"the body {reason}", body.decode("utf-8", "replace"), 0) from e
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "invalid request", 401: "missing or wrong API key (with --api-key)", 404: "unknown model or adapter",
+    413: "body over --max-request-body-bytes", 503: "the server is full (with Retry-After) or its engine stopped",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The errors a route can answer, for the OpenAPI schema (and so for client generators and fuzzers)."""
+    return {s: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[s]} for s in statuses}
+
+
+_INFERENCE_ERRORS = _errors(400, 401, 404, 413, 503)
 
 
 def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
@@ -103,43 +171,38 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = async_engine
     app.state.models = models
+    v1 = APIRouter(prefix="/v1", route_class=_JSONRoute, responses=_errors(401) if config.api_key else {})
 
-    def check_api_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), config.api_key.encode()):
-            raise APIError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
-
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": HealthStatus}, 503: {"model": HealthStatus}})
     async def health() -> Response:
         if async_engine.error is not None:
             return JSONResponse({"status": "engine stopped", "error": str(async_engine.error)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @v1.get("/models")
+    @v1.get("/models", response_model=ModelList)
     async def list_models():
         return models.cards()
 
-    @v1.post("/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request):
+    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+
+    @v1.post("/chat/completions", responses={200: {"model": ChatCompletionResponse, "content": sse},
+                                              **_INFERENCE_ERRORS})
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return _respond(await serving.chat(body, request.is_disconnected))
 
-    @v1.post("/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    @v1.post("/completions", responses={200: {"model": CompletionResponse, "content": sse}, **_INFERENCE_ERRORS})
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         return _respond(await serving.completion(body, request.is_disconnected))
 
-    @v1.post("/classify")
-    async def classify(body: ClassificationRequest, request: Request):
+    @v1.post("/classify", responses={200: {"model": ClassificationResponse}, **_INFERENCE_ERRORS})
+    async def classify(body: ClassificationRequest, request: Request) -> Response:
         return _respond(await serving.classify(body, request.is_disconnected))
 
-    @v1.post("/load_lora_adapter")
+    @v1.post("/load_lora_adapter", response_class=PlainTextResponse, responses=_errors(400, 413, 503))
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
         lora = models.new_adapter(body.lora_name, body.lora_path)
 
@@ -157,7 +220,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         logger.info("loaded adapter %s from %s", lora.lora_name, lora.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{lora.lora_name}' added successfully.")
 
-    @v1.post("/unload_lora_adapter")
+    @v1.post("/unload_lora_adapter", response_class=PlainTextResponse, responses=_errors(400, 404, 413, 503))
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
         if body.lora_name not in models.adapters:
             raise not_found(f"The adapter `{body.lora_name}` is not loaded", "adapter_not_found", "lora_name")
@@ -178,8 +241,38 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
 
     app.include_router(v1)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    if config.api_key is not None:  # added last, so it runs first
+        app.add_middleware(APIKeyAuth, api_key=config.api_key)
     _install_error_handlers(app, config)
+    app.openapi = lambda: _openapi(app, secured=config.api_key is not None)
     return app
+
+
+def _openapi(app: FastAPI, secured: bool) -> dict:
+    """FastAPI's schema, made to say what the server does: no 422 (validation errors are OpenAI's 400), errors
+    always JSON (also on the plain-text routes), and the bearer scheme on `/v1` when a key is required."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        for path, operations in schema["paths"].items():
+            for op in operations.values():
+                op["responses"].pop("422", None)
+                for status, response in op["responses"].items():
+                    if status[0] in "45":
+                        response["content"] = error
+                if secured and path.startswith("/v1/"):
+                    op["security"] = [{"bearer": []}]
+        components = schema.setdefault("components", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(unused, None)
+        if secured:
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _log(method: str, path: str, err: APIError) -> None:
+    logger.info("%s %s %d %s: %s", method, path, err.status, err.code, err.message)
 
 
 def _respond(result) -> Response:
@@ -194,7 +287,7 @@ def _respond(result) -> Response:
 
 def _install_error_handlers(app: FastAPI, config: ServerConfig) -> None:
     def log(request: Request, err: APIError) -> JSONResponse:
-        logger.info("%s %s %d %s: %s", request.method, request.url.path, err.status, err.code, err.message)
+        _log(request.method, request.url.path, err)
         return err.response()
 
     @app.exception_handler(APIError)
@@ -216,8 +309,13 @@ def _install_error_handlers(app: FastAPI, config: ServerConfig) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 413:  # from BodySizeLimit, mid-body: the rest is not worth reading
+            err = _too_large(config.max_body_bytes)
+            _log(request.method, request.url.path, err)
+            return err.response(close=True)
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return log(request, APIError(exc.status_code, detail, "not_found" if exc.status_code == 404 else "http_error"))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return log(request, APIError(exc.status_code, detail, code, headers=exc.headers))  # 405 keeps its Allow
 
     @app.exception_handler(QueueFullError)
     async def queue_full(request: Request, exc: QueueFullError):

@@ -113,10 +113,9 @@ class AsyncEngine:
         self.check_capacity()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
-        added = finished = False
+        finished = False
         try:
             await self.call(lambda engine: self._add(engine, request_id, prompt, params, lora, arrival_time))
-            added = True
             next_check = time.monotonic() + self.poll_interval
             while not finished:
                 out = await self._next(q, self.poll_interval if is_disconnected else None)
@@ -131,8 +130,6 @@ class AsyncEngine:
             del self._streams[request_id]
             if not finished:  # also when the add was cancelled while queued: the abort runs after it
                 self.abort(request_id)
-                if added and self.metrics is not None:
-                    self.metrics.aborted(params.n)
 
     def _add(self, engine: LLMEngine, request_id: str, prompt, params, lora, arrival_time) -> None:
         if lora is not None and self.admit is not None:

@@ -125,6 +125,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "once (0 disables; default: 512)")
     g.add_argument("--max-request-body-bytes", type=int, default=64 * 2**20, metavar="N",
                    help="larger request bodies get 413 (default: 64 MiB)")
+    g.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="S",
+                   help="close a connection idle this long between requests (uvicorn's; default: 5)")
+    g.add_argument("--timeout-request-header", type=float, default=10.0, metavar="S",
+                   help="close a connection whose request line and headers take longer than this (default: 10)")
+    g.add_argument("--timeout-request-body", type=float, default=60.0, metavar="S",
+                   help="close a connection whose request body takes longer than this after its headers "
+                        "(default: 60)")
+    g.add_argument("--limit-concurrency", type=int, default=None, metavar="N",
+                   help="open connections (and requests) beyond which uvicorn answers 503 "
+                        "(default: --max-num-seqs + --max-queued-requests + 128)")
 
 
 def engine_config(args: argparse.Namespace):
@@ -147,7 +157,7 @@ def engine_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from valora.engine.llm_engine import LLMEngine
     from valora.server.app import ServerConfig, build_app
-    from valora.server.launch import serve
+    from valora.server.launch import ConnectionLimits, serve
 
     config = ServerConfig(
         served_model_names=args.served_model_name or [args.model], lora_modules=args.lora_modules,
@@ -159,5 +169,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:  # a model or adapter that cannot be served: say why, exit non-zero
         logger.error("cannot start: %s", e)
         return 1
-    serve(app, args.host, args.port)
+    concurrency = args.limit_concurrency or args.max_num_seqs + args.max_queued_requests + 128
+    serve(app, args.host, args.port, ConnectionLimits(args.timeout_keep_alive, args.timeout_request_header,
+                                                      args.timeout_request_body, concurrency))
     return 0

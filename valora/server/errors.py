@@ -13,6 +13,7 @@ _TYPES = {
     401: "authentication_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     503: "server_overloaded",
 }
@@ -29,8 +30,10 @@ class APIError(Exception):
         kind = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "code": self.code, "param": self.param}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self, close: bool = False) -> JSONResponse:
+        """`close`: answered before the request body was read, so the connection is closed instead of drained."""
+        headers = {**(self.headers or {}), **({"Connection": "close"} if close else {})}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def bad_request(message: str, code: str = "invalid_request", param: str | None = None) -> APIError:

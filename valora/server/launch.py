@@ -1,13 +1,89 @@
-"""Run the app with uvicorn: in the foreground (`valora serve`), or on a background thread (the demo)."""
+"""Run the app with uvicorn: in the foreground (`valora serve`), or on a background thread (the demo).
+
+uvicorn bounds idle keep-alive connections (`timeout_keep_alive`) and, with `limit_concurrency`, how many
+connections and requests it takes before answering 503; it has no deadline for reading a request (its keep-alive
+timer restarts with every byte received, and a fresh connection has none), so a client that sends half a request
+and stalls holds its connection forever. `RequestDeadlines` adds the two deadlines to uvicorn's h11 protocol.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
+import h11
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from valora.server.logs import logger
+
+
+@dataclass
+class ConnectionLimits:
+    """What one connection may hold (the `valora serve` flags of the same names, in seconds)."""
+
+    timeout_keep_alive: float = 5.0  # uvicorn's: an idle connection between requests is closed after this
+    timeout_request_header: float = 10.0  # request line and headers, from connect (or the previous response)
+    timeout_request_body: float = 60.0  # the whole body, from the end of the headers
+    limit_concurrency: int | None = None  # connections (and requests) before uvicorn answers 503
+
+
+class RequestDeadlines(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete `header_timeout`
+    seconds after it opened (or after the previous response), or whose body is not complete `body_timeout`
+    seconds after its headers. Once a request is read no deadline runs: a long stream is never cut."""
+
+    def __init__(self, *args, header_timeout: float, body_timeout: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout, self.body_timeout = header_timeout, body_timeout
+        self._phase: object = None  # h11's state of the client's side
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        super().connection_lost(exc)
+
+    def _watch(self) -> None:
+        """(Re)arm the deadline when the client's side of the connection enters a new phase."""
+        phase = self.conn.their_state
+        if phase is self._phase:
+            return
+        self._phase = phase
+        self._cancel()
+        timeout = {h11.IDLE: self.header_timeout, h11.SEND_BODY: self.body_timeout}.get(phase)
+        if timeout is not None:
+            self._deadline = self.loop.call_later(timeout, self._expire, phase)
+
+    def _cancel(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self, phase: object) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        what = ("headers", self.header_timeout) if phase is h11.IDLE else ("body", self.body_timeout)
+        peer = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        logger.info("closed the connection of %s: request %s not received within %g s", peer, *what)
+        self.transport.close()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -16,21 +92,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
+def _config(app: ASGIApp, host: str, port: int, limits: ConnectionLimits) -> uvicorn.Config:
     # Our own logging config is kept (log_config=None); the server logs one line per request itself.
-    return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5)
+    protocol = functools.partial(RequestDeadlines, header_timeout=limits.timeout_request_header,
+                                 body_timeout=limits.timeout_request_body)
+    return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5,
+                          http=protocol, timeout_keep_alive=limits.timeout_keep_alive,
+                          limit_concurrency=limits.limit_concurrency)
 
 
-def serve(app: ASGIApp, host: str, port: int) -> None:
-    uvicorn.Server(_config(app, host, port)).run()
+def serve(app: ASGIApp, host: str, port: int, limits: ConnectionLimits | None = None) -> None:
+    uvicorn.Server(_config(app, host, port, limits or ConnectionLimits())).run()
 
 
 class BackgroundServer:
     """`with BackgroundServer(app) as url: ...`: the real server on a free local port, stopped on exit."""
 
-    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int | None = None,
+                 limits: ConnectionLimits | None = None) -> None:
         self.host, self.port = host, port or free_port(host)
-        self.server = uvicorn.Server(_config(app, self.host, self.port))
+        self.server = uvicorn.Server(_config(app, self.host, self.port, limits or ConnectionLimits()))
         self.thread = threading.Thread(target=self.server.run, name="valora-http", daemon=True)
 
     @property

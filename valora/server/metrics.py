@@ -46,8 +46,9 @@ class _EngineCollector:
         yield self._gauge("valora:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).",
                           s.kv_cache_usage)
         info = GaugeMetricFamily("valora:lora_requests_info", "Adapters of running and waiting requests.",
-                                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-        info.add_metric([str(s.max_loras), ",".join(s.running_adapters), ",".join(s.waiting_adapters)], time.time())
+                                 labels=["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        info.add_metric([self.model, str(s.max_loras), ",".join(s.running_adapters), ",".join(s.waiting_adapters)],
+                        time.time())
         yield info
         yield self._gauge("valora:lora_slots_active", "Adapter slots used by running requests.",
                           len(s.running_adapters))

@@ -266,3 +266,21 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, as OpenAI shapes it (documented in the OpenAPI schema for each status a route can answer)."""
+
+    error: ErrorInfo
+
+
+class HealthStatus(BaseModel):
+    status: str
+    error: str | None = None

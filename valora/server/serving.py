@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +28,7 @@ from valora.outputs import RequestOutput
 from valora.sampling_params import SamplingParams
 from valora.server.async_engine import AsyncEngine, ClientDisconnectedError, EngineDeadError
 from valora.server.errors import APIError, bad_request
+from valora.server.logs import logger
 from valora.server.models import ServedModels
 from valora.server.protocol import (
     ChatChoice,
@@ -49,8 +49,6 @@ from valora.server.protocol import (
     SamplingFields,
     Usage,
 )
-
-logger = logging.getLogger("valora.server")
 
 
 @dataclass
@@ -201,7 +199,7 @@ class OpenAIServing:
                     if out.finished:
                         finals[i] = out
         except ClientDisconnectedError:
-            call.log(finals.values(), "client disconnected, aborted")
+            self._aborted(call, finals.values())
             raise
         outs = [finals[i] for i in range(len(call.prepared))]
         call.log(outs)
@@ -260,7 +258,14 @@ class OpenAIServing:
             yield "data: [DONE]\n\n"
         finally:
             if not done:
-                call.log(finals.values(), "client disconnected, aborted")
+                self._aborted(call, finals.values())
+
+    def _aborted(self, call: _Call, finals) -> None:
+        """A client that left: logged, and counted in `request_success_total{finished_reason="abort"}` whether or
+        not the engine had accepted its request yet."""
+        call.log(finals, "client disconnected, aborted")
+        if self.engine.metrics is not None:
+            self.engine.metrics.aborted(len(call.prepared) * getattr(call.req, "n", 1))
 
 
 @dataclass
