@@ -88,9 +88,14 @@ class SchedulerConfig:
             raise ValueError("max_wait_ms must be positive")
 
 
+# Attention kernels of the vision towers (vLLM's names; models/layers/vit.py): auto = TRITON_ATTN on CUDA, else SDPA
+MM_ENCODER_ATTN_BACKENDS = ("auto", "TORCH_SDPA", "TRITON_ATTN", "FLASH_ATTN", "FLEX_ATTENTION")
+
+
 @dataclass
 class MultiModalConfig:
-    """Limits on image inputs (requests over them are refused with a clear error), and where media may come from."""
+    """Limits on image inputs (requests over them are refused with a clear error), where media may come from, and
+    the vision tower's attention kernel."""
 
     max_images_per_prompt: int = 8
     max_image_pixels: int = 4096 * 4096
@@ -98,6 +103,12 @@ class MultiModalConfig:
     embed_cache_mb: int = 512  # image embeddings kept by content hash (0 disables)
     allowed_media_domains: tuple[str, ...] = ()  # http(s) hosts media URLs may be fetched from (none: no fetching)
     media_fetch_timeout_s: float = 15.0  # one remote fetch, whole (connect, redirects, body)
+    mm_encoder_attn_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mm_encoder_attn_backend not in MM_ENCODER_ATTN_BACKENDS:
+            raise ValueError(f"unknown mm_encoder_attn_backend {self.mm_encoder_attn_backend!r}; choose one of "
+                             f"{', '.join(MM_ENCODER_ATTN_BACKENDS)}")
 
 
 @dataclass
@@ -113,4 +124,4 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     multimodal: MultiModalConfig = field(default_factory=MultiModalConfig)
-    enforce_eager: bool = False  # GPU: run decode steps eagerly (same numerics) instead of replaying CUDA graphs
+    enforce_eager: bool = False  # GPU: run decode steps and vision passes eagerly (same numerics), not from graphs

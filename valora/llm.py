@@ -42,6 +42,7 @@ class LLM:
         scheduler: str = "valora",
         max_wait_ms: float = 1000.0,
         enforce_eager: bool = False,
+        mm_encoder_attn_backend: str = "auto",
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
@@ -52,7 +53,8 @@ class LLM:
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, policy=scheduler,
                                           max_wait_ms=max_wait_ms),
                 multimodal=MultiModalConfig(max_images_per_prompt=max_images_per_prompt, embed_cache_mb=embed_cache_mb,
-                                            allowed_media_domains=tuple(allowed_media_domains)),
+                                            allowed_media_domains=tuple(allowed_media_domains),
+                                            mm_encoder_attn_backend=mm_encoder_attn_backend),
                 enforce_eager=enforce_eager,
             )
         )

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from valora.models.layers import fused_kernels
 from valora.models.layers.mlp import GatedMLP
-from valora.models.layers.norm import RMSNorm
+from valora.models.layers.norm import LayerNorm, RMSNorm
 from valora.models.layers.rotary import MRotaryEmbedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -200,24 +200,96 @@ def test_cuda_graph_replay_reads_new_inputs():
         assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [64, 80, 200])
+@pytest.mark.parametrize("form", ["plain", "residual", "scaled"])
+def test_layer_norm(dtype, hidden, form):
+    norm = LayerNorm(hidden, eps=1e-6).to(DEVICE, dtype)
+    norm.weight.data.copy_(1 + 0.5 * torch.randn(hidden))
+    norm.bias.data.copy_(0.3 * torch.randn(hidden))
+    x = (3 * torch.randn(9, hidden) + 1).to(DEVICE, dtype)
+    residual = torch.randn(9, hidden).to(DEVICE, dtype) if form != "plain" else None
+    scale = (0.1 * torch.randn(hidden)).to(DEVICE, dtype) if form == "scaled" else None
+    got = fused_kernels.layer_norm(x, norm.weight, norm.bias, norm.eps, residual, scale)
+    if residual is None:
+        ref = F.layer_norm(x, (hidden,), norm.weight, norm.bias, norm.eps)
+    else:
+        summed = residual + (x if scale is None else scale * x)
+        got, got_res = got
+        assert torch.equal(got_res, summed)  # the scale and the add rounded as PyTorch's
+        ref = F.layer_norm(summed, (hidden,), norm.weight, norm.bias, norm.eps)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+
+
+def test_norm_modules_take_a_layer_scale(fused, monkeypatch):
+    """LayerNorm and RMSNorm give (norm(r + s * x), r + s * x) on both paths."""
+    x, r, s = (torch.randn(5, 48, device=DEVICE) for _ in range(3))
+    for norm in (LayerNorm(48).to(DEVICE), _norm(48, torch.float32)):
+        fused_out = norm(x, r, s[0])
+        monkeypatch.setattr(fused_kernels, "use_triton", lambda t: False)
+        plain_out = norm(x, r, s[0])
+        monkeypatch.setattr(fused_kernels, "use_triton", lambda t: True)
+        for got, ref in zip(fused_out, plain_out):
+            torch.testing.assert_close(got, ref, **TOL[torch.float32])
+    with pytest.raises(ValueError, match="only applies with a residual"):
+        fused_kernels.rms_norm(x, s[0], 1e-6, None, s[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("width", [64, 1100])
+def test_quick_gelu(dtype, width):
+    from transformers.activations import ACT2FN
+
+    x = (3 * torch.randn(5, width)).to(DEVICE, dtype)
+    got = fused_kernels.quick_gelu(x[:, 1:])  # a strided view
+    torch.testing.assert_close(got, ACT2FN["quick_gelu"](x[:, 1:]), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_qk_fp32_math(dtype):
+    """The vision towers' 2D RoPE: head size 80 (rotary half 40), row and column sections, q and k as views of the
+    fused qkv output, rotated in fp32 and rounded once, as the PyTorch path does."""
+    from valora.models.layers.rotary import make_rope
+
+    heads, d, tokens = 3, 80, 20
+    inv = 1.0 / (10000 ** (torch.arange(0, d // 2, 2, dtype=torch.float32) / (d // 2)))
+    inv_freq, axis = torch.cat([inv, inv]).to(DEVICE), torch.arange(2).repeat_interleave(d // 4).to(DEVICE)
+    positions = torch.randint(0, 64, (2, tokens), dtype=torch.int32, device=DEVICE)
+    qkv = torch.randn(tokens, 3, heads, d).to(DEVICE, dtype)
+    q, k = qkv[:, 0], qkv[:, 1]
+    ref = make_rope(positions, inv_freq, axis, fused=False, fp32=True)(q, k)
+    got = make_rope(positions, inv_freq, axis, fused=True, fp32=True)(q, k)
+    for g, r in zip(got, ref):
+        assert g.dtype == dtype and g.is_contiguous()
+        torch.testing.assert_close(g, r, **TOL[dtype])
+
+
+# the kernels each family's vision side adds to the LM's (rms_norm, silu_and_mul, rotary_qk)
+VISION_KERNELS = {"qwen2_vl": ("layer_norm", "quick_gelu"), "qwen2_5_vl": (), "llava": ("layer_norm", "quick_gelu"),
+                  "internvl": ("layer_norm",)}
+
+
+@pytest.mark.parametrize("family_name", list(VISION_KERNELS))
 def test_tiny_model_logits_unchanged(family_name, model_factory, monkeypatch):
-    """Whole engine, fp32: prefill with images (Qwen2.5-VL's ViT: RMSNorm and SwiGLU) and decode steps give the
-    same logits with every fused kernel forced on as on the PyTorch path."""
+    """Whole engine, fp32: prefill with images and decode steps give the same logits with every fused kernel
+    forced on (the vision towers' too, and their attention through the Triton varlen kernel) as on the PyTorch
+    path."""
     from valora import LLM, SamplingParams
+    from valora.models.layers import attention_kernels
     from valora.testing.families import FAMILIES
     from valora.testing.images import random_image
 
     spec = FAMILIES[family_name]
     model_dir = model_factory(family_name, initializer_range=0.05)
-    llm = LLM(str(model_dir), dtype="float32", device=DEVICE)
+    llm = LLM(str(model_dir), dtype="float32", device=DEVICE, embed_cache_mb=0)  # the tower runs both times
     prompts = [
         {"prompt": f"{spec.image_prompt} what digit is shown ?", "multi_modal_data": {"image": [random_image(56, 84)]}},
         {"prompt": "describe the scene :", "multi_modal_data": {"image": []}},
     ]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
-    calls = {name: 0 for name in ("rms_norm", "silu_and_mul", "rotary_qk")}
+    calls = {name: 0 for name in ("rms_norm", "silu_and_mul", "rotary_qk", *VISION_KERNELS[family_name])}
 
     def counting(name, real):
         def counted(*args, **kw):
@@ -227,6 +299,9 @@ def test_tiny_model_logits_unchanged(family_name, model_factory, monkeypatch):
 
     for name in calls:
         monkeypatch.setattr(fused_kernels, name, counting(name, getattr(fused_kernels, name)))
+    calls["varlen_attention"] = 0
+    monkeypatch.setattr(attention_kernels, "varlen_attention",
+                        counting("varlen_attention", attention_kernels.varlen_attention))
 
     def run(force: bool) -> tuple[list[torch.Tensor], list[list[int]]]:
         logits: list[torch.Tensor] = []

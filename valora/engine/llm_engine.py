@@ -119,6 +119,7 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
         self.processor = self.family.processor_cls(model_dir, self.hf_config, self.tokenizer)
         self.model = self._load_model(model_dir)
+        self.model.vision_backend = config.multimodal.mm_encoder_attn_backend
         self.clock = time.time
         self.lora_manager: LoRAManager | None = None
         self.policy: Policy | None = None

@@ -81,13 +81,14 @@ class ModelRunner:
             logits_rows.append(row0 + n - 1)
             slot = lora_slots.get(seq.lora_name, -1) if seq.lora_name is not None else -1
             lora_ids.extend([slot] * n)
+            vision_slot = slot if seq.vision_tag is not None else -1  # an LM-only adapter leaves images alone
             for k, item in enumerate(seq.prompt.images):
                 if item.offset >= start:
                     if seq.image_embeds[k] is None and self.embed_cache is not None:
                         seq.image_embeds[k] = self.embed_cache.get((item.content_hash, seq.vision_tag))
                     img_data.append(item.data)
                     img_tokens.append(item.num_tokens)
-                    img_slots.append(slot)
+                    img_slots.append(vision_slot)
                     img_rows.extend(range(row0 + item.offset - start, row0 + item.offset - start + item.num_tokens))
                     img_cached.append(seq.image_embeds[k])
                     img_owner.append((seq, k))
@@ -168,9 +169,12 @@ class ModelRunner:
 
     def enable_cuda_graphs(self, max_num_seqs: int, max_loras: int, capture: bool = True) -> None:
         """Run decode steps on padded static batches, replayed from CUDA graphs (captured now for the common
-        variants, later for the others) or, with `capture=False`, eagerly with the same numerics."""
+        variants, later for the others) or, with `capture=False`, eagerly with the same numerics; vision passes
+        likewise, per bucket, captured at first use (models/vision_graphs.py)."""
         from valora.engine.cuda_graphs import CUDAGraphRunner
+        from valora.models.vision_graphs import VisionGraphs
 
+        self.model.vision_graphs = VisionGraphs(self.model, capture=capture)
         if self.max_blocks_per_seq is None:
             raise ValueError("CUDA graphs need a fixed block-table width (max_blocks_per_seq)")
         self.graphs = CUDAGraphRunner(

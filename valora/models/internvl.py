@@ -8,7 +8,6 @@ A large image becomes several tiles plus a thumbnail, cut by the checkpoint's Go
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,11 +19,11 @@ from valora.lora.ops.batch import LoRABatch
 from valora.models.decoder import DecoderConfig, DecoderModel
 from valora.models.layers.linear import LoRALinear
 from valora.models.layers.mlp import MLP
-from valora.models.layers.norm import RMSNorm
-from valora.models.layers.vit import ViTAttention, patchify
+from valora.models.layers.norm import LayerNorm, RMSNorm
+from valora.models.layers.vit import VisionSpans, ViTAttention, patchify
 from valora.models.loader import WeightMapper
 from valora.models.processing import ImagePromptProcessor
-from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, token_lora
+from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, VisionPass, fixed_size_pass, token_lora
 from valora.multimodal.pixels import as_tensor, resize
 
 MAPPER = WeightMapper(
@@ -44,7 +43,7 @@ def _pair(v) -> tuple[int, int]:
 
 def _norm(vc) -> nn.Module:
     return RMSNorm(vc.hidden_size, vc.layer_norm_eps) if vc.norm_type == "rms_norm" else \
-        nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+        LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
 
 
 class InternVisionLayer(nn.Module):
@@ -58,9 +57,13 @@ class InternVisionLayer(nn.Module):
         self.lambda_1 = nn.Parameter(torch.empty(vc.hidden_size))  # layer scale
         self.lambda_2 = nn.Parameter(torch.empty(vc.hidden_size))
 
-    def forward(self, x: torch.Tensor, num_seqs: int, lora: LoRABatch | None) -> torch.Tensor:
-        x = x + self.lambda_1 * self.attention(self.layernorm_before(x), num_seqs, lora)
-        return x + self.lambda_2 * self.mlp(self.layernorm_after(x), lora)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, scale: torch.Tensor | None,
+                spans: VisionSpans, lora: LoRABatch | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, residual) with hidden state residual + scale * x (`scale`: the previous layer's lambda_2):
+        both residual adds and both layer scales ride on the norms. The output's own scale is `lambda_2`."""
+        h, residual = (self.layernorm_before(x), x) if residual is None else self.layernorm_before(x, residual, scale)
+        h, residual = self.layernorm_after(self.attention(h, spans, lora), residual, self.lambda_1)
+        return self.mlp(h, lora), residual
 
 
 class InternVisionTower(nn.Module):
@@ -74,6 +77,7 @@ class InternVisionTower(nn.Module):
         if ph != pw:
             raise ValueError(f"non-square patches {ph}x{pw} are not supported")
         self.patch, self.width = ph, vc.hidden_size
+        self.head_dim = vc.hidden_size // vc.num_attention_heads
         self.seq = (ih // ph) * (iw // pw) + 1
         self.embeddings = nn.Module()
         self.embeddings.cls_token = nn.Parameter(torch.empty(1, 1, vc.hidden_size))
@@ -82,25 +86,29 @@ class InternVisionTower(nn.Module):
         self.embeddings.position_embeddings = nn.Parameter(torch.empty(1, self.seq, vc.hidden_size))
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList([InternVisionLayer(vc) for _ in range(vc.num_hidden_layers)])
-        self.layernorm = None if vc.use_mean_pooling else nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+        self.layernorm = None if vc.use_mean_pooling else LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor, layer: int, slots: Sequence[int],
-                merged_slot: int | None) -> torch.Tensor:
+    def forward(self, vp: VisionPass, layer: int) -> torch.Tensor:
         """Hidden state `layer` (as `vision_feature_layer`: -1 is the final output) of every tile, [tiles, seq, w]."""
-        n, dev = pixel_values.shape[0], pixel_values.device
-        emb = self.embeddings
-        proj = emb.patch_embeddings.projection
-        patches = patchify(pixel_values.to(proj.weight.dtype), self.patch)
+        pixels, lora = vp.inputs["pixels"], vp.lora or {}
+        n, emb = pixels.shape[0], self.embeddings
+        patches = patchify(pixels, self.patch)
         if patches.shape[0] != n * (self.seq - 1):
             raise ValueError(f"InternViT expects {self.seq - 1} patches per tile, got {patches.shape[0] // n}")
-        patches = proj(patches, token_lora(slots, [self.seq - 1] * n, merged_slot, dev)).view(n, -1, self.width)
+        patches = emb.patch_embeddings.projection(patches, lora.get("patches")).view(n, -1, self.width)
         x = (torch.cat([emb.cls_token.expand(n, 1, -1), patches], dim=1) + emb.position_embeddings).view(-1, self.width)
-        lora = token_lora(slots, [self.seq] * n, merged_slot, dev)
         depth = len(self.encoder.layer)
+        residual = scale = None
         for blk in self.encoder.layer[: depth if layer == -1 else layer % (depth + 1)]:
-            x = blk(x, n, lora)
-        if layer == -1 and self.layernorm is not None:
-            x = self.layernorm(x)
+            x, residual = blk(x, residual, scale, vp.spans[0], lora.get("rows"))
+            scale = blk.lambda_2
+        final_norm = self.layernorm if layer == -1 else None
+        if residual is None:
+            x = x if final_norm is None else final_norm(x)
+        elif final_norm is not None:
+            x = final_norm(x, residual, scale)[0]
+        else:
+            x = residual + scale * x
         return x.view(n, self.seq, self.width)
 
 
@@ -150,19 +158,33 @@ class InternVLForConditionalGeneration(VisionLanguageModel):
         self.layer = hf_config.vision_feature_layer
         self.keep_cls = hf_config.vision_feature_select_strategy == "full"
         self.scale = hf_config.downsample_ratio
+        self.tile_tokens = tile_tokens(hf_config)
 
-    def embed_images(self, data, slots, merged_slot) -> torch.Tensor:
-        pv = torch.cat([d["pixel_values"] for d in data]).to(self.lm_head.weight.device)
-        tiles = [d["pixel_values"].shape[0] for d in data]
-        tile_slots = [s for s, t in zip(slots, tiles) for _ in range(t)]
-        feats = self.model.vision_tower(pv, self.layer, tile_slots, merged_slot)
+    def vision_rows(self, data) -> int:
+        return sum(d["pixel_values"].shape[0] for d in data) * self.model.vision_tower.seq
+
+    def prepare_vision(self, data, slots, merged_slot, backend, pad) -> VisionPass:
+        tower, dev = self.model.vision_tower, self.lm_head.weight.device
+        pixels = torch.cat([d["pixel_values"] for d in data])
+        vp = fixed_size_pass(tower, pixels, tower.seq, tower.head_dim, backend, pad, dev)
+        n = pixels.shape[0]
+        vp.out_rows = n * self.tile_tokens
+        if slots is not None:
+            tiles = [d["pixel_values"].shape[0] for d in data]
+            tile_slots = [s for s, t in zip(slots, tiles) for _ in range(t)]
+            vp.lora = {"patches": token_lora(tile_slots, [tower.seq - 1] * n, merged_slot, dev),
+                       "rows": token_lora(tile_slots, [tower.seq] * n, merged_slot, dev),
+                       "tokens": token_lora(tile_slots, [self.tile_tokens] * n, merged_slot, dev)}
+        return vp
+
+    def run_vision(self, vp: VisionPass) -> torch.Tensor:
+        feats = self.model.vision_tower(vp, self.layer)
         if not self.keep_cls:
             feats = feats[:, 1:]
         n, side = feats.shape[0], int(feats.shape[1] ** 0.5)
         feats = pixel_shuffle(feats.reshape(n, side, side, -1), self.scale)
-        per_tile = feats.shape[1] * feats.shape[2]
-        feats = feats.reshape(n * per_tile, -1)
-        return self.model.multi_modal_projector(feats, token_lora(tile_slots, [per_tile] * n, merged_slot, pv.device))
+        return self.model.multi_modal_projector(feats.reshape(n * feats.shape[1] * feats.shape[2], -1),
+                                                (vp.lora or {}).get("tokens"))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -20,10 +20,11 @@ from valora.lora.ops.batch import LoRABatch
 from valora.models.decoder import DecoderConfig, DecoderModel
 from valora.models.layers.linear import LoRALinear
 from valora.models.layers.mlp import MLP
-from valora.models.layers.vit import ViTAttention, patchify
+from valora.models.layers.norm import LayerNorm
+from valora.models.layers.vit import VisionSpans, ViTAttention, patchify
 from valora.models.loader import WeightMapper
 from valora.models.processing import ImagePromptProcessor
-from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, token_lora
+from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, VisionPass, fixed_size_pass, token_lora
 from valora.multimodal.pixels import as_tensor, center_crop, pad_to_square, resize
 
 MAPPER = WeightMapper(
@@ -48,14 +49,17 @@ def feature_layers(config) -> list[int]:
 class CLIPLayer(nn.Module):
     def __init__(self, vc) -> None:
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
         self.self_attn = ViTAttention(vc.hidden_size, vc.num_attention_heads, qkv_bias=True)
-        self.layer_norm2 = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
         self.mlp = MLP(vc.hidden_size, vc.intermediate_size, vc.hidden_act)
 
-    def forward(self, x: torch.Tensor, num_seqs: int, lora: LoRABatch | None) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), num_seqs, lora)
-        return x + self.mlp(self.layer_norm2(x), lora)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, spans: VisionSpans,
+                lora: LoRABatch | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, residual) with hidden state x + residual; both residual adds ride on the norms."""
+        h, residual = (self.layer_norm1(x), x) if residual is None else self.layer_norm1(x, residual)
+        h, residual = self.layer_norm2(self.self_attn(h, spans, lora), residual)
+        return self.mlp(h, lora), residual
 
 
 class CLIPVisionTower(nn.Module):
@@ -66,32 +70,32 @@ class CLIPVisionTower(nn.Module):
         if vc.model_type != "clip_vision_model":
             raise ValueError(f"LLaVA vision tower {vc.model_type!r} is not supported (clip_vision_model is)")
         self.patch, self.width = vc.patch_size, vc.hidden_size
+        self.head_dim = vc.hidden_size // vc.num_attention_heads
         self.num_positions = (vc.image_size // vc.patch_size) ** 2 + 1
         self.embeddings = nn.Module()
         self.embeddings.class_embedding = nn.Parameter(torch.empty(vc.hidden_size))
         self.embeddings.patch_embedding = LoRALinear(vc.num_channels * vc.patch_size**2, vc.hidden_size)
         self.embeddings.position_embedding = nn.Embedding(self.num_positions, vc.hidden_size)
-        self.pre_layrnorm = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
+        self.pre_layrnorm = LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList([CLIPLayer(vc) for _ in range(vc.num_hidden_layers)])
-        self.post_layernorm = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)  # CLIP's pooled head: unused
+        self.post_layernorm = LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)  # CLIP's pooled head: unused
 
-    def forward(self, pixel_values: torch.Tensor, layers: Sequence[int], slots: Sequence[int],
-                merged_slot: int | None) -> list[torch.Tensor]:
+    def forward(self, vp: VisionPass, layers: Sequence[int]) -> list[torch.Tensor]:
         """Hidden states `layers` (0 = embeddings) of each image, [images * seq, width]; runs the layers needed."""
-        n, dev = pixel_values.shape[0], pixel_values.device
-        emb = self.embeddings
-        patches = patchify(pixel_values.to(emb.patch_embedding.weight.dtype), self.patch)
+        pixels, lora = vp.inputs["pixels"], vp.lora or {}
+        n, emb = pixels.shape[0], self.embeddings
+        patches = patchify(pixels, self.patch)
         if patches.shape[0] != n * (self.num_positions - 1):
             raise ValueError(f"CLIP expects {self.num_positions - 1} patches per image, got {patches.shape[0] // n}")
-        patches = emb.patch_embedding(patches, token_lora(slots, [self.num_positions - 1] * n, merged_slot, dev))
+        patches = emb.patch_embedding(patches, lora.get("patches"))
         x = torch.cat([emb.class_embedding.expand(n, 1, -1), patches.view(n, -1, self.width)], dim=1)
         x = self.pre_layrnorm((x + emb.position_embedding.weight).view(-1, self.width))
-        lora = token_lora(slots, [self.num_positions] * n, merged_slot, dev)
-        states = [x]
-        for layer in self.encoder.layers[: max(layers)]:
-            x = layer(x, n, lora)
-            states.append(x)
+        states, residual = {0: x}, None
+        for i, layer in enumerate(self.encoder.layers[: max(layers)], start=1):
+            x, residual = layer(x, residual, vp.spans[0], lora.get("rows"))
+            if i in layers:
+                states[i] = x + residual
         return [states[i] for i in layers]
 
 
@@ -125,17 +129,29 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         self.layers = feature_layers(hf_config)
         self.keep_cls = hf_config.vision_feature_select_strategy == "full"
 
-    def embed_images(self, data, slots, merged_slot) -> torch.Tensor:
+    def vision_rows(self, data) -> int:
+        return sum(d["pixel_values"].shape[0] for d in data) * self.model.vision_tower.num_positions
+
+    def prepare_vision(self, data, slots, merged_slot, backend, pad) -> VisionPass:
+        tower, dev = self.model.vision_tower, self.lm_head.weight.device
+        pixels = torch.cat([d["pixel_values"] for d in data])
+        vp = fixed_size_pass(tower, pixels, tower.num_positions, tower.head_dim, backend, pad, dev)
+        n, seq = pixels.shape[0], tower.num_positions
+        tokens = seq if self.keep_cls else seq - 1
+        vp.out_rows = n * tokens
+        if slots is not None:
+            vp.lora = {"patches": token_lora(slots, [seq - 1] * n, merged_slot, dev),
+                       "rows": token_lora(slots, [seq] * n, merged_slot, dev),
+                       "tokens": token_lora(slots, [tokens] * n, merged_slot, dev)}
+        return vp
+
+    def run_vision(self, vp: VisionPass) -> torch.Tensor:
         tower = self.model.vision_tower
-        pv = torch.cat([d["pixel_values"] for d in data]).to(self.lm_head.weight.device)
-        n, seq = pv.shape[0], tower.num_positions
-        states = tower(pv, self.layers, slots, merged_slot)
-        feats = torch.cat([s.view(n, seq, -1) for s in states], dim=-1)
+        n, seq = vp.inputs["pixels"].shape[0], tower.num_positions
+        feats = torch.cat([s.view(n, seq, -1) for s in tower(vp, self.layers)], dim=-1)
         if not self.keep_cls:
             feats = feats[:, 1:]
-        tokens = feats.shape[1]
-        return self.model.multi_modal_projector(feats.reshape(n * tokens, -1),
-                                                token_lora(slots, [tokens] * n, merged_slot, pv.device))
+        return self.model.multi_modal_projector(feats.reshape(-1, feats.shape[-1]), (vp.lora or {}).get("tokens"))
 
 
 class LlavaInputProcessor(ImagePromptProcessor):

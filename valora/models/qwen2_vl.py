@@ -7,25 +7,28 @@ vision blocks and attention windows (qwen2_5_vl.py).
 
 from __future__ import annotations
 
-import itertools
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from valora.lora.ops.batch import LoRABatch
 from valora.models.decoder import DecoderConfig, DecoderModel
+from valora.models.layers import fused_kernels
 from valora.models.layers.linear import LoRALinear
 from valora.models.layers.mlp import MLP
-from valora.models.layers.rotary import rotate_half
+from valora.models.layers.norm import LayerNorm
+from valora.models.layers.rotary import Rope, make_rope
+from valora.models.layers.vit import VisionSpans, vit_attention
 from valora.models.loader import WeightMapper
 from valora.models.processing import ImagePromptProcessor
-from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, token_lora
+from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, VisionPass, pow2, token_lora
 from valora.multimodal.inputs import ImageItem, InputError
 from valora.multimodal.pixels import as_tensor, resize
 
@@ -37,9 +40,18 @@ MAPPER = WeightMapper(
 )
 
 
-def _apply_rotary_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    return (xf * cos.unsqueeze(1) + rotate_half(xf) * sin.unsqueeze(1)).to(x.dtype)
+ROW_BUCKET = 256  # a pass padded for a CUDA graph has a multiple of this many rows
+PAD_SPAN = 64  # its padding rows attend among themselves, in spans of at most this many rows
+
+
+@functools.lru_cache(maxsize=1024)
+def grid_positions(t: int, h: int, w: int, merge: int) -> np.ndarray:
+    """(row, column) of every patch of a (t, h, w) grid, [2, t*h*w], in the processor's patch order: merge units
+    row-major, the merge x merge patches of a unit together, frame after frame."""
+    shape = (h // merge, merge, w // merge, merge)
+    hp = np.broadcast_to(np.arange(h).reshape(h // merge, merge, 1, 1), shape).transpose(0, 2, 1, 3)
+    wp = np.broadcast_to(np.arange(w).reshape(1, 1, w // merge, merge), shape).transpose(0, 2, 1, 3)
+    return np.tile(np.stack([hp.reshape(-1), wp.reshape(-1)]), (1, t))
 
 
 class VisionAttention(nn.Module):
@@ -49,20 +61,10 @@ class VisionAttention(nn.Module):
         self.qkv = LoRALinear(dim, 3 * dim, bias=True)
         self.proj = LoRALinear(dim, dim, bias=True)
 
-    def forward(self, x, cos, sin, seqlens: Sequence[int], lora: LoRABatch | None) -> torch.Tensor:
-        """Attention within each span of `seqlens` rows; consecutive spans of one length (frames of equal size,
-        Qwen2.5-VL's full windows) go through one batched call."""
-        s = x.shape[0]
-        q, k, v = self.qkv(x, lora).view(s, 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = _apply_rotary_fp32(q, cos, sin), _apply_rotary_fp32(k, cos, sin)
-        outs, start = [], 0
-        for length, group in itertools.groupby(seqlens):
-            n = len(list(group))
-            qs, ks, vs = (t[start : start + n * length].view(n, length, self.num_heads, -1).transpose(1, 2)
-                          for t in (q, k, v))
-            outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(n * length, -1))
-            start += n * length
-        return self.proj(torch.cat(outs), lora)
+    def forward(self, x: torch.Tensor, rope: Rope, spans: VisionSpans, lora: LoRABatch | None) -> torch.Tensor:
+        qkv = self.qkv(x, lora).view(x.shape[0], 3, self.num_heads, self.head_dim)
+        q, k = rope(qkv[:, 0], qkv[:, 1])
+        return self.proj(vit_attention(q, k, qkv[:, 2], spans).view(x.shape[0], -1), lora)
 
 
 class VisionBlock(nn.Module):
@@ -73,9 +75,12 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, num_heads)
         self.mlp = mlp
 
-    def forward(self, x, cos, sin, seqlens, lora):
-        x = x + self.attn(self.norm1(x), cos, sin, seqlens, lora)
-        return x + self.mlp(self.norm2(x), lora)
+    def forward(self, x, residual, rope, spans, lora) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, residual) of a pre-norm block whose hidden state is x + residual: both residual adds ride on
+        the norms (the first block gets residual None)."""
+        h, residual = (self.norm1(x), x) if residual is None else self.norm1(x, residual)
+        h, residual = self.norm2(self.attn(h, rope, spans, lora), residual)
+        return self.mlp(h, lora), residual
 
 
 class PatchMerger(nn.Module):
@@ -86,8 +91,8 @@ class PatchMerger(nn.Module):
         self.mlp = nn.ModuleList([LoRALinear(self.hidden, self.hidden, bias=True), nn.GELU(),
                                   LoRALinear(self.hidden, out_dim, bias=True)])
 
-    def forward(self, x, lora):
-        x = self.ln_q(x).view(-1, self.hidden)
+    def forward(self, x, residual, lora):
+        x = self.ln_q(x, residual)[0].view(-1, self.hidden)
         return self.mlp[2](self.mlp[1](self.mlp[0](x, lora)), lora)
 
 
@@ -95,20 +100,23 @@ class Qwen2VisionTower(nn.Module):
     """Qwen2-VL's ViT over packed patches of any number of images. Subclasses choose the block (`make_block`), the
     norm, the widths (`from_config`) and which patches attend to which (`layout`)."""
 
-    norm: ClassVar[type[nn.Module]] = nn.LayerNorm
+    norm: ClassVar[type[nn.Module]] = LayerNorm
 
     def __init__(self, vc, width: int, out_dim: int) -> None:
         super().__init__()
         self.merge, self.width = vc.spatial_merge_size, width
+        self.head_dim = width // vc.num_heads
         # The patch embedding is a Conv3d whose stride equals its kernel: a linear map of each flattened patch.
         self.patch_embed = nn.Module()
         self.patch_embed.proj = LoRALinear(vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, width)
+        # 2D RoPE: the first half of the rotary frequencies turn with the patch's row, the second with its column
         theta = (getattr(vc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-        quarter = width // vc.num_heads // 2
-        self.register_buffer(
-            "inv_freq", 1.0 / (theta ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter)), persistent=False
-        )
+        quarter = self.head_dim // 2
+        inv_freq = 1.0 / (theta ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter))
+        self.register_buffer("rope_inv_freq", torch.cat([inv_freq, inv_freq]), persistent=False)
+        self.register_buffer("rope_axis", torch.arange(2).repeat_interleave(inv_freq.numel()), persistent=False)
         self.blocks = nn.ModuleList([self.make_block(vc) for _ in range(vc.depth)])
+        self.block_layout = [0] * vc.depth  # which of `layout`'s span lists each block attends within
         self.merger = PatchMerger(out_dim, width, vc.spatial_merge_size, self.norm)
 
     @classmethod
@@ -119,43 +127,54 @@ class Qwen2VisionTower(nn.Module):
         return VisionBlock(self.width, vc.num_heads, MLP(self.width, int(self.width * vc.mlp_ratio), vc.hidden_act),
                            self.norm)
 
-    def layout(self, grids: Sequence[Sequence[int]]) -> tuple[torch.Tensor | None, list[list[int]]]:
-        """The order of merge units (groups of merge^2 patches) through the blocks (None: as given) and each
-        block's attention spans in patches; Qwen2-VL attends within each image frame."""
-        seqlens = [h * w for t, h, w in grids for _ in range(t)]
-        return None, [seqlens] * len(self.blocks)
+    def layout(self, grids: Sequence[Sequence[int]]) -> tuple[np.ndarray | None, list[list[int]]]:
+        """The order of merge units through the blocks (None: as given) and the attention spans (in patches) of each
+        layout (`block_layout` picks one per block). Qwen2-VL attends within each image frame."""
+        return None, [[h * w for t, h, w in grids for _ in range(t)]]
 
-    def _rotary(self, grids: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = []
-        m = self.merge
-        for t, h, w in grids:
-            hp = torch.arange(h, device=device).view(h // m, m, 1, 1).expand(-1, -1, w // m, m)
-            wp = torch.arange(w, device=device).view(1, 1, w // m, m).expand(h // m, m, -1, -1)
-            hw = torch.stack([hp.transpose(1, 2).reshape(-1), wp.transpose(1, 2).reshape(-1)], dim=-1)
-            pos.append(hw.repeat(t, 1))
-        freqs = torch.cat(pos).float().unsqueeze(-1) * self.inv_freq  # [P, 2, quarter/2]
-        freqs = freqs.flatten(1)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos(), emb.sin()
-
-    def forward(self, pixel_values: torch.Tensor, grids: Sequence[Sequence[int]], slots: Sequence[int],
-                merged_slot: int | None = None) -> torch.Tensor:
-        patches = [t * h * w for t, h, w in grids]
-        dev = pixel_values.device
+    def prepare(self, pixels: torch.Tensor, grids: Sequence[Sequence[int]], backend: str, pad: bool,
+                device: torch.device) -> VisionPass:
+        """The pass over packed patches `pixels` [patches, C*T*P*P] (host) of images `grids`; `pad` adds padding
+        rows up to a multiple of ROW_BUCKET and pads the span tables to powers of two (the CUDA-graph bucket)."""
         unit = self.merge**2
-        # Reordering keeps every patch inside its own image's rows, so the per-row adapter slots hold either way.
-        lora = token_lora(slots, patches, merged_slot, dev)
-        merged_lora = token_lora(slots, [n // unit for n in patches], merged_slot, dev)
-        x = self.patch_embed.proj(pixel_values.to(self.patch_embed.proj.weight.dtype), lora)
-        cos, sin = self._rotary(grids, x.device)
-        order, spans = self.layout(grids)
+        patches = pixels.shape[0]
+        order, layouts = self.layout(grids)
+        positions = np.concatenate([grid_positions(*g, self.merge) for g in grids], axis=1)
+        rows = -(-patches // ROW_BUCKET) * ROW_BUCKET if pad else patches
+        extra = rows - patches
+        if extra:
+            layouts = [[*spans, *[PAD_SPAN] * (extra // PAD_SPAN), *([extra % PAD_SPAN] if extra % PAD_SPAN else [])]
+                       for spans in layouts]
+            positions = np.pad(positions, ((0, 0), (0, extra)))
+        dtype = self.patch_embed.proj.weight.dtype
+        x = torch.zeros(rows, pixels.shape[1], dtype=dtype, device=device)
+        x[:patches] = pixels.to(device)
+        inputs = {"pixels": x}
         if order is not None:
-            rows = (order.to(dev)[:, None] * unit + torch.arange(unit, device=dev)).view(-1)
-            x, cos, sin = x[rows], cos[rows], sin[rows]
-        for blk, seqlens in zip(self.blocks, spans):
-            x = blk(x, cos, sin, seqlens, lora)
-        x = self.merger(x, merged_lora)
-        return x if order is None else x[torch.argsort(order.to(dev))]
+            order = np.concatenate([order, np.arange(patches // unit, rows // unit)])
+            patch_order = (order[:, None] * unit + np.arange(unit)).reshape(-1)
+            positions = positions[:, patch_order]
+            inputs["order"] = torch.from_numpy(patch_order).to(device)
+            inputs["inverse"] = torch.from_numpy(np.argsort(order)).to(device)
+        inputs["positions"] = torch.from_numpy(positions.astype(np.int32)).to(device)
+        bounds = [(pow2(len(spans)), pow2(max(spans))) if pad else (None, None) for spans in layouts]
+        spans = tuple(VisionSpans.build(lengths, backend, device, dtype, self.head_dim, num_spans=n, max_len=m)
+                      for lengths, (n, m) in zip(layouts, bounds))
+        return VisionPass(inputs, spans, out_rows=patches // unit, key=(rows, *bounds) if pad else None)
+
+    def forward(self, vp: VisionPass) -> torch.Tensor:
+        inputs, lora = vp.inputs, vp.lora or {}
+        x = inputs["pixels"]
+        if "order" in inputs:  # reordering keeps every patch inside its image's rows: per-row adapters still hold
+            x = x.index_select(0, inputs["order"])
+        x = self.patch_embed.proj(x, lora.get("patches"))
+        rope = make_rope(inputs["positions"], self.rope_inv_freq, self.rope_axis,
+                         fused=fused_kernels.use_triton(x), fp32=True)
+        residual = None
+        for blk, layout in zip(self.blocks, self.block_layout):
+            x, residual = blk(x, residual, rope, vp.spans[layout], lora.get("patches"))
+        x = self.merger(x, residual, lora.get("units"))
+        return x.index_select(0, inputs["inverse"]) if "inverse" in inputs else x
 
 
 class Qwen2VLModel(nn.Module):
@@ -172,10 +191,22 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
     def __init__(self, hf_config) -> None:
         super().__init__(hf_config, Qwen2VLModel(hf_config, self.tower))
 
-    def embed_images(self, data, slots, merged_slot) -> torch.Tensor:
-        pv = torch.cat([d["pixel_values"] for d in data]).to(self.lm_head.weight.device)
+    def vision_rows(self, data) -> int:
+        return sum(int(d["image_grid_thw"].prod()) for d in data)
+
+    def prepare_vision(self, data, slots, merged_slot, backend, pad) -> VisionPass:
+        dev = self.lm_head.weight.device
         grids = [d["image_grid_thw"].view(-1).tolist() for d in data]
-        return self.model.visual(pv, grids, slots, merged_slot)
+        vp = self.model.visual.prepare(torch.cat([d["pixel_values"] for d in data]), grids, backend, pad, dev)
+        if slots is not None:
+            patches = [t * h * w for t, h, w in grids]
+            unit = self.model.visual.merge**2
+            vp.lora = {"patches": token_lora(slots, patches, merged_slot, dev),
+                       "units": token_lora(slots, [n // unit for n in patches], merged_slot, dev)}
+        return vp
+
+    def run_vision(self, vp: VisionPass) -> torch.Tensor:
+        return self.model.visual(vp)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from valora.config import MM_ENCODER_ATTN_BACKENDS
 from valora.lora.request import check_adapter_name
 
 logger = logging.getLogger("valora.server")
@@ -98,7 +99,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
                    help="KV cache blocks (default: sized from free memory)")
     g.add_argument("--enforce-eager", action="store_true",
-                   help="GPU: run decode steps eagerly instead of replaying CUDA graphs (slower; for debugging)")
+                   help="GPU: run decode steps and vision passes eagerly instead of replaying CUDA graphs "
+                        "(slower; for debugging)")
     g.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, metavar="GB",
                    help="KV cache size when running on the CPU (default: 1.0)")
 
@@ -120,6 +122,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="width x height per image (default: 4096*4096)")
     g.add_argument("--max-image-bytes", type=int, default=20 * 2**20, metavar="N",
                    help="encoded bytes per image (default: 20 MiB)")
+    g.add_argument("--mm-encoder-attn-backend", default="auto", choices=list(MM_ENCODER_ATTN_BACKENDS),
+                   help="attention kernel of the vision tower: TRITON_ATTN (ours, varlen, replayed from CUDA graphs), "
+                        "FLASH_ATTN (torch's FlashAttention varlen, graphs too), TORCH_SDPA, FLEX_ATTENTION "
+                        "(default: auto = TRITON_ATTN on CUDA, TORCH_SDPA on the CPU)")
     g.add_argument("--image-cache-mb", type=int, default=512, metavar="MB",
                    help="device memory for image embeddings kept by content hash, so repeated frames are encoded "
                         "once (0 disables; default: 512)")
@@ -149,7 +155,7 @@ def engine_config(args: argparse.Namespace):
                                   policy=args.scheduler, max_wait_ms=args.max_wait_ms),
         multimodal=MultiModalConfig(args.max_images_per_prompt, args.max_image_pixels, args.max_image_bytes,
                                     args.image_cache_mb, tuple(args.allowed_media_domains),
-                                    args.media_fetch_timeout),
+                                    args.media_fetch_timeout, args.mm_encoder_attn_backend),
         enforce_eager=args.enforce_eager,
     )
 

@@ -1,4 +1,5 @@
-"""Triton attention over the paged KV cache: every program reads only the blocks its sequence owns.
+"""Triton attention: over the paged KV cache for the language model (every program reads only the blocks its
+sequence owns), and over packed dense rows for the vision towers.
 
 The cache of one layer is a pair of [num_slots, KVH, D] tensors; key i of a sequence sits in slot
 `block_table[i // block_size] * block_size + i % block_size`. Both kernels gather their key/value tiles through
@@ -15,8 +16,13 @@ online in fp32 (base 2, the scale folded into one multiply), and accumulate P·V
   BLOCK_N keys). A sequence's q_len queries are the last q_len positions of its context_len keys (cached prefix +
   the new keys just written), so prefill, chunked prefill and recompute are one case. Key tiles below the
   diagonal run without masks; only the tiles that cross it are masked.
+- `varlen_attention`: the vision towers' bidirectional attention within spans of packed rows (images, frames,
+  Qwen2.5-VL's windows), no cache. The host cuts every span into query tiles once per pass (a table of (query
+  rows, key rows) per tile), so the grid is (heads, tiles): no program is spent on a short span's padding, and a
+  table padded to a fixed length serves a CUDA graph for any mix of span lengths. Head sizes that are not a
+  power of two (Qwen2-VL's ViT: 80) are masked along D.
 
-Both are CUDA-graph safe: no host sync, grids from tensor shapes (and, for prefill, the host int max_q_len), and
+All are CUDA-graph safe: no host sync, grids from tensor shapes (and, for prefill, the host int max_q_len), and
 the only allocation is the split-KV workspace sized from shapes (or passed in).
 """
 
@@ -362,6 +368,120 @@ def paged_prefill_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), block_tables.stride(0),
         G=h // kvh, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------ vision towers: varlen, non-causal
+
+
+@triton.jit
+def _span_tiles(acc, m_i, l_i, q, k_base, v_base, lo, hi, nk, stride_kt, stride_vt, offs_d, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of a query tile with the span's keys [lo, hi) (dense rows); unmasked tiles are whole."""
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kt
+        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vt
+        if MASKED:
+            n_mask = offs_n < nk
+            nd_mask = _tile_mask(n_mask, offs_d, HEAD_DIM, BLOCK_D)
+            k = tl.load(k_ptrs, mask=nd_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=nd_mask, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _varlen_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, tiles_ptr, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Heads vary fastest: the heads of one query tile run side by side and share its span's keys through L2.
+    h = tl.program_id(0)
+    tile = tiles_ptr + tl.program_id(1).to(tl.int64) * 4
+    rows = tl.load(tile + 1)
+    if rows == 0:  # an unused entry of a table padded to a fixed size (CUDA graphs)
+        return
+    m0 = tl.load(tile).to(tl.int64)
+    k0 = tl.load(tile + 2).to(tl.int64)
+    nk = tl.load(tile + 3)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    md_mask = _tile_mask(offs_m < rows, offs_d, HEAD_DIM, BLOCK_D)
+    q_rows = m0 + offs_m
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=md_mask, other=0.0)
+    k_base = k_ptr + k0 * stride_kt + h * stride_kh + offs_d[None, :]
+    v_base = v_ptr + k0 * stride_vt + h * stride_vh + offs_d[None, :]
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end = (nk // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _span_tiles(acc, m_i, l_i, q, k_base, v_base, 0, full_end, nk, stride_kt, stride_vt, offs_d,
+                                qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION)
+    acc, m_i, l_i = _span_tiles(acc, m_i, l_i, q, k_base, v_base, full_end, nk, nk, stride_kt, stride_vt, offs_d,
+                                qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a span without keys (padding rows): zeros
+    tl.store(o_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=md_mask)
+
+
+# BLOCK_M -> (BLOCK_N, num_warps, num_stages) of `varlen_attention`
+VARLEN_TILES = {32: (32, 8, 1), 64: (64, 4, 2), 128: (64, 8, 3)}
+
+
+def varlen_block_m(dtype: torch.dtype, head_dim: int, max_len: int) -> int:
+    """Query tile height for spans of up to `max_len` rows: tall tiles for whole images, 64 for windows, 32 for
+    fp32 (exact fp32 dots are FMA loops that must stay in registers) and head sizes over 128."""
+    if dtype == torch.float32 or triton.next_power_of_2(head_dim) > 128:
+        return 32
+    return 128 if max_len >= 512 else 64
+
+
+def varlen_attention(
+    q: torch.Tensor,  # [T, H, D], any row and head strides, unit stride along D
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tiles: torch.Tensor,  # [N, 4] int32: (first query row, query rows, first key row, key rows) per query tile
+    scale: float,
+    out: torch.Tensor,  # [T, H, D]
+    block_m: int,  # the tile height `tiles` was cut with (a key of VARLEN_TILES, see `varlen_block_m`)
+) -> torch.Tensor:
+    """Bidirectional attention within spans of packed rows (a vision tower's images, frames or windows): every
+    query tile attends to all keys of its span. Rows of tiles without keys get zeros; rows no tile covers are not
+    written. Writes `out`; returns it."""
+    t, h, d = q.shape
+    if k.shape != q.shape or v.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} and out "
+                         f"{tuple(out.shape)} must have one shape")
+    if any(x.stride(-1) != 1 for x in (q, k, v, out)):
+        raise ValueError("q, k, v and out need a contiguous last dimension")
+    if tiles.shape[0] == 0 or t == 0:
+        return out
+    bn, warps, stages = VARLEN_TILES[block_m]
+    _varlen_kernel[(h, tiles.shape[0])](
+        q, k, v, out, tiles, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=triton.next_power_of_2(d),
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
     return out

@@ -6,9 +6,13 @@ of those groups is one launch:
 
     rms_norm(x, w, eps)               -> w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)
     rms_norm(x, w, eps, residual)     -> (that of s, s) with s = x + residual (the residual add fused in)
+    layer_norm(x, w, b, eps[, residual]) -> LayerNorm, the same way (the vision towers' norm)
+        ... residual, scale)          -> s = residual + scale * x: a layer scale (InternViT's lambda) fused in too
     silu_and_mul(gate_up [T, 2I])     -> silu(gate) * up  [T, I], gate first
+    quick_gelu(x)                     -> x * sigmoid(1.702 x) (CLIP's and Qwen2-VL's ViT MLPs: three ops in PyTorch)
     rotary_qk(q, k, positions, ...)   -> q, k rotated (neox rotate_half), cos/sin computed inline from the
-                                         positions [3, T] or [T], inv_freq and the M-RoPE section of each frequency
+                                         positions [3, T] or [T], inv_freq and the M-RoPE section of each frequency;
+                                         fp32=True rotates in float32 and rounds once (the vision towers' 2D RoPE)
 
 Every kernel rounds where the PyTorch path rounds (the reference is the op sequence in norm.py, mlp.py and
 rotary.py, i.e. Hugging Face's): fp32 results are the same up to the order of a sum and the last ulp of
@@ -58,19 +62,30 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @_jit
+def _residual_add(x_ptr, r_ptr, s_ptr, rout_ptr, row, cols, mask, stride_x, stride_r, stride_rout,
+                  HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """The row of x, or of residual + scale * x (stored as the new residual), each op rounded as PyTorch's."""
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        if HAS_SCALE:
+            x = (x.to(tl.float32) * tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(rout_ptr + row * stride_rout + cols, x, mask=mask)
+    return x
+
+
+@_jit
 def _rms_norm_kernel(
-    x_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, N, eps,
+    x_ptr, r_ptr, s_ptr, w_ptr, out_ptr, rout_ptr, N, eps,
     stride_x, stride_r, stride_out, stride_rout,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the add, rounded as PyTorch's x + residual
-        tl.store(rout_ptr + row * stride_rout + cols, x, mask=mask)
+    x = _residual_add(x_ptr, r_ptr, s_ptr, rout_ptr, row, cols, mask, stride_x, stride_r, stride_rout,
+                      HAS_RESIDUAL, HAS_SCALE)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / N
     h = (xf * tl.rsqrt(var + eps)).to(x.dtype)  # cast back BEFORE the weight (Qwen2/Llama order)
@@ -79,12 +94,16 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """RMSNorm over the last dim; with `residual`, (norm(x + residual), x + residual). New tensors, inputs kept."""
+def _norm_call(kernel, x: torch.Tensor, params: tuple, eps: float, residual: torch.Tensor | None,
+               scale: torch.Tensor | None, out_dtype: torch.dtype):
+    """Shared launcher of the two norms: checks, outputs, one program per row."""
     n = x.shape[-1]
-    if weight.shape != (n,):
-        raise ValueError(f"weight of shape {tuple(weight.shape)} for rows of {n}")
-    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    for p in (*params, scale):
+        if p is not None and p.shape != (n,):
+            raise ValueError(f"a norm parameter of shape {tuple(p.shape)} for rows of {n}")
+    if scale is not None and residual is None:
+        raise ValueError("a layer scale only applies with a residual")
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     res_out = None
     if residual is not None:
         if residual.shape != x.shape or residual.dtype != x.dtype:
@@ -98,12 +117,52 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     ro2 = res_out.view(-1, n) if res_out is not None else x2
     o2 = out.view(-1, n)
     block = triton.next_power_of_2(n)
-    _rms_norm_kernel[(x2.shape[0],)](
-        x2, r2, weight, o2, ro2, n, float(eps),
+    kernel[(x2.shape[0],)](
+        x2, r2, scale if scale is not None else x2, *params, o2, ro2, n, float(eps),
         x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=max(1, min(16, block // 512)),
+        HAS_RESIDUAL=residual is not None, HAS_SCALE=scale is not None, BLOCK=block,
+        num_warps=max(1, min(16, block // 512)),
     )
     return out if residual is None else (out, res_out)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             scale: torch.Tensor | None = None):
+    """RMSNorm over the last dim; with `residual`, (norm(s), s) for s = residual + x (x scaled by `scale` first,
+    when given). New tensors, inputs kept."""
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    return _norm_call(_rms_norm_kernel, x, (weight,), eps, residual, scale, out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------ LayerNorm
+
+
+@_jit
+def _layer_norm_kernel(
+    x_ptr, r_ptr, s_ptr, w_ptr, b_ptr, out_ptr, rout_ptr, N, eps,
+    stride_x, stride_r, stride_out, stride_rout,
+    HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = _residual_add(x_ptr, r_ptr, s_ptr, rout_ptr, row, cols, mask, stride_x, stride_r, stride_rout,
+                      HAS_RESIDUAL, HAS_SCALE)
+    # PyTorch's layer_norm: statistics and the affine map in fp32, one rounding at the end
+    xf = x.to(tl.float32)
+    mean = tl.sum(xf, axis=0) / N
+    diff = tl.where(mask, xf - mean, 0.0)
+    var = tl.sum(diff * diff, axis=0) / N
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    out = diff * tl.rsqrt(var + eps) * w + b
+    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               residual: torch.Tensor | None = None, scale: torch.Tensor | None = None):
+    """LayerNorm over the last dim (weight and bias both given), in x's dtype; `residual` and `scale` as rms_norm."""
+    return _norm_call(_layer_norm_kernel, x, (weight, bias), eps, residual, scale, x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- SiLU and mul
@@ -142,6 +201,33 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@_jit
+def _quick_gelu_kernel(x_ptr, out_ptr, N, stride_x, stride_out, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    dt = x.dtype
+    xf = x.to(tl.float32)
+    # x * sigmoid(1.702 * x), each of the three ops rounded to x's type as transformers' QuickGELUActivation
+    t = (xf * 1.702).to(dt).to(tl.float32)
+    s = (1.0 / (1.0 + tl.exp(-t))).to(dt).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, (xf * s).to(dt), mask=mask)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x), elementwise, one pass."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    n = x.shape[-1]
+    x2, o2 = _rows(x), out.view(-1, n)
+    block = min(SILU_BLOCK, triton.next_power_of_2(n))
+    _quick_gelu_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, o2, n, x2.stride(0), o2.stride(0), BLOCK=block,
+                                                             num_warps=max(1, min(8, block // 256)))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- Rotary
 
 
@@ -149,7 +235,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def _rotary_qk_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, inv_freq_ptr, axis_ptr, NQ, NK, HALF,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh, stride_pos,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP32: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -173,14 +259,17 @@ def _rotary_qk_kernel(
     x1 = tl.load(qp, mask=mq, other=0.0) + tl.load(kp, mask=mk, other=0.0)
     x2 = tl.load(qp + HALF, mask=mq, other=0.0) + tl.load(kp + HALF, mask=mk, other=0.0)
     dt = x1.dtype
-    # x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), each product and the sum rounded to x's
-    # type as PyTorch does with cos/sin already cast to it
-    c = cos.to(dt).to(tl.float32)
-    s = sin.to(dt).to(tl.float32)
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
-    o1 = ((x1f * c).to(dt).to(tl.float32) - (x2f * s).to(dt).to(tl.float32)).to(dt)
-    o2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
+    # x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1)
+    if FP32:  # all in fp32, one rounding at the end (x.float() first, as the vision towers do)
+        o1 = (x1f * cos - x2f * sin).to(dt)
+        o2 = (x2f * cos + x1f * sin).to(dt)
+    else:  # each product and the sum rounded to x's type, as PyTorch does with cos/sin already cast to it
+        c = cos.to(dt).to(tl.float32)
+        s = sin.to(dt).to(tl.float32)
+        o1 = ((x1f * c).to(dt).to(tl.float32) - (x2f * s).to(dt).to(tl.float32)).to(dt)
+        o2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
     qop = qo_ptr + t * stride_qot + qh * stride_qoh + i[None, :]
     kop = ko_ptr + t * stride_kot + kh * stride_koh + i[None, :]
     tl.store(qop, o1, mask=mq)
@@ -195,11 +284,11 @@ def _rotary_block_h(tokens: int) -> int:
 
 
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-              axis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              axis: torch.Tensor, fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, Hq, D], k [T, Hk, D] (any strides with unit stride along D) -> new contiguous rotated q and k.
 
     positions: [A, T] (M-RoPE: A axes) or [T], integer; inv_freq [D/2] fp32; axis [D/2] integer: frequency i
-    takes its position from row axis[i] (all zeros for plain RoPE)."""
+    takes its position from row axis[i] (all zeros for plain RoPE). fp32: rotate in float32, round once."""
     t, nq, d = q.shape
     nk = k.shape[1]
     if k.shape[0] != t or k.shape[2] != d or k.dtype != q.dtype or d % 2:
@@ -228,6 +317,6 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fre
         q, k, q_out, k_out, positions, inv_freq, axis, nq, nk, half,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), stride_pos,
-        BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half), num_warps=4,
+        BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half), FP32=fp32, num_warps=4,
     )
     return q_out, k_out

@@ -16,14 +16,20 @@ _FUSED_ACTS = ("silu", "swish")
 
 
 class MLP(nn.Module):
+    """fc2(act(fc1(x))). quick_gelu (three ops in ACT2FN) is one Triton kernel on CUDA; PyTorch's GELU is one op
+    already. The biases ride in the GEMMs (F.linear on 2D input is one addmm)."""
+
     def __init__(self, dim: int, hidden: int, act: str, bias: bool = True) -> None:
         super().__init__()
         self.fc1 = LoRALinear(dim, hidden, bias=bias)
         self.act = ACT2FN[act]
+        self.fused_act = act == "quick_gelu"
         self.fc2 = LoRALinear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x, lora)), lora)
+        h = self.fc1(x, lora)
+        h = fused_kernels.quick_gelu(h) if self.fused_act and fused_kernels.use_triton(h) else self.act(h)
+        return self.fc2(h, lora)
 
 
 class GatedMLP(nn.Module):

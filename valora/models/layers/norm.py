@@ -1,16 +1,23 @@
-"""RMSNorm computed in float32, cast back before the weight (the order Qwen2/Llama use, so bf16 results match).
+"""RMSNorm computed in float32, cast back before the weight (the order Qwen2/Llama use, so bf16 results match), and
+LayerNorm (the vision towers').
 
 With a `residual`, the residual add is fused in (vLLM-style flow): `norm(x, residual)` returns
-`(norm(x + residual), x + residual)`, so a decoder layer's two adds ride on its two norms. On CUDA both forms
-are one Triton kernel (fused_kernels.rms_norm); elsewhere the PyTorch ops below, unchanged.
+`(norm(x + residual), x + residual)`, so a block's two adds ride on its two norms; `scale` multiplies x first
+(`residual + scale * x`: InternViT's layer scale). On CUDA every form is one Triton kernel
+(fused_kernels.rms_norm / layer_norm); elsewhere the PyTorch ops below, unchanged.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from valora.models.layers import fused_kernels
+
+
+def _add(x: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return residual + (x if scale is None else scale * x)
 
 
 class RMSNorm(nn.Module):
@@ -26,11 +33,25 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, scale: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if fused_kernels.use_triton(x):
-            return fused_kernels.rms_norm(x, self.weight, self.eps, residual)
+            return fused_kernels.rms_norm(x, self.weight, self.eps, residual, scale)
         if residual is None:
             return self._norm(x)
-        x = x + residual
+        x = _add(x, residual, scale)
         return self._norm(x), x
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and checkpoint names) that also takes a residual, as RMSNorm does."""
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if fused_kernels.use_triton(x) and self.weight is not None and self.bias is not None:
+            return fused_kernels.layer_norm(x, self.weight, self.bias, self.eps, residual, scale)
+        if residual is None:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        x = _add(x, residual, scale)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps), x

@@ -1,8 +1,9 @@
-"""Rotary position embeddings, including Qwen2-VL's multimodal M-RoPE (temporal, height, width sections).
+"""Rotary position embeddings, including Qwen2-VL's multimodal M-RoPE (temporal, height, width sections) and the
+2D RoPE of its vision tower (height and width sections).
 
-`MRotaryEmbedding.for_step` gives the step's `Rope`, which every attention layer calls on its q and k. On the
-PyTorch path it holds the cos/sin tables computed once per step; on CUDA it holds the positions, and one Triton
-kernel per layer (fused_kernels.rotary_qk) computes the angles inline and rotates q and k together.
+`MRotaryEmbedding.for_step` (or `make_rope`) gives the step's `Rope`, which every attention layer calls on its q and
+k. On the PyTorch path it holds the cos/sin tables computed once per step; on CUDA it holds the positions, and one
+Triton kernel per layer (fused_kernels.rotary_qk) computes the angles inline and rotates q and k together.
 """
 
 from __future__ import annotations
@@ -23,19 +24,44 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Rope:
-    """One step's rotary inputs: `cos`/`sin` [T, D] (PyTorch path) or `positions` (fused kernel)."""
+    """One step's rotary inputs: `cos`/`sin` [T, D] (PyTorch path) or `positions` (fused kernel). `fp32`: rotate in
+    float32 and round once (the vision towers), instead of in q's dtype with cos/sin cast to it (the LMs)."""
 
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     inv_freq: torch.Tensor | None = None
     axis: torch.Tensor | None = None
+    fp32: bool = False
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k [T, Hk, D] -> rotated q and k (new contiguous tensors)."""
-        if self.cos is not None:
-            return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
-        return fused_kernels.rotary_qk(q, k, self.positions, self.inv_freq, self.axis)
+        if self.cos is None:
+            return fused_kernels.rotary_qk(q, k, self.positions, self.inv_freq, self.axis, self.fp32)
+        if self.fp32:
+            return (apply_rotary(q.float(), self.cos, self.sin).to(q.dtype),
+                    apply_rotary(k.float(), self.cos, self.sin).to(k.dtype))
+        return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, axis: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [T, D] for positions [A, T] (or [T]): frequency i takes its angle from axis `axis[i]`."""
+    freqs = positions.reshape(-1, positions.shape[-1]).float().unsqueeze(-1) * inv_freq  # [A, T, half]
+    if freqs.shape[0] > 1:
+        freqs = freqs.gather(0, axis.view(1, 1, -1).expand(1, freqs.shape[1], -1))
+    emb = torch.cat((freqs[0], freqs[0]), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def make_rope(positions: torch.Tensor, inv_freq: torch.Tensor, axis: torch.Tensor, *, fused: bool,
+              dtype: torch.dtype = torch.float32, fp32: bool = False) -> Rope:
+    """The `Rope` of positions [A, T]: the positions themselves for the fused kernel, or the cos/sin tables (in
+    float32 with `fp32`, else cast to `dtype`)."""
+    if fused:
+        return Rope(positions=positions, inv_freq=inv_freq, axis=axis, fp32=fp32)
+    cos, sin = rope_tables(positions, inv_freq, axis)
+    return Rope(cos=cos, sin=sin, fp32=fp32) if fp32 else Rope(cos=cos.to(dtype), sin=sin.to(dtype))
 
 
 class MRotaryEmbedding(nn.Module):
@@ -58,23 +84,13 @@ class MRotaryEmbedding(nn.Module):
         self.register_buffer("axis", axis, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if positions.dim() == 1:
-            positions = positions.unsqueeze(0)
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [A, T, half]
-        if freqs.shape[0] > 1:
-            freqs = freqs.gather(0, self.axis.view(1, 1, -1).expand(1, freqs.shape[1], -1)).squeeze(0)
-        else:
-            freqs = freqs.squeeze(0)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = rope_tables(positions, self.inv_freq, self.axis)
+        return cos.to(dtype), sin.to(dtype)
 
     def for_step(self, positions: torch.Tensor, dtype: torch.dtype, fused: bool) -> Rope:
         """The step's `Rope`: positions for the fused kernel, or the cos/sin tables in `dtype`."""
-        if fused:
-            # plain RoPE takes row 0 of [A, T] positions (the PyTorch path's gather with axis 0 does the same)
-            return Rope(positions=positions, inv_freq=self.inv_freq, axis=self.axis)
-        cos, sin = self(positions, dtype)
-        return Rope(cos=cos, sin=sin)
+        # plain RoPE takes row 0 of [A, T] positions (the PyTorch path's gather with axis 0 does the same)
+        return make_rope(positions, self.inv_freq, self.axis, fused=fused, dtype=dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
