@@ -11,6 +11,7 @@ from valora.config import CacheConfig, EngineConfig, LoRAConfig, MultiModalConfi
 from valora.engine.llm_engine import LLMEngine, PromptType
 from valora.lora.request import LoRARequest
 from valora.multimodal.chat import MediaSources, parse_messages
+from valora.multimodal.template import render_chat
 from valora.outputs import RequestOutput
 from valora.sampling_params import SamplingParams
 
@@ -99,19 +100,22 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        allow_special_tokens: bool = False,
     ) -> list[RequestOutput]:
-        """Applies the model's chat template (images in content parts become the model's placeholders)."""
+        """Applies the model's chat template (images in content parts become the model's placeholders). Special-token
+        strings in message text are tokenised as plain text unless `allow_special_tokens`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.chat_prompt(c, chat_template, add_generation_prompt) for c in conversations]
+        prompts = [self.chat_prompt(c, chat_template, add_generation_prompt, allow_special_tokens)
+                   for c in conversations]
         return self.generate(prompts, sampling_params, lora_request, use_tqdm)
 
-    def chat_prompt(self, messages: list[dict], chat_template: str | None = None,
-                    add_generation_prompt: bool = True) -> dict[str, Any]:
+    def chat_prompt(self, messages: list[dict], chat_template: str | None = None, add_generation_prompt: bool = True,
+                    allow_special_tokens: bool = False) -> dict[str, Any]:
         template_messages, images = parse_messages(messages, self.media, self.engine.config.multimodal)
-        text = self.engine.tokenizer.apply_chat_template(
-            template_messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        return {"prompt": text, "multi_modal_data": {"image": images}}
+        prompt = render_chat(self.engine.tokenizer, template_messages, add_generation_prompt, chat_template,
+                             allow_special_tokens)
+        key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
+        return {key: prompt, "multi_modal_data": {"image": images}}
 
     @staticmethod
     def _per_prompt(value, n: int, what: str) -> list:

@@ -57,6 +57,7 @@ class ServerConfig:
     max_body_bytes: int = 64 * 2**20
     max_queued_requests: int = 4096
     retry_after_s: int = 1
+    allow_special_tokens_in_messages: bool = False  # tokenise special-token strings typed in messages as control
 
 
 class APIKeyAuth:
@@ -158,7 +159,8 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         models.adapters[name] = lora
     async_engine = AsyncEngine(engine, config.max_queued_requests, admit=models.check_served)
     metrics = async_engine.metrics = ServerMetrics(models.name, lambda: async_engine.stats)
-    serving = OpenAIServing(async_engine, models, config.allowed_local_media_path)
+    serving = OpenAIServing(async_engine, models, config.allowed_local_media_path,
+                            config.allow_special_tokens_in_messages)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -129,6 +129,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-cache-mb", type=int, default=512, metavar="MB",
                    help="device memory for image embeddings kept by content hash, so repeated frames are encoded "
                         "once (0 disables; default: 512)")
+    g.add_argument("--allow-special-tokens-in-messages", action="store_true",
+                   help="tokenise special-token strings typed in chat messages (<|im_start|>, ...) as control tokens; "
+                        "by default they stay text, so message text cannot open a turn of another role")
     g.add_argument("--max-request-body-bytes", type=int, default=64 * 2**20, metavar="N",
                    help="larger request bodies get 413 (default: 64 MiB)")
     g.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="S",
@@ -169,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         served_model_names=args.served_model_name or [args.model], lora_modules=args.lora_modules,
         api_key=args.api_key, lora_root=args.lora_root, allowed_local_media_path=args.allowed_local_media_path,
         max_body_bytes=args.max_request_body_bytes, max_queued_requests=args.max_queued_requests,
+        allow_special_tokens_in_messages=args.allow_special_tokens_in_messages,
     )
     try:
         app = build_app(LLMEngine(engine_config(args)), config)

@@ -24,6 +24,7 @@ from valora.heads.params import HeadParams
 from valora.lora.request import LoRARequest
 from valora.multimodal.chat import MediaSources, parse_messages
 from valora.multimodal.inputs import InputError, MediaError, load_image
+from valora.multimodal.template import render_chat
 from valora.outputs import RequestOutput
 from valora.sampling_params import SamplingParams
 from valora.server.async_engine import AsyncEngine, ClientDisconnectedError, EngineDeadError
@@ -63,9 +64,11 @@ class Prepared:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, models: ServedModels, allowed_local_media_path: Path | None) -> None:
+    def __init__(self, engine: AsyncEngine, models: ServedModels, allowed_local_media_path: Path | None,
+                 allow_special_tokens_in_messages: bool = False) -> None:
         self.engine = engine
         self.models = models
+        self.allow_special_tokens = allow_special_tokens_in_messages
         self.llm = engine.engine  # read-only use from worker threads: tokenizer, processor, limits
         self.media = MediaSources.from_config(self.llm.config.multimodal, allowed_local_media_path)
 
@@ -120,11 +123,12 @@ class OpenAIServing:
             raise bad_request(str(e), "invalid_messages", "messages") from e
         images = self._decode_images(raw_images)
         try:
-            text = self.llm.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                          add_generation_prompt=req.add_generation_prompt)
+            prompt = render_chat(self.llm.tokenizer, messages, req.add_generation_prompt,
+                                 allow_special_tokens=self.allow_special_tokens)
         except Exception as e:  # jinja raises many types for messages a template cannot render
             raise bad_request(f"cannot apply the chat template: {e}", "invalid_messages", "messages") from e
-        return {"prompt": text, "multi_modal_data": {"image": images}}
+        key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
+        return {key: prompt, "multi_modal_data": {"image": images}}
 
     def _check(self, request_id: str, prompt: Any, params: SamplingParams | HeadParams, lora: LoRARequest | None,
                max_tokens: int | None) -> Prepared:
