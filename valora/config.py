@@ -94,13 +94,19 @@ MM_ENCODER_ATTN_BACKENDS = ("auto", "TORCH_SDPA", "TRITON_ATTN", "FLASH_ATTN", "
 
 @dataclass
 class MultiModalConfig:
-    """Limits on image inputs (requests over them are refused with a clear error), where media may come from, and
-    the vision tower's attention kernel."""
+    """Limits on image and video inputs (requests over them are refused with a clear error), how videos are
+    sampled, where media may come from, and the vision tower's attention kernel."""
 
     max_images_per_prompt: int = 8
     max_image_pixels: int = 4096 * 4096
     max_image_bytes: int = 20 * 1024 * 1024
     embed_cache_mb: int = 512  # image embeddings kept by content hash (0 disables)
+    max_videos_per_prompt: int = 4
+    max_video_bytes: int = 32 * 1024 * 1024  # encoded bytes per video
+    max_video_seconds: float = 600.0  # length of a video
+    max_video_frames: int = 64  # frames sampled from one video
+    video_fps: float = 2.0  # frames sampled per second of video, unless a request says otherwise
+    video_num_frames: int = 32  # frames sampled at most, unless a request says otherwise
     allowed_media_domains: tuple[str, ...] = ()  # http(s) hosts media URLs may be fetched from (none: no fetching)
     media_fetch_timeout_s: float = 15.0  # one remote fetch, whole (connect, redirects, body)
     mm_encoder_attn_backend: str = "auto"

@@ -31,6 +31,7 @@ from valora.models.loader import iter_checkpoint
 from valora.models.registry import resolve_family
 from valora.multimodal.cache import EmbeddingCache
 from valora.multimodal.inputs import InputError, ProcessedPrompt, load_image
+from valora.multimodal.video import as_videos, load_video, video_sampling
 from valora.orchestrator.modes import Mode, ModeSwitcher, step_mode
 from valora.orchestrator.policy import Decision, Policy, SchedulerView, StepRecord, make_policy
 from valora.outputs import CompletionOutput, HeadOutput, RequestMetrics, RequestOutput
@@ -297,6 +298,8 @@ class LLMEngine:
     # -- requests -------------------------------------------------------------------------------------------
     def process_prompt(self, prompt: PromptType) -> tuple[str | None, ProcessedPrompt]:
         images: list = []
+        videos: list = []
+        limits = self.config.multimodal
         if isinstance(prompt, str):
             text, ids = prompt, None
         elif isinstance(prompt, dict):
@@ -304,14 +307,19 @@ class LLMEngine:
             if (text is None) == (ids is None):
                 raise InputError("a prompt dict needs exactly one of 'prompt' or 'prompt_token_ids'")
             mm = prompt.get("multi_modal_data") or {}
-            unknown = set(mm) - {"image"}
+            unknown = set(mm) - {"image", "video"}
             if unknown:
-                raise InputError(f"unsupported multi_modal_data keys {sorted(unknown)} (only 'image')")
+                raise InputError(f"unsupported multi_modal_data keys {sorted(unknown)} (only 'image' and 'video')")
             raw = mm.get("image", [])
             images = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+            videos = as_videos(mm.get("video"))
+            if len(videos) > limits.max_videos_per_prompt:
+                raise InputError(f"{len(videos)} videos in one prompt, over the limit of "
+                                 f"{limits.max_videos_per_prompt}")
+            sampling = video_sampling(limits, prompt.get("media_io_kwargs"))
+            videos = [load_video(v, limits, sampling) for v in videos]
         else:
             raise InputError(f"prompt must be a string or a dict, not {type(prompt).__name__}")
-        limits = self.config.multimodal
         if len(images) > limits.max_images_per_prompt:
             raise InputError(f"{len(images)} images in one prompt, over the limit of {limits.max_images_per_prompt}")
         images = [load_image(img, limits) for img in images]
@@ -319,7 +327,7 @@ class LLMEngine:
             vocab = self.model.decoder_config.vocab_size
             if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
                 raise InputError(f"prompt_token_ids must be integers in [0, {vocab})")
-        processed = self.processor(text if ids is None else ids, images)
+        processed = self.processor(text if ids is None else ids, images, videos)
         n = len(processed.token_ids)
         if n == 0:
             raise InputError("prompt is empty")

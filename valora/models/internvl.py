@@ -8,6 +8,8 @@ A large image becomes several tiles plus a thumbnail, cut by the checkpoint's Go
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -22,9 +24,10 @@ from valora.models.layers.mlp import MLP
 from valora.models.layers.norm import LayerNorm, RMSNorm
 from valora.models.layers.vit import VisionSpans, ViTAttention, patchify
 from valora.models.loader import WeightMapper
-from valora.models.processing import ImagePromptProcessor
+from valora.models.processing import ImagePromptProcessor, Run, video_settings
 from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, VisionPass, fixed_size_pass, token_lora
-from valora.multimodal.pixels import as_tensor, resize
+from valora.multimodal.pixels import PixelNormalizer, as_tensor, content_hash, resize
+from valora.multimodal.video import Video
 
 MAPPER = WeightMapper(
     renames=(
@@ -210,19 +213,32 @@ class InternVLInputProcessor(ImagePromptProcessor):
     """`<IMG_CONTEXT>` -> `<img>` + `<IMG_CONTEXT>` x (tiles * image_seq_length) + `</img>`, as `InternVLProcessor`
     does; tiles as the GotOcr2 image processor cuts them with `crop_to_patches`, the processor's default: the image
     resized onto the best grid of tiles, row by row, then (when there is more than one) the whole image as a
-    thumbnail tile."""
+    thumbnail tile. A video (`<video>`) becomes its frames as images, one tile each, labelled `Frame1: ` ... and
+    one per line, as `InternVLProcessor` writes them."""
 
     def __init__(self, model_dir: str | Path, hf_config, tokenizer) -> None:
         missing = [a for a in ("start_image_token", "end_image_token") if getattr(tokenizer, a, None) is None]
         if missing:
             raise ValueError(f"InternVL tokenizer lacks the named special tokens {missing} (extra_special_tokens)")
         self.image_start, self.image_end = tokenizer.start_image_token, tokenizer.end_image_token
+        self.video_token = getattr(tokenizer, "video_token", None)
         super().__init__(model_dir, tokenizer, hf_config.image_token_id)
         self.tile_tokens = tile_tokens(hf_config)
         c = self.config
         self.tile = (c.size.height, c.size.width)
         self.max_tiles = c.max_patches if c.max_patches > 1 else 1
         self.min_tiles = c.min_patches
+        # A video frame is one tile, resized whole (InternVLVideoProcessor); settings the video config leaves out
+        # are the image processor's.
+        video = video_settings(model_dir)
+        size = video.get("size") or {"height": c.size.height, "width": c.size.width}
+        self.video_tile = (size["height"], size["width"])
+        self.video_resample = int(video.get("resample", self.resample))
+        self.video_normalize = PixelNormalizer.build(
+            video.get("do_rescale", c.do_rescale), video.get("rescale_factor", c.rescale_factor),
+            video.get("do_normalize", c.do_normalize), video.get("image_mean", c.image_mean),
+            video.get("image_std", c.image_std))
+        self.video_hash_key = json.dumps([type(self).__name__, "video", video], sort_keys=True).encode()
 
     def image_tensors(self, image: Image.Image) -> dict[str, torch.Tensor]:
         (th, tw), rows, cols = self.tile, 1, 1
@@ -236,3 +252,16 @@ class InternVLInputProcessor(ImagePromptProcessor):
 
     def num_tokens(self, data: dict[str, torch.Tensor]) -> int:
         return data["pixel_values"].shape[0] * self.tile_tokens
+
+    def video_runs(self, video: Video) -> list[Run]:
+        """A run per frame, each frame one tile, as `InternVLProcessor` gives a video."""
+        h, w = self.video_tile
+        runs = []
+        for frame in video.frames:
+            tile = as_tensor(resize(frame, h, w, self.video_resample))[None].permute(0, 3, 1, 2)
+            runs.append(Run(self.image_token_id, {"pixel_values": self.video_normalize(tile, channel_dim=1)},
+                            self.tile_tokens, content_hash(self.video_hash_key, [frame])))
+        return runs
+
+    def video_text(self, runs: Sequence[Run]) -> str:
+        return "\n".join(f"Frame{i + 1}: {self.run_text(run)}" for i, run in enumerate(runs))

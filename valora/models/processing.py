@@ -1,16 +1,21 @@
-"""Prompt preprocessing shared by the families: image placeholders expanded as each family's HF processor does.
+"""Prompt preprocessing shared by the families: image and video placeholders expanded as each family's HF
+processor does.
 
-A prompt marks each image with one placeholder token (the chat template writes it). Its image's tensors are what
-the checkpoint's own image processor would give (its settings are read from the model directory), made by the
-family's processor from the tensor ops of `valora.multimodal.pixels`, and the placeholder becomes
-`image_start + placeholder * num_tokens + image_end`, the run of rows its embeddings fill. Token-id prompts may
-carry a single placeholder per image (expanded here) or the already expanded run (kept).
+A prompt marks each image (and video) with one placeholder token (the chat template writes it). Its tensors are
+what the checkpoint's own image processor would give (its settings are read from the model directory), made by the
+family's processor from the tensor ops of `valora.multimodal.pixels`, and the placeholder becomes runs of
+placeholder tokens, the rows their embeddings fill: `image_start + placeholder * num_tokens + image_end` for an
+image; for a video, one run of the video token (Qwen2-VL's temporal patches) or a run per frame, as an image, in
+the family's own frame text (InternVL). Token-id prompts may carry a single placeholder per item (expanded here)
+or the already expanded run (kept).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +23,7 @@ from PIL import Image
 
 from valora.multimodal.inputs import ImageItem, InputError, ProcessedPrompt
 from valora.multimodal.pixels import PixelNormalizer, content_hash
+from valora.multimodal.video import Video
 
 
 def ensure_chat_template(model_dir: str | Path, tokenizer) -> None:
@@ -34,14 +40,42 @@ def ensure_chat_template(model_dir: str | Path, tokenizer) -> None:
                 return
 
 
+def video_settings(model_dir: str | Path) -> dict:
+    """The checkpoint's video processor settings where transformers looks for them: `processor_config.json`'s
+    "video_processor", then `video_preprocessor_config.json`, then `preprocessor_config.json` (checkpoints with one
+    file for both). Read as JSON: transformers' video processors need torchvision."""
+    model_dir = Path(model_dir)
+    nested = model_dir / "processor_config.json"
+    if nested.is_file() and isinstance(video := json.loads(nested.read_text()).get("video_processor"), dict):
+        return video
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        if (model_dir / name).is_file():
+            return json.loads((model_dir / name).read_text())
+    return {}
+
+
+@dataclass
+class Run:
+    """One run of placeholder tokens in a prompt: `num_tokens` copies of `token_id`, filled by the embeddings of
+    `data` (the HF model's tensors for an image, a frame or a video)."""
+
+    token_id: int
+    data: dict[str, torch.Tensor]
+    num_tokens: int
+    content_hash: str
+
+
 class ImagePromptProcessor:
-    """Subclasses name their placeholder and implement `image_tensors` and `num_tokens`; M-RoPE families also
+    """Subclasses name their placeholders and implement `image_tensors` and `num_tokens`; families that take videos
+    set `video_token` and implement `video_runs` (and `video_text` where frames carry text); M-RoPE families also
     override `positions`."""
 
     image_start = ""  # text the processor puts around each expanded run (InternVL's <img> ... </img>)
     image_end = ""
+    video_token: str | None = None  # a video's placeholder in text prompts; None: the family takes no videos
 
-    def __init__(self, model_dir: str | Path, tokenizer, image_token_id: int) -> None:
+    def __init__(self, model_dir: str | Path, tokenizer, image_token_id: int,
+                 video_token_id: int | None = None) -> None:
         from transformers import AutoImageProcessor
 
         self.tokenizer = tokenizer
@@ -53,6 +87,7 @@ class ImagePromptProcessor:
         self.hash_key = json.dumps([type(self).__name__, self.config.to_dict()], sort_keys=True, default=str).encode()
         self.image_token_id = image_token_id
         self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+        self.video_token_id = video_token_id  # a video's placeholder in token-id prompts (one run per video)
         self._start_ids = self._ids(self.image_start)
         self._end_ids = self._ids(self.image_end)
         ensure_chat_template(model_dir, tokenizer)
@@ -68,57 +103,103 @@ class ImagePromptProcessor:
         """Placeholder tokens (= embeddings) of one image."""
         raise NotImplementedError
 
+    def video_runs(self, video: Video) -> list[Run]:
+        """The placeholder runs of one video, in prompt order."""
+        raise InputError(f"{type(self).__name__.removesuffix('InputProcessor')} takes no videos; send the frames as "
+                         "images")
+
+    def video_text(self, runs: Sequence[Run]) -> str:
+        """The text that replaces a video's placeholder: its runs, back to back."""
+        return "".join(self.run_text(r) for r in runs)
+
+    def run_text(self, run: Run) -> str:
+        token = self.image_token if run.token_id == self.image_token_id else self.video_token
+        return self.image_start + token * run.num_tokens + self.image_end
+
     def positions(self, length: int, items: Sequence[ImageItem]) -> tuple[torch.Tensor | None, int]:
         """Prompt positions ([3, L] for M-RoPE) and the offset of generated tokens; None = plain 0..L-1."""
         return None, 0
 
-    def __call__(self, prompt: str | Sequence[int], images: Sequence) -> ProcessedPrompt:
+    def image_run(self, image: Image.Image) -> Run:
+        data = self.image_tensors(image)
+        return Run(self.image_token_id, data, self.num_tokens(data), content_hash(self.hash_key, [image]))
+
+    def __call__(self, prompt: str | Sequence[int], images: Sequence[Image.Image],
+                 videos: Sequence[Video] = ()) -> ProcessedPrompt:
         try:
-            data = [self.image_tensors(image) for image in images]
+            image_runs = [self.image_run(image) for image in images]
+            video_runs = [self.video_runs(video) for video in videos]
+        except InputError:
+            raise
         except ValueError as e:  # `load_image` checks what the families refuse; a processor may still refuse more
             raise InputError(f"the image processor refused an image: {e}") from e
-        counts = [self.num_tokens(d) for d in data]
-        ids = self._expand_text(prompt, counts) if isinstance(prompt, str) else self._expand_ids(list(prompt), counts)
+        expand = self._expand_text if isinstance(prompt, str) else self._expand_ids
+        ids, runs = expand(prompt, image_runs, video_runs)
         items, pos = [], 0
-        for image, d, c in zip(images, data, counts):
-            pos = ids.index(self.image_token_id, pos)
-            items.append(ImageItem(d, c, pos, content_hash(self.hash_key, [image])))
-            pos += c
+        for run in runs:
+            pos = ids.index(run.token_id, pos)
+            items.append(ImageItem(run.data, run.num_tokens, pos, run.content_hash))
+            pos += run.num_tokens
         positions, delta = self.positions(len(ids), items)
         return ProcessedPrompt(ids, items, positions, delta)
 
-    def _expand_text(self, prompt: str, counts: list[int]) -> list[int]:
+    def _expand_text(self, prompt: str, image_runs: list[Run],
+                     video_runs: list[list[Run]]) -> tuple[list[int], list[Run]]:
         if not prompt:
             raise InputError("prompt is empty")  # even where the tokenizer would give it a BOS
-        n = prompt.count(self.image_token)
-        if n != len(counts):
-            raise InputError(f"prompt has {n} image placeholders ({self.image_token}) but {len(counts)} images")
-        parts = prompt.split(self.image_token)
-        text = parts[0] + "".join(
-            self.image_start + self.image_token * c + self.image_end + p for c, p in zip(counts, parts[1:])
-        )
+        markers = [self.image_token] + ([self.video_token] if self.video_token else [])
+        pieces = re.split("(" + "|".join(map(re.escape, markers)) + ")", prompt)
+        found = pieces[1::2]
+        for marker, given, what in ((self.image_token, image_runs, "image"), (self.video_token, video_runs, "video")):
+            n = found.count(marker) if marker else 0
+            if n != len(given):
+                raise InputError(f"prompt has {n} {what} placeholders ({marker}) but {len(given)} {what}s")
+        images, videos = iter(image_runs), iter(video_runs)
+        text, runs = [pieces[0]], []
+        for marker, after in zip(found, pieces[2::2]):
+            if marker == self.image_token:
+                runs.append(next(images))
+                text.append(self.run_text(runs[-1]))
+            else:
+                video = next(videos)
+                runs += video
+                text.append(self.video_text(video))
+            text.append(after)
         # Tokenised as the HF processor does, with the tokenizer's own special tokens (Llama's BOS, say).
-        return self.tokenizer(text)["input_ids"]
+        return self.tokenizer("".join(text))["input_ids"], runs
 
-    def _expand_ids(self, ids: list[int], counts: list[int]) -> list[int]:
-        runs, out, i = 0, [], 0
+    def _expand_ids(self, ids: Sequence[int], image_runs: list[Run],
+                    video_runs: list[list[Run]]) -> tuple[list[int], list[Run]]:
+        queues = {self.image_token_id: ("image", image_runs)}
+        if video_runs:
+            if self.video_token_id is None:
+                raise InputError("this model takes videos in text prompts only (the frames' text is its own)")
+            queues[self.video_token_id] = ("video", [runs[0] for runs in video_runs])
+        used = dict.fromkeys(queues, 0)
+        out, runs, i = [], [], 0
         while i < len(ids):
-            if ids[i] != self.image_token_id:
-                out.append(ids[i])
+            token = ids[i]
+            if token not in queues:
+                out.append(token)
                 i += 1
                 continue
             j = i
-            while j < len(ids) and ids[j] == self.image_token_id:
+            while j < len(ids) and ids[j] == token:
                 j += 1
-            if runs >= len(counts):
-                raise InputError("prompt has more image placeholders than images")
-            if j - i == 1 and counts[runs] != 1:
-                out.extend(self._start_ids + [self.image_token_id] * counts[runs] + self._end_ids)
-            elif j - i == counts[runs]:
+            what, queue = queues[token]
+            if used[token] >= len(queue):
+                raise InputError(f"prompt has more {what} placeholders than {what}s")
+            run = queue[used[token]]
+            if j - i == 1 and run.num_tokens != 1:
+                out.extend(self._start_ids + [token] * run.num_tokens + self._end_ids)
+            elif j - i == run.num_tokens:
                 out.extend(ids[i:j])
             else:
-                raise InputError(f"image {runs} needs 1 or {counts[runs]} placeholder tokens, got {j - i}")
-            runs, i = runs + 1, j
-        if runs != len(counts):
-            raise InputError(f"prompt has {runs} image placeholders but {len(counts)} images")
-        return out
+                raise InputError(f"{what} {used[token]} needs 1 or {run.num_tokens} placeholder tokens, got {j - i}")
+            runs.append(run)
+            used[token] += 1
+            i = j
+        for token, (what, queue) in queues.items():
+            if used[token] != len(queue):
+                raise InputError(f"prompt has {used[token]} {what} placeholders but {len(queue)} {what}s")
+        return out, runs

@@ -8,6 +8,7 @@ vision blocks and attention windows (qwen2_5_vl.py).
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,10 +28,11 @@ from valora.models.layers.norm import LayerNorm
 from valora.models.layers.rotary import Rope, make_rope
 from valora.models.layers.vit import VisionSpans, vit_attention
 from valora.models.loader import WeightMapper
-from valora.models.processing import ImagePromptProcessor
+from valora.models.processing import ImagePromptProcessor, Run, video_settings
 from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, VisionPass, pow2, token_lora
 from valora.multimodal.inputs import ImageItem, InputError
-from valora.multimodal.pixels import as_tensor, resize
+from valora.multimodal.pixels import PixelNormalizer, as_tensor, content_hash, resize
+from valora.multimodal.video import Video
 
 # Hub checkpoints predate transformers v5 and keep the LM at `model.*` and the ViT at `visual.*`.
 MAPPER = WeightMapper(
@@ -192,12 +194,12 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
         super().__init__(hf_config, Qwen2VLModel(hf_config, self.tower))
 
     def vision_rows(self, data) -> int:
-        return sum(int(d["image_grid_thw"].prod()) for d in data)
+        return sum(int(vision_input(d)[1].prod()) for d in data)
 
     def prepare_vision(self, data, slots, merged_slot, backend, pad) -> VisionPass:
         dev = self.lm_head.weight.device
-        grids = [d["image_grid_thw"].view(-1).tolist() for d in data]
-        vp = self.model.visual.prepare(torch.cat([d["pixel_values"] for d in data]), grids, backend, pad, dev)
+        grids = [vision_input(d)[1].view(-1).tolist() for d in data]
+        vp = self.model.visual.prepare(torch.cat([vision_input(d)[0] for d in data]), grids, backend, pad, dev)
         if slots is not None:
             patches = [t * h * w for t, h, w in grids]
             unit = self.model.visual.merge**2
@@ -207,6 +209,13 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
 
     def run_vision(self, vp: VisionPass) -> torch.Tensor:
         return self.model.visual(vp)
+
+
+def vision_input(data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """An item's (patches, grid): an image's, or a video's (a grid of t temporal patches)."""
+    if "video_grid_thw" in data:
+        return data["pixel_values_videos"], data["video_grid_thw"]
+    return data["pixel_values"], data["image_grid_thw"]
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -225,25 +234,57 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h, w
 
 
+# transformers' Qwen2VLVideoProcessor defaults, for settings a checkpoint's video config leaves out.
+VIDEO_DEFAULTS = {"size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}, "resample": 3,
+                  "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                  "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
 class Qwen2VLInputProcessor(ImagePromptProcessor):
-    """Expands each `<|image_pad|>` to its image's token count and computes M-RoPE positions, as the HF
-    processor and `get_rope_index` do, with the checkpoint's own image processor settings."""
+    """Expands each `<|image_pad|>` and `<|video_pad|>` to its token count and computes M-RoPE positions, as the HF
+    processor and `get_rope_index` do, with the checkpoint's own image (and video) processor settings. A video's
+    frames are resized and normalised as its image processor would each of them (with the video settings), and
+    cut into temporal patches of consecutive frames; Qwen2.5-VL also spaces them in time (`second_per_grid_ts`)."""
+
+    video_token = "<|video_pad|>"
 
     def __init__(self, model_dir: str | Path, hf_config, tokenizer) -> None:
-        super().__init__(model_dir, tokenizer, hf_config.image_token_id)
+        super().__init__(model_dir, tokenizer, hf_config.image_token_id, hf_config.video_token_id)
         self.merge = hf_config.vision_config.spatial_merge_size
         c = self.config
         self.patch, self.temporal = c.patch_size, c.temporal_patch_size
         self.min_pixels, self.max_pixels = c.size.shortest_edge, c.size.longest_edge
+        # Qwen2.5-VL's temporal positions advance `tokens_per_second` a second; Qwen2-VL's one per temporal patch.
+        self.tokens_per_second = getattr(hf_config.vision_config, "tokens_per_second", None)
+        video = VIDEO_DEFAULTS | video_settings(model_dir)
+        size = dict(video["size"])
+        size["shortest_edge"] = video.get("min_pixels", size.get("shortest_edge"))
+        size["longest_edge"] = video.get("max_pixels", size.get("longest_edge"))
+        self.video_pixels = (size["shortest_edge"], size["longest_edge"])
+        self.video_resample = int(video["resample"])
+        self.video_normalize = PixelNormalizer.build(video["do_rescale"], video["rescale_factor"],
+                                                     video["do_normalize"], video["image_mean"], video["image_std"])
+        self.video_hash_key = json.dumps([type(self).__name__, "video", video], sort_keys=True).encode()
 
     def image_tensors(self, image: Image.Image) -> dict[str, torch.Tensor]:
         if self.config.do_resize:
             h, w = smart_resize(image.height, image.width, self.patch * self.merge, self.min_pixels, self.max_pixels)
             image = resize(image, h, w, self.resample)
-        pixels, grid = self.patchify(as_tensor(image)[None])
+        pixels, grid = self.patchify(as_tensor(image)[None], self.normalize)
         return {"pixel_values": pixels, "image_grid_thw": grid}
 
-    def patchify(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def video_runs(self, video: Video) -> list[Run]:
+        first = video.frames[0]
+        h, w = smart_resize(first.height, first.width, self.patch * self.merge, *self.video_pixels)
+        frames = torch.stack([as_tensor(resize(f, h, w, self.video_resample)) for f in video.frames])
+        pixels, grid = self.patchify(frames, self.video_normalize)
+        data = {"pixel_values_videos": pixels, "video_grid_thw": grid}
+        if self.tokens_per_second is not None:  # what Qwen2_5_VLProcessor adds: seconds per temporal patch
+            data["second_per_grid_ts"] = torch.tensor([self.temporal / video.fps], dtype=torch.float32)
+        tokens = int(grid.prod()) // self.merge**2
+        return [Run(self.video_token_id, data, tokens, content_hash(self.video_hash_key, video.frames))]
+
+    def patchify(self, frames: torch.Tensor, normalize: PixelNormalizer) -> tuple[torch.Tensor, torch.Tensor]:
         """[F, H, W, 3] uint8 frames -> ([t*h*w, 3*T*p*p] float32 patches, [1, 3] grid (t, h, w)): the frames
         padded with copies of the last to a multiple of the temporal patch T (an image is T copies of itself),
         patches in merge-unit order (each merge x merge block of patches consecutive), a patch's values channel,
@@ -254,30 +295,34 @@ class Qwen2VLInputProcessor(ImagePromptProcessor):
         p, m, t = self.patch, self.merge, self.temporal
         gt, gh, gw = f // t, height // p, width // p
         x = frames.view(gt, t, gh // m, m, p, gw // m, m, p, 3).permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
-        return self.normalize(x, channel_dim=5).view(gt * gh * gw, -1), torch.tensor([[gt, gh, gw]])
+        return normalize(x, channel_dim=5).view(gt * gh * gw, -1), torch.tensor([[gt, gh, gw]])
 
     def num_tokens(self, data: dict[str, torch.Tensor]) -> int:
         return int(data["image_grid_thw"].prod()) // self.merge**2
 
     def positions(self, length: int, items: Sequence[ImageItem]) -> tuple[torch.Tensor, int]:
-        """Text advances all three axes together; an image spans a (t, h, w) grid starting at the current
-        position, and the text after it resumes past the grid's largest extent."""
+        """Text advances all three axes together; an image or video spans a (t, h, w) grid starting at the current
+        position (a video's t axis spaced by `tokens_per_second` x its seconds per temporal patch on Qwen2.5-VL),
+        and the text after it resumes past the grid's larger spatial extent, as transformers' `get_rope_index`
+        does. Generated tokens continue past the largest position."""
         chunks, cur, idx = [], 0, 0
         for item in items:
             if item.offset > idx:
                 n = item.offset - idx
                 chunks.append(torch.arange(cur, cur + n).expand(3, -1))
                 cur += n
-            t, h, w = item.data["image_grid_thw"].view(-1).tolist()
+            video = "video_grid_thw" in item.data
+            t, h, w = item.data["video_grid_thw" if video else "image_grid_thw"].view(-1).tolist()
             h, w = h // self.merge, w // self.merge
-            tt = torch.arange(t).view(-1, 1, 1).expand(t, h, w)
-            hh = torch.arange(h).view(1, -1, 1).expand(t, h, w)
-            ww = torch.arange(w).view(1, 1, -1).expand(t, h, w)
-            chunks.append(torch.stack([tt, hh, ww]).reshape(3, -1) + cur)
-            cur += max(h, w)  # as transformers' get_rope_index does (t is 1 for images)
+            tt = torch.arange(t)
+            if video and "second_per_grid_ts" in item.data:
+                tt = (tt * (self.tokens_per_second * item.data["second_per_grid_ts"][0])).long()
+            grid = torch.stack([tt.view(-1, 1, 1).expand(t, h, w), torch.arange(h).view(1, -1, 1).expand(t, h, w),
+                                torch.arange(w).view(1, 1, -1).expand(t, h, w)])
+            chunks.append(grid.reshape(3, -1) + cur)
+            cur += max(h, w)
             idx = item.offset + item.num_tokens
         if length > idx:
             chunks.append(torch.arange(cur, cur + length - idx).expand(3, -1))
-            cur += length - idx
         positions = torch.cat(chunks, dim=1) if chunks else torch.zeros(3, 0, dtype=torch.long)
-        return positions, cur - length
+        return positions, int(positions.max()) + 1 - length if length else 0

@@ -68,17 +68,21 @@ class PixelNormalizer:
     table: torch.Tensor  # [3 * 256] float32: the processed value of uint8 value v of channel c at c * 256 + v
 
     @classmethod
-    def from_hf(cls, processor) -> PixelNormalizer:
-        """The table for an HF image processor's `do_rescale`, `rescale_factor`, `do_normalize`, mean and std."""
+    def build(cls, do_rescale: bool, rescale_factor: float, do_normalize: bool, mean, std) -> PixelNormalizer:
         values = np.arange(256, dtype=np.uint8)
-        x = (values.astype(np.float64) * processor.rescale_factor).astype(np.float32) if processor.do_rescale \
+        x = (values.astype(np.float64) * rescale_factor).astype(np.float32) if do_rescale \
             else values.astype(np.float32)
         x = np.broadcast_to(x, (3, 256))
-        if processor.do_normalize:
-            mean = np.array(_per_channel(processor.image_mean), dtype=np.float32)[:, None]
-            std = np.array(_per_channel(processor.image_std), dtype=np.float32)[:, None]
-            x = (x - mean) / std
+        if do_normalize:
+            x = (x - np.array(_per_channel(mean), dtype=np.float32)[:, None]) / \
+                np.array(_per_channel(std), dtype=np.float32)[:, None]
         return cls(torch.from_numpy(np.ascontiguousarray(x).reshape(-1)))
+
+    @classmethod
+    def from_hf(cls, processor) -> PixelNormalizer:
+        """The table for an HF image processor's `do_rescale`, `rescale_factor`, `do_normalize`, mean and std."""
+        return cls.build(processor.do_rescale, processor.rescale_factor, processor.do_normalize, processor.image_mean,
+                         processor.image_std)
 
     def __call__(self, pixels: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """float32 values of uint8 `pixels` (any layout, views welcome; `channel_dim` holds the 3 channels), as a

@@ -156,9 +156,11 @@ def engine_config(args: argparse.Namespace):
         cache=CacheConfig(args.block_size, args.num_kv_blocks, args.gpu_memory_utilization, args.cpu_kv_cache_gb),
         scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_queued_requests,
                                   policy=args.scheduler, max_wait_ms=args.max_wait_ms),
-        multimodal=MultiModalConfig(args.max_images_per_prompt, args.max_image_pixels, args.max_image_bytes,
-                                    args.image_cache_mb, tuple(args.allowed_media_domains),
-                                    args.media_fetch_timeout, args.mm_encoder_attn_backend),
+        multimodal=MultiModalConfig(
+            max_images_per_prompt=args.max_images_per_prompt, max_image_pixels=args.max_image_pixels,
+            max_image_bytes=args.max_image_bytes, embed_cache_mb=args.image_cache_mb,
+            allowed_media_domains=tuple(args.allowed_media_domains), media_fetch_timeout_s=args.media_fetch_timeout,
+            mm_encoder_attn_backend=args.mm_encoder_attn_backend),
         enforce_eager=args.enforce_eager,
     )
 

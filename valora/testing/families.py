@@ -27,6 +27,7 @@ class TinyFamily:
     image_token: str
     chat_template: str
     image_prompt: str  # one image in a prompt, as the chat template writes it
+    video_prompt: str | None  # one video in a prompt, as the chat template writes it (None: no video placeholder)
     vision: tuple[str, tuple[str, ...]]  # (module scope, PEFT leaf names of every linear layer of the vision tower)
     projector: tuple[str, tuple[str, ...]]
     config: Callable[..., Any]  # (vocab_size, token_ids, **knobs) -> HF config
@@ -71,7 +72,8 @@ def text_config(vocab_size: int, ids: dict[str, int], *, hidden_size: int = 64, 
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|image_pad|>", "<|video_pad|>")
 
-# Qwen2-VL's chat format: system turn by default, each image as <|vision_start|><|image_pad|><|vision_end|>.
+# Qwen2-VL's chat format: system turn by default, each image as <|vision_start|><|image_pad|><|vision_end|>, each
+# video as <|vision_start|><|video_pad|><|vision_end|>.
 QWEN_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}"
     "{% for message in messages %}"
@@ -82,6 +84,7 @@ QWEN_CHAT_TEMPLATE = (
     "{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
     "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}"
     "{% endfor %}"
@@ -138,7 +141,8 @@ def qwen_image_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112)
 _QWEN = dict(
     special_tokens=QWEN_SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>", bos="<|endoftext|>",
     image_token="<|image_pad|>", chat_template=QWEN_CHAT_TEMPLATE,
-    image_prompt="<|vision_start|><|image_pad|><|vision_end|>", projector=("merger", ("0", "2")),
+    image_prompt="<|vision_start|><|image_pad|><|vision_end|>",
+    video_prompt="<|vision_start|><|video_pad|><|vision_end|>", projector=("merger", ("0", "2")),
     image_processor=qwen_image_processor, image_knobs=frozenset({"min_pixels", "max_pixels"}),
     config_tokens={"video": "<|video_pad|>", "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"},
 )
@@ -189,7 +193,7 @@ def clip_image_processor(image_size: int = 32):
 LLAVA = TinyFamily(
     "llava", "LlavaForConditionalGeneration", special_tokens=("<unk>", "<s>", "</s>", "<image>", "<pad>"),
     eos="</s>", pad="<pad>", bos="<s>", image_token="<image>", chat_template=LLAVA_CHAT_TEMPLATE,
-    image_prompt="<image>",
+    image_prompt="<image>", video_prompt=None,
     vision=("vision_tower", ("patch_embedding", "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
     projector=("multi_modal_projector", ("linear_1", "linear_2")), config=llava_config,
     image_processor=clip_image_processor, image_knobs=frozenset({"image_size"}), shared_knobs=frozenset({"image_size"}),
@@ -203,6 +207,7 @@ INTERNVL_CHAT_TEMPLATE = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -239,7 +244,7 @@ INTERNVL = TinyFamily(
     "internvl", "InternVLForConditionalGeneration",
     special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
     eos="<|im_end|>", pad="<|endoftext|>", bos="<|endoftext|>", image_token="<IMG_CONTEXT>",
-    chat_template=INTERNVL_CHAT_TEMPLATE, image_prompt="<IMG_CONTEXT>",
+    chat_template=INTERNVL_CHAT_TEMPLATE, image_prompt="<IMG_CONTEXT>", video_prompt="<video>",
     vision=("vision_tower", ("projection", "q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")),
     projector=("multi_modal_projector", ("linear_1", "linear_2")), config=internvl_config,
     image_processor=got_ocr2_image_processor, image_knobs=frozenset({"image_size", "max_patches"}),

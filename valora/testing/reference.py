@@ -12,16 +12,19 @@ from valora.multimodal.inputs import ProcessedPrompt
 
 
 def hf_inputs(model, prompt: ProcessedPrompt, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """The HF model's keyword inputs for one prompt: the ids, and each image tensor the processor made,
-    concatenated over images as the family's HF processor batches them (plus Qwen's token types where the model
-    takes them)."""
+    """The HF model's keyword inputs for one prompt: the ids, and each image (and video) tensor the processor
+    made, concatenated over the items that have it as the family's HF processor batches them (plus Qwen's token
+    types where the model takes them: 1 for image tokens, 2 for video tokens)."""
     ids = torch.tensor([prompt.token_ids], device=device)
     kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if prompt.images:
-        for key in prompt.images[0].data:
-            kw[key] = torch.cat([i.data[key] for i in prompt.images]).to(device)
+        for key in dict.fromkeys(k for i in prompt.images for k in i.data):
+            kw[key] = torch.cat([i.data[key] for i in prompt.images if key in i.data]).to(device)
         if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
-            kw["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
+            types = (ids == model.config.image_token_id).int()
+            if getattr(model.config, "video_token_id", None) is not None:
+                types += 2 * (ids == model.config.video_token_id).int()
+            kw["mm_token_type_ids"] = types
     return kw
 
 
