@@ -43,6 +43,7 @@ class CacheConfig:
     num_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gb: float = 1.0
+    enable_prefix_caching: bool = True  # full blocks reused across requests of the same adapter (vLLM's flag)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -73,13 +74,15 @@ class LoRAConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Continuous batching limits per step."""
+    """Continuous batching limits per step. With chunked prefill a prompt is split across steps within the token
+    budget, so the budget bounds every step's latency; without it a step must fit a whole prompt."""
 
     max_num_seqs: int = 128
-    max_num_batched_tokens: int | None = None  # defaults to max(max_model_len, 2048)
+    max_num_batched_tokens: int | None = None  # default: 2048 with chunked prefill, else max(max_model_len, 2048)
     max_waiting: int = 4096
     policy: str = "valora"  # valora | slora | punica | dlora (see valora/orchestrator)
     max_wait_ms: float = 1000.0  # valora: a request waiting this long is admitted first
+    enable_chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

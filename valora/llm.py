@@ -44,15 +44,18 @@ class LLM:
         max_wait_ms: float = 1000.0,
         enforce_eager: bool = False,
         mm_encoder_attn_backend: str = "auto",
+        enable_chunked_prefill: bool = True,
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
                 model=model, tokenizer=tokenizer, dtype=dtype, device=device, seed=seed, max_model_len=max_model_len,
                 enable_lora=enable_lora,
                 lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras, lora_backend),
-                cache=CacheConfig(block_size, num_kv_blocks, gpu_memory_utilization, cpu_kv_cache_gb),
+                cache=CacheConfig(block_size, num_kv_blocks, gpu_memory_utilization, cpu_kv_cache_gb,
+                                  enable_prefix_caching),
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, policy=scheduler,
-                                          max_wait_ms=max_wait_ms),
+                                          max_wait_ms=max_wait_ms, enable_chunked_prefill=enable_chunked_prefill),
                 multimodal=MultiModalConfig(max_images_per_prompt=max_images_per_prompt, embed_cache_mb=embed_cache_mb,
                                             allowed_media_domains=tuple(allowed_media_domains),
                                             mm_encoder_attn_backend=mm_encoder_attn_backend),

@@ -16,9 +16,11 @@ def _seq(i: int, n: int, lora: str | None = None) -> Sequence:
 
 def _step(sched: Scheduler):
     out = sched.schedule()
-    for s in out.seqs:  # what the engine does after the model ran
-        s.num_computed = len(s)
-        s.output_ids.append(1)
+    for s, n in zip(out.seqs, out.num_tokens):  # what the engine does after the model ran
+        s.num_computed += n
+        sched.blocks.cache_blocks(s)
+        if s.num_computed == len(s):
+            s.output_ids.append(1)
     return out
 
 
@@ -55,11 +57,31 @@ def test_preempts_newest_when_blocks_run_out_and_recomputes():
         _step(sched)
     sched.remove(a)
     out = sched.schedule()
-    assert out.seqs == [b] and b.new_token_ids() == list(range(4)) + [1]  # prompt and output, in one prefill
+    assert out.seqs == [b] and out.num_tokens == [5]  # prompt and output, in one prefill
 
 
 def test_budget_limits_prefill_tokens():
-    sched = Scheduler(SchedulerConfig(), BlockManager(64, 4), max_batched_tokens=10, max_loras=None)
+    sched = Scheduler(SchedulerConfig(enable_chunked_prefill=False), BlockManager(64, 4), max_batched_tokens=10,
+                      max_loras=None)
     for i in range(3):
         sched.add(_seq(i, 4))
-    assert [s.seq_id for s in _step(sched).seqs] == [0, 1]
+    assert [s.seq_id for s in _step(sched).seqs] == [0, 1]  # whole prompts only: the third waits
+
+
+def test_chunked_prefill_runs_decodes_first_and_splits_prompts_to_the_budget():
+    sched = Scheduler(SchedulerConfig(), BlockManager(64, 4), max_batched_tokens=8, max_loras=None)
+    streams = [_seq(i, 2) for i in range(3)]
+    for s in streams:
+        sched.add(s)
+    _step(sched)  # the three short prompts, whole
+    long_a, long_b = _seq(3, 20), _seq(4, 20)
+    sched.add(long_a)
+    sched.add(long_b)
+    chunks = []
+    while not long_b.output_ids:
+        out = _step(sched)
+        assert out.seqs[:3] == streams and out.num_tokens[:3] == [1, 1, 1]  # every stream decodes every step
+        assert sum(out.num_tokens) <= 8
+        chunks.append(list(zip([s.seq_id for s in out.seqs[3:]], out.num_tokens[3:])))
+    # what the streams leave (5 tokens) goes to the older prompt first; once it decodes, the other gets 4 a step
+    assert chunks == [[(3, 5)]] * 4 + [[(3, 1), (4, 4)]] * 5

@@ -53,6 +53,7 @@ class Request:
     detoks: list[IncrementalDetokenizer]
     metrics: RequestMetrics
     new_text: list[str] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when it was first scheduled
 
     @property
     def finished(self) -> bool:
@@ -61,10 +62,11 @@ class Request:
 
 @dataclass
 class InFlight:
-    """A launched step: its sequences, their stop ids, the function that waits for its results, and what the
-    policy is told once they are in."""
+    """A launched step: its sequences, the tokens each computes, their stop ids, the function that waits for its
+    results, and what the policy is told once they are in."""
 
     seqs: list[Sequence]
+    num_tokens: list[int]
     stop_ids: list[set[int]]
     results: Callable[[], list]
     hot: str | None
@@ -89,6 +91,8 @@ class EngineStats:
     adapter_slot_hits: int
     adapter_blocking_loads: int
     num_preemptions: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which found there
     image_cache_hits: int
     image_cache_misses: int
     scheduler: str
@@ -133,13 +137,16 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model.decoder_config.vocab_size, self.eos_token_ids)
         self.max_model_len = config.max_model_len or getattr(text_cfg, "max_position_embeddings", 4096)
         sc = config.scheduler
-        self.max_batched_tokens = sc.max_num_batched_tokens or max(self.max_model_len, 2048)
-        blocks = BlockManager(self._num_kv_blocks(), config.cache.block_size)
+        # Chunked prefill splits prompts to fit the budget, which then bounds every step's latency (2048 by default,
+        # as vLLM's server); without it a step must hold a whole prompt.
+        chunked = sc.enable_chunked_prefill
+        self.max_batched_tokens = sc.max_num_batched_tokens or (2048 if chunked else max(self.max_model_len, 2048))
+        blocks = BlockManager(self._num_kv_blocks(), config.cache.block_size, config.cache.enable_prefix_caching)
         capacity = blocks.num_blocks * blocks.block_size
         if capacity < self.max_model_len:
             logger.warning("KV cache holds %d tokens; lowering max_model_len from %d", capacity, self.max_model_len)
             self.max_model_len = capacity
-        self.max_batched_tokens = max(self.max_batched_tokens, self.max_model_len, sc.max_num_seqs)
+        self.max_batched_tokens = max(self.max_batched_tokens, sc.max_num_seqs, 0 if chunked else self.max_model_len)
         self.blocks = blocks
         cache_mb = config.multimodal.embed_cache_mb
         self.embed_cache = EmbeddingCache(cache_mb * 2**20) if cache_mb > 0 else None
@@ -222,10 +229,10 @@ class LLMEngine:
         scratch = BlockManager(-(-tokens // cc.block_size), cc.block_size)
         runner = ModelRunner(self.model, scratch, self.dtype, self.device)
         seq = Sequence(-1, "profile", 0, ProcessedPrompt([0] * tokens), SamplingParams(temperature=0), None, 0.0)
-        scratch.grow(seq)
+        scratch.allocate(seq, tokens)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        runner.run([seq], {}, [set()])
+        runner.run([seq], [tokens], {}, [set()])
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         del runner, scratch
@@ -368,8 +375,10 @@ class LLMEngine:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seq = Sequence(next(self._seq_ids), request_id, i, processed, params, lora_name, now, gen)
             seq.deadline = now + deadline_s if deadline_s is not None else None
-            if lora_request is not None and self.lora_manager.info[lora_name].changes_images:
-                seq.vision_tag = f"{lora_name}@{lora_request.lora_path}"
+            if lora_request is not None:
+                info = self.lora_manager.info[lora_name]
+                seq.adapter_key = info.key
+                seq.vision_tag = info.key if info.changes_images else None
             if grammar is not None:
                 seq.grammar = grammar if i == 0 else grammar.deep_copy()
             seqs.append(seq)
@@ -421,6 +430,8 @@ class LLMEngine:
             adapter_slot_hits=lora.stats.slot_hits if lora else 0,
             adapter_blocking_loads=lora.stats.blocking_loads if lora else 0,
             num_preemptions=sched.num_preemptions,
+            prefix_cache_queries=sched.prefix_queries,
+            prefix_cache_hits=sched.prefix_hits,
             image_cache_hits=self.embed_cache.hits if self.embed_cache else 0,
             image_cache_misses=self.embed_cache.misses if self.embed_cache else 0,
             scheduler=self.policy.name if self.policy else "fcfs",
@@ -531,20 +542,23 @@ class LLMEngine:
             merged_bytes = self._merge_bytes_of(decision.hot) if switch_s and decision.hot else 0
         scheduled_at = self.clock()
         for seq in sched.seqs:
-            metrics = self.requests[seq.request_id].metrics
-            if metrics.first_scheduled_time is None:
-                metrics.first_scheduled_time = scheduled_at  # queue time ends here, before this step's prefill
+            req = self.requests[seq.request_id]
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = scheduled_at  # queue time ends here, before this step's prefill
+                req.num_cached_tokens = seq.num_computed  # what the prefix cache gave it
         stop_ids = [self._stop_ids(s) for s in sched.seqs]
-        results = self.runner.launch(sched.seqs, slots, stop_ids, slots.get(decision.hot))
+        results = self.runner.launch(sched.seqs, sched.num_tokens, slots, stop_ids, slots.get(decision.hot))
         if self.lora_manager is not None:  # fill free slots for the next requests in line, off the critical path
             upcoming = [s.lora_name for s in self.scheduler.waiting if s.lora_name and ready.get(s.lora_name)]
             self.lora_manager.prefetch(upcoming[: self.config.lora.max_loras])
-        self._inflight = InFlight(list(sched.seqs), stop_ids, results, decision.hot, t0, switch_s, merged_bytes)
+        self._inflight = InFlight(list(sched.seqs), list(sched.num_tokens), stop_ids, results, decision.hot, t0,
+                                  switch_s, merged_bytes)
         return True
 
     def _collect(self) -> list[Sequence]:
-        """Wait for the launched step's results and apply what the next schedule depends on: the new tokens,
-        head answers, and the ends decided by token alone (stop tokens, max_tokens, max_model_len)."""
+        """Wait for the launched step's results and apply what the next schedule depends on: the progress of every
+        sequence (its full blocks go to the prefix cache), the new tokens, head answers, and the ends decided by
+        token alone (stop tokens, max_tokens, max_model_len). A sequence still inside its prompt got no token."""
         step, self._inflight = self._inflight, None
         tokens = step.results()
         elapsed = time.perf_counter() - step.started
@@ -554,17 +568,19 @@ class LLMEngine:
             self.last_mode = mode
             self.mode_steps[mode.value] += 1
             self.mode_seconds[mode.value] += elapsed
-            self.policy.observe(StepRecord(mode.value, step.hot, len(seqs),
-                                           sum(len(s) - s.num_computed for s in seqs), elapsed, step.switch_s,
-                                           step.merged_bytes))
+            self.policy.observe(StepRecord(mode.value, step.hot, len(seqs), sum(step.num_tokens), elapsed,
+                                           step.switch_s, step.merged_bytes))
         answers = self._answer_heads(seqs, tokens)
         now = self.clock()
         kept = []
-        for seq, token, stop in zip(seqs, tokens, step.stop_ids):
+        for seq, n, token, stop in zip(seqs, step.num_tokens, tokens, step.stop_ids):
             if seq.finished:  # aborted, or ended on a stop string while this step ran: drop its token
                 continue
+            seq.num_computed += n
+            self.blocks.cache_blocks(seq)
+            if seq.num_computed < len(seq):  # a chunk of its prompt
+                continue
             req = self.requests[seq.request_id]
-            seq.num_computed = len(seq)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             if seq in answers:  # answered by its head: done after the prefill
@@ -600,8 +616,9 @@ class LLMEngine:
         return outputs
 
     def _answer_heads(self, seqs: list[Sequence], results: list) -> dict[Sequence, HeadOutput]:
-        """Head answers for the sequences that asked for one (their step result is their last hidden state)."""
-        asked = [(s, r) for s, r in zip(seqs, results) if isinstance(s.params, HeadParams)]
+        """Head answers for the sequences that asked for one and finished their prompt (their step result is their
+        last hidden state)."""
+        asked = [(s, r) for s, r in zip(seqs, results) if isinstance(s.params, HeadParams) and r is not None]
         if not asked:
             return {}
         answers = answer_all([(self.heads[s.lora_name].heads[s.params.head], r) for s, r in asked])
@@ -647,4 +664,4 @@ class LLMEngine:
             for s in req.seqs
         ]
         return RequestOutput(req.request_id, req.prompt, req.processed.token_ids, completions, req.finished,
-                             req.lora_name, req.metrics)
+                             req.lora_name, req.metrics, req.num_cached_tokens)

@@ -44,10 +44,11 @@ class ModelRunner:
         return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
 
     def prepare(
-        self, seqs: Seq[Sequence], lora_slots: dict[str, int], merged_slot: int | None = None
+        self, seqs: Seq[Sequence], num_tokens: Seq[int], lora_slots: dict[str, int], merged_slot: int | None = None
     ) -> tuple[ForwardBatch, list[tuple[Sequence, int]]]:
-        """The batch (its LoRA work not built yet: see `forward`), and for each of its images the (sequence, image
-        index) that owns it."""
+        """The batch of the next `num_tokens[i]` tokens of each sequence (its LoRA work not built yet: see
+        `forward`), and for each of its images the (sequence, image index) that owns it. Only sequences whose last
+        token is in the batch get a logits row: a chunk that ends inside a prompt samples nothing."""
         ids: list[int] = []
         pos_chunks: list[torch.Tensor | int] = []  # a generated token's position is one int on every axis
         slot_mapping: list[int] = []
@@ -59,44 +60,48 @@ class ModelRunner:
         bs = self.blocks.block_size
         logits_rows: list[int] = []
         lora_ids: list[int] = []
-        img_data, img_tokens, img_slots, img_rows, img_cached, img_owner = [], [], [], [], [], []
-        for seq in seqs:
-            start, new = seq.num_computed, seq.new_token_ids()
-            row0, n, total = len(ids), len(new), len(seq)
-            ids.extend(new)
+        img_data, img_tokens, img_slots, img_rows, img_spans, img_cached, img_owner = [], [], [], [], [], [], []
+        for seq, n in zip(seqs, num_tokens):
+            start, end = seq.num_computed, seq.num_computed + n
+            row0 = len(ids)
+            ids.extend(seq.token_range(start, end))
             p = seq.prompt
             if n == 1 and start >= seq.prompt_len:
                 pos_chunks.append(start + (p.position_delta if p.positions is not None else 0))
             else:
-                pos_chunks.append(self._positions(seq, start, total))
-            table = seq.block_table[: -(-total // bs)]
-            slot_mapping.extend(table[i // bs] * bs + i % bs for i in range(start, total))
+                pos_chunks.append(self._positions(seq, start, end))
+            table = seq.block_table[: -(-end // bs)]
+            slot_mapping.extend(table[i // bs] * bs + i % bs for i in range(start, end))
             if n == 1 and start > 0:
                 dec_rows.append(row0)
-                dec_lens.append(total)
+                dec_lens.append(end)
                 dec_tables.append(table)
             else:
-                prefills.append((row0, n, total))
+                prefills.append((row0, n, end))
                 pre_tables.append(table)
-            logits_rows.append(row0 + n - 1)
+            if end == len(seq):
+                logits_rows.append(row0 + n - 1)
             slot = lora_slots.get(seq.lora_name, -1) if seq.lora_name is not None else -1
             lora_ids.extend([slot] * n)
             vision_slot = slot if seq.vision_tag is not None else -1  # an LM-only adapter leaves images alone
             for k, item in enumerate(seq.prompt.images):
-                if item.offset >= start:
-                    if seq.image_embeds[k] is None and self.embed_cache is not None:
-                        seq.image_embeds[k] = self.embed_cache.get((item.content_hash, seq.vision_tag))
-                    img_data.append(item.data)
-                    img_tokens.append(item.num_tokens)
-                    img_slots.append(vision_slot)
-                    img_rows.extend(range(row0 + item.offset - start, row0 + item.offset - start + item.num_tokens))
-                    img_cached.append(seq.image_embeds[k])
-                    img_owner.append((seq, k))
+                lo, hi = max(item.offset, start), min(item.offset + item.num_tokens, end)
+                if lo >= hi:  # not in this step's tokens
+                    continue
+                if seq.image_embeds[k] is None and self.embed_cache is not None:
+                    seq.image_embeds[k] = self.embed_cache.get((item.content_hash, seq.vision_tag))
+                img_data.append(item.data)
+                img_tokens.append(item.num_tokens)
+                img_slots.append(vision_slot)
+                img_rows.extend(range(row0 + lo - start, row0 + hi - start))
+                img_spans.append((lo - item.offset, hi - item.offset))
+                img_cached.append(seq.image_embeds[k])
+                img_owner.append((seq, k))
         attn = self._attention_meta(slot_mapping, prefills, pre_tables, dec_rows, dec_lens, dec_tables)
         images = None
         if img_data:
             images = ImageInputs(img_data, img_tokens, img_slots, merged_slot,
-                                 torch.tensor(img_rows, dtype=torch.long, device=self.device), img_cached)
+                                 torch.tensor(img_rows, dtype=torch.long, device=self.device), img_cached, img_spans)
         batch = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=self._position_tensor(pos_chunks, len(ids)),
@@ -163,6 +168,8 @@ class ModelRunner:
         if p.positions is None:
             return torch.arange(start, end).expand(3, -1)
         head = p.positions[:, start : min(end, seq.prompt_len)]
+        if end <= seq.prompt_len:  # a chunk inside the prompt
+            return head
         tail_start = max(start, seq.prompt_len)
         tail = torch.arange(tail_start + p.position_delta, end + p.position_delta).expand(3, -1)
         return torch.cat([head, tail], dim=1)
@@ -190,37 +197,42 @@ class ModelRunner:
         batch.build_lora()
         return self.model(batch, self.kv_caches)
 
-    def run(self, seqs: Seq[Sequence], lora_slots: dict[str, int], stop_ids: Seq[set[int]],
-            merged_slot: int | None = None) -> list[int | torch.Tensor]:
-        """The next token of every decoding sequence; for one a task head answers (`HeadParams`), its final hidden
-        state at the last prompt token instead, and no logits are computed for it."""
-        return self.launch(seqs, lora_slots, stop_ids, merged_slot)()
+    def run(self, seqs: Seq[Sequence], num_tokens: Seq[int], lora_slots: dict[str, int], stop_ids: Seq[set[int]],
+            merged_slot: int | None = None) -> list[int | torch.Tensor | None]:
+        """Compute the next `num_tokens[i]` tokens of each sequence. A sequence whose last token was among them gets
+        its next token, or, when a task head answers it (`HeadParams`), its final hidden state at the last prompt
+        token (no logits are computed for it); one still inside its prompt (a chunk) gets None."""
+        return self.launch(seqs, num_tokens, lora_slots, stop_ids, merged_slot)()
 
     @torch.inference_mode()
-    def launch(self, seqs: Seq[Sequence], lora_slots: dict[str, int], stop_ids: Seq[set[int]],
-               merged_slot: int | None = None) -> Callable[[], list[int | torch.Tensor]]:
+    def launch(self, seqs: Seq[Sequence], num_tokens: Seq[int], lora_slots: dict[str, int],
+               stop_ids: Seq[set[int]], merged_slot: int | None = None
+               ) -> Callable[[], list[int | torch.Tensor | None]]:
         """`run` split in two: the step's device work is queued now, the returned function waits for its results.
         The host can post-process the previous step meanwhile."""
-        batch, image_owners = self.prepare(seqs, lora_slots, merged_slot)
+        batch, image_owners = self.prepare(seqs, num_tokens, lora_slots, merged_slot)
         last = self.forward(batch).index_select(0, batch.logits_rows)
-        decode = [i for i, s in enumerate(seqs) if not isinstance(s.params, HeadParams)]
         if batch.images is not None:
             for (seq, k), emb in zip(image_owners, batch.images.cached):
                 if seq.image_embeds[k] is None and self.embed_cache is not None:
                     self.embed_cache.put((seq.prompt.images[k].content_hash, seq.vision_tag), emb)
                 seq.image_embeds[k] = emb
-        if len(decode) == len(seqs):
+        done = [i for i, (s, n) in enumerate(zip(seqs, num_tokens)) if s.num_computed + n == len(s)]  # rows of last
+        sampled = [(row, i) for row, i in enumerate(done) if not isinstance(seqs[i].params, HeadParams)]
+        if len(sampled) == len(seqs):  # every sequence decodes (the common step)
             return sample_async(self.model.compute_logits(last), seqs, stop_ids).result
         pending = None
-        if decode:
-            rows = torch.tensor(decode, device=last.device)
-            pending = sample_async(self.model.compute_logits(last.index_select(0, rows)), [seqs[i] for i in decode],
-                                   [stop_ids[i] for i in decode])
+        if sampled:
+            rows = torch.tensor([row for row, _ in sampled], device=last.device)
+            pending = sample_async(self.model.compute_logits(last.index_select(0, rows)),
+                                   [seqs[i] for _, i in sampled], [stop_ids[i] for _, i in sampled])
 
         @torch.inference_mode()
-        def results() -> list[int | torch.Tensor]:
-            out: list[int | torch.Tensor] = list(last.unbind(0))
-            for i, token in zip(decode, pending.result() if pending is not None else []):
+        def results() -> list[int | torch.Tensor | None]:
+            out: list[int | torch.Tensor | None] = [None] * len(seqs)
+            for row, i in enumerate(done):
+                out[i] = last[row]
+            for (_, i), token in zip(sampled, pending.result() if pending is not None else []):
                 out[i] = token
             return out
 

@@ -32,7 +32,7 @@ class Sequence:
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose KV is in the cache
+    num_computed: int = 0  # tokens whose KV is in the cache (a prompt in chunks: those done so far)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -40,7 +40,12 @@ class Sequence:
     image_embeds: list[torch.Tensor | None] = field(default_factory=list)  # kept across preemption
     num_preemptions: int = 0
     deadline: float | None = None  # absolute time by which the request should finish, if it has one
-    vision_tag: str | None = None  # the adapter, when it changes image embeddings (part of the cache key)
+    # The adapter's registration, "name#version": a reload under the same name gets a new version, so KV blocks
+    # (and image embeddings) computed under the old one are never matched.
+    adapter_key: str | None = None
+    vision_tag: str | None = None  # the adapter_key, when the adapter changes image embeddings (their cache key)
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks so far (prefix caching)
+    num_cached_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     logprobs: list[dict[int, float]] | None = None
     head_output: HeadOutput | None = None  # the answer of its task head, when a head answered it
     grammar: Any = None  # its structured-output matcher (llguidance), advanced with every accepted token
@@ -59,10 +64,11 @@ class Sequence:
     def token_at(self, i: int) -> int:
         return self.prompt.token_ids[i] if i < self.prompt_len else self.output_ids[i - self.prompt_len]
 
-    def new_token_ids(self) -> list[int]:
-        """Tokens to feed this step: everything not yet in the KV cache."""
-        ids = self.prompt.token_ids[self.num_computed :] if self.num_computed < self.prompt_len else []
-        return ids + self.output_ids[max(0, self.num_computed - self.prompt_len) :]
+    def token_range(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt and output together."""
+        n = self.prompt_len
+        head = self.prompt.token_ids[start:end] if start < n else []
+        return head + self.output_ids[max(0, start - n) : max(0, end - n)]
 
     @property
     def finished(self) -> bool:

@@ -7,10 +7,14 @@
   is filled behind the previous step's work, and `prefetch` fills free slots for waiting requests while a step runs.
 - A slot is only reused for an adapter no scheduled request needs; the scheduler guarantees a step never needs
   more than `max_loras` adapters. Pinned adapters are never evicted from either tier.
+- Every registration gets a version never given before (`AdapterInfo.key`): what is cached from an adapter's
+  computations (KV blocks, image embeddings) is keyed by it, so an adapter unloaded and loaded again under the
+  same name never meets the old one's cached results.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import OrderedDict
@@ -50,6 +54,7 @@ class AdapterInfo:
 
     nbytes: int
     targets: frozenset[str]  # layer paths
+    key: str  # "name#version": this registration, unlike any other under the same name
 
     @property
     def changes_images(self) -> bool:
@@ -72,6 +77,7 @@ class LoRAManager:
         self.info: dict[str, AdapterInfo] = {}
         self.pinned: set[str] = set()
         self.failed: dict[str, str] = {}  # adapters whose background reload failed, with the reason
+        self._versions = itertools.count(1)
         self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self._lock = threading.RLock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-loader")
@@ -103,7 +109,8 @@ class LoRAManager:
         adapter = self._read(req)
         with self._lock:
             self.requests[req.lora_name] = req
-            self.info[req.lora_name] = AdapterInfo(adapter.nbytes, frozenset(p for p, _ in adapter.weights))
+            self.info[req.lora_name] = AdapterInfo(adapter.nbytes, frozenset(p for p, _ in adapter.weights),
+                                                   f"{req.lora_name}#{next(self._versions)}")
             self._insert_host(adapter)
 
     def unregister(self, name: str) -> None:

@@ -12,14 +12,17 @@ from valora.models.layers.attention import AttentionMeta
 
 @dataclass
 class ImageInputs:
-    """New images of this step, in the order their placeholder tokens appear in the flat batch."""
+    """Images whose placeholder tokens are in this step, in the order they appear in the flat batch. A prompt
+    computed in chunks may take only some of an image's rows in a step (`spans`); its embedding is computed once,
+    by the first chunk that reaches it, and the owner keeps it for the chunks that follow."""
 
     data: list[dict[str, torch.Tensor]]  # per image: the processor's tensors (pixel_values, image_grid_thw, ...)
     num_tokens: list[int]  # placeholder tokens per image
     lora_slots: list[int]  # adapter slot of the request that owns each image (-1: none)
     merged_slot: int | None  # the adapter folded into the weights this step, if any
-    token_rows: torch.Tensor  # [sum num_tokens] rows of the batch that receive image embeddings
-    cached: list[torch.Tensor | None]  # embeddings already computed for an image (recompute after preemption)
+    token_rows: torch.Tensor  # [sum of span lengths] rows of the batch that receive image embeddings
+    cached: list[torch.Tensor | None]  # embeddings already computed (an earlier chunk, recompute after preemption)
+    spans: list[tuple[int, int]]  # rows [start, end) of each image's embedding that this step's tokens take
 
 
 @dataclass

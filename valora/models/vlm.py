@@ -160,14 +160,15 @@ class VisionLanguageModel(nn.Module):
         return self.run_vision(vp)[: vp.out_rows]
 
     def encode_images(self, images: ImageInputs) -> torch.Tensor:
-        """Embeddings for this step's images, batched through one vision pass; cached ones are reused."""
+        """The rows of this step's images (`spans`), whole images batched through one vision pass; cached ones are
+        reused."""
         todo = [i for i, c in enumerate(images.cached) if c is None]
         if todo:
             out = self.embed_images([images.data[i] for i in todo], [images.lora_slots[i] for i in todo],
                                     images.merged_slot)
             for i, emb in zip(todo, out.split([images.num_tokens[i] for i in todo])):
                 images.cached[i] = emb
-        return torch.cat(images.cached)
+        return torch.cat([emb[a:b] for emb, (a, b) in zip(images.cached, images.spans)])
 
     def forward(self, batch: ForwardBatch, kv_caches) -> torch.Tensor:
         lm = self.language_model

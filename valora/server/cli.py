@@ -89,7 +89,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=128, metavar="N",
                    help="sequences in the running batch (default: 128)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
-                   help="tokens per step (default: max(max-model-len, 2048))")
+                   help="tokens per step (default: 2048 with chunked prefill, else max(max-model-len, 2048))")
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="split prompts (image tokens included) across steps within --max-num-batched-tokens, "
+                        "running decodes first, so new prompts never stall running streams for more than one "
+                        "step's budget (default: on)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache blocks of a prompt prefix already computed for the same adapter "
+                        "(and images) (default: on)")
     g.add_argument("--max-queued-requests", type=int, default=4096, metavar="N",
                    help="requests that may wait beyond the running batch; more get 503 with Retry-After "
                         "(default: 4096)")
@@ -153,9 +160,11 @@ def engine_config(args: argparse.Namespace):
         model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, seed=args.seed,
         max_model_len=args.max_model_len, enable_lora=True,
         lora=LoRAConfig(args.max_loras, args.max_lora_rank, args.max_cpu_loras, args.lora_backend),
-        cache=CacheConfig(args.block_size, args.num_kv_blocks, args.gpu_memory_utilization, args.cpu_kv_cache_gb),
+        cache=CacheConfig(args.block_size, args.num_kv_blocks, args.gpu_memory_utilization, args.cpu_kv_cache_gb,
+                          args.enable_prefix_caching),
         scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_queued_requests,
-                                  policy=args.scheduler, max_wait_ms=args.max_wait_ms),
+                                  policy=args.scheduler, max_wait_ms=args.max_wait_ms,
+                                  enable_chunked_prefill=args.enable_chunked_prefill),
         multimodal=MultiModalConfig(
             max_images_per_prompt=args.max_images_per_prompt, max_image_pixels=args.max_image_pixels,
             max_image_bytes=args.max_image_bytes, embed_cache_mb=args.image_cache_mb,

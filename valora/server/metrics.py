@@ -79,10 +79,17 @@ class _EngineCollector:
         yield seconds
         for name, doc, value in (("valora:mode_switches", "Changes of the merged adapter.", s.num_switches),
                                  ("valora:mode_switch_seconds", "Time spent switching modes.", s.switch_seconds),
-                                 ("valora:num_preemptions", "Sequences preempted for KV blocks.", s.num_preemptions)):
+                                 ("valora:num_preemptions", "Sequences preempted for KV blocks.", s.num_preemptions),
+                                 ("valora:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  s.prefix_cache_queries),
+                                 ("valora:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                  s.prefix_cache_hits)):
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             c.add_metric([self.model], value)
             yield c
+        yield self._gauge("valora:prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache, since "
+                          "start (0 to 1).", s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries
+                          else 0.0)
 
 
 class ServerMetrics:
