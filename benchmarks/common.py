@@ -21,6 +21,29 @@ QWEN2_VL_7B = dict(
 LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def build_checkpoint(workdir: Path, num_adapters: int, rank: int, quick: bool = False) -> tuple[Path, list[Path]]:
+    """The Qwen2-VL-7B-shaped checkpoint with random bf16 weights (448x448 images: 256 tokens each) and
+    `num_adapters` random adapters of `rank` on every LM linear, built on first use under `workdir`; with `quick`, a
+    tiny float32 Qwen2-VL on the CPU, to check a benchmark runs."""
+    from valora.testing.checkpoints import build_qwen2_vl, peft_target_regex, save_random_adapter
+
+    device, dtype = ("cpu", torch.float32) if quick else ("cuda", torch.bfloat16)
+    model = workdir / ("qwen2-vl-tiny" if quick else "qwen2-vl-7b-random")
+    if not (model / "config.json").exists():
+        t = time.perf_counter()
+        shapes = dict(initializer_range=0.05) if quick else dict(large=True, **QWEN2_VL_7B)
+        build_qwen2_vl(model, dtype=dtype, device=device, max_pixels=448 * 448, **shapes)
+        print(f"checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
+    adapters = []
+    for i in range(num_adapters):
+        path = workdir / f"adapter-r{rank}-{i}{'-tiny' if quick else ''}"
+        if not (path / "adapter_config.json").exists():
+            save_random_adapter(model, path, r=rank, target_modules=peft_target_regex(LM_LINEARS), seed=i,
+                                dtype=dtype, device=device)
+        adapters.append(path)
+    return model, adapters
+
+
 def git_commit() -> str:
     """VALORA_COMMIT when set (a copy of the tree without its own .git, as on the GPU machine), else git's HEAD."""
     if os.environ.get("VALORA_COMMIT"):

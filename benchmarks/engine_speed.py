@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import LM_LINEARS, QWEN2_VL_7B, timed_steps, write_result
+from benchmarks.common import QWEN2_VL_7B, build_checkpoint, timed_steps, write_result
 from benchmarks.engine_smoke import hf_decode
 from valora import LLM, LoRARequest, SamplingParams
-from valora.testing.checkpoints import build_qwen2_vl, peft_target_regex, save_random_adapter
 
 H, FF, L, V = (QWEN2_VL_7B[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
 KVH, D = QWEN2_VL_7B["num_key_value_heads"], H // QWEN2_VL_7B["num_attention_heads"]
@@ -85,23 +84,7 @@ def prefill_roofline(dev: dict, tokens: int) -> dict:
     return roofline(dev, LM_PARAMS * BYTES + kv_bytes(tokens), 2 * LM_PARAMS * tokens + attn)
 
 
-# -- the checkpoint --------------------------------------------------------------------------------------------
-def build(workdir: Path, num_adapters: int, rank: int) -> tuple[Path, list[Path]]:
-    model = workdir / "qwen2-vl-7b-random"
-    if not (model / "config.json").exists():
-        t = time.perf_counter()
-        build_qwen2_vl(model, large=True, dtype=torch.bfloat16, device="cuda", max_pixels=448 * 448, **QWEN2_VL_7B)
-        print(f"checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
-    adapters = []
-    for i in range(num_adapters):
-        path = workdir / f"adapter-r{rank}-{i}"
-        if not (path / "adapter_config.json").exists():
-            save_random_adapter(model, path, r=rank, target_modules=peft_target_regex(LM_LINEARS), seed=i,
-                                device="cuda")
-        adapters.append(path)
-    return model, adapters
-
-
+# -- the prompts ----------------------------------------------------------------------------------------------
 def token_prompts(batch: int, length: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     return [{"prompt_token_ids": torch.randint(10, 5000, (length,), generator=g).tolist()} for _ in range(batch)]
@@ -399,7 +382,7 @@ def main() -> None:
     if args.plot is not None:
         print(f"written {plot(args.plot)}")
         return
-    model_dir, adapter_dirs = build(args.workdir, max(ADAPTER_COUNTS), args.rank)
+    model_dir, adapter_dirs = build_checkpoint(args.workdir, max(ADAPTER_COUNTS), args.rank)
     path = Path(os.environ.get("OUT", "benchmarks/results")) / f"{args.name}.json"
     if args.hf_only:
         transformers_rows(args, model_dir, adapter_dirs, json.loads(path.read_text()))

@@ -106,3 +106,20 @@ def test_same_answers_in_every_mode(head_model, head_adapters):
         steps = llm.engine.stats().mode_steps
         assert steps.get("merged", 0) > 0 if scheduler == "valora" else steps.get("merged", 0) == 0, steps
     torch.testing.assert_close(answers["valora"], answers["slora"], atol=1e-4, rtol=1e-4)
+
+
+def test_same_answers_from_chunks_and_from_a_cached_prefix(head_model, head_adapters):
+    """A head reads the hidden state of the last prompt token: the same whether the prompt is computed whole, in
+    chunks of a few tokens (its image split between them), or all but that last token come from the prefix cache."""
+    lora = LoRARequest("two", 2, str(head_adapters["two"]))  # its vision tower is adapted too
+    answers = {}
+    for name, options in (("whole", dict(enable_chunked_prefill=False, enable_prefix_caching=False)),
+                          ("chunks", dict(max_num_seqs=4, max_num_batched_tokens=4))):
+        llm = LLM(str(head_model), enable_lora=True, max_loras=2, num_kv_blocks=256, device="cpu", block_size=4,
+                  **options)
+        p = prompt(llm, 9)
+        outs = [llm.generate(p, HeadParams("kind"), lora, use_tqdm=False)[0] for _ in range(2)]
+        answers[name] = torch.tensor([list(o.outputs[0].head.scores.values()) for o in outs])
+        n = len(llm.engine.process_prompt(p)[1].token_ids)
+        assert [o.num_cached_tokens for o in outs] == [0, 0 if name == "whole" else (n - 1) // 4 * 4]
+    torch.testing.assert_close(answers["chunks"], answers["whole"], atol=1e-5, rtol=1e-5)

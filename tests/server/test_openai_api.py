@@ -288,5 +288,6 @@ def test_one_log_line_per_request_and_plain_routes(server, client):
     for name in ("valora:time_to_first_token_seconds", "valora:time_per_output_token_seconds",
                  "valora:e2e_request_latency_seconds", "valora:num_requests_running", "valora:num_requests_waiting",
                  "valora:kv_cache_usage_perc", "valora:lora_requests_info", "valora:lora_adapter_loads_total",
-                 "valora:lora_adapter_evictions_total", "valora:request_queue_time_seconds"):
+                 "valora:lora_adapter_evictions_total", "valora:request_queue_time_seconds",
+                 "valora:prefix_cache_queries_total", "valora:prefix_cache_hits_total", "valora:prefix_cache_hit_rate"):
         assert f"\n{name}" in metrics.text, name

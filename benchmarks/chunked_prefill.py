@@ -1,0 +1,159 @@
+"""Chunked prefill under a burst of images (issue 16, acceptance 3): 32 streams are decoding when 32 image requests
+(448x448, 256 visual tokens each) arrive at once. Reported per configuration: the streams' inter-token latency in
+their steady state and during the burst (from its arrival until every image request has its first token), p99 over
+the burst against the steady median (target with chunking: <= 2x), and the image requests' time to first token.
+
+    python -m benchmarks.chunked_prefill --workdir /tmp/valora-bench      # H100: Qwen2-VL-7B shapes, random bf16
+    python -m benchmarks.chunked_prefill --quick                          # CPU: a tiny Qwen2-VL, to check it runs
+
+Every configuration runs on one engine (one load, one set of CUDA graphs): between runs only the scheduler's token
+budget and chunking switch (`configure`). Without chunking the budget is large enough for the whole burst in one
+step, as before issue 16. The time is the engine's own: the sum of `step()` durations, so the burst's prompt
+processing (chat template, image processor: on the caller's thread in `add_request`) is left out; it moves off
+the step loop with issue 16's input processor and is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import build_checkpoint, write_result
+from valora import LLM, SamplingParams
+from valora.testing.images import random_image
+
+
+def configure(llm: LLM, chunked: bool, budget: int) -> None:
+    engine = llm.engine
+    engine.scheduler.chunked = chunked
+    engine.scheduler.max_batched_tokens = engine.max_batched_tokens = budget
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def image_prompt(llm: LLM, seed: int, size: int) -> dict:
+    image = random_image(size, size, seed=seed)
+    return llm.chat_prompt([{"role": "user", "content": [{"type": "image", "image": image},
+                                                         {"type": "text", "text": "Describe the image."}]}])
+
+
+def run_burst(llm: LLM, args, seed: int) -> dict:
+    """One configuration: streams to steady state, the burst, until every image request is done."""
+    engine = llm.engine
+    g = torch.Generator().manual_seed(seed)
+    stream_ids = [f"s{seed}-{i}" for i in range(args.streams)]
+    vocab = min(5000, engine.model.decoder_config.vocab_size)
+    for rid in stream_ids:  # random tokens past the special ones: no prefix shared with anything else in the run
+        ids = torch.randint(10, vocab, (args.stream_prompt,), generator=g).tolist()
+        engine.add_request(rid, {"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=100_000,
+                                                                           ignore_eos=True))
+    clock = 0.0  # seconds inside step()
+    token_times: dict[str, list[float]] = {rid: [] for rid in stream_ids}
+    first_token: dict[str, float] = {}
+    seen: dict[str, int] = {}
+
+    def step() -> None:
+        nonlocal clock
+        t = time.perf_counter()
+        outs = engine.step()
+        clock += time.perf_counter() - t
+        for out in outs:
+            n = len(out.outputs[0].token_ids)
+            if n > seen.get(out.request_id, 0):
+                seen[out.request_id] = n
+                if out.request_id in token_times:
+                    token_times[out.request_id].append(clock)
+                else:
+                    first_token.setdefault(out.request_id, clock)
+
+    while any(not token_times[r] for r in stream_ids):  # every stream past its prefill
+        step()
+    for _ in range(args.steady_steps):
+        step()
+    burst_at = clock
+    prompts = [image_prompt(llm, seed * 1000 + i, args.image_size) for i in range(args.images)]
+    image_ids = [f"i{seed}-{i}" for i in range(args.images)]
+    t = time.perf_counter()
+    for rid, p in zip(image_ids, prompts):
+        engine.add_request(rid, p, SamplingParams(temperature=0, max_tokens=args.image_tokens, ignore_eos=True))
+    add_s = time.perf_counter() - t
+    while len(first_token) < len(image_ids):
+        step()
+    burst_end = clock
+    while any(engine.requests.get(r) is not None for r in image_ids):
+        step()
+    engine.abort_request(stream_ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+    steady, burst = [], []
+    for times in token_times.values():
+        for prev, cur in zip(times, times[1:]):
+            if cur <= burst_at:
+                steady.append(cur - prev)
+            elif cur <= burst_end or prev < burst_end:
+                burst.append(cur - prev)
+    ttft = [first_token[r] - burst_at for r in image_ids]
+    base = statistics.median(steady)
+    return {
+        "steady_itl_ms": {"p50": base * 1e3, "p99": percentile(steady, 0.99) * 1e3},
+        "burst_itl_ms": {"p50": statistics.median(burst) * 1e3, "p99": percentile(burst, 0.99) * 1e3,
+                         "max": max(burst) * 1e3},
+        "burst_p99_over_steady_p50": percentile(burst, 0.99) / base,
+        "burst_seconds": burst_end - burst_at,
+        "image_ttft_ms": {"mean": statistics.fmean(ttft) * 1e3, "p50": statistics.median(ttft) * 1e3,
+                          "p99": percentile(ttft, 0.99) * 1e3},
+        "image_prompt_tokens": len(engine.process_prompt(prompts[0])[1].token_ids),
+        "burst_add_request_s_excluded": add_s,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/valora-bench"))
+    ap.add_argument("--quick", action="store_true", help="a tiny model on the CPU, small counts")
+    ap.add_argument("--budgets", default=None, help="chunked-prefill token budgets to run (default: 256,512,1024,2048;"
+                                                     " quick: 16,48)")
+    ap.add_argument("--streams", type=int, default=None, help="running streams (default: 32; quick: 6)")
+    ap.add_argument("--images", type=int, default=None, help="image requests in the burst (default: 32; quick: 6)")
+    ap.add_argument("--image-size", type=int, default=448)
+    ap.add_argument("--image-tokens", type=int, default=8, help="tokens each image request generates")
+    ap.add_argument("--stream-prompt", type=int, default=128, help="prompt tokens of each stream")
+    ap.add_argument("--steady-steps", type=int, default=None, help="decode steps before the burst (default: 32)")
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args()
+    q = args.quick
+    args.budgets = args.budgets or ("16,48" if q else "256,512,1024,2048")
+    args.streams = args.streams or (6 if q else 32)
+    args.images = args.images or (6 if q else 32)
+    args.steady_steps = args.steady_steps or (8 if q else 32)
+    whole = 4096 if q else 16384  # without chunking: the whole burst in one step
+    model_dir, _ = build_checkpoint(args.workdir, 0, 8, quick=q)
+    llm = LLM(str(model_dir), max_model_len=whole, max_num_seqs=2 * max(args.streams, args.images),
+              max_num_batched_tokens=whole, enable_chunked_prefill=False,
+              **(dict(device="cpu", num_kv_blocks=1024) if q else dict(gpu_memory_utilization=0.8)))
+    configure(llm, False, whole)
+    run_burst(llm, args, seed=99)  # warm-up: kernels compiled, caches allocated
+    result: dict = {"model": "tiny qwen2-vl (cpu)" if q else "qwen2-vl-7b shapes, random bf16",
+                    "streams": args.streams, "images": args.images, "image_size": args.image_size,
+                    "stream_prompt_tokens": args.stream_prompt, "runs": []}
+    configs = [(False, whole)] + [(True, int(b)) for b in args.budgets.split(",")]
+    for seed, (chunked, budget) in enumerate(configs, start=1):
+        configure(llm, chunked, budget)
+        row = {"chunked_prefill": chunked, "max_num_batched_tokens": budget, **run_burst(llm, args, seed)}
+        result["runs"].append(row)
+        print(json.dumps(row), flush=True)
+    path = write_result(args.name or ("chunked_prefill_cpu_quick" if q else "chunked_prefill"), result)
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
