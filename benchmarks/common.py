@@ -63,14 +63,19 @@ def run_info() -> dict:
     }
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed_steps(engine) -> list[float]:
     """Wall time of every engine step until all requests finish (host and device, synchronised)."""
     times = []
     while engine.has_unfinished_requests():
-        torch.cuda.synchronize()
+        synchronize()
         t = time.perf_counter()
         engine.step()
-        torch.cuda.synchronize()
+        synchronize()
         times.append(time.perf_counter() - t)
     return times
 

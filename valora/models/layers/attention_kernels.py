@@ -20,7 +20,7 @@ online in fp32 (base 2, the scale folded into one multiply), and accumulate P·V
   Qwen2.5-VL's windows), no cache. The host cuts every span into query tiles once per pass (a table of (query
   rows, key rows) per tile), so the grid is (heads, tiles): no program is spent on a short span's padding, and a
   table padded to a fixed length serves a CUDA graph for any mix of span lengths. Head sizes that are not a
-  power of two (Qwen2-VL's ViT: 80) are masked along D.
+  power of two (Qwen2-VL's ViT: 80) run as two column blocks (64 + 16), so no dot works on padding.
 
 All are CUDA-graph safe: no host sync, grids from tensor shapes (and, for prefill, the host int max_q_len), and
 the only allocation is the split-KV workspace sized from shapes (or passed in).
@@ -377,35 +377,48 @@ def paged_prefill_attention(
 
 
 @triton.jit
-def _span_tiles(acc, m_i, l_i, q, k_base, v_base, lo, hi, nk, stride_kt, stride_vt, offs_d, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """Online-softmax update of a query tile with the span's keys [lo, hi) (dense rows); unmasked tiles are whole."""
+def _load_rows(base, rows, stride, offs, cols: tl.constexpr, row_mask, D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """[R, len(offs)] of rows `rows` (element stride `stride`) at columns `offs`: masked where a column is >= D, or
+    (MASK_ROWS) where `row_mask` is false; unmasked when neither can happen."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride + offs[None, :]
+    if MASK_ROWS:
+        return tl.load(ptrs, mask=row_mask[:, None] & (offs < D)[None, :], other=0.0)
+    if cols > D:
+        return tl.load(ptrs, mask=(offs < D)[None, :], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _span_tiles(acc, acc_hi, m_i, l_i, q, q_hi, k_base, v_base, lo, hi, nk, stride_kt, stride_vt, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of a query tile with the span's keys [lo, hi) (dense rows); unmasked tiles are whole.
+    Head dims that are not a power of two run as two column blocks, BLOCK_D + BLOCK_DH (80 = 64 + 16), so the
+    dots do no work on padding columns; BLOCK_DH = 0 when HEAD_DIM is a power of two."""
+    offs_d = tl.arange(0, BLOCK_D)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kt
-        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vt
-        if MASKED:
-            n_mask = offs_n < nk
-            nd_mask = _tile_mask(n_mask, offs_d, HEAD_DIM, BLOCK_D)
-            k = tl.load(k_ptrs, mask=nd_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=nd_mask, other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            k = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+        n_mask = offs_n < nk
+        k = _load_rows(k_base, offs_n, stride_kt, offs_d, BLOCK_D, n_mask, HEAD_DIM, MASKED)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+        if BLOCK_DH > 0:
+            offs_h = BLOCK_D + tl.arange(0, BLOCK_DH)
+            k_hi = _load_rows(k_base, offs_n, stride_kt, offs_h, BLOCK_D + BLOCK_DH, n_mask, HEAD_DIM, MASKED)
+            s += tl.dot(q_hi, tl.trans(k_hi.to(q.dtype)), input_precision=DOT_PRECISION)
+        s = s * qk_scale
         if MASKED:
             s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one key
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, offs_n, stride_vt, offs_d, BLOCK_D, n_mask, HEAD_DIM, MASKED)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if BLOCK_DH > 0:
+            v_hi = _load_rows(v_base, offs_n, stride_vt, offs_h, BLOCK_D + BLOCK_DH, n_mask, HEAD_DIM, MASKED)
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(v.dtype), v_hi, input_precision=DOT_PRECISION)
         m_i = m_new
-    return acc, m_i, l_i
+    return acc, acc_hi, m_i, l_i
 
 
 @triton.jit
@@ -413,7 +426,7 @@ def _varlen_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, tiles_ptr, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_DH: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Heads vary fastest: the heads of one query tile run side by side and share its span's keys through L2.
     h = tl.program_id(0)
@@ -421,28 +434,49 @@ def _varlen_kernel(
     rows = tl.load(tile + 1)
     if rows == 0:  # an unused entry of a table padded to a fixed size (CUDA graphs)
         return
-    m0 = tl.load(tile).to(tl.int64)
-    k0 = tl.load(tile + 2).to(tl.int64)
+    m0 = tl.load(tile)
+    k0 = tl.load(tile + 2)
     nk = tl.load(tile + 3)
 
-    offs_m = tl.arange(0, BLOCK_M)
+    q_rows = m0 + tl.arange(0, BLOCK_M)
+    m_mask = tl.arange(0, BLOCK_M) < rows
     offs_d = tl.arange(0, BLOCK_D)
-    md_mask = _tile_mask(offs_m < rows, offs_d, HEAD_DIM, BLOCK_D)
-    q_rows = m0 + offs_m
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=md_mask, other=0.0)
-    k_base = k_ptr + k0 * stride_kt + h * stride_kh + offs_d[None, :]
-    v_base = v_ptr + k0 * stride_vt + h * stride_vh + offs_d[None, :]
+    q_base = q_ptr + h * stride_qh
+    o_base = o_ptr + h * stride_oh
+    k_base = k_ptr + k0.to(tl.int64) * stride_kt + h * stride_kh
+    v_base = v_ptr + k0.to(tl.int64) * stride_vt + h * stride_vh
+    q = _load_rows(q_base, q_rows, stride_qt, offs_d, BLOCK_D, m_mask, HEAD_DIM, True)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    q_hi, acc_hi = q, acc  # placeholders when the head dim is one block
+    if BLOCK_DH > 0:
+        offs_h = BLOCK_D + tl.arange(0, BLOCK_DH)
+        q_hi = _load_rows(q_base, q_rows, stride_qt, offs_h, BLOCK_D + BLOCK_DH, m_mask, HEAD_DIM, True)
+        acc_hi = tl.zeros([BLOCK_M, BLOCK_DH], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end = (nk // BLOCK_N) * BLOCK_N
-    acc, m_i, l_i = _span_tiles(acc, m_i, l_i, q, k_base, v_base, 0, full_end, nk, stride_kt, stride_vt, offs_d,
-                                qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION)
-    acc, m_i, l_i = _span_tiles(acc, m_i, l_i, q, k_base, v_base, full_end, nk, nk, stride_kt, stride_vt, offs_d,
-                                qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a span without keys (padding rows): zeros
-    tl.store(o_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=md_mask)
+    acc, acc_hi, m_i, l_i = _span_tiles(acc, acc_hi, m_i, l_i, q, q_hi, k_base, v_base, 0, full_end, nk, stride_kt,
+                                        stride_vt, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_DH, BLOCK_N, False,
+                                        DOT_PRECISION)
+    acc, acc_hi, m_i, l_i = _span_tiles(acc, acc_hi, m_i, l_i, q, q_hi, k_base, v_base, full_end, nk, nk, stride_kt,
+                                        stride_vt, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_DH, BLOCK_N, True,
+                                        DOT_PRECISION)
+    inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)  # a span without keys (padding rows): zeros
+    o_ptrs = o_base + q_rows[:, None].to(tl.int64) * stride_ot
+    tl.store(o_ptrs + offs_d[None, :], (acc * inv[:, None]).to(o_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & (offs_d < HEAD_DIM)[None, :])
+    if BLOCK_DH > 0:
+        tl.store(o_ptrs + offs_h[None, :], (acc_hi * inv[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & (offs_h < HEAD_DIM)[None, :])
+
+
+def head_blocks(head_dim: int) -> tuple[int, int]:
+    """Column blocks of a head: (head_dim, 0) for a power of two, else the largest power of two below it and the
+    rest rounded up to one (80 -> 64 + 16, 96 -> 64 + 32, 72 -> 64 + 16 with 8 masked columns)."""
+    if head_dim & (head_dim - 1) == 0:
+        return head_dim, 0
+    lo = triton.next_power_of_2(head_dim) // 2
+    return lo, max(16, triton.next_power_of_2(head_dim - lo))
 
 
 # BLOCK_M -> (BLOCK_N, num_warps, num_stages) of `varlen_attention`
@@ -478,10 +512,11 @@ def varlen_attention(
     if tiles.shape[0] == 0 or t == 0:
         return out
     bn, warps, stages = VARLEN_TILES[block_m]
+    block_d, block_dh = head_blocks(d)
     _varlen_kernel[(h, tiles.shape[0])](
         q, k, v, out, tiles, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=triton.next_power_of_2(d),
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DH=block_dh,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
     return out
