@@ -8,7 +8,9 @@ question. Reported: time to first token on a miss and on a hit, one request at a
     python -m benchmarks.prefix_cache --quick                         # CPU: a tiny Qwen2-VL, to check it runs
 
 TTFT is the wall time from `add_request` (token-id prompts: no preprocessing) to the step that returns the first
-token, with the engine's default chunked-prefill budget (2048 tokens: a miss takes two steps).
+token, with the engine's default chunked-prefill budget (2048 tokens: a miss takes two steps). Requests alternate
+between adapters; under the `valora` policy a lone request may be served merged, so a TTFT can include a mode
+switch: the result counts them (`--scheduler slora` never merges).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=None, help="adapters sharing the prefix (default: 8; quick: 2)")
     ap.add_argument("--hits", type=int, default=4, help="requests per adapter after its first")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--scheduler", default="valora")
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
     q = args.quick
@@ -55,6 +58,7 @@ def main() -> None:
     num_adapters = args.adapters or (2 if q else 8)
     model_dir, adapter_dirs = build_checkpoint(args.workdir, num_adapters, args.rank, quick=q)
     llm = LLM(str(model_dir), enable_lora=True, max_loras=num_adapters, max_lora_rank=args.rank, max_model_len=4096,
+              scheduler=args.scheduler,
               **(dict(device="cpu", num_kv_blocks=1024) if q else dict(gpu_memory_utilization=0.8)))
     loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapter_dirs)]
     vocab = min(5000, llm.engine.model.decoder_config.vocab_size)
@@ -63,9 +67,10 @@ def main() -> None:
     def tokens(n: int) -> list[int]:  # random ids past the special tokens
         return torch.randint(10, vocab, (n,), generator=g).tolist()
 
-    for i, lora in enumerate(loras):  # warm-up on another prefix: adapters in their slots, kernels compiled
+    for i, lora in enumerate(loras):  # warm-up: adapters in their slots, kernels compiled for long and short prompts
         ttft(llm, f"warm{i}", tokens(system_tokens + args.question_tokens), lora)
-        ttft(llm, f"warm{i}-hit", tokens(args.question_tokens), lora)
+        ttft(llm, f"warm{i}-short", tokens(args.question_tokens), lora)
+    switches = llm.engine.stats().num_switches
     system = tokens(system_tokens)
     rows = []
     for k in range(1 + args.hits):
@@ -85,6 +90,7 @@ def main() -> None:
         "hit_over_miss_p50": statistics.median(hit) / statistics.median(miss),
         "misses_cached_nothing_of_the_system_prompt": all(r["cached_tokens"] < 16 for r in rows if r["request"] == 0),
         "prefix_cache_queries": stats.prefix_cache_queries, "prefix_cache_hits": stats.prefix_cache_hits,
+        "scheduler": args.scheduler, "mode_switches_while_timed": stats.num_switches - switches,
         "requests": rows,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "requests"}), flush=True)
