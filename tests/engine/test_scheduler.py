@@ -85,3 +85,18 @@ def test_chunked_prefill_runs_decodes_first_and_splits_prompts_to_the_budget():
         chunks.append(list(zip([s.seq_id for s in out.seqs[3:]], out.num_tokens[3:])))
     # what the streams leave (5 tokens) goes to the older prompt first; once it decodes, the other gets 4 a step
     assert chunks == [[(3, 5)]] * 4 + [[(3, 1), (4, 4)]] * 5
+
+
+def test_a_prompt_in_progress_may_preempt_a_newer_decode_already_in_the_step():
+    blocks = BlockManager(4, 4)
+    sched = Scheduler(SchedulerConfig(), blocks, max_batched_tokens=8, max_loras=None)
+    prompt, stream = _seq(0, 20, lora="slow"), _seq(1, 2)
+    sched.add(prompt)
+    _step(sched)  # 8 of its 20 tokens: 2 blocks
+    sched.add(stream)
+    out = sched.schedule(ready=lambda s: s.lora_name != "slow")  # its adapter is reloading: the stream goes ahead
+    assert out.seqs == [stream]
+    stream.num_computed, stream.output_ids = 2, [1]
+    out = sched.schedule()  # the stream decodes first, then the prompt needs 2 blocks where 1 is free
+    assert out.seqs == [prompt] and out.num_tokens == [7] and out.preempted == [stream]
+    assert stream.block_table == [] and sched.waiting[0] is stream and len(prompt.block_table) == 4
