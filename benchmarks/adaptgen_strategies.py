@@ -1,7 +1,7 @@
 """One adapter per task, one adapter for all tasks, and the accuracy-aware packing, side by side (issue 8,
 acceptance 3): adapter count, held-out accuracy per task, and the throughput of a mixed workload over them.
 
-    python benchmarks/adaptgen_strategies.py [--workdir DIR]
+    python -m benchmarks.adaptgen_strategies [--workdir DIR]
 
 Builds the embedded suite three times (`valora adapters build embedded --base demo --strategy ...`, one shared
 cache), then serves each result with one engine (scheduler valora, every adapter in a slot) and sends it every

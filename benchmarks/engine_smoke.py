@@ -2,7 +2,7 @@
 adapters, decode tokens/s at batch 1 and 32, next to transformers `generate` (and transformers + peft for the
 adapter row) on the same checkpoint. Correctness and an honest number; speed work is a later issue.
 
-    python benchmarks/engine_smoke.py --workdir /tmp/smoke
+    python -m benchmarks.engine_smoke --workdir /tmp/smoke
 """
 
 from __future__ import annotations

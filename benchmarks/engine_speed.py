@@ -2,8 +2,8 @@
 weights, side by side with transformers `generate` (+ peft for adapter rows) on the same checkpoint, every row next
 to its roofline, plus the GPU's idle time between decode steps and a kernel profile of one step.
 
-    python benchmarks/engine_speed.py --workdir /tmp/speed            # everything (about 8 minutes on an H100)
-    python benchmarks/engine_speed.py --skip-hf --batches 1,32        # ours only, fewer rows
+    python -m benchmarks.engine_speed --workdir /tmp/speed            # everything (about 8 minutes on an H100)
+    python -m benchmarks.engine_speed --skip-hf --batches 1,32        # ours only, fewer rows
 
 Roofline of a row: the larger of (bytes it must read) / (measured copy bandwidth) and (FLOPs) / (measured bf16
 matmul rate). A decode step reads the LM weights, the distinct adapters in the batch and every sequence's KV; a

@@ -2,7 +2,7 @@
 batch of 8 image requests over 8 adapters (on the LM, the vision tower and the projector), image prefill time and
 decode tokens/s, next to transformers on the same checkpoint and the same preprocessed inputs.
 
-    python benchmarks/families.py --workdir /tmp/families [--families llava internvl qwen2_5_vl]
+    python -m benchmarks.families --workdir /tmp/families [--families llava internvl qwen2_5_vl]
 
 One checkpoint (~16 GB) exists at a time; each family's JSON is written as soon as it is measured.
 """

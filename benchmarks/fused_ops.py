@@ -1,8 +1,8 @@
 """The decoder's small per-layer ops on Qwen2-VL-7B shapes: the PyTorch path against the fused Triton kernels of
 valora/models/layers/fused_kernels.py, op by op and for the whole per-step "glue" (28 layers of them).
 
-    python benchmarks/fused_ops.py                 # on the GPU: prints a table, writes $OUT/fused_ops.json
-    python benchmarks/fused_ops.py --tokens 1 32   # a subset of token counts
+    python -m benchmarks.fused_ops                 # on the GPU: prints a table, writes $OUT/fused_ops.json
+    python -m benchmarks.fused_ops --tokens 1 32   # a subset of token counts
 
 Ops, each at T tokens (bf16): `rms_norm` (hidden 3584), `add_rms_norm` (the residual add fused into the norm),
 `silu_and_mul` (gate/up 2 x 18944), `rotary` (q 28 heads and k 4 heads of 128 from a fused qkv row, M-RoPE

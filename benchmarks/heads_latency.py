@@ -1,8 +1,8 @@
 """Task heads vs decoding the answer as text (issue 8, acceptance 4): held-out accuracy and end-to-end latency per
 request through the real server (HTTP, chat template, image decoding, engine), one request at a time.
 
-    python benchmarks/heads_latency.py                      # CPU: the demo's small Qwen2-VL, trained adapters
-    python benchmarks/heads_latency.py --shape 7b           # GPU: Qwen2-VL-7B shapes, random weights
+    python -m benchmarks.heads_latency                      # CPU: the demo's small Qwen2-VL, trained adapters
+    python -m benchmarks.heads_latency --shape 7b           # GPU: Qwen2-VL-7B shapes, random weights
 
 CPU: `rotation` (a classification task) and `locate` (the box task) of the embedded suite are each trained twice
 with the suite's recipe, once with a head and once answering in text (`valora adapters build --strategy per-task`),

@@ -1,7 +1,7 @@
 """LoRA operator benchmark on Qwen2-VL-7B shapes: every backend, the base GEMM, and the roofline.
 
-    python benchmarks/lora_ops.py --commit $(git rev-parse --short HEAD)      # on the GPU: writes the JSON
-    python benchmarks/lora_ops.py --report benchmarks/results/lora_ops_h100.json   # anywhere: plot + markdown
+    python -m benchmarks.lora_ops --commit $(git rev-parse --short HEAD)      # on the GPU: writes the JSON
+    python -m benchmarks.lora_ops --report benchmarks/results/lora_ops_h100.json   # anywhere: plot + markdown
 
 Times are device times with L2 flushed before every call (valora.lora.tuning.timing), as inside a CUDA graph.
 Each case is one `lora_matmul(..., out=y)` call (shrink + expand, accumulating into y). The floor of a case is

@@ -4,7 +4,7 @@ Times merged <-> unmerged and a hot-adapter change through the engine's own Mode
 roofline of the bytes a switch must move (read W, write W' for every targeted layer, at the measured copy
 bandwidth), and next to the in-place add-then-subtract that dLoRA and peft use, with the drift it leaves.
 
-    python benchmarks/mode_switch.py
+    python -m benchmarks.mode_switch
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from valora.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {
@@ -19,7 +21,19 @@ _DTYPES = {
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}); "
+                            "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise UserError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -31,7 +45,7 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None
             return torch.float32
         return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(_DTYPES))}")
+        raise UserError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(_DTYPES))}")
     return _DTYPES[dtype]
 
 
@@ -47,9 +61,9 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
-            raise ValueError("block_size must be positive")
+            raise UserError("block_size must be positive")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+            raise UserError("gpu_memory_utilization must be in (0, 1]")
 
 
 @dataclass
@@ -63,13 +77,13 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:
-            raise ValueError("max_loras must be at least 1")
+            raise UserError("max_loras must be at least 1")
         if self.max_lora_rank < 1:
-            raise ValueError("max_lora_rank must be at least 1")
+            raise UserError("max_lora_rank must be at least 1")
         if self.max_cpu_loras is None:
             self.max_cpu_loras = self.max_loras
         if self.max_cpu_loras < self.max_loras:
-            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+            raise UserError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
 
 
 @dataclass
@@ -86,9 +100,9 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be at least 1")
+            raise UserError("max_num_seqs must be at least 1")
         if self.max_wait_ms <= 0:
-            raise ValueError("max_wait_ms must be positive")
+            raise UserError("max_wait_ms must be positive")
 
 
 # Attention kernels of the vision towers (vLLM's names; models/layers/vit.py): auto = TRITON_ATTN on CUDA, else SDPA

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from valora import LLM, LoRARequest, SamplingParams
+from valora.errors import UserError
 from valora.lora.adapter import load_adapter
 from valora.models.layers.linear import LoRALinear
 from valora.models.registry import resolve_family
@@ -199,7 +200,7 @@ def test_checkpoint_problems_are_named(tiny_model, tmp_path):
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="does not know"):
         LLM(str(broken), dtype="float32", device="cpu")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(UserError, match="does not exist"):
         LLM(str(tmp_path / "nowhere"), device="cpu")
 
 

@@ -280,7 +280,7 @@ def test_one_log_line_per_request_and_plain_routes(server, client):
     body = got.parse()
     assert float(got.headers["x-queue-time"]) >= 0 and got.headers["x-request-id"] == body.id
     lines = [line for line in server.log_text().splitlines() if body.id in line]
-    assert len(lines) == 1 and " INFO " in lines[0] and "model=lora0" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("INFO ") and "model=lora0" in lines[0]
     health = httpx.get(f"{server.url}/health")
     assert health.status_code == 200
     metrics = httpx.get(f"{server.url}/metrics", follow_redirects=False)

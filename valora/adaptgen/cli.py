@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from valora.errors import UserError
+
 SUITES = Path(__file__).parent / "suites"
 
 
@@ -38,20 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from valora.adaptgen.base import demo_base
     from valora.adaptgen.builder import BuildConfig, build
-    from valora.adaptgen.spec import SpecError, load_suite
+    from valora.adaptgen.spec import load_suite
 
     path = SUITES / f"{args.tasks}.yaml" if (SUITES / f"{args.tasks}.yaml").is_file() else Path(args.tasks)
-    try:
-        suite = load_suite(path).with_overrides(tasks=args.only.split(",") if args.only else None, steps=args.steps,
-                                                rank=args.rank, floor=args.floor, seed=args.seed)
-    except SpecError as e:
-        print(f"error: {e}")
-        return 2
+    if args.base != "demo" and not (Path(args.base) / "config.json").is_file():
+        raise UserError(f"--base {args.base} is not a model directory (no config.json); pass one, or 'demo'")
+    suite = load_suite(path).with_overrides(tasks=args.only.split(",") if args.only else None, steps=args.steps,
+                                            rank=args.rank, floor=args.floor, seed=args.seed)
     cache = args.cache_dir or args.out / ".work"
     base = demo_base(cache) if args.base == "demo" else Path(args.base)
-    if not (base / "config.json").is_file():
-        print(f"error: {base} is not a model directory (no config.json)")
-        return 2
     report = build(BuildConfig(suite, base, args.out, cache, args.strategy))
     print((args.out / "report.md").read_text())
     if report["below_floor"]:

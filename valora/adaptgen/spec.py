@@ -18,16 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from valora.errors import UserError, from_mapping
 from valora.training.specs import AdapterSpec, TrainSpec
 
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A task file that cannot be built; the message names the task and the field."""
 
 
@@ -84,16 +85,7 @@ def fingerprint(obj: Any) -> str:
 
 
 def _build(cls, raw: Any, where: str):
-    if not isinstance(raw, dict):
-        raise SpecError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = set(raw) - names
-    if unknown:
-        raise SpecError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
-    try:
-        return cls(**raw)
-    except TypeError as e:
-        raise SpecError(f"{where}: {e}") from e
+    return from_mapping(cls, raw, where, SpecError)
 
 
 def _task(raw: Any, i: int) -> TaskSpec:

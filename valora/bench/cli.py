@@ -1,4 +1,9 @@
-"""`valora bench run|sweep|report`: trace-driven load against OpenAI-compatible servers (docs/bench.md)."""
+"""`valora bench run|sweep|report`: trace-driven load against OpenAI-compatible servers (docs/bench.md).
+
+`run` and `sweep` end with a summary table on screen (`valora.bench.console`) and exit 1 when more than
+`--max-failure-ratio` of the measured requests failed. Results go under the current directory by default
+(`bench-results/`), never into the package or the repository's tracked files unless asked to.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,47 @@ import argparse
 import logging
 from pathlib import Path
 
+from valora.errors import UserError
+
 logger = logging.getLogger("valora.bench")
+DEFAULT_ROOT = Path("bench-results")
 
 
 def _size(text: str) -> list[int]:
     w, _, h = text.partition("x")
-    return [int(w), int(h or w)]
+    try:
+        return [int(w), int(h or w)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use WxH, e.g. 448x448") from None
+
+
+def _ratio(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"invalid ratio {text!r}: use a number from 0 to 1")
+    return v
+
+
+def _add_outcome(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-failure-ratio", type=_ratio, default=0.0, metavar="F",
+                   help="exit 1 when more than this share of the measured requests failed or timed out (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
 
-    p = sub.add_parser("sweep", help="start the server per scheduler and replay every point of a YAML config")
-    p.add_argument("config", type=Path, help="sweep config (see benchmarks/e2e_sweep.yaml)")
+    text = ("start `valora serve` once per scheduler and replay every workload x skew x rate point of a YAML "
+            "config; points already in --out are kept, so a stopped sweep resumes")
+    p = sub.add_parser("sweep", help=text, description=text + ". See docs/bench.md.")
+    p.add_argument("config", type=Path,
+                   help="sweep config: benchmarks/cpu_sweep.yaml (CPU, minutes) or benchmarks/e2e_sweep.yaml (GPU)")
     p.add_argument("--out", type=Path, default=None,
-                   help="results directory; points already there are kept, not rerun (default: bench-results/<config>)")
+                   help=f"results directory; points already there are kept, not rerun (default: "
+                        f"{DEFAULT_ROOT}/<config name> under the current directory)")
     p.add_argument("--policies", nargs="+", default=None, help="run only these schedulers (default: the config's)")
     p.add_argument("--workloads", nargs="+", default=None, help="run only these workloads (default: all)")
     p.add_argument("--skews", nargs="+", default=None, metavar="SKEW",
@@ -32,11 +63,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, default=None, metavar="S",
                    help="start no point that could end after S seconds of this call; exit status 75 means points "
                         "are left: run the same command again (finished points are skipped)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_outcome(p)
 
-    p = sub.add_parser("run", help="replay one point against a running server (--base-url)")
+    text = "replay one workload point against a server that is already running (--base-url)"
+    p = sub.add_parser("run", help=text, description=text + ", e.g. one started with `valora serve`. See "
+                                                            "docs/bench.md.")
     p.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--out", type=Path, required=True, help="results directory (a point already there is kept)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"results directory; a point already there is kept (default: {DEFAULT_ROOT}/run-<mix>-r<rate> "
+                        "under the current directory)")
     p.add_argument("--name", default="external", help="policy name in the results (default: external)")
     p.add_argument("--api-key", default=None, help="bearer key for the server")
     p.add_argument("--mix", default="vqa", help="vqa, video, grounding or retrieval (default: vqa)")
@@ -48,30 +83,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default="conv", help="conv, code or a CSV path (default: conv)")
     p.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: inter-arrival CV (default: 1)")
     p.add_argument("--image-size", type=_size, default=None, metavar="WxH", help="override the tasks' image size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     p.add_argument("--slo-latency", type=float, default=None, metavar="S", help="end-to-end latency bound")
     p.add_argument("--slo-ttft", type=float, default=None, metavar="S", help="time-to-first-token bound")
     p.add_argument("--slo-tpot", type=float, default=None, metavar="S", help="time-per-output-token bound")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_outcome(p)
 
-    p = sub.add_parser("report", help="recompute the summary, redraw the plots and write report.md")
+    text = "recompute the summary from the raw records, redraw the plots and write report.md"
+    p = sub.add_parser("report", help=text, description=text + " of a results directory of `run` or `sweep`.")
     p.add_argument("results", type=Path, help="results directory of a sweep or run")
 
 
 def run(args: argparse.Namespace) -> int:
+    from valora.bench.console import failures, render
     from valora.bench.report import write_report
-    from valora.bench.sweep import SweepConfig, run_sweep
+    from valora.bench.results import load_points
+    from valora.bench.server import served_adapters
+    from valora.bench.sweep import SweepConfig, plan, run_sweep
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request and per /metrics poll otherwise
     if args.bench_command == "report":
+        if not (args.results / "run.json").is_file():
+            raise UserError(f"{args.results} is not a results directory of `valora bench run` or `sweep` "
+                            "(no run.json)")
         print(write_report(args.results))
         return 0
+    if args.base_url:
+        served_adapters(args.base_url, args.api_key)  # a server that is down or refuses the key: say so now
     if args.bench_command == "sweep":
         config = SweepConfig.load(args.config)
         if args.base_url:
             config = SweepConfig.from_dict({**config.to_dict(), "model": None, "server": {
                 **config.to_dict()["server"], "base_url": args.base_url, "name": args.name, "api_key": args.api_key}})
-        out = args.out or Path("bench-results") / args.config.stem
+        out = args.out or DEFAULT_ROOT / args.config.stem
         policies = tuple(args.policies) if args.policies else None
         workloads = tuple(args.workloads) if args.workloads else None
         skews = tuple(args.skews) if args.skews else None
@@ -85,8 +129,17 @@ def run(args: argparse.Namespace) -> int:
             "slo": {"latency_s": args.slo_latency, "ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
             "seed": args.seed,
         })
-        out, policies, workloads, skews, budget = args.out, None, None, None, None
+        out = args.out or DEFAULT_ROOT / f"run-{args.mix}-r{args.rate:g}"
+        policies, workloads, skews, budget = None, None, None, None
+    keys = {key for key, _, _ in plan(config, policies, workloads, skews)}
     code = run_sweep(config, out, policies, workloads, progress=not args.no_progress, budget_s=budget, skews=skews)
-    if (out / "points").is_dir():
-        logger.info("report: %s", write_report(out))
+    points = [p for p in load_points(out) if p.key in keys] if (out / "points").is_dir() else []
+    if not points:
+        return code
+    logger.info("report: %s", write_report(out))
+    print(render(points, config.slo))
+    failed, measured, _ = failures(points)
+    if code == 0 and measured and failed / measured > args.max_failure_ratio:
+        print(f"more than --max-failure-ratio {args.max_failure_ratio:g} of the requests failed")
+        return 1
     return code

@@ -45,14 +45,15 @@ def _panels(keys: list[tuple[str, str]], width: float = 4.0, height: float = 3.2
     return fig, where
 
 
-def fig14(rows: list[dict[str, Any]], out: Path, metric: str = "latency_s", label: str = "mean latency (s)"
-          ) -> list[Path]:
-    """Mean of `metric` against the request rate, one line per policy, one panel per task mix and skew."""
+def fig14(rows: list[dict[str, Any]], out: Path, metric: str = "latency_s", label: str = "mean latency (s)",
+          scale: float = 1.0) -> list[Path]:
+    """Mean of `metric` (times `scale`, e.g. 1e3 for ms) against the request rate, one line per policy, one panel
+    per task mix and skew."""
     keys = list(dict.fromkeys((r["workload"], r["skew"]) for r in rows))
     fig, where = _panels(keys)
     for (w, s), ax in where.items():
         for policy in dict.fromkeys(r["policy"] for r in rows):
-            pts = sorted((r["rate"], r[metric]["mean"]) for r in rows
+            pts = sorted((r["rate"], r[metric]["mean"] * scale) for r in rows
                          if (r["workload"], r["skew"], r["policy"]) == (w, s, policy) and r[metric]["mean"] is not None)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=policy, color=_color(policy))

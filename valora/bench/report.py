@@ -18,6 +18,10 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}g}"
 
 
+def _ms(v: float | None) -> float | None:
+    return None if v is None else v * 1e3
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
@@ -69,7 +73,7 @@ def write_report(root: Path) -> Path:
     rows = write_summary(root, points, slo)
     figures = root / "plots"
     plots.fig14(rows, figures)
-    plots.fig14(rows, figures, "per_token_s", "mean latency per token (s)")
+    plots.fig14(rows, figures, "per_token_s", "mean latency per token (ms)", scale=1e3)
     plots.cdfs(points, figures)
     comps = comparisons(rows, slo)
     timelines = _timeline_points(points, comps, config.get("timeline"))
@@ -114,7 +118,7 @@ def write_report(root: Path) -> Path:
 
     lines += ["## Points", ""]
     header = ["policy", "rate", "ok/measured", "err", "timeout", "latency mean", "p50", "p90", "p99", "TTFT p50",
-              "TTFT p99", "TPOT p50", "TPOT p99", "per token", "req/s", "out tok/s", "SLO", "goodput",
+              "TTFT p99", "TPOT p50", "TPOT p99", "per token ms", "req/s", "out tok/s", "SLO", "goodput",
               *(f"{m} s" for m in MODES), "switches"]
     for w, s in dict.fromkeys((r["workload"], r["skew"]) for r in rows):
         lines += [f"### {w}, {s}", ""]
@@ -125,7 +129,7 @@ def write_report(root: Path) -> Path:
             table.append([r["policy"], _fmt(r["rate"]), f"{r['ok']}/{r['measured']}", str(r["errors"]),
                           str(r["timeouts"]), _fmt(lat["mean"]), _fmt(lat["p50"]), _fmt(lat["p90"]), _fmt(lat["p99"]),
                           _fmt(ttft["p50"]), _fmt(ttft["p99"]), _fmt(tpot["p50"]), _fmt(tpot["p99"]),
-                          _fmt(r["per_token_s"]["mean"]), _fmt(r["throughput_rps"]), _fmt(r["output_tps"]),
+                          _fmt(_ms(r["per_token_s"]["mean"])), _fmt(r["throughput_rps"]), _fmt(r["output_tps"]),
                           _fmt(r["slo_attainment"], 2), _fmt(r["goodput_rps"]),
                           *(_fmt((modes.get("seconds") or {}).get(m)) for m in MODES), str(modes.get("switches", "-"))])
         lines += _table(header, table) + [""]

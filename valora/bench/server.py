@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from valora.errors import UserError
 from valora.testing.families import LM_LINEARS
 
 logger = logging.getLogger("valora.bench")
@@ -153,6 +154,13 @@ class ServerProcess(ServeProcess):
 def served_adapters(base_url: str, api_key: str | None = None) -> list[str]:
     """The adapters a running server lists in `/v1/models` (entries with a `parent`), in name order."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    r = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
-    r.raise_for_status()
+    try:
+        r = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
+    except httpx.HTTPError as e:
+        raise UserError(f"cannot reach the server at {base_url} ({type(e).__name__}: {e}); start it (valora serve "
+                        "MODEL) or fix --base-url") from e
+    if r.status_code == 401:
+        raise UserError(f"the server at {base_url} refused the API key; pass the right --api-key")
+    if r.status_code != 200:
+        raise UserError(f"{base_url}/v1/models answered HTTP {r.status_code}: is it an OpenAI-compatible server?")
     return sorted(m["id"] for m in r.json()["data"] if m.get("parent"))

@@ -28,6 +28,7 @@ from valora.bench.scrape import Sample, mode_usage, poll, token_totals, wait_idl
 from valora.bench.server import AdapterSpec, ModelSpec, ServerProcess, served_adapters
 from valora.bench.summary import SLO
 from valora.bench.workload import MIXES, Arrivals, Lengths, Skew, Task, Workload
+from valora.errors import UserError, from_mapping
 
 logger = logging.getLogger("valora.bench")
 POLICIES = ("valora", "slora", "punica", "dlora")
@@ -86,47 +87,75 @@ class SweepConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepConfig:
+        """Raises `UserError` naming the key that is wrong (a typo, a missing or malformed entry)."""
         d = dict(d)
         model = d.pop("model", None)
         if model is not None:
             model = dict(model)
-            adapters = dict(model.pop("adapters", {}))
+            adapters = dict(model.pop("adapters", {}) or {})
             for k in ("ranks", "targets"):
                 if k in adapters:
                     adapters[k] = tuple(adapters[k])
             if adapters.get("dir"):
                 adapters["dir"] = Path(adapters["dir"]).expanduser()
-            model = ModelSpec(Path(model.pop("path")).expanduser(), adapters=AdapterSpec(**adapters), **model)
-        server = dict(d.pop("server", {}))
+            if "path" not in model:
+                raise UserError("model: needs a `path`")
+            adapters = from_mapping(AdapterSpec, adapters, "model.adapters")
+            model = from_mapping(ModelSpec, {**model, "path": Path(model["path"]).expanduser(), "adapters": adapters},
+                                 "model")
+        server = dict(d.pop("server", {}) or {})
         for k in ("schedulers", "args"):
             if k in server:
                 server[k] = tuple(str(a) for a in server[k])
-        return cls(workloads=tuple(_workload(w) for w in d.pop("workloads")), server=ServerSpec(**server),
-                   model=model, slo=SLO(**d.pop("slo", {})), **d)
+        if not d.get("workloads"):
+            raise UserError("the config lists no `workloads`")
+        workloads = tuple(_workload(w, f"workloads[{i}]") for i, w in enumerate(d.pop("workloads")))
+        server = from_mapping(ServerSpec, server, "server")
+        slo = from_mapping(SLO, d.pop("slo", {}) or {}, "slo")
+        return from_mapping(cls, {**d, "workloads": workloads, "server": server, "model": model, "slo": slo},
+                            "the config")
 
     @classmethod
     def load(cls, path: Path) -> SweepConfig:
         import yaml
 
-        return cls.from_dict(yaml.safe_load(path.read_text()))
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise UserError(f"cannot read the sweep config {path}: {e.strerror or e}") from e
+        except yaml.YAMLError as e:
+            raise UserError(f"{path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: a sweep config is a YAML mapping (see benchmarks/cpu_sweep.yaml)")
+        try:
+            return cls.from_dict(data)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=str))
 
 
-def _workload(d: dict[str, Any]) -> WorkloadSpec:
+def _workload(d: dict[str, Any], where: str) -> WorkloadSpec:
+    if not isinstance(d, dict) or "name" not in d:
+        raise UserError(f"{where}: a workload is a mapping with a `name`")
     d = dict(d)
+    where = f"workload {d['name']!r}"
     mix = d.pop("mix", d["name"])
     if isinstance(mix, str) and mix not in MIXES:
-        raise ValueError(f"workload {d['name']!r}: unknown mix {mix!r}; known: {sorted(MIXES)}, or a list of tasks")
+        raise UserError(f"{where}: unknown mix {mix!r}; known: {sorted(MIXES)}, or a list of tasks")
     if not isinstance(mix, str):  # inline tasks
-        mix = tuple(Task(**{**t, "prompt": Lengths(**t.get("prompt", {})), "output": Lengths(**t.get("output", {})),
-                            "image_size": tuple(t.get("image_size", (448, 448)))}) for t in mix)
+        mix = tuple(from_mapping(Task, {**t, **{k: from_mapping(Lengths, t.get(k, {}), f"{where} task {k}")
+                                                for k in ("prompt", "output")},
+                                        "image_size": tuple(t.get("image_size", (448, 448)))}, f"{where} task")
+                    for t in mix)
     for k in ("rates", "skews"):
-        d[k] = tuple(d[k])
+        if k in d:
+            d[k] = tuple(d[k])
     if d.get("image_size"):
         d["image_size"] = tuple(d["image_size"])
-    return WorkloadSpec(mix=mix, arrivals=Arrivals(**d.pop("arrivals", {})), **d)
+    return from_mapping(WorkloadSpec, {**d, "mix": mix, "arrivals": from_mapping(Arrivals, d.pop("arrivals", {}) or {},
+                                                                     f"{where} arrivals")}, where)
 
 
 def run_info(config: SweepConfig) -> dict[str, Any]:
@@ -189,7 +218,7 @@ def plan(config: SweepConfig, policies: tuple[str, ...] | None = None, workloads
     chosen = policies or config.server.policies
     unknown = set(chosen) - set(config.server.policies)
     if unknown:
-        raise ValueError(f"policies {sorted(unknown)} are not in the config's {config.server.policies}")
+        raise UserError(f"policies {sorted(unknown)} are not in the config's {config.server.policies}")
     return [(PointKey(spec.name, Skew.parse(skew).label, policy, float(rate)), spec, skew)
             for policy in chosen for spec in config.workloads if not workloads or spec.name in workloads
             for skew in spec.skews if not skews or skew in skews for rate in spec.rates]
@@ -213,7 +242,7 @@ def run_sweep(config: SweepConfig, out: Path, policies: tuple[str, ...] | None =
     adapters: dict[str, Path] = {}
     if config.server.base_url is None:
         if config.model is None:
-            raise ValueError("the config has neither `model` nor `server.base_url`")
+            raise UserError("the config has neither `model` nor `server.base_url`")
         adapters = config.model.prepare()
     bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress)
 

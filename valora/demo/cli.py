@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from valora.server.launch import port_number
+
 SERVED_NAME = "qwen2-vl-digits"
 MIN_ACCURACY = 0.9
 
@@ -23,7 +25,7 @@ MIN_ACCURACY = 0.9
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve", action="store_true", help="keep the server up afterwards and print how to query it")
     p.add_argument("--host", default="127.0.0.1", help="address for the server (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port for the server (default: a free one)")
+    p.add_argument("--port", type=port_number, default=None, help="port for the server (default: a free one)")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                    help="where the trained model and adapters are kept (default: $VALORA_CACHE_DIR, else "
                         "~/.cache/valora)")

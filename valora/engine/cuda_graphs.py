@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from valora.lora.ops.batch import LoRABatch
 from valora.lora.ops.meta import GraphLoRAMeta
@@ -164,11 +165,11 @@ class CUDAGraphRunner:
         start = time.perf_counter()
         merged = tuple(False for _ in self.lora_layers)
         self.slot_mapping.fill_(self.pad_slot)  # nothing real yet: every row is padding
-        for b in reversed(self.buckets):  # the largest first: later ones fit in its memory pool
-            self.own[b].fill([])
-            for own in (False, True) if self.lora_enabled and self.lora_ok else (False,):
-                v = Variant(b, own, False, merged)
-                if v not in self.graphs:
-                    self.graphs[v] = self._capture(v)
+        owns = (False, True) if self.lora_enabled and self.lora_ok else (False,)
+        todo = [Variant(b, own, False, merged) for b in reversed(self.buckets) for own in owns]  # largest first:
+        todo = [v for v in todo if v not in self.graphs]  # later ones fit in its memory pool
+        for v in tqdm(todo, desc="Capturing CUDA graphs", unit="graph", disable=None):
+            self.own[v.size].fill([])
+            self.graphs[v] = self._capture(v)
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self.graphs),
                     ",".join(map(str, self.buckets)), time.perf_counter() - start)

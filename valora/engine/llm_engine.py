@@ -21,6 +21,7 @@ from valora.config import EngineConfig, LoRAConfig, resolve_device, resolve_dtyp
 from valora.engine.block_manager import BlockManager
 from valora.engine.detokenizer import IncrementalDetokenizer
 from valora.engine.model_runner import ModelRunner
+from valora.engine.preflight import check_engine_config
 from valora.engine.scheduler import Scheduler
 from valora.engine.sequence import Sequence, SequenceStatus
 from valora.engine.structured_outputs import GrammarCompiler
@@ -102,19 +103,19 @@ class EngineStats:
     mode_seconds: dict[str, float]
     num_switches: int
     switch_seconds: float
+    prompt_tokens: int = 0  # prompt tokens prefilled so far (recomputed ones again)
+    generation_tokens: int = 0  # tokens generated so far
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
+        self.hf_config = check_engine_config(config)  # before any weight loads: a bad flag fails in milliseconds
         self.config = config
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
         model_dir = Path(config.model)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-        self.hf_config = AutoConfig.from_pretrained(model_dir)
         self.family = resolve_family(self.hf_config)
         text_cfg = getattr(self.hf_config, "text_config", self.hf_config)
         ckpt_dtype = getattr(text_cfg, "dtype", None) or getattr(self.hf_config, "dtype", None)
@@ -159,6 +160,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._inflight: InFlight | None = None  # the launched step whose results the next `step` collects
+        self.num_prompt_tokens = self.num_generation_tokens = 0
         logger.info(
             "engine ready: %s (%s) on %s in %s, KV cache %d blocks x %d tokens, max_model_len %d",
             model_dir.name, self.family.name, self.device, str(self.dtype).removeprefix("torch."),
@@ -272,6 +274,8 @@ class LLMEngine:
         if name not in self.lora_manager.requests:
             raise InputError(f"adapter {name!r} is not loaded")
         if any(r.lora_name == name and not r.finished for r in self.requests.values()):
+            if name not in self.draining:
+                logger.info("adapter %s takes no new requests; it is unloaded once its running ones finish", name)
             self.draining.add(name)
             return False
         if self.switcher is not None and self.switcher.hot == name:
@@ -441,6 +445,8 @@ class LLMEngine:
             mode_seconds=dict(self.mode_seconds) if self.policy else {},
             num_switches=self.switcher.num_switches if self.switcher else 0,
             switch_seconds=self.switcher.switch_seconds if self.switcher else 0.0,
+            prompt_tokens=self.num_prompt_tokens,
+            generation_tokens=self.num_generation_tokens,
         )
 
     def has_unfinished_requests(self) -> bool:
@@ -576,6 +582,7 @@ class LLMEngine:
         for seq, n, token, stop in zip(seqs, step.num_tokens, tokens, step.stop_ids):
             if seq.finished:  # aborted, or ended on a stop string while this step ran: drop its token
                 continue
+            self.num_prompt_tokens += max(0, min(seq.num_computed + n, seq.prompt_len) - seq.num_computed)
             seq.num_computed += n
             self.blocks.cache_blocks(seq)
             if seq.num_computed < len(seq):  # a chunk of its prompt
@@ -588,6 +595,7 @@ class LLMEngine:
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, "stop"
             else:
                 seq.output_ids.append(token)
+                self.num_generation_tokens += 1
                 self._check_stop_token(seq, token, stop)
             if seq.finished:
                 self.scheduler.remove(seq)

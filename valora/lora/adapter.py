@@ -19,12 +19,13 @@ import re2
 import torch
 from torch import nn
 
+from valora.errors import UserError
 from valora.models.layers.linear import LoRALinear
 from valora.models.loader import WeightMapper
 from valora.paths import check_path
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
     """An adapter that cannot be served; the message says which and why."""
 
 
@@ -126,6 +127,20 @@ def _read_tensors(d: Path, name: str) -> dict[str, torch.Tensor]:
     except Exception as e:  # corrupt files raise many types (SafetensorError, UnpicklingError, RuntimeError)
         raise AdapterError(f"adapter {name!r}: corrupt adapter weights ({type(e).__name__}: {e})") from e
     raise AdapterError(f"adapter {name!r}: {d} has neither adapter_model.safetensors nor adapter_model.bin")
+
+
+def check_adapter_dir(name: str, path: str | Path, max_rank: int) -> None:
+    """The cheap part of `load_adapter`, for start-up before the model loads: the directory, a readable config of a
+    servable kind and rank, and a weights file."""
+    d = Path(path)
+    if not d.is_dir():
+        raise AdapterError(f"adapter {name!r}: directory not found: {d}")
+    cfg = _read_config(d, name)
+    ranks = [cfg["r"], *(cfg.get("rank_pattern") or {}).values()]
+    if max(ranks) > max_rank:
+        raise AdapterError(f"adapter {name!r}: rank {max(ranks)} exceeds --max-lora-rank {max_rank}")
+    if not any((d / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise AdapterError(f"adapter {name!r}: {d} has neither adapter_model.safetensors nor adapter_model.bin")
 
 
 def load_adapter(

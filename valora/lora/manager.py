@@ -112,6 +112,8 @@ class LoRAManager:
             self.info[req.lora_name] = AdapterInfo(adapter.nbytes, frozenset(p for p, _ in adapter.weights),
                                                    f"{req.lora_name}#{next(self._versions)}")
             self._insert_host(adapter)
+        logger.info("adapter %s loaded from %s: rank %d, %d layers, %.1f MiB", req.lora_name, req.lora_path,
+                    adapter.rank, len(adapter.targets), adapter.nbytes / 2**20)
 
     def unregister(self, name: str) -> None:
         with self._lock:
@@ -125,6 +127,7 @@ class LoRAManager:
             slot = self.slot_lru.pop(name, None)
         if slot is not None:
             self._clear_slot(slot)
+        logger.info("adapter %s unloaded", name)
 
     def pin(self, name: str, pinned: bool = True) -> None:
         with self._lock:

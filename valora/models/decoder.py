@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from valora.errors import UserError
 from valora.models.forward_batch import ForwardBatch
 from valora.models.layers import fused_kernels
 from valora.models.layers.attention import PagedAttention
@@ -44,7 +45,7 @@ class DecoderConfig:
         """`qkv_bias` defaults to the architecture's: Qwen2-style LMs have q/k/v biases, Llama and Mistral none."""
         qwen2 = str(getattr(cfg, "model_type", "")).startswith("qwen2")
         if not qwen2 and (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):
-            raise ValueError("attention_bias / mlp_bias of Llama-style LMs are not supported")
+            raise UserError("attention_bias / mlp_bias of Llama-style LMs are not supported")
         qkv_bias = qwen2 if qkv_bias is None else qkv_bias
         rope = dict(getattr(cfg, "rope_parameters", None) or {})
         legacy = getattr(cfg, "rope_scaling", None) or {}
@@ -52,7 +53,7 @@ class DecoderConfig:
         section = rope.get("mrope_section", legacy.get("mrope_section"))
         rope_type = rope.get("rope_type", legacy.get("rope_type", legacy.get("type", "default")))
         if rope_type not in ("default", "mrope"):
-            raise ValueError(f"rope type {rope_type!r} is not supported yet (default and mrope are)")
+            raise UserError(f"rope type {rope_type!r} is not supported yet (default and mrope are)")
         heads = cfg.num_attention_heads
         return DecoderConfig(
             vocab_size=cfg.vocab_size,

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 from transformers.activations import ACT2FN
 
+from valora.errors import UserError
 from valora.lora.ops.batch import LoRABatch
 from valora.models.decoder import DecoderConfig, DecoderModel
 from valora.models.layers.linear import LoRALinear
@@ -75,10 +76,10 @@ class InternVisionTower(nn.Module):
     def __init__(self, vc) -> None:
         super().__init__()
         if not vc.use_absolute_position_embeddings:
-            raise ValueError("InternViT without absolute position embeddings is not supported")
+            raise UserError("InternViT without absolute position embeddings is not supported")
         (ih, iw), (ph, pw) = _pair(vc.image_size), _pair(vc.patch_size)
         if ph != pw:
-            raise ValueError(f"non-square patches {ph}x{pw} are not supported")
+            raise UserError(f"non-square patches {ph}x{pw} are not supported")
         self.patch, self.width = ph, vc.hidden_size
         self.head_dim = vc.hidden_size // vc.num_attention_heads
         self.seq = (ih // ph) * (iw // pw) + 1
@@ -157,7 +158,7 @@ class InternVLForConditionalGeneration(VisionLanguageModel):
     def __init__(self, hf_config) -> None:
         super().__init__(hf_config, InternVLModel(hf_config))
         if not isinstance(hf_config.vision_feature_layer, int):
-            raise ValueError("InternVL with several vision_feature_layer values is not supported")
+            raise UserError("InternVL with several vision_feature_layer values is not supported")
         self.layer = hf_config.vision_feature_layer
         self.keep_cls = hf_config.vision_feature_select_strategy == "full"
         self.scale = hf_config.downsample_ratio
@@ -219,7 +220,7 @@ class InternVLInputProcessor(ImagePromptProcessor):
     def __init__(self, model_dir: str | Path, hf_config, tokenizer) -> None:
         missing = [a for a in ("start_image_token", "end_image_token") if getattr(tokenizer, a, None) is None]
         if missing:
-            raise ValueError(f"InternVL tokenizer lacks the named special tokens {missing} (extra_special_tokens)")
+            raise UserError(f"InternVL tokenizer lacks the named special tokens {missing} (extra_special_tokens)")
         self.image_start, self.image_end = tokenizer.start_image_token, tokenizer.end_image_token
         self.video_token = getattr(tokenizer, "video_token", None)
         super().__init__(model_dir, tokenizer, hf_config.image_token_id)

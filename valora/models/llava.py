@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 from transformers.activations import ACT2FN
 
+from valora.errors import UserError
 from valora.lora.ops.batch import LoRABatch
 from valora.models.decoder import DecoderConfig, DecoderModel
 from valora.models.layers.linear import LoRALinear
@@ -68,7 +69,7 @@ class CLIPVisionTower(nn.Module):
     def __init__(self, vc) -> None:
         super().__init__()
         if vc.model_type != "clip_vision_model":
-            raise ValueError(f"LLaVA vision tower {vc.model_type!r} is not supported (clip_vision_model is)")
+            raise UserError(f"LLaVA vision tower {vc.model_type!r} is not supported (clip_vision_model is)")
         self.patch, self.width = vc.patch_size, vc.hidden_size
         self.head_dim = vc.hidden_size // vc.num_attention_heads
         self.num_positions = (vc.image_size // vc.patch_size) ** 2 + 1

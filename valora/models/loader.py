@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from valora.errors import UserError
 from valora.models.layers.linear import LoRALinear
 
 
@@ -28,8 +30,8 @@ def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
         files = sorted(p.name for p in d.glob("*.safetensors"))
-    if files:
-        for fname in files:
+    if files:  # a progress bar on a terminal (disable=None: none in logs and pipes)
+        for fname in tqdm(files, desc="Loading safetensors shards", unit="shard", disable=None):
             with safe_open(d / fname, framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     yield key, f.get_tensor(key)
@@ -37,7 +39,7 @@ def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]
     bins = sorted(d.glob("pytorch_model*.bin"))
     if not bins:
         raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {d}")
-    for path in bins:
+    for path in tqdm(bins, desc="Loading checkpoint shards", unit="shard", disable=None):
         yield from torch.load(path, map_location="cpu", weights_only=True).items()
 
 
@@ -90,7 +92,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], 
             else:
                 param = getattr(module, leaf)
                 if tuple(param.shape) != tuple(tensor.shape):
-                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+                    raise UserError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
                 param.data.copy_(tensor)
         key = f"{path}.{leaf}"
         if shard is None:
@@ -104,7 +106,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], 
             params[dst].data.copy_(params[src].data)
             loaded.add(dst)
     if unexpected:
-        raise ValueError(f"checkpoint has {len(unexpected)} weights this model does not know, e.g. {unexpected[:5]}")
+        raise UserError(f"checkpoint has {len(unexpected)} weights this model does not know, e.g. {unexpected[:5]}")
     missing = sorted(set(params) - loaded)
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
+        raise UserError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from valora.errors import UserError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -40,7 +42,7 @@ def resolve_family(hf_config) -> Family:
     model_type = getattr(hf_config, "model_type", None)
     if model_type in by_type:
         return by_type[model_type]
-    raise ValueError(
+    raise UserError(
         f"unsupported model (architectures={archs}, model_type={model_type!r}); "
         f"supported: {', '.join(sorted(families))}"
     )

@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 from valora.config import MultiModalConfig
+from valora.errors import UserError
 from valora.multimodal.pixels import to_rgb
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A request that cannot be served as given; the message names the problem."""
 
 

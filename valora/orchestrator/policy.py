@@ -69,11 +69,16 @@ class Policy:
         """Feedback after each step; stateless policies ignore it."""
 
 
-def make_policy(name: str, **options) -> Policy:
+def policy_classes() -> dict[str, type[Policy]]:
+    """Every policy by its `--scheduler` name."""
     from valora.orchestrator.baselines import DLoRAPolicy, PunicaPolicy, SLoRAPolicy
     from valora.orchestrator.valora_policy import ValoraPolicy
 
-    policies: dict[str, type[Policy]] = {p.name: p for p in (ValoraPolicy, SLoRAPolicy, PunicaPolicy, DLoRAPolicy)}
+    return {p.name: p for p in (ValoraPolicy, SLoRAPolicy, PunicaPolicy, DLoRAPolicy)}
+
+
+def make_policy(name: str, **options) -> Policy:
+    policies = policy_classes()
     if name not in policies:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(policies)}")
     cls = policies[name]

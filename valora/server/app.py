@@ -7,6 +7,7 @@ JSON); the body limit counts bytes as they are read (FastAPI's `max_body_size`),
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -22,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from tqdm.auto import tqdm
 
 from valora.engine.llm_engine import LLMEngine
 from valora.lora.adapter import AdapterError
@@ -29,7 +31,7 @@ from valora.multimodal.inputs import InputError
 from valora.server.async_engine import AsyncEngine, ClientDisconnectedError, EngineDeadError, QueueFullError
 from valora.server.errors import APIError, bad_request, not_found
 from valora.server.logs import logger
-from valora.server.metrics import CONTENT_TYPE, ServerMetrics
+from valora.server.metrics import CONTENT_TYPE, ServerMetrics, StatsLogger
 from valora.server.models import ServedModels
 from valora.server.protocol import (
     ChatCompletionRequest,
@@ -58,6 +60,8 @@ class ServerConfig:
     max_queued_requests: int = 4096
     retry_after_s: int = 1
     allow_special_tokens_in_messages: bool = False  # tokenise special-token strings typed in messages as control
+    log_requests: bool = True  # one line per request
+    log_stats: bool = True  # the periodic stats line
 
 
 class APIKeyAuth:
@@ -153,19 +157,22 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     """Loads `config.lora_modules` into `engine` (an adapter that cannot be served raises `AdapterError`)."""
     models = ServedModels(config.served_model_names, str(engine.config.model), engine.max_model_len,
                           config.lora_root)
-    for name, path in config.lora_modules:
+    for name, path in tqdm(config.lora_modules, desc="Loading adapters", unit="adapter", disable=None):
         lora = models.new_adapter(name, path, confine=False)  # operator-given paths are trusted
         engine.add_lora(lora)
         models.adapters[name] = lora
     async_engine = AsyncEngine(engine, config.max_queued_requests, admit=models.check_served)
     metrics = async_engine.metrics = ServerMetrics(models.name, lambda: async_engine.stats)
     serving = OpenAIServing(async_engine, models, config.allowed_local_media_path,
-                            config.allow_special_tokens_in_messages)
+                            config.allow_special_tokens_in_messages, config.log_requests)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async_engine.start()
+        stats_task = asyncio.create_task(StatsLogger(lambda: async_engine.stats).run()) if config.log_stats else None
         yield
+        if stats_task is not None:
+            stats_task.cancel()
         async_engine.stop()
         serving.close()
 
@@ -219,7 +226,6 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         except (AdapterError, InputError) as e:
             raise bad_request(f"failed to load adapter {body.lora_name!r}: {e}", "adapter_load_failed",
                               "lora_path") from e
-        logger.info("loaded adapter %s from %s", lora.lora_name, lora.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{lora.lora_name}' added successfully.")
 
     @v1.post("/unload_lora_adapter", response_class=PlainTextResponse, responses=_errors(400, 404, 413, 503))
@@ -238,7 +244,6 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
             raise bad_request(f"cannot unload adapter {body.lora_name!r}: {e}", "adapter_unload_failed",
                               "lora_name") from e
         later = "" if gone else " (it leaves memory once the requests using it finish)"
-        logger.info("unloaded adapter %s%s", body.lora_name, later)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.{later}")
 
     app.include_router(v1)

@@ -9,7 +9,9 @@ import os
 from pathlib import Path
 
 from valora.config import MM_ENCODER_ATTN_BACKENDS
+from valora.errors import UserError
 from valora.lora.request import check_adapter_name
+from valora.server.launch import port_number
 
 logger = logging.getLogger("valora.server")
 
@@ -52,7 +54,8 @@ example:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _EPILOG
-    p.add_argument("model", help="Hugging Face model directory (Qwen2-VL)")
+    p.add_argument("model", help="Hugging Face model directory of a Qwen2-VL, Qwen2.5-VL, LLaVA (CLIP tower) or "
+                                 "InternVL (transformers' -hf format) checkpoint")
 
     g = p.add_argument_group("model")
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
@@ -76,7 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest adapter rank accepted (default: 64)")
     g.add_argument("--max-cpu-loras", type=int, default=None, metavar="N",
                    help="adapters kept loaded in host memory (default: --max-loras)")
-    g.add_argument("--lora-backend", default="auto", help="LoRA kernel backend (default: auto)")
+    g.add_argument("--lora-backend", default="auto",
+                   help="LoRA kernel backend: atmm, sgmv, bgmv, gather or torch (default: auto: atmm on a GPU, torch "
+                        "on the CPU)")
     g.add_argument("--lora-root", type=Path, default=None, metavar="DIR",
                    help="POST /v1/load_lora_adapter reads adapters only under DIR (no '..', no symlinks out)")
 
@@ -113,7 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("HTTP server and request limits")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default: 127.0.0.1)")
-    g.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    g.add_argument("--port", type=port_number, default=8000, help="port to listen on (default: 8000)")
     g.add_argument("--api-key", default=os.environ.get("VALORA_API_KEY") or None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every /v1 route (default: $VALORA_API_KEY)")
     g.add_argument("--allowed-local-media-path", type=Path, default=None, metavar="DIR",
@@ -152,6 +157,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="open connections (and requests) beyond which uvicorn answers 503 "
                         "(default: --max-num-seqs + --max-queued-requests + 128)")
 
+    g = p.add_argument_group("logging")
+    g.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
+    g.add_argument("--disable-log-stats", action="store_true",
+                   help="no periodic line of throughput, running/waiting requests, KV cache use, mode and adapter "
+                        "slots")
+
 
 def engine_config(args: argparse.Namespace):
     from valora.config import CacheConfig, EngineConfig, LoRAConfig, MultiModalConfig, SchedulerConfig
@@ -174,23 +185,38 @@ def engine_config(args: argparse.Namespace):
     )
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """The server's own paths and adapters, before anything loads (the engine checks the model's)."""
+    from valora.lora.adapter import check_adapter_dir
+
+    for flag, path in (("--lora-root", args.lora_root), ("--allowed-local-media-path", args.allowed_local_media_path)):
+        if path is not None and not path.is_dir():
+            raise UserError(f"{flag} {path} is not a directory")
+    for name, path in args.lora_modules:
+        check_adapter_dir(name, path, args.max_lora_rank)
+
+
 def run(args: argparse.Namespace) -> int:
     from valora.engine.llm_engine import LLMEngine
+    from valora.engine.preflight import check_engine_config
     from valora.server.app import ServerConfig, build_app
-    from valora.server.launch import ConnectionLimits, serve
+    from valora.server.launch import ConnectionLimits, bind, serve
 
+    engine_cfg = engine_config(args)
+    check_engine_config(engine_cfg)
+    check_paths(args)
+    sock = bind(args.host, args.port)
     config = ServerConfig(
         served_model_names=args.served_model_name or [args.model], lora_modules=args.lora_modules,
         api_key=args.api_key, lora_root=args.lora_root, allowed_local_media_path=args.allowed_local_media_path,
         max_body_bytes=args.max_request_body_bytes, max_queued_requests=args.max_queued_requests,
         allow_special_tokens_in_messages=args.allow_special_tokens_in_messages,
+        log_requests=not args.disable_log_requests, log_stats=not args.disable_log_stats,
     )
-    try:
-        app = build_app(LLMEngine(engine_config(args)), config)
-    except (OSError, ValueError) as e:  # a model or adapter that cannot be served: say why, exit non-zero
-        logger.error("cannot start: %s", e)
-        return 1
     concurrency = args.limit_concurrency or args.max_num_seqs + args.max_queued_requests + 128
-    serve(app, args.host, args.port, ConnectionLimits(args.timeout_keep_alive, args.timeout_request_header,
-                                                      args.timeout_request_body, concurrency))
+    limits = ConnectionLimits(args.timeout_keep_alive, args.timeout_request_header, args.timeout_request_body,
+                              concurrency)
+    with sock:
+        app = build_app(LLMEngine(engine_cfg), config)
+        serve(app, sock, limits)
     return 0

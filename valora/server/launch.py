@@ -8,6 +8,7 @@ and stalls holds its connection forever. `RequestDeadlines` adds the two deadlin
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import functools
 import socket
@@ -20,6 +21,7 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from valora.errors import UserError
 from valora.server.logs import logger
 
 
@@ -85,6 +87,16 @@ class RequestDeadlines(H11Protocol):
         logger.info("closed the connection of %s: request %s not received within %g s", peer, *what)
         self.transport.close()
 
+def port_number(text: str) -> int:
+    """argparse type of a `--port`."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: use a number from 0 to 65535")
+    return port
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -101,8 +113,26 @@ def _config(app: ASGIApp, host: str, port: int, limits: ConnectionLimits) -> uvi
                           limit_concurrency=limits.limit_concurrency)
 
 
-def serve(app: ASGIApp, host: str, port: int, limits: ConnectionLimits | None = None) -> None:
-    uvicorn.Server(_config(app, host, port, limits or ConnectionLimits())).run()
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads (as vLLM does): a port in use is found in milliseconds,
+    not after minutes of loading weights, and nobody can take it meanwhile."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(app: ASGIApp, sock: socket.socket, limits: ConnectionLimits | None = None) -> None:
+    """Serve on a socket from `bind` until SIGINT / SIGTERM."""
+    host, port = sock.getsockname()[:2]
+    logger.info("serving on http://%s:%d (Ctrl-C stops)", f"[{host}]" if ":" in host else host, port)
+    uvicorn.Server(_config(app, host, port, limits or ConnectionLimits())).run(sockets=[sock])
 
 
 class BackgroundServer:

@@ -7,6 +7,8 @@ touches the engine itself.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable
 
@@ -16,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from valora.engine.llm_engine import EngineStats
 from valora.outputs import RequestOutput
 
+logger = logging.getLogger("valora.server")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 disable_created_metrics()  # as vLLM does: no `*_created` series, which dashboards do not use
 
@@ -131,3 +134,37 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StatsLogger:
+    """vLLM's periodic stats line: every `interval_s` while there is work, prompt and generation throughput since
+    the last line, running and waiting requests, KV cache use, the inference mode and the adapter slots."""
+
+    def __init__(self, stats: Callable[[], EngineStats], interval_s: float = 5.0) -> None:
+        self.stats, self.interval_s = stats, interval_s
+        self._last: tuple[float, int, int] | None = None
+
+    def line(self, now: float) -> str | None:
+        """The line for the interval that ends now, or None when the engine had nothing to do in it."""
+        s = self.stats()
+        last, self._last = self._last, (now, s.prompt_tokens, s.generation_tokens)
+        if last is None:
+            return None
+        t, prompt, generated = last
+        span = max(now - t, 1e-9)
+        if s.prompt_tokens == prompt and s.generation_tokens == generated and not s.num_running + s.num_waiting:
+            return None
+        mode = s.mode + (f" ({s.hot_adapter})" if s.hot_adapter else "")
+        return (f"Avg prompt throughput: {(s.prompt_tokens - prompt) / span:.1f} tokens/s, "
+                f"Avg generation throughput: {(s.generation_tokens - generated) / span:.1f} tokens/s, "
+                f"Running: {s.num_running} reqs, Waiting: {s.num_waiting} reqs, "
+                f"KV cache usage: {s.kv_cache_usage:.1%}, Mode: {mode}, "
+                f"Adapter slots: {len(s.running_adapters)} active, {len(s.resident_adapters)}/{s.max_loras} resident")
+
+    async def run(self) -> None:
+        """Log until cancelled (a task of the app's lifespan)."""
+        while True:
+            text = self.line(time.monotonic())
+            if text is not None:
+                logger.info(text)
+            await asyncio.sleep(self.interval_s)

@@ -65,8 +65,9 @@ class Prepared:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, models: ServedModels, allowed_local_media_path: Path | None,
-                 allow_special_tokens_in_messages: bool = False) -> None:
+                 allow_special_tokens_in_messages: bool = False, log_requests: bool = True) -> None:
         self.engine = engine
+        self.log_requests = log_requests
         self.models = models
         self.allow_special_tokens = allow_special_tokens_in_messages
         self.llm = engine.engine  # read-only use from worker threads: tokenizer, processor, limits
@@ -190,7 +191,7 @@ class OpenAIServing:
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         prepared = await asyncio.to_thread(prepare, req, request_id, lora)
         self.engine.check_capacity(len(prepared))
-        call = _Call(request_id, req.model or self.models.name, req, prepared, arrival)
+        call = _Call(request_id, req.model or self.models.name, req, prepared, arrival, self.log_requests)
         if req.stream:
             return self._stream(call, fmt)
         return await self._collect(call, fmt, is_disconnected)
@@ -279,12 +280,15 @@ class _Call:
     req: SamplingFields | ClassificationRequest
     prepared: list[Prepared]
     arrival: float
+    logged: bool = True
     created: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.created = int(self.arrival)
 
     def log(self, outs, note: str | None = None) -> None:
+        if not self.logged:
+            return
         outs = list(outs)
         usage = _usage(outs)
         t = _timings(outs) if outs and len(outs) == len(self.prepared) else RequestTimings()

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from valora.errors import UserError
 from valora.lora.tuning import space
 
 
@@ -40,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from valora.lora.tuning.tuner import Problems, Result, tune
 
     if not torch.cuda.is_available():
-        print("tune-kernels needs a CUDA GPU")
-        return 2
+        raise UserError("tune-kernels needs a CUDA GPU (this torch sees none); run it on the GPU you serve on")
     device = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(device)
     ops = args.ops.split(",")

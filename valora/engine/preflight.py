@@ -1,0 +1,53 @@
+"""Start-up checks that need no weights: everything about an `EngineConfig` that can be wrong is found in
+milliseconds, before a model of many gigabytes loads, and reported as a `UserError` that says what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from valora.config import EngineConfig, resolve_device, resolve_dtype
+from valora.errors import UserError
+from valora.lora.ops import BACKENDS
+from valora.models.registry import resolve_family
+from valora.orchestrator.policy import policy_classes
+
+
+def model_positions(hf_config) -> int | None:
+    """How many positions the language model was built for (`max_position_embeddings`), when the config says."""
+    text_cfg = getattr(hf_config, "text_config", hf_config)
+    return getattr(text_cfg, "max_position_embeddings", None)
+
+
+def check_engine_config(config: EngineConfig):
+    """Raises `UserError` for a config that cannot work; returns the model's Hugging Face config."""
+    from transformers import AutoConfig
+
+    model_dir = Path(config.model)
+    if not (model_dir / "config.json").is_file():
+        what = "does not exist" if not model_dir.exists() else "is not a Hugging Face model directory (no config.json)"
+        raise UserError(f"model {config.model} {what}; pass a local model directory")
+    try:
+        hf_config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot read {model_dir / 'config.json'}: {e}") from e
+    resolve_family(hf_config)
+    if config.tokenizer is not None:
+        tok = Path(config.tokenizer)
+        if not tok.is_dir() or not any((tok / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise UserError(f"tokenizer {config.tokenizer} is not a tokenizer directory (no tokenizer.json or "
+                            "tokenizer_config.json)")
+    device = resolve_device(config.device)
+    resolve_dtype(config.dtype, None, device)
+    positions = model_positions(hf_config)
+    if config.max_model_len is not None:
+        if config.max_model_len < 1:
+            raise UserError(f"max_model_len must be positive, got {config.max_model_len}")
+        if positions is not None and config.max_model_len > positions:
+            raise UserError(f"max_model_len {config.max_model_len} is over the {positions} positions the model was "
+                            f"built for (max_position_embeddings); use at most {positions}")
+    if config.lora.backend != "auto" and config.lora.backend not in BACKENDS:
+        raise UserError(f"unknown LoRA backend {config.lora.backend!r}; choose auto, {', '.join(sorted(BACKENDS))}")
+    if config.scheduler.policy not in policy_classes():
+        raise UserError(f"unknown scheduler {config.scheduler.policy!r}; choose one of "
+                        f"{', '.join(policy_classes())}")
+    return hf_config
