@@ -21,7 +21,8 @@ from CUDA graphs (TRITON_ATTN and FLASH_ATTN; graphs allowed at every size here)
 synchronised runs after two warm-ups. "Share of the matmul rate" is the pass's matmul FLOPs (every linear layer as
 run, plus 4 * span^2 * width per attention layer) over its time, over a dense bf16 8192^3 GEMM rate measured in the
 same run. TTFT is benchmarks/engine_speed.py's: engine steps until a one-image chat request with max_tokens=1
-finishes (median of 5 new images, the embedding cache off), per vision backend, with the vision graphs on and off.
+finishes (median of 5 new images, the embedding and prefix caches off: the requests repeat across variants), per
+vision backend, with the vision graphs on and off.
 Results: benchmarks/results/vision_tower.json (rewritten after every family), a table printed at the end.
 """
 
@@ -45,7 +46,7 @@ if not torch.cuda.is_available():  # --quick on a CPU: Triton kernels run in its
 
 import transformers  # noqa: E402
 
-from benchmarks.common import run_info, synchronize, write_result  # noqa: E402
+from benchmarks.common import build_checkpoint, run_info, synchronize, write_result  # noqa: E402
 from valora import LLM  # noqa: E402
 from valora.models.layers.vit import VisionSpans  # noqa: E402
 from valora.models.vision_graphs import VisionGraphs  # noqa: E402
@@ -236,18 +237,12 @@ def _free() -> None:
 
 def bench_ttft(workdir: Path, args) -> dict:
     """TTFT of one 448x448 image request (engine_speed's definition) per vision backend, graphs on and off."""
-    from benchmarks.engine_speed import build as build_7b
     from benchmarks.engine_speed import hf_ttft, ours_ttft
 
-    if args.quick:
-        model_dir = build_model("qwen2_vl", workdir / "qwen2-vl-tiny")
-    else:
-        t = time.perf_counter()
-        model_dir, _ = build_7b(workdir, 0, 16)
-        print(f"ttft: Qwen2-VL-7B checkpoint in {time.perf_counter() - t:.0f} s", flush=True)
+    model_dir, _ = build_checkpoint(workdir, 0, 16, quick=args.quick)
     t = time.perf_counter()
     llm = LLM(str(model_dir), device=DEVICE, max_model_len=4096, max_num_seqs=4, gpu_memory_utilization=0.5,
-              embed_cache_mb=0)
+              embed_cache_mb=0, enable_prefix_caching=False)  # every request pays its whole prefill
     result: dict = {**run_info(), "start_s": time.perf_counter() - t, "runs": []}
     model = llm.engine.model
     graphs = model.vision_graphs

@@ -282,7 +282,8 @@ def test_tiny_model_logits_unchanged(family_name, model_factory, monkeypatch):
 
     spec = FAMILIES[family_name]
     model_dir = model_factory(family_name, initializer_range=0.05)
-    llm = LLM(str(model_dir), dtype="float32", device=DEVICE, embed_cache_mb=0)  # the tower runs both times
+    # the tower runs both times: no embedding cache, no prefix cache
+    llm = LLM(str(model_dir), dtype="float32", device=DEVICE, embed_cache_mb=0, enable_prefix_caching=False)
     prompts = [
         {"prompt": f"{spec.image_prompt} what digit is shown ?", "multi_modal_data": {"image": [random_image(56, 84)]}},
         {"prompt": "describe the scene :", "multi_modal_data": {"image": []}},

@@ -18,7 +18,8 @@ SIZES = [(56, 84), (112, 90), (70, 70), (56, 56), (84, 84)]  # Qwen: ragged wind
 
 @pytest.fixture(scope="module")
 def llm(tiny_model):
-    return LLM(str(tiny_model), dtype="float32", device=DEVICE, enable_lora=True, max_lora_rank=8, embed_cache_mb=0)
+    return LLM(str(tiny_model), dtype="float32", device=DEVICE, enable_lora=True, max_lora_rank=8, embed_cache_mb=0,
+               enable_prefix_caching=False)  # every request runs its vision pass
 
 
 def _images(llm, family, sizes):
