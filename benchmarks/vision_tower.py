@@ -143,7 +143,9 @@ def images(llm: LLM, n: int, size: int) -> list[dict]:
     return [processor.image_tensors(random_image(size, size, seed=i)) for i in range(n)]
 
 
-def bench_family(name: str, workdir: Path, args, rate: float) -> dict:
+def bench_family(name: str, workdir: Path, args, rate: float, result: dict, save) -> None:
+    """Fills `result` run by run (transformers first, FLEX_ATTENTION, which compiles, last), calling `save` after
+    each, so a run cut short keeps what it measured."""
     dtype = torch.bfloat16 if CUDA else torch.float32
     shapes = QUICK_SHAPES[name] if args.quick else SHAPES[name]
     model_dir = workdir / f"{name}-tower"
@@ -154,74 +156,61 @@ def bench_family(name: str, workdir: Path, args, rate: float) -> dict:
               enforce_eager=True, embed_cache_mb=0)
     model = llm.engine.model
     size = 448 if not args.quick else 56
-    result: dict = {**run_info(), "shapes": shapes, "image_size": size, "runs": []}
-    outputs: dict[str, torch.Tensor] = {}
-    variants = [(b, True) for b in args.backends if b in GRAPH_BACKENDS] + [(b, False) for b in args.backends]
+    result |= {**run_info(), "shapes": shapes, "image_size": size, "runs": []}
+    batches = {n: images(llm, n, size) for n in args.images}
+    outputs: dict[str, torch.Tensor] = {}  # the first batch's embeddings per implementation
+
+    def record(run: dict, n: int, fn, key: str) -> None:
+        data = batches[n]
+        run |= {"images": n, "rows": model.vision_rows(data), "flops": flops[n]}
+        try:
+            out = fn()
+            if n == args.images[0]:
+                outputs[key] = out.float().cpu()
+            run |= _rates(timed(fn, args.repeats if n < 32 else max(3, args.repeats // 2)), n, flops[n], rate)
+        except Exception as e:  # noqa: BLE001 - one implementation failing must not lose the others' numbers
+            run["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            traceback.print_exc()
+        result["runs"].append(run)
+        print(json.dumps(run), flush=True)
+        save()
+
     with torch.inference_mode():
-        for n in args.images:
-            data = images(llm, n, size)
-            rows = model.vision_rows(data)
-            flops = pass_flops(model, data)
-            repeats = args.repeats if n < 32 else max(3, args.repeats // 2)
-            base = {"images": n, "rows": rows, "flops": flops}
-            for backend, graphs in variants:
-                if graphs and not CUDA:
-                    continue
-                run = {**base, "impl": "valora", "backend": backend, "graphs": graphs}
-                try:
-                    model.vision_backend = backend
-                    model.vision_graphs = VisionGraphs(model, max_rows=1 << 30) if graphs else None
-                    out = model.embed_images(data, [-1] * n, None)
-                    if n == args.images[0]:
-                        outputs[f"{backend}{'+graphs' if graphs else ''}"] = out.float().cpu()
-                    secs = timed(partial(model.embed_images, data, [-1] * n, None), repeats)
-                    if graphs:
-                        run["capture_s"] = model.vision_graphs.capture_seconds
-                    run["prepare_ms"] = timed(partial(model.prepare_vision, data, None, None, backend, graphs),
-                                              max(2, repeats // 3)) * 1e3
-                    run |= _rates(secs, n, flops, rate)
-                except Exception as e:  # noqa: BLE001 - one backend failing must not lose the others' numbers
-                    run["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                    traceback.print_exc()
-                finally:
-                    model.vision_graphs = None
-                result["runs"].append(run)
-                print(json.dumps(run), flush=True)
-            del data
-        model.vision_backend = "auto"
-        hf_runs = []
+        flops = {n: pass_flops(model, data) for n, data in batches.items()}
         if not args.skip_hf:
             from transformers import AutoModelForImageTextToText
 
             hf = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(DEVICE).eval()
-            for n in args.images:
-                data = images(llm, n, size)
-                run = {"images": n, "rows": model.vision_rows(data), "impl": "transformers",
-                       "attn_implementation": hf.config._attn_implementation}
-                repeats = args.repeats if n < 32 else max(3, args.repeats // 2)
-                try:
-                    out = hf_features(hf, name, data)
-                    if n == args.images[0]:
-                        outputs["transformers"] = out.float().cpu()
-                    secs = timed(partial(hf_features, hf, name, data), repeats)
-                    flops = next(r["flops"] for r in result["runs"] if r["images"] == n)
-                    run |= _rates(secs, n, flops, rate)
-                except Exception as e:  # noqa: BLE001
-                    run["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                    traceback.print_exc()
-                hf_runs.append(run)
-                print(json.dumps(run), flush=True)
+            for n, data in batches.items():
+                record({"impl": "transformers", "attn_implementation": hf.config._attn_implementation}, n,
+                       partial(hf_features, hf, name, data), "transformers")
             del hf
-        result["runs"] += hf_runs
+            _free()
+        variants = [(b, True) for b in args.backends if b in GRAPH_BACKENDS and CUDA]
+        variants += sorted(((b, False) for b in args.backends), key=lambda v: v[0] == "FLEX_ATTENTION")
+        for backend, graphs in variants:
+            model.vision_backend = backend
+            model.vision_graphs = VisionGraphs(model, max_rows=1 << 30) if graphs else None
+            for n, data in batches.items():
+                run = {"impl": "valora", "backend": backend, "graphs": graphs}
+                record(run, n, partial(model.embed_images, data, [-1] * n, None),
+                       f"{backend}{'+graphs' if graphs else ''}")
+                if "error" not in run:
+                    run["prepare_ms"] = timed(partial(model.prepare_vision, data, None, None, backend, graphs),
+                                              max(2, args.repeats // 3)) * 1e3
+            if graphs:
+                result.setdefault("capture_s", {})[backend] = model.vision_graphs.capture_seconds
+            model.vision_graphs = None
+    model.vision_backend = "auto"
     ref = outputs.get("transformers")
     if ref is not None:  # how far each of ours is from transformers' features (bf16: about 1e-2)
         result["relative_error_vs_transformers"] = {
             k: float((v - ref).norm() / ref.norm()) if v.shape == ref.shape else f"shape {tuple(v.shape)}"
             for k, v in outputs.items() if k != "transformers"}
+    save()
     del llm
     _free()
     shutil.rmtree(model_dir, ignore_errors=True)
-    return result
 
 
 def _rates(secs: float, n: int, flops: float, rate: float) -> dict:
@@ -330,8 +319,9 @@ def main() -> None:
     print(f"matmul rate {result['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     if not args.ttft_only:
         for fam in args.families:
-            result["families"][fam] = bench_family(fam, args.workdir, args, result["matmul_flops_per_s"])
-            write_result(name, result)
+            result["families"][fam] = {}
+            bench_family(fam, args.workdir, args, result["matmul_flops_per_s"], result["families"][fam],
+                         partial(write_result, name, result))
     if not args.skip_ttft:
         result["ttft"] = bench_ttft(args.workdir, args)
     print(f"written {write_result(name, result)}")
