@@ -123,7 +123,7 @@ class MultiModalConfig:
     max_video_seconds: float = 600.0  # length of a video
     max_video_frames: int = 64  # frames sampled from one video
     video_fps: float = 2.0  # frames sampled per second of video, unless a request says otherwise
-    video_num_frames: int = 32  # frames sampled at most, unless a request says otherwise
+    video_num_frames: int = 32  # frames sampled at most, unless a request says otherwise (within max_video_frames)
     allowed_media_domains: tuple[str, ...] = ()  # http(s) hosts media URLs may be fetched from (none: no fetching)
     media_fetch_timeout_s: float = 15.0  # one remote fetch, whole (connect, redirects, body)
     mm_encoder_attn_backend: str = "auto"

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from valora.config import CacheConfig, EngineConfig, LoRAConfig, MultiModalConfig, SchedulerConfig
 from valora.engine.llm_engine import LLMEngine, PromptType
 from valora.lora.request import LoRARequest
-from valora.multimodal.chat import MediaSources, parse_messages
+from valora.multimodal.chat import MediaSources, chat_media, parse_messages
 from valora.multimodal.template import render_chat
 from valora.outputs import RequestOutput
 from valora.sampling_params import SamplingParams
@@ -104,21 +104,26 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         allow_special_tokens: bool = False,
+        media_io_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Applies the model's chat template (images in content parts become the model's placeholders). Special-token
-        strings in message text are tokenised as plain text unless `allow_special_tokens`."""
+        """Applies the model's chat template (images and videos in content parts become the model's placeholders;
+        `media_io_kwargs={"video": {"fps": ..., "num_frames": ...}}` samples the videos). Special-token strings in
+        message text are tokenised as plain text unless `allow_special_tokens`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.chat_prompt(c, chat_template, add_generation_prompt, allow_special_tokens)
+        prompts = [self.chat_prompt(c, chat_template, add_generation_prompt, allow_special_tokens, media_io_kwargs)
                    for c in conversations]
         return self.generate(prompts, sampling_params, lora_request, use_tqdm)
 
     def chat_prompt(self, messages: list[dict], chat_template: str | None = None, add_generation_prompt: bool = True,
-                    allow_special_tokens: bool = False) -> dict[str, Any]:
-        template_messages, images = parse_messages(messages, self.media, self.engine.config.multimodal)
+                    allow_special_tokens: bool = False, media_io_kwargs: dict | None = None) -> dict[str, Any]:
+        limits = self.engine.config.multimodal
+        template_messages, images, videos = parse_messages(messages, self.media, limits)
+        template_messages, images, videos = chat_media(template_messages, images, videos, limits, media_io_kwargs,
+                                                       frames_as_images=self.engine.processor.video_token is None)
         prompt = render_chat(self.engine.tokenizer, template_messages, add_generation_prompt, chat_template,
                              allow_special_tokens)
         key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
-        return {key: prompt, "multi_modal_data": {"image": images}}
+        return {key: prompt, "multi_modal_data": {"image": images, "video": videos}}
 
     @staticmethod
     def _per_prompt(value, n: int, what: str) -> list:

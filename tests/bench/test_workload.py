@@ -121,3 +121,27 @@ def test_images_are_real_resized_and_repeat_exactly():
     assert decoded.format == "JPEG" and decoded.size == (96, 64)
     assert data_url(ImageRef(0, 3, (96, 64))) == data_url(ImageRef(0, 3, (96, 64)))
     assert data_url(ImageRef(0, 3, (96, 64))) != data_url(ImageRef(0, 4, (96, 64)))  # the camera pans
+
+
+def test_video_requests_send_their_frames_as_one_clip():
+    """An `action` request is one MP4 clip of its 6 frames, sampled by the server at the rate it was made at, so
+    the server sees exactly those frames; other requests stay images."""
+    from valora.bench.client import chat_body
+    from valora.config import MultiModalConfig
+    from valora.multimodal.chat import MediaSources
+    from valora.multimodal.video import load_video, video_sampling
+
+    requests = Workload("video", 9.0, 30.0, ADAPTERS, seed=0, image_size=(64, 48)).requests()
+    action = next(r for r in requests if r.task == "action")
+    body = chat_body(action)
+    (part, text) = body["messages"][0]["content"]
+    assert part["type"] == "video_url" and text["type"] == "text" and action.video
+    data = MediaSources().resolve(part["video_url"]["url"], 1 << 20, "video")
+    limits = MultiModalConfig()
+    video = load_video(data, limits, video_sampling(limits, body["media_io_kwargs"]))
+    assert len(video.frames) == 6 and video.fps == pytest.approx(2.0)
+    for frame, ref in zip(video.frames, action.images):  # H.264 is lossy: the same pictures, nearly
+        assert np.abs(np.asarray(frame, np.float32) - np.asarray(render(ref), np.float32)).mean() < 12
+    detect = next(r for r in requests if r.task == "detect")
+    assert [p["type"] for p in chat_body(detect)["messages"][0]["content"]] == ["image_url", "text"]
+    assert "media_io_kwargs" not in chat_body(detect) and not detect.video

@@ -132,3 +132,22 @@ def test_video_placeholders_must_match_the_videos(llm, family):
     from_text = llm.engine.process_prompt({"prompt": f"{family.video_prompt} hi", "multi_modal_data": {
         "video": clip}})[1]
     assert from_ids.token_ids == from_text.token_ids
+
+
+@pytest.mark.families("llava")
+def test_llava_chat_takes_a_video_as_its_frames(llm, family):
+    """In chat, a model without a video placeholder gets a video part as one image part per sampled frame."""
+    frames = _clip(3, 40, 40)
+
+    def prompt(parts):
+        chat = llm.chat_prompt([{"role": "user", "content": [*parts, {"type": "text", "text": "what is it ?"}]}])
+        return llm.engine.process_prompt(chat)[1]
+
+    still = random_image(40, 40, seed=99)
+    as_video = prompt([{"type": "image", "image": still}, {"type": "video", "video": frames}])
+    as_images = prompt([{"type": "image", "image": img} for img in (still, *frames)])
+    assert as_video.token_ids == as_images.token_ids and len(as_video.images) == 4
+    for v, i in zip(as_video.images, as_images.images, strict=True):
+        assert torch.equal(v.data["pixel_values"], i.data["pixel_values"])
+    with pytest.raises(InputError, match="frames as images"):
+        prompt([{"type": "video", "video": _clip(9, 40, 40)}])

@@ -78,7 +78,7 @@ def test_a_trickling_body_is_abandoned_at_the_time_limit(site, remote):
 def test_chat_image_urls_go_through_the_allow_list(site):
     sources = MediaSources.from_config(MultiModalConfig(allowed_media_domains=("127.0.0.1",)))
     message = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": site.url("/cat.png")}}]}]
-    _, images = parse_messages(message, sources)
+    _, images, _ = parse_messages(message, sources)
     assert images == [site.files["/cat.png"]]
     with pytest.raises(InputError, match="over the limit of 100"):
         parse_messages(message, sources, MultiModalConfig(max_image_bytes=100))

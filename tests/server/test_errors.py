@@ -17,18 +17,25 @@ from PIL import Image
 from tests.multimodal.media_server import MediaServer
 from tests.server.process import SERVED, gauge
 from valora.multimodal.chat import image_data_url
+from valora.multimodal.video import video_data_url
 from valora.testing.images import random_image
 
 KEY = "test-key"
 LIMITS = ["--max-num-seqs", "2", "--max-queued-requests", "1", "--max-model-len", "4096", "--num-kv-blocks", "1024",
           "--max-images-per-prompt", "2", "--max-image-pixels", "40000", "--max-image-bytes", "50000",
-          "--max-request-body-bytes", "300000"]
+          "--max-request-body-bytes", "300000", "--max-video-bytes", "30000", "--max-videos-per-prompt", "2",
+          "--max-video-frames", "8"]
 
 
-def chat(*image_urls: str, text: str = "What is this?", **extra) -> dict:
+def chat(*image_urls: str, text: str = "What is this?", videos: tuple[str, ...] = (), **extra) -> dict:
     content = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
+    content += [{"type": "video_url", "video_url": {"url": u}} for u in videos]
     return {"model": SERVED, "max_tokens": 2, "messages": [{"role": "user", "content": [
         *content, {"type": "text", "text": text}]}], **extra}
+
+
+def clip(frames: int = 3, seed: int = 0) -> str:
+    return video_data_url([random_image(56, 84, seed=seed + i) for i in range(frames)], fps=2)
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +60,11 @@ BAD_CONFIGS = {"fractional-rank": {"r": 0.5}, "nan-alpha": {"lora_alpha": float(
 
 @pytest.fixture(scope="module")
 def site():
-    """A local web site for remote images: the server allows its host (127.0.0.1) and no other."""
+    """A local web site for remote images and videos: the server allows its host (127.0.0.1) and no other."""
     png = base64.b64decode(image_data_url(random_image(56, 56, seed=3)).partition(",")[2])
-    with MediaServer({"/cat.png": png}, {"/moved": "/cat.png", "/away": "http://localhost:1/cat.png"}) as server:
+    mp4 = base64.b64decode(clip().partition(",")[2])
+    with MediaServer({"/cat.png": png, "/clip.mp4": mp4},
+                     {"/moved": "/cat.png", "/away": "http://localhost:1/cat.png"}) as server:
         yield server
 
 
@@ -110,6 +119,18 @@ BAD_CHAT = {
     "remote-image-off-the-list": (dict(json=chat("https://example.com/cat.png")), 400, "invalid_image",
                                   "not in --allowed-media-domains"),
     "local-file-not-allowed": (dict(json=chat("file:///etc/hostname")), 400, "invalid_image", "local image"),
+    # videos (issue 17): each refused with a 400 naming the problem, and the server keeps serving
+    "not-a-video": (dict(json=chat(videos=("data:video/mp4;base64," + base64.b64encode(b"not an mp4").decode(),))),
+                    400, "invalid_video", "cannot read video"),
+    "video-too-many-bytes": (dict(json=chat(videos=(clip(frames=12),))), 400, "invalid_video",
+                             "over the limit of 30000"),
+    "too-many-videos": (dict(json=chat(videos=(clip(1), clip(1), clip(1)))), 400, "invalid_video", "limit of 2"),
+    "too-many-video-frames": (dict(json=chat(videos=(clip(),), media_io_kwargs={"video": {"num_frames": 9}})), 400,
+                              "invalid_video", "over the limit of 8"),
+    "bad-video-sampling": (dict(json=chat(videos=(clip(),), media_io_kwargs={"video": {"fps": -1}})), 400,
+                           "invalid_video", "fps must be a positive number"),
+    "local-video-not-allowed": (dict(json=chat(videos=("file:///etc/hostname",))), 400, "invalid_video",
+                                "local video"),
     "body-over-limit": (dict(json=chat(text="x" * 400_000)), 413, "request_too_large", "300000"),
     # issue 23, item 1: each was a 500 (or a 200 and then an error event when streamed)
     "seed-over-uint64": (dict(json=chat(seed=2**64)), 400, "invalid_value", "seed"),
@@ -135,10 +156,12 @@ def test_bad_chat_request_then_good_one(http, case):
     assert_still_serving(http)
 
 
-def test_remote_images_come_from_allowed_hosts_only(http, site):
-    for path in ("/cat.png", "/moved"):
-        r = http.post("/v1/chat/completions", json=chat(site.url(path)))
+def test_remote_images_and_videos_come_from_allowed_hosts_only(http, site):
+    for body in (chat(site.url("/cat.png")), chat(site.url("/moved")), chat(videos=(site.url("/clip.mp4"),))):
+        r = http.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
+    assert_error(http.post("/v1/chat/completions", json=chat(videos=(site.url("/clip.mp4", host="localhost"),))),
+                 400, "invalid_video", "not in --allowed-media-domains")
     for url, fragment in ((site.url("/cat.png", host="localhost"), "not in --allowed-media-domains"),
                           (site.url("/away"), "not in --allowed-media-domains"),
                           (site.url("/undeclared/60000"), "over the limit of 50000"),

@@ -14,6 +14,7 @@ import pytest
 from tests.server.process import SERVED, gauge, series
 from valora import LLM, LoRARequest, SamplingParams
 from valora.multimodal.chat import image_data_url
+from valora.multimodal.video import encode_video, video_data_url
 from valora.testing.images import random_image
 
 MAX_TOKENS = 12
@@ -105,6 +106,26 @@ def test_local_images_only_under_the_allowed_folder(client, media):
         with pytest.raises(openai.BadRequestError) as e:
             ask(f"file://{outside}")
         assert e.value.code == "invalid_image" and "outside the allowed media folder" in e.value.message
+
+
+def test_chat_with_video_matches_offline(client, offline, media):
+    """video_url parts (a data: URL of an MP4, a WebM file under the allowed folder) with the server's default
+    sampling and the request's own (media_io_kwargs), as the offline engine answers the same messages."""
+    frames = [random_image(56, 84, seed=20 + i) for i in range(5)]
+    (media / "allowed" / "clip.webm").write_bytes(encode_video(frames, fps=2, container="webm"))
+
+    def msgs(url: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "What happens?"}]}]
+
+    for url in (video_data_url(frames, fps=2), f"file://{media / 'allowed' / 'clip.webm'}"):
+        want = offline("lora4", msgs(url))
+        got = client.chat.completions.create(model="lora4", messages=msgs(url), temperature=0, max_tokens=MAX_TOKENS)
+        assert got.choices[0].message.content == want.outputs[0].text
+        assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+    fewer = client.chat.completions.create(model="lora4", messages=msgs(video_data_url(frames, fps=2)), max_tokens=1,
+                                           extra_body={"media_io_kwargs": {"video": {"num_frames": 2}}})
+    assert fewer.usage.prompt_tokens < got.usage.prompt_tokens  # one temporal patch instead of three
 
 
 def test_chat_streaming_equals_non_streaming(client, offline):

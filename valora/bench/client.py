@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from valora.bench.images import data_url
+from valora.bench.images import VIDEO_FPS, data_url, video_url
 from valora.bench.workload import Request
 
 
@@ -80,12 +80,18 @@ class Record:
 
 
 def chat_body(req: Request) -> dict[str, Any]:
-    """The request as an OpenAI chat completion; the output length is enforced as in vLLM."""
-    content = [{"type": "image_url", "image_url": {"url": data_url(ref)}} for ref in req.images]
+    """The request as an OpenAI chat completion; the output length is enforced as in vLLM. A video request's
+    frames go as one clip, sampled by the server at the rate it was made at (every frame)."""
+    extra = {}
+    if req.video:
+        content = [{"type": "video_url", "video_url": {"url": video_url(req.images)}}]
+        extra["media_io_kwargs"] = {"video": {"fps": VIDEO_FPS, "num_frames": len(req.images)}}
+    else:
+        content = [{"type": "image_url", "image_url": {"url": data_url(ref)}} for ref in req.images]
     content.append({"type": "text", "text": req.prompt})
     return {"model": req.adapter, "messages": [{"role": "user", "content": content}],
             "max_tokens": req.output_tokens, "min_tokens": req.output_tokens, "ignore_eos": True, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}, **extra}
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Photos come from scikit-image's bundled data and scikit-learn's sample images, d
 digits. A request's image is a crop of one picture resized to the size its task asks for, so image work on the
 server (decoding, resizing, vision tokens) is that of real content. Frames of a "video" are crops panned across
 one picture; a frame the workload repeats is the same `ImageRef`, hence byte-identical, so a server's image cache
-would see it.
+would see it. A video request sends its frames as one MP4 clip at `VIDEO_FPS`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from valora.multimodal.video import video_data_url
+
 # scikit-image pictures that are bundled with the wheel (`eagle` would need a download).
 SKIMAGE_PICTURES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
                     "colorwheel", "camera", "coins", "moon", "clock", "page", "text", "horse", "brick", "grass",
                     "gravel", "logo", "checkerboard")
 _PAN_STEPS = 16  # a video pans across its picture in this many frames, then starts again
 _CROP = 0.75  # a frame shows this share of the picture's width and height
+VIDEO_FPS = 2  # frames a second of a clip; a request asks the server to sample it at this rate, so it sees every frame
 
 
 @dataclass(frozen=True, order=True)
@@ -72,3 +75,9 @@ def data_url(ref: ImageRef) -> str:
     buf = io.BytesIO()
     render(ref).save(buf, format="JPEG", quality=90)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@functools.lru_cache(maxsize=2048)
+def video_url(frames: tuple[ImageRef, ...]) -> str:
+    """The frames as a `data:video/mp4` URL (H.264 at `VIDEO_FPS`), encoded once per distinct clip."""
+    return video_data_url([render(ref) for ref in frames], VIDEO_FPS)

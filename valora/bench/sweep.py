@@ -21,8 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from valora.bench.client import ClientConfig, Record, replay
-from valora.bench.images import data_url
+from valora.bench.client import ClientConfig, Record, chat_body, replay
 from valora.bench.results import Point, PointKey, is_done, load_points, save_point, write_summary
 from valora.bench.scrape import Sample, mode_usage, poll, token_totals, wait_idle
 from valora.bench.server import AdapterSpec, ModelSpec, ServerProcess, served_adapters
@@ -180,8 +179,8 @@ async def run_point(base_url: str, workload: Workload, config: SweepConfig, api_
     from tqdm import tqdm
 
     requests = workload.requests()
-    for ref in {ref for r in requests for ref in r.images}:  # encode before the clock starts
-        data_url(ref)
+    for r in requests:  # encode every image and clip before the clock starts (they are cached)
+        chat_body(r)
     bar = tqdm(total=len(requests), desc=f"  r={workload.rate:g}/s", unit="req", leave=False, disable=not progress)
     t0 = time.perf_counter() + 0.1
     stop = asyncio.Event()

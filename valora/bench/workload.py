@@ -50,12 +50,14 @@ class Task:
     prompt: Lengths = field(default_factory=Lengths)
     output: Lengths = field(default_factory=Lengths)
     repeat_frame: float = 0.0  # chance that a frame is the previous frame again (a static camera)
+    video: bool = False  # the frames go as one video clip (a `video_url` part), not as separate images
 
 
 # Modelled on the paper (paper_notes section 4). Visual retrieval: ShareGPT-4V VQA prompts are short (the trace's
 # conversation prompts scaled by 1/20) and answers are min(120, trace) tokens; RefCOCO grounding answers with a box.
 # Video analytics: 200 detection requests (256 prompt tokens, 40 out, one frame) per 700 task-head requests
-# (6 frames, one answer token); a 448x448 image is 256 visual tokens on Qwen2-VL, as on Qwen-VL.
+# (a clip of 6 frames, one answer token); a 448x448 image is 256 visual tokens on Qwen2-VL, as on Qwen-VL, and a
+# clip of 6 such frames 3 x 256 (its temporal patches pair the frames).
 VQA = Task("vqa", 0.5, "Answer the question about the image.", prompt=Lengths(scale=0.05, min=8, max=256),
            output=Lengths(max=120))
 CAPTION = Task("caption", 0.5, "Describe the image in detail.", prompt=Lengths(fixed=12), output=Lengths(max=120))
@@ -64,7 +66,7 @@ GROUND = Task("ground", 1.0, "Give the bounding box of the object named here.", 
 DETECT = Task("detect", 2 / 9, "Detect every car and aircraft in the frame and give their boxes.",
               prompt=Lengths(fixed=256), output=Lengths(fixed=40))
 ACTION = Task("action", 7 / 9, "Which action do these frames show?", images=6, prompt=Lengths(fixed=8),
-              output=Lengths(fixed=1), repeat_frame=0.3)
+              output=Lengths(fixed=1), repeat_frame=0.3, video=True)
 
 MIXES: dict[str, tuple[Task, ...]] = {
     "vqa": (VQA, CAPTION),
@@ -139,9 +141,10 @@ class Request:
     task: str
     adapter: str
     prompt: str
-    images: tuple[ImageRef, ...]
+    images: tuple[ImageRef, ...]  # the images, or the frames of its video clip
     output_tokens: int
     trace_row: int  # the trace request its lengths (and, for trace arrivals, its arrival gap) come from
+    video: bool = False  # `images` are the frames of one clip, sent as a video
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,7 @@ class Workload:
                 adapter=self.adapters[adapter_ids[i]], prompt=_prompt(task.instruction, prompt_words[task.name][i],
                                                                       text_rng),
                 images=self._images(task, image_rng), output_tokens=int(output_tokens[task.name][i]),
-                trace_row=int(rows[i]),
+                trace_row=int(rows[i]), video=task.video,
             ))
         return out
 

@@ -36,7 +36,7 @@ MAX_IMAGE_ASPECT_RATIO = 200
 
 @dataclass
 class ImageItem:
-    data: dict[str, torch.Tensor]  # the HF processor's tensors for this one image
+    data: dict[str, torch.Tensor]  # the HF model's tensors for this one image (or frame, or Qwen2-VL video)
     num_tokens: int  # placeholder tokens it fills in the prompt
     offset: int  # index of its first placeholder token in the prompt
     content_hash: str

@@ -50,11 +50,12 @@ class VideoSampling:
 
 
 def video_sampling(limits: MultiModalConfig, media_io_kwargs: Any = None) -> VideoSampling:
-    """The sampling of a request's videos: the configured defaults, under a request's vLLM-style
-    `media_io_kwargs={"video": {"fps": ..., "num_frames": ...}}`."""
+    """The sampling of a request's videos: the configured defaults (their frame count within the limit), under a
+    request's vLLM-style `media_io_kwargs={"video": {"fps": ..., "num_frames": ...}}`."""
     if media_io_kwargs is not None and (not isinstance(media_io_kwargs, dict) or set(media_io_kwargs) - {"video"}):
         raise InputError('media_io_kwargs takes {"video": {"fps": ..., "num_frames": ...}}')
-    return VideoSampling(limits.video_fps, limits.video_num_frames).updated((media_io_kwargs or {}).get("video"))
+    defaults = VideoSampling(limits.video_fps, min(limits.video_num_frames, limits.max_video_frames))
+    return defaults.updated((media_io_kwargs or {}).get("video"))
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Video:
 def load_video(obj: Any, limits: MultiModalConfig, sampling: VideoSampling | None = None) -> Video:
     """Accept encoded bytes, a local path, a `Video`, or one clip's frames (PIL images or HxWx3 uint8 arrays, a
     list or a TxHxWx3 array, taken as already sampled at `sampling.fps`). `sampling` defaults to the limits'."""
-    sampling = sampling or VideoSampling(limits.video_fps, limits.video_num_frames)
+    sampling = sampling or video_sampling(limits)
     if sampling.num_frames > limits.max_video_frames:
         raise InputError(f"{sampling.num_frames} video frames asked for, over the limit of {limits.max_video_frames}")
     if isinstance(obj, Video):

@@ -35,10 +35,22 @@ def _lora_module(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _media_io_kwargs(text: str):
+    """vLLM's `--media-io-kwargs` JSON: `{"video": {"fps": F, "num_frames": N}}`, the default video sampling."""
+    from valora.config import MultiModalConfig
+    from valora.multimodal.inputs import InputError
+    from valora.multimodal.video import video_sampling
+
+    try:
+        return video_sampling(MultiModalConfig(), json.loads(text))
+    except (json.JSONDecodeError, InputError) as e:
+        raise argparse.ArgumentTypeError(f"bad --media-io-kwargs {text!r}: {e}") from e
+
+
 _EPILOG = """\
 endpoints:
   GET  /v1/models                 the base model and every loaded adapter (adapters with `parent`)
-  POST /v1/chat/completions       chat, images as image_url parts with data: URLs; `model` picks the adapter
+  POST /v1/chat/completions       chat, images and videos as image_url / video_url parts; `model` picks the adapter
   POST /v1/completions            plain-text prompts
   POST /v1/classify               a task head's answer after one prefill (chat `messages` or text `input`)
   POST /v1/load_lora_adapter      {"lora_name": ..., "lora_path": ...} at run time
@@ -134,6 +146,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="width x height per image (default: 4096*4096)")
     g.add_argument("--max-image-bytes", type=int, default=20 * 2**20, metavar="N",
                    help="encoded bytes per image (default: 20 MiB)")
+    g.add_argument("--max-videos-per-prompt", type=int, default=4, metavar="N",
+                   help="videos per request (default: 4)")
+    g.add_argument("--max-video-bytes", type=int, default=32 * 2**20, metavar="N",
+                   help="encoded bytes per video (default: 32 MiB)")
+    g.add_argument("--max-video-seconds", type=float, default=600.0, metavar="S",
+                   help="length of a video (default: 600)")
+    g.add_argument("--max-video-frames", type=int, default=64, metavar="N",
+                   help="frames sampled from one video, at most (default: 64)")
+    g.add_argument("--media-io-kwargs", type=_media_io_kwargs, default=None, metavar="JSON",
+                   help='default video sampling, vLLM\'s spelling: \'{"video": {"fps": 2, "num_frames": 32}}\' '
+                        "(frames a second of video, at most num_frames; requests may override with their own "
+                        "media_io_kwargs; default: fps 2, num_frames 32)")
     g.add_argument("--mm-encoder-attn-backend", default="auto", choices=list(MM_ENCODER_ATTN_BACKENDS),
                    help="attention kernel of the vision tower: TRITON_ATTN (ours, varlen, replayed from CUDA graphs), "
                         "FLASH_ATTN (torch's FlashAttention varlen, graphs too), TORCH_SDPA, FLEX_ATTENTION "
@@ -180,6 +204,10 @@ def engine_config(args: argparse.Namespace):
             max_images_per_prompt=args.max_images_per_prompt, max_image_pixels=args.max_image_pixels,
             max_image_bytes=args.max_image_bytes, embed_cache_mb=args.image_cache_mb,
             allowed_media_domains=tuple(args.allowed_media_domains), media_fetch_timeout_s=args.media_fetch_timeout,
+            max_videos_per_prompt=args.max_videos_per_prompt, max_video_bytes=args.max_video_bytes,
+            max_video_seconds=args.max_video_seconds, max_video_frames=args.max_video_frames,
+            **({"video_fps": args.media_io_kwargs.fps, "video_num_frames": args.media_io_kwargs.num_frames}
+               if args.media_io_kwargs else {}),
             mm_encoder_attn_backend=args.mm_encoder_attn_backend),
         enforce_eager=args.enforce_eager,
     )

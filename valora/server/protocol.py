@@ -71,6 +71,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     add_generation_prompt: bool = True
     head: str | None = None  # VaLoRA: answer with this task head of the adapter instead of decoding
+    media_io_kwargs: dict[str, Any] | None = None  # vLLM's: {"video": {"fps": ..., "num_frames": ...}}
 
     @property
     def token_limit(self) -> int | None:
@@ -131,6 +132,7 @@ class ClassificationRequest(BaseModel):
     input: str | list[str] | None = None
     head: str | None = None  # which head of the adapter; default: its default head, else its only one
     add_generation_prompt: bool = True
+    media_io_kwargs: dict[str, Any] | None = None  # vLLM's: {"video": {"fps": ..., "num_frames": ...}}
     stream: Literal[False] = False
 
     @model_validator(mode="after")

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from valora.heads.params import HeadParams
 from valora.lora.request import LoRARequest
-from valora.multimodal.chat import MediaSources, parse_messages
+from valora.multimodal.chat import MediaSources, chat_media, parse_messages
 from valora.multimodal.inputs import InputError, MediaError, load_image
 from valora.multimodal.template import render_chat
 from valora.outputs import RequestOutput
@@ -116,20 +116,26 @@ class OpenAIServing:
             raise bad_request(str(e.args[0]), "invalid_head", "head") from e
 
     def _chat_prompt(self, req: ChatCompletionRequest | ClassificationRequest) -> dict:
+        limits = self.llm.config.multimodal
         try:
-            messages, raw_images = parse_messages(req.messages, self.media, self.llm.config.multimodal)
-        except MediaError as e:  # an image URL that cannot be used
+            messages, raw_images, raw_videos = parse_messages(req.messages, self.media, limits)
+        except MediaError as e:  # an image or video URL that cannot be used
             raise bad_request(str(e), f"invalid_{e.kind}", "messages") from e
         except InputError as e:
             raise bad_request(str(e), "invalid_messages", "messages") from e
         images = self._decode_images(raw_images)
+        try:
+            messages, images, videos = chat_media(messages, images, raw_videos, limits, req.media_io_kwargs,
+                                                  frames_as_images=self.llm.processor.video_token is None)
+        except MediaError as e:
+            raise bad_request(str(e), f"invalid_{e.kind}", "messages") from e
         try:
             prompt = render_chat(self.llm.tokenizer, messages, req.add_generation_prompt,
                                  allow_special_tokens=self.allow_special_tokens)
         except Exception as e:  # jinja raises many types for messages a template cannot render
             raise bad_request(f"cannot apply the chat template: {e}", "invalid_messages", "messages") from e
         key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
-        return {key: prompt, "multi_modal_data": {"image": images}}
+        return {key: prompt, "multi_modal_data": {"image": images, "video": videos}}
 
     def _check(self, request_id: str, prompt: Any, params: SamplingParams | HeadParams, lora: LoRARequest | None,
                max_tokens: int | None) -> Prepared:
