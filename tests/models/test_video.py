@@ -151,3 +151,17 @@ def test_llava_chat_takes_a_video_as_its_frames(llm, family):
         assert torch.equal(v.data["pixel_values"], i.data["pixel_values"])
     with pytest.raises(InputError, match="frames as images"):
         prompt([{"type": "video", "video": _clip(9, 40, 40)}])
+
+
+@pytest.mark.families("qwen2_vl", "qwen2_5_vl")
+def test_a_video_hash_names_what_moves_its_positions(llm, family):
+    """The content hash keys the embedding cache and the prefix cache's blocks: on Qwen2.5-VL the same frames at
+    another frame rate sit at other positions, so they must not share KV blocks."""
+    frames = _clip(2)
+
+    def digest(fps: float) -> str:
+        return llm.engine.process_prompt({"prompt": f"{family.video_prompt} hi", "multi_modal_data": {
+            "video": Video(frames, fps=fps)}})[1].images[0].content_hash
+
+    assert (digest(2.0) != digest(1.0)) == (family.name == "qwen2_5_vl")
+    assert digest(2.0) == digest(2.0)

@@ -279,10 +279,13 @@ class Qwen2VLInputProcessor(ImagePromptProcessor):
         frames = torch.stack([as_tensor(resize(f, h, w, self.video_resample)) for f in video.frames])
         pixels, grid = self.patchify(frames, self.video_normalize)
         data = {"pixel_values_videos": pixels, "video_grid_thw": grid}
+        key = self.video_hash_key
         if self.tokens_per_second is not None:  # what Qwen2_5_VLProcessor adds: seconds per temporal patch
             data["second_per_grid_ts"] = torch.tensor([self.temporal / video.fps], dtype=torch.float32)
+            # It moves the video's positions, so it is part of what the prefix cache's block hashes must tell apart.
+            key += data["second_per_grid_ts"].numpy().tobytes()
         tokens = int(grid.prod()) // self.merge**2
-        return [Run(self.video_token_id, data, tokens, content_hash(self.video_hash_key, video.frames))]
+        return [Run(self.video_token_id, data, tokens, content_hash(key, video.frames))]
 
     def patchify(self, frames: torch.Tensor, normalize: PixelNormalizer) -> tuple[torch.Tensor, torch.Tensor]:
         """[F, H, W, 3] uint8 frames -> ([t*h*w, 3*T*p*p] float32 patches, [1, 3] grid (t, h, w)): the frames
