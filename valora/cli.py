@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("valora.demo.cli", "train a small vision model with LoRA adapters on digit images and serve it"),
     "adapters": ("valora.adaptgen.cli", "build LoRA adapters (and task heads) from vision tasks with accuracy floors"),
     "bench": ("valora.bench.cli", "trace-driven benchmark of the server under each scheduler: run, sweep, report"),
-    "tune-kernels": ("valora.lora.tuning.cli", "grid-search the LoRA kernel tiles on this GPU and write its table"),
+    "tune-kernels": ("valora.lora.tuning.cli", "time the LoRA kernel plans on this GPU and write its table"),
 }
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_ENV = "VALORA_LOGGING_LEVEL"

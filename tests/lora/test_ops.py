@@ -7,7 +7,9 @@ import torch
 from cases import Case, assert_matches, make_case
 
 from valora.lora.ops import BACKENDS, LoRAMeta, default_backend, lora_matmul
-from valora.lora.ops.configs import Shape, TileConfig
+from valora.lora.ops.batch import LoRABatch
+from valora.lora.ops.configs import CallShape, Plan, TileConfig
+from valora.lora.ops.meta import GraphLoRAMeta
 from valora.lora.tuning.table import ConfigTable, use_table
 
 # Padded rows and columns are loaded (as 16-byte vectors) and then dropped with `where`; the interpreter warns
@@ -70,22 +72,77 @@ def test_returns_delta_without_out() -> None:
     assert_matches(case, delta)
 
 
-CONFIGS = [
-    TileConfig(16, 16, 16, 4, 2, 1),
-    TileConfig(16, 32, 32, 4, 2, 3),  # split-K over 3 programs: fp32 atomics into the intermediate
-    TileConfig(64, 16, 64, 4, 2, 2),  # row tile taller than any segment
-    TileConfig(32, 64, 16, 4, 2, 1),  # rank tile wider than the stacked rows
+SPLIT_PLANS = [
+    Plan(shrink=TileConfig(16, 16, 16, 4, 2, 1), expand=TileConfig(16, 16, 16, 4, 2)),
+    # split-K over 3 programs (partial sums the expand adds up); expand rank tile wider than the stack
+    Plan(shrink=TileConfig(16, 32, 32, 4, 2, 3), expand=TileConfig(32, 64, 32, 4, 2)),
+    Plan(shrink=TileConfig(64, 16, 64, 4, 2, 2), expand=TileConfig(64, 32, 16, 4, 2)),  # rows taller than segments
+    Plan(shrink=TileConfig(32, 64, 16, 4, 2, 1), expand=TileConfig(16, 128, 16, 4, 2)),  # rank tile > stacked rows
 ]
+FUSED_PLANS = [
+    Plan(fused=TileConfig(16, 16, 16, 4, 2)),  # one chunk: a program walks all columns of its slice
+    Plan(fused=TileConfig(16, 32, 32, 4, 2, split_n=3)),  # chunks that do not divide the slices
+    Plan(fused=TileConfig(32, 16, 64, 4, 2, split_n=1000)),  # more chunks than tiles: one tile each
+    Plan(fused=TileConfig(64, 64, 16, 4, 2, split_n=2)),  # row and column tiles wider than anything
+]
+PLANS = SPLIT_PLANS + FUSED_PLANS
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.split_k}")
-def test_atmm_tile_configs(cfg: TileConfig) -> None:
-    """Whatever the table says, the result is the same: force each config for both kernels."""
+def plan_id(plan: Plan) -> str:
+    cfgs = [(k, c) for k, c in (("f", plan.fused), ("s", plan.shrink), ("e", plan.expand)) if c is not None]
+    return "-".join(f"{k}{c.block_m}.{c.block_n}.{c.block_k}.{c.split_k}.{c.split_n}" for k, c in cfgs)
+
+
+def forced(plan: Plan):
+    """Every call runs by `plan`, whatever its shape: a table with one entry."""
+    return use_table(ConfigTable("test", [(CallShape(1, 1, 1, 1, (1,)), plan)]))
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=plan_id)
+def test_atmm_plans(plan: Plan) -> None:
+    """Whatever the table says, the result is the same: each plan, split or fused, on fused slices with rank 0
+    on some of them, mixed ranks and tokens without an adapter."""
     ranks = [[16, 3, 9], [5, 0, 16]]
     case = make_case(27, 96, (24, 40), ranks, 16, DTYPES[0], DEVICE, seed=7)
-    table = ConfigTable("test", {"shrink": [(Shape(1, 1, 1, 1), cfg)], "expand": [(Shape(1, 1, 1, 1), cfg)]})
-    with use_table(table):
+    with forced(plan):
         assert_matches(case, case.run("atmm"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("plan", FUSED_PLANS[:2], ids=plan_id)
+def test_fused_decode_shapes(plan: Plan, dtype: torch.dtype) -> None:
+    """The fused kernel where the engine uses it: fused qkv (k and v narrower) and gate/up, ranks 8-64 mixed in a
+    rank-64 stack, some adapters not targeting some slices, one token per adapter and several, rows without one."""
+    qkv = [[8, 64, 16, 32, 0, 24], [8, 64, 0, 32, 40, 24], [8, 0, 16, 32, 40, 24]]
+    gate_up = [[64, 8, 0, 16], [64, 8, 32, 0]]
+    with forced(plan):
+        for seed, (slices, ranks, tokens) in enumerate((((48, 16, 16), qkv, 6), ((64, 64), gate_up, 21))):
+            case = make_case(tokens, 80, slices, ranks, 64, dtype, DEVICE, seed=20 + seed)
+            assert_matches(case, case.run("atmm"))
+
+
+@pytest.mark.parametrize("plan", [SPLIT_PLANS[1], FUSED_PLANS[1]], ids=plan_id)
+def test_merged_adapter_corrections(plan: Plan) -> None:
+    """Mixture mode through the kernels: with slot 1 merged, its tokens get nothing, every other token its own
+    delta minus slot 1's (negated scalings), base-model tokens only the subtraction."""
+    ranks = [[16, 8, 12], [4, 16, 0]]
+    case = make_case(19, 64, (24, 40), ranks, 16, DTYPES[0], DEVICE, seed=30)
+    slots = case.ids.tolist()
+    lora = LoRABatch.build(slots, 1, DEVICE)
+    out = case.base.clone()
+    with forced(plan):
+        lora_matmul(case.x, None, case.stack_a, case.stack_b, case.ranks, case.scalings, "atmm", slices=case.slices,
+                    out=out, meta=lora.own)
+        lora_matmul(case.x, None, case.stack_a, case.stack_b, case.ranks, -case.scalings, "atmm",
+                    slices=case.slices, out=out, meta=lora.correction)
+    expected = case.base.float().clone()
+    for ids, scalings in (([s if s != 1 else -1 for s in slots], case.scalings),
+                          ([1 if s != 1 else -1 for s in slots], -case.scalings)):
+        lora_matmul(case.x.float(), ids, case.stack_a.float(), case.stack_b.float(), case.ranks, scalings, "torch",
+                    slices=case.slices, out=expected)
+    rtol, atol = (1e-5, 1e-5) if out.dtype == torch.float32 else (2e-3, 5e-3)
+    torch.testing.assert_close(out.float(), expected, rtol=rtol, atol=atol * (expected - case.base.float()).abs().max())
+    assert torch.equal(out[case.ids == 1], case.base[case.ids == 1])
 
 
 def test_reference_matches_dense_formula() -> None:
@@ -163,17 +220,14 @@ def test_gpu_atmm_needs_no_sync_and_replays_in_a_graph() -> None:
     assert_matches(case, out)
 
 
-@pytest.mark.parametrize("backend", [*TRITON, "gather"])
-def test_graph_meta_refilled_for_any_mix_matches_reference(backend: str) -> None:
+def _graph_meta_fills(backend: str, size: int, max_slots: int) -> None:
     """One fixed-size meta (as a CUDA graph captures it), refilled with different mixes of adapters and fewer
     real tokens than its size: every fill gives the reference result, padding tokens are left alone."""
-    from valora.lora.ops.meta import GraphLoRAMeta
-
-    size = tokens_for(backend, 24)
-    graph = GraphLoRAMeta(size, max_slots=4, device=DEVICE)
+    graph = GraphLoRAMeta(size, max_slots=max_slots, device=DEVICE)
     for seed, used in ((10, size), (11, size - 3), (12, 1)):
         case = make_case(used, 40, (36, 9, 17), [[16, 0, 5, 9], [3, 16, 0, 1], [0, 7, 16, 12]], 16, DTYPES[0],
                          DEVICE, seed=seed)
+        case.ids[case.ids >= max_slots] = -1
         graph.fill(case.ids.tolist())
         pad = size - used
         x = torch.cat([case.x, torch.randn(pad, 40, dtype=case.x.dtype, device=DEVICE)])
@@ -185,9 +239,21 @@ def test_graph_meta_refilled_for_any_mix_matches_reference(backend: str) -> None
         assert torch.equal(out[used:], before[used:])
 
 
-def test_graph_meta_refuses_more_adapters_than_sized_for() -> None:
-    from valora.lora.ops.meta import GraphLoRAMeta
+@pytest.mark.parametrize("backend", [*TRITON, "gather"])
+def test_graph_meta_refilled_for_any_mix_matches_reference(backend: str) -> None:
+    _graph_meta_fills(backend, tokens_for(backend, 24), 4)
 
+
+@pytest.mark.parametrize("max_slots", [2, 4])
+@pytest.mark.parametrize("plan", [SPLIT_PLANS[1], FUSED_PLANS[0], FUSED_PLANS[2]], ids=plan_id)
+def test_graph_meta_plans(plan: Plan, max_slots: int) -> None:
+    """atmm's plans on graph metadata sized for fewer adapters than the stack holds (a bucket of the batch's
+    adapter count), padding included."""
+    with forced(plan):
+        _graph_meta_fills("atmm", 24, max_slots)
+
+
+def test_graph_meta_refuses_more_adapters_than_sized_for() -> None:
     with pytest.raises(ValueError, match="3 adapters"):
         GraphLoRAMeta(8, max_slots=2, device="cpu").fill([0, 1, 2])
 

@@ -2,32 +2,52 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from valora.cli import build_parser
-from valora.lora.ops.configs import OPS, Shape, TileConfig, heuristic
+from valora.lora.ops.configs import OPS, CallShape, Plan, Shape, TileConfig, heuristic, heuristic_plan
 from valora.lora.tuning import space
 from valora.lora.tuning.table import ConfigTable, _device_table, table_path
-from valora.lora.tuning.tuner import tune_shape
+from valora.lora.tuning.tuner import Problems, tune_call
 
 GRID = space.shapes()
+GATE_UP = space.LAYERS["gate_up"]
 
 
 def _valid(cfg: TileConfig) -> bool:
     dims = (cfg.block_m, cfg.block_n, cfg.block_k)
-    return all(d >= 16 and d & (d - 1) == 0 for d in dims) and cfg.split_k >= 1
+    return all(d >= 16 and d & (d - 1) == 0 for d in dims) and cfg.split_k >= 1 and cfg.split_n >= 1
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_every_grid_shape_has_valid_candidates(op: str) -> None:
-    for shape in GRID[op]:
-        tiles = space.tile_grid(op, shape)
-        assert tiles and all(_valid(c) for c in tiles)
-        assert all(_valid(c) for c in space.schedule_grid(tiles[0]))
-        assert _valid(heuristic(op, shape))
+def _plan_valid(plan: Plan) -> bool:
+    return all(_valid(c) for c in (plan.fused, plan.shrink, plan.expand) if c is not None)
+
+
+def test_every_grid_shape_has_valid_candidates() -> None:
+    assert len(GRID) == len(set(GRID))
+    for shape in GRID:
+        for op in OPS:
+            tiles = space.tile_grid(op, shape.op_shape(op))
+            assert tiles and all(_valid(c) for c in tiles)
+            assert all(_valid(c) for c in space.schedule_grid(tiles[0]))
+        fused = space.fused_grid(shape)
+        assert all(_valid(c) for c in fused)
+        assert bool(fused) == (shape.tokens <= space.FUSED_MAX_TOKENS)
+        assert _plan_valid(heuristic_plan(shape))
+
+
+def test_grid_covers_the_engine_decode_calls() -> None:
+    """Qwen2-VL-7B's fused qkv and gate/up calls at decode sizes, one to 64 adapters, and single-adapter rank 64."""
+    assert CallShape(32, 32, 3584, 16, (3584, 512, 512)) in GRID
+    assert CallShape(32, 32, *GATE_UP[:1], 16, GATE_UP[1]) in GRID
+    assert CallShape(1, 1, 18944, 64, (3584,)) in GRID
+    assert CallShape(2048, 1, 3584, 64, (18944, 18944)) in GRID
+    assert {s.segments for s in GRID if s.tokens == 128} == {1, 4, 16, 32, 64}
 
 
 def test_tile_grid_prunes_by_shape() -> None:
@@ -38,32 +58,112 @@ def test_tile_grid_prunes_by_shape() -> None:
     assert max(c.block_m for c in prefill) == 128
 
 
-def test_tune_shape_finds_the_minimum_of_both_grids() -> None:
-    shape = Shape(512, 4, 3584, 64)
-    best = TileConfig(64, 32, 128, 8, 2, 2)
+def test_fused_grid_splits_columns_within_eight_waves() -> None:
+    decode = space.fused_grid(CallShape(32, 32, 3584, 16, GATE_UP[1]))
+    assert {c.block_m for c in decode} == {16}
+    assert min(c.split_n for c in decode) == 1 and max(c.split_n for c in decode) == 32  # 33 row tiles x 32 chunks
+    single = space.fused_grid(CallShape(1, 1, 3584, 64, GATE_UP[1]))
+    assert max(c.split_n for c in single) * min(c.block_n for c in single) <= sum(GATE_UP[1])
+    assert max(c.split_n for c in single) >= 512
 
-    def measure(op: str, s: Shape, cfg: TileConfig, reps: int) -> float:
-        return sum(abs(a - b) for a, b in zip(vars(cfg).values(), vars(best).values()))
 
-    prepared = []
-    assert tune_shape("shrink", shape, measure, lambda op, s, cfgs: prepared.append(len(list(cfgs)))) == best
-    assert len(prepared) == 2  # tiles first, then the finalists' warps x stages
+def test_heuristic_plan_fuses_decode_calls_with_narrow_inputs() -> None:
+    assert heuristic_plan(CallShape(32, 32, 3584, 16, (3584, 512, 512))).fused is not None
+    assert heuristic_plan(CallShape(32, 32, 18944, 16, (3584,))).fused is None  # down_proj: A wider than its output
+    assert heuristic_plan(CallShape(2048, 1, 3584, 64, GATE_UP[1])).fused is None
+
+
+def _measure_by(costs: dict) -> callable:
+    """A device whose time for a candidate is `costs` applied to it."""
+    return lambda shape, candidate, reps: costs(candidate)
+
+
+def test_tune_call_chooses_split_k_with_the_expand_measured() -> None:
+    """The shrink alone is fastest at split-K 16, but the expand then adds 16 partials: the pair decides."""
+    shape = CallShape(32, 32, 3584, 16, (3584,))
+
+    def cost(candidate) -> float:
+        if isinstance(candidate, tuple):
+            op, cfg = candidate
+            return 10.0 / cfg.split_k if op == "shrink" else 5.0
+        if candidate.fused is not None:
+            return 100.0
+        return 10.0 / candidate.shrink.split_k + 5.0 + 2.0 * candidate.shrink.split_k
+
+    final = tune_call(shape, _measure_by(cost))
+    best = min(final, key=final.__getitem__)
+    assert best.fused is None and best.shrink.split_k == 2  # 5 + 5 + 4 beats 10 + 5 + 2 and 0.6 + 5 + 32
+
+
+def test_tune_call_prefers_fused_and_keeps_the_previous_choice_when_faster() -> None:
+    shape = CallShape(8, 4, 3584, 16, GATE_UP[1])
+    outside = Plan(fused=TileConfig(16, 32, 64, 4, 2, split_n=7))  # not on the grid: only the previous table has it
+    prepared: list[int] = []
+
+    def device(previous_cost: float):
+        def cost(candidate) -> float:
+            if isinstance(candidate, tuple):
+                return 20.0
+            if candidate == outside:
+                return previous_cost
+            if candidate.fused is not None:
+                return 10.0 + abs(candidate.fused.split_n - 16) + candidate.fused.num_stages
+            return 40.0
+
+        return _measure_by(cost)
+
+    for previous_cost, expect_previous in ((1.0, True), (100.0, False)):
+        final = tune_call(shape, device(previous_cost), lambda s, cands: prepared.append(len(list(cands))),
+                          previous=outside)
+        best = min(final, key=final.__getitem__)
+        assert (best == outside) == expect_previous
+        assert heuristic_plan(shape) in final and outside in final
+        if not expect_previous:
+            assert best.fused.split_n == 16 and best.fused.num_stages == 2  # schedules of the finalists tried
+    assert len(prepared) == 6  # three rounds, each compiled before it is timed
+
+
+def test_problems_launch_every_kind_of_candidate() -> None:
+    """The tuner's launches run (interpreter on the CPU): a fused plan, a split plan, each kernel alone."""
+    shape = CallShape(5, 2, 32, 16, (24, 8))
+    problems = Problems(torch.float32, torch.device("cpu"))
+    launch = problems.launcher(shape)
+    cfg = TileConfig(16, 16, 16, 4, 2, split_k=2, split_n=3)
+    for candidate in (Plan(fused=cfg), Plan(shrink=cfg, expand=TileConfig(16, 64, 16)), ("shrink", cfg),
+                      ("expand", TileConfig(16, 64, 16))):
+        launch(candidate, False)
+    assert problems.launcher(shape) is launch
 
 
 def test_table_round_trip_and_nearest_lookup(tmp_path: Path) -> None:
-    small, large = TileConfig(16, 16, 128, 4, 3, 8), TileConfig(128, 64, 64, 8, 4, 1)
-    table = ConfigTable("GPU X", {
-        "shrink": [(Shape(32, 16, 3584, 16), small), (Shape(8192, 16, 3584, 128), large)],
-        "expand": [],
-    }, {"triton": "3.6.0"})
+    small = Plan(fused=TileConfig(16, 64, 128, 4, 3, split_n=16))
+    large = Plan(shrink=TileConfig(128, 64, 64, 8, 4, 1), expand=TileConfig(128, 128, 32, 8, 3))
+    table = ConfigTable("GPU X", [(CallShape(32, 16, 3584, 16, (3584, 512, 512)), small),
+                                  (CallShape(8192, 16, 3584, 64, (18944, 18944)), large)], info={"triton": "3.6.0"})
     path = table_path("NVIDIA Foo 80GB", tmp_path)
     assert path.name == "NVIDIA_Foo_80GB.json"
     table.save(path)
     loaded = ConfigTable.load(path)
-    assert loaded.entries == table.entries and loaded.info == table.info
-    assert loaded.lookup("shrink", Shape(24, 12, 3584, 16)) == small
-    assert loaded.lookup("shrink", Shape(4096, 8, 4096, 64)) == large
-    assert loaded.lookup("expand", Shape(24, 12, 16, 3584)) is None  # untuned op: caller uses the heuristic
+    assert loaded.plans == table.plans and loaded.info == table.info
+    assert loaded.lookup(CallShape(24, 12, 3584, 16, (3584, 512, 512))) == small
+    assert loaded.lookup(CallShape(4096, 8, 4096, 64, (18944, 18944))) == large
+    assert ConfigTable("GPU Y").lookup(CallShape(1, 1, 1, 1, (1,))) is None  # empty: the caller uses the heuristic
+
+
+def test_reads_tables_of_per_kernel_configs(tmp_path: Path) -> None:
+    """A format-1 table (one list per kernel) gives the plan atmm ran from it: each kernel's nearest config."""
+    shrink, expand = TileConfig(16, 16, 128, 4, 3, 8), TileConfig(16, 128, 16, 4, 2)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({
+        "device": "GPU X", "info": {},
+        "shrink": [{"shape": vars(Shape(32, 16, 3584, 16)), "config": shrink.to_dict()}],
+        "expand": [{"shape": vars(Shape(32, 16, 16, 3584)), "config": expand.to_dict()}],
+    }))
+    old = ConfigTable.load(path)
+    assert old.lookup(CallShape(32, 32, 3584, 16, (3584,))) == Plan(shrink=shrink, expand=expand)
+    old.kernels["expand"] = []
+    call = CallShape(32, 32, 3584, 16, (3584,))
+    assert old.lookup(call).expand == heuristic("expand", call.op_shape("expand"))
 
 
 def test_missing_table_falls_back_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -73,6 +173,14 @@ def test_missing_table_falls_back_and_logs_once(caplog: pytest.LogCaptureFixture
     assert sum("No Such GPU 1234" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_shipped_tables_load() -> None:
+    for path in table_path("x").parent.glob("*.json"):
+        table = ConfigTable.load(path)
+        assert _plan_valid(table.lookup(CallShape(32, 32, 3584, 16, (3584, 512, 512))))
+
+
 def test_cli_registers_tune_kernels() -> None:
-    args = build_parser().parse_args(["tune-kernels", "--tokens", "1,32", "--check"])
-    assert args.tokens == (1, 32) and args.check
+    args = build_parser().parse_args(["tune-kernels", "--tokens", "1,32", "--layers", "qkv,down", "--check"])
+    assert args.tokens == (1, 32) and args.layers == ("qkv", "down") and args.check
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["tune-kernels", "--layers", "mlp"])

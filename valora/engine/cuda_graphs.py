@@ -1,11 +1,18 @@
 """Decode steps replayed from CUDA graphs, so a step costs its kernels and not Python or launch overhead.
 
-A graph is captured per batch-size bucket and per *variant*: whether the step has tokens with their own adapter,
+A graph is captured per batch-size bucket and per *variant*: how many distinct adapters the step's own-adapter
+tokens use (a bucket of its own: 1, 2, 4, ... up to the batch size or `max_loras`; 0 for a step without any),
 whether it has corrections for a merged adapter (mixture mode), and which layers serve merged weights. Every input
 lives in a static buffer that a replay refills: token ids, positions, KV slots, block tables and context lengths,
-and the LoRA metadata (`GraphLoRAMeta`: per-token slots, segments, tile maps), sized for the bucket's worst case so
-one graph serves any mix of adapters. A batch smaller than its bucket is padded with rows that attend to nothing,
-write their K/V to a slot no sequence owns and carry no adapter.
+and the LoRA metadata (`GraphLoRAMeta`: per-token slots, tokens grouped by adapter, exact tile maps), sized for its
+(batch, adapters) bucket, so the LoRA kernels launch the grid and use the tiles of the adapter count the step
+really has, not of the worst case (vLLM's `--specialize-active-lora`). A batch smaller than its bucket is padded
+with rows that attend to nothing, write their K/V to a slot no sequence owns and carry no adapter.
+
+Start-up captures, with a progress bar, every batch size without adapters and with its largest adapter bucket
+(which serves any mix), then the smaller adapter buckets while the capture budget lasts; the rest are captured
+when a step first needs them. Which bucket a step runs in depends on the step alone, never on what was captured,
+so outputs do not depend on the order of capture.
 
 With `capture=False` (`--enforce-eager`) the same padded static batches run eagerly: a decode step then computes
 exactly the numbers its graph would (same shapes, same kernels, same LoRA tile configurations), so eager and
@@ -34,6 +41,9 @@ from valora.models.layers.linear import LoRALinear
 logger = logging.getLogger(__name__)
 
 GRAPH_BACKENDS = ("atmm", "sgmv", "bgmv", "gather")  # LoRA backends whose launches depend on shapes only
+# Seconds of start-up capture after the graphs every deployment needs; the remaining adapter buckets are captured
+# when first used (the H100 captured 30 graphs in 12.8 s; the start-up target is under 30 s in all).
+CAPTURE_BUDGET_S = 15.0
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -47,10 +57,17 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_num_seqs})
 
 
+def adapter_buckets(size: int, max_loras: int) -> list[int]:
+    """Distinct-adapter counts with a graph at batch bucket `size`: powers of two below min(size, max_loras),
+    and that bound itself."""
+    top = min(size, max_loras)
+    return [1 << i for i in range(top.bit_length()) if 1 << i < top] + [top]
+
+
 @dataclass(frozen=True)
 class Variant:
-    size: int  # bucket
-    own: bool  # some token runs its own adapter
+    size: int  # batch bucket
+    adapters: int  # adapter bucket of the tokens that run their own adapter (0: none does)
     correction: bool  # some token takes the merged adapter back out (mixture mode)
     merged: tuple[bool, ...]  # per LoRA layer: serving merged weights
 
@@ -72,7 +89,8 @@ class CUDAGraphRunner:
         self.rows = torch.arange(n, device=device)
         self.context_lens = torch.zeros(n, **opts)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, **opts)
-        self.own = {b: GraphLoRAMeta(b, max_loras, device) for b in self.buckets}
+        self.max_loras = max_loras
+        self.own: dict[tuple[int, int], GraphLoRAMeta] = {}  # (batch bucket, adapter bucket), made at first use
         self.correction = {b: GraphLoRAMeta(b, 1, device) for b in self.buckets}
         self.graphs: dict[Variant, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
@@ -80,6 +98,21 @@ class CUDAGraphRunner:
 
     def bucket(self, size: int) -> int | None:
         return next((b for b in self.buckets if b >= size), None)
+
+    def variant(self, batch: ForwardBatch) -> Variant:
+        """The graph a decode-only `batch` runs in."""
+        b = self.bucket(batch.input_ids.shape[0])
+        merged = batch.merged_slot
+        distinct = len({s for s in batch.lora_slots if s >= 0 and s != merged})
+        adapters = next(a for a in adapter_buckets(b, self.max_loras) if a >= distinct) if distinct else 0
+        return Variant(b, adapters, merged is not None and any(s != merged for s in batch.lora_slots),
+                       tuple(m.merged_slot is not None for m in self.lora_layers))
+
+    def own_meta(self, size: int, adapters: int) -> GraphLoRAMeta:
+        key = (size, adapters)
+        if key not in self.own:
+            self.own[key] = GraphLoRAMeta(size, adapters, self.device)
+        return self.own[key]
 
     def usable(self, batch: ForwardBatch) -> bool:
         """A step can replay a graph when every sequence decodes one token, with no image, within the buckets."""
@@ -92,22 +125,18 @@ class CUDAGraphRunner:
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states [T, hidden] of a decode-only `batch`."""
         t = batch.input_ids.shape[0]
-        b = self.bucket(t)
+        v = self.variant(batch)
         merged = batch.merged_slot
-        own = [s if s != merged else -1 for s in batch.lora_slots]
-        corr = [merged if s != merged else -1 for s in batch.lora_slots] if merged is not None else []
-        variant = Variant(b, any(s >= 0 for s in own), any(s >= 0 for s in corr),
-                          tuple(m.merged_slot is not None for m in self.lora_layers))
-        self._fill(batch, t, b)
-        if variant.own:
-            self.own[b].fill(own)
-        if variant.correction:
-            self.correction[b].fill(corr)
+        self._fill(batch, t, v.size)
+        if v.adapters:
+            self.own_meta(v.size, v.adapters).fill([s if s != merged else -1 for s in batch.lora_slots])
+        if v.correction:
+            self.correction[v.size].fill([merged if s != merged else -1 for s in batch.lora_slots])
         if not self.capture:
-            return self.model(self._static_batch(variant), self.kv_caches)[:t]
-        if variant not in self.graphs:
-            self.graphs[variant] = self._capture(variant)
-        graph, out = self.graphs[variant]
+            return self.model(self._static_batch(v), self.kv_caches)[:t]
+        if v not in self.graphs:
+            self.graphs[v] = self._capture(v)
+        graph, out = self.graphs[v]
         graph.replay()
         return out[:t]
 
@@ -131,8 +160,9 @@ class CUDAGraphRunner:
             decode_max_context=self.block_tables.shape[1] * self.block_size,
         )
         lora = None
-        if v.own or v.correction:
-            lora = LoRABatch(self.own[b].meta if v.own else None, self.correction[b].meta if v.correction else None)
+        if v.adapters or v.correction:
+            lora = LoRABatch(self.own_meta(b, v.adapters).meta if v.adapters else None,
+                             self.correction[b].meta if v.correction else None)
         return ForwardBatch(input_ids=self.input_ids[:b], positions=self.positions[:, :b], attn=attn,
                             logits_rows=self.rows[:b], lora=lora)
 
@@ -158,18 +188,33 @@ class CUDAGraphRunner:
         logger.debug("captured a decode graph for %s in %.2f s", v, seconds)
         return graph, out
 
-    def capture_common(self) -> None:
-        """Capture the variants every deployment meets (no adapter, own adapters) for every bucket, up front."""
+    def capture_common(self, budget_s: float = CAPTURE_BUDGET_S) -> None:
+        """Capture, largest batch first (later graphs fit in its memory pool), every batch size without adapters
+        and with its largest adapter bucket; then the smaller adapter buckets, fewest adapters first, while
+        `budget_s` seconds last. Whatever is left is captured when a step first needs it."""
         if not self.capture:
             return
         start = time.perf_counter()
         merged = tuple(False for _ in self.lora_layers)
+        lora = self.lora_enabled and self.lora_ok
+        sizes = list(reversed(self.buckets))
+        common = [Variant(b, a, False, merged) for b in sizes
+                  for a in ((0, adapter_buckets(b, self.max_loras)[-1]) if lora else (0,))]
+        extra = sorted((Variant(b, a, False, merged) for b in sizes if lora
+                        for a in adapter_buckets(b, self.max_loras)[:-1]), key=lambda v: (v.adapters, -v.size))
         self.slot_mapping.fill_(self.pad_slot)  # nothing real yet: every row is padding
-        owns = (False, True) if self.lora_enabled and self.lora_ok else (False,)
-        todo = [Variant(b, own, False, merged) for b in reversed(self.buckets) for own in owns]  # largest first:
-        todo = [v for v in todo if v not in self.graphs]  # later ones fit in its memory pool
-        for v in tqdm(todo, desc="Capturing CUDA graphs", unit="graph", disable=None):
-            self.own[v.size].fill([])
-            self.graphs[v] = self._capture(v)
-        logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self.graphs),
-                    ",".join(map(str, self.buckets)), time.perf_counter() - start)
+        bar = tqdm(total=len(common) + len(extra), desc="Capturing CUDA graphs", unit="graph", disable=None)
+        for v in common + extra:
+            if v in extra and time.perf_counter() - start > budget_s:
+                break
+            if v not in self.graphs:
+                if v.adapters:
+                    self.own_meta(v.size, v.adapters).fill([])
+                self.graphs[v] = self._capture(v)
+            bar.update()
+        bar.close()
+        left = sum(v not in self.graphs for v in common + extra)
+        logger.info("captured %d decode CUDA graphs in %.1f s (batch sizes %s%s)%s", len(self.graphs),
+                    time.perf_counter() - start, ",".join(map(str, self.buckets)),
+                    f"; up to {min(self.buckets[-1], self.max_loras)} adapters" if lora else "",
+                    f"; {left} more at first use" if left else "")

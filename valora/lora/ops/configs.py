@@ -1,7 +1,9 @@
-"""Tile configurations of the segment kernels, the shapes they are chosen for, and the fallback heuristic.
+"""How `atmm` runs one LoRA call: the call's shape, the kernels' tile configurations, and the fallback heuristic.
 
-A LoRA matmul is two GEMM-like steps. Both are described by one `Shape`: `k` is the reduction length and `n` the
-output width, so shrink is (K, S*R) and expand is (R, sum of slice widths).
+A call (`CallShape`) is one `lora_matmul` with its fused output slices. `atmm` runs it by a `Plan`: either the
+shrink (x·Aᵀ into an fp32 intermediate) then the expand (·Bᵀ added into y), two kernels each described by a
+per-kernel `Shape` (`k` the reduction length, `n` the output width: shrink (K, S*R), expand (R, sum of widths));
+or one fused kernel that computes its tokens' x·A in registers and adds its share of the output columns.
 """
 
 from __future__ import annotations
@@ -20,13 +22,42 @@ class Shape:
 
 
 @dataclass(frozen=True)
+class CallShape:
+    """One `lora_matmul` as a layer makes it: `k` the input features, `rank` the stack's max rank, `slices` the
+    output widths of a fused projection (one entry for a plain linear)."""
+
+    tokens: int
+    segments: int
+    k: int
+    rank: int
+    slices: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return sum(self.slices)
+
+    def op_shape(self, op: str) -> Shape:
+        if op == "shrink":
+            return Shape(self.tokens, self.segments, self.k, len(self.slices) * self.rank)
+        return Shape(self.tokens, self.segments, self.rank, self.width)
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), slices=list(self.slices))
+
+    @staticmethod
+    def from_dict(d: dict) -> CallShape:
+        return CallShape(**dict(d, slices=tuple(d["slices"])))
+
+
+@dataclass(frozen=True)
 class TileConfig:
     block_m: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
-    split_k: int = 1  # shrink only: programs sharing one reduction, summed with fp32 atomics
+    split_k: int = 1  # shrink: programs sharing one reduction, each writing its partial sum
+    split_n: int = 1  # fused: column chunks the output is cut into, one program per (row tile, chunk)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -34,6 +65,27 @@ class TileConfig:
     @staticmethod
     def from_dict(d: dict[str, int]) -> TileConfig:
         return TileConfig(**d)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One fused kernel (`fused`), or the shrink then the expand."""
+
+    fused: TileConfig | None = None
+    shrink: TileConfig | None = None
+    expand: TileConfig | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fused is None) == (self.shrink is None or self.expand is None):
+            raise ValueError("a plan is either fused or a shrink and an expand")
+
+    def to_dict(self) -> dict[str, dict[str, int]]:
+        return {k: v.to_dict() for k, v in (("fused", self.fused), ("shrink", self.shrink), ("expand", self.expand))
+                if v is not None}
+
+    @staticmethod
+    def from_dict(d: dict[str, dict[str, int]]) -> Plan:
+        return Plan(**{k: TileConfig.from_dict(v) for k, v in d.items()})
 
 
 def _clamp_pow2(value: int, lo: int, hi: int) -> int:
@@ -54,3 +106,28 @@ def heuristic(op: str, shape: Shape, num_sms: int = 132) -> TileConfig:
     while split < 32 and programs * split * 2 <= 2 * num_sms and shape.k // (split * 2) >= 2 * block_k:
         split *= 2
     return TileConfig(block_m, block_n, block_k, 4, 3, split)
+
+
+# The fused kernel recomputes its tokens' x·A in every column chunk: worth it while the adapter's A (rank x K) is
+# small next to the B columns a chunk streams, and while there are few tokens per adapter (decode).
+FUSED_MAX_TOKENS = 128
+FUSED_MAX_K_OVER_WIDTH = 4
+
+
+def row_tiles(tokens: int, segments: int, block_m: int) -> int:
+    """Row tiles that cover `segments` segments of `tokens` tokens in all, at worst."""
+    return -(-tokens // block_m) + segments - 1
+
+
+def heuristic_plan(call: CallShape, num_sms: int = 132) -> Plan:
+    """Fused for decode-sized calls whose A is not much wider than their output, with about four programs per
+    SM; otherwise shrink then expand with the per-kernel heuristic."""
+    if call.tokens > FUSED_MAX_TOKENS or call.k > FUSED_MAX_K_OVER_WIDTH * call.width:
+        return Plan(shrink=heuristic("shrink", call.op_shape("shrink"), num_sms),
+                    expand=heuristic("expand", call.op_shape("expand"), num_sms))
+    block_m = _clamp_pow2(-(-call.tokens // max(call.segments, 1)), 16, 64)
+    block_n = 64
+    block_k = 128 if call.rank <= 32 else 64
+    tiles = row_tiles(call.tokens, call.segments, block_m)
+    split_n = _clamp_pow2(-(-4 * num_sms // tiles), 1, max(1, call.width // block_n))
+    return Plan(fused=TileConfig(block_m, block_n, block_k, 4, 3, split_n=split_n))

@@ -12,6 +12,12 @@ cost the expand its re-reads when split-K and the output are both large (decode 
 Ranks are never padded in memory traffic: rows and columns past a slot's rank are masked out of every load
 (so garbage there cannot leak), programs whose rank tile holds no valid row exit at once, and the expand loops
 over rank only up to the slot's own rank. Grids come from host-side meta only: no device sync.
+
+The fused kernel (`_fused_kernel`) does both in one launch for decode-sized calls: a program takes one row tile of
+one segment and one chunk of output columns of one slice, computes its tokens' x·Aᵀ in registers (reading x and
+the adapter's A rows once), then walks its chunk of columns adding scaling·(x·Aᵀ)·Bᵀ into y. With several chunks
+per slice (`split_n`) the shrink is recomputed per chunk, its A rows then coming from L2: one launch instead of
+two, and no intermediate written or re-read.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from valora.lora.ops.configs import TileConfig
+from valora.lora.ops.configs import Plan, TileConfig
 from valora.lora.ops.meta import LoRAMeta
 
 MAX_SLICES = 3  # fused qkv is the widest projection a model fuses
@@ -45,14 +51,15 @@ def _row_tile(pid, tile_seg_ptr, tile_row_ptr, seg_starts_ptr, num_segments, BLO
 
 
 @triton.jit
-def _slice_of(pid_n, w0, w1, w2, BLOCK_N: tl.constexpr):
-    """Output tile `pid_n` of up to three fused slices of widths w0, w1, w2 -> (slice, first col, width, offset)."""
-    t0 = tl.cdiv(w0, BLOCK_N)
-    t1 = tl.cdiv(w1, BLOCK_N)
+def _slice_of(pid_n, w0, w1, w2, tile):
+    """Output tile `pid_n` (`tile` columns wide) of up to three fused slices of widths w0, w1, w2
+    -> (slice, first col, width, offset)."""
+    t0 = tl.cdiv(w0, tile)
+    t1 = tl.cdiv(w1, tile)
     in1 = pid_n >= t0
     in2 = pid_n >= t0 + t1
     j = in1.to(tl.int32) + in2.to(tl.int32)
-    first = (pid_n - tl.where(in2, t0 + t1, tl.where(in1, t0, 0))) * BLOCK_N
+    first = (pid_n - tl.where(in2, t0 + t1, tl.where(in1, t0, 0))) * tile
     width = tl.where(in2, w2, tl.where(in1, w1, w0))
     offset = tl.where(in2, w0 + w1, tl.where(in1, w0, 0))
     return j, first, width, offset
@@ -145,6 +152,59 @@ def _expand_kernel(
     tl.store(y, (prev.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["num_segments"])
+def _fused_kernel(
+    x_ptr, a_ptr, b_ptr, y_ptr, ranks_ptr, scal_ptr, order_ptr, seg_slots_ptr, seg_starts_ptr, tile_seg_ptr,
+    tile_row_ptr, num_segments, K, R, w0, w1, w2, cols,
+    stride_xm, stride_aslot, stride_arow, stride_bslot, stride_brow, stride_ym, stride_rank,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # Column chunks vary fastest, so the programs of one row tile (one adapter's A, the same x) run together and
+    # the A rows that every chunk re-reads come from L2.
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    seg, row0, end = _row_tile(pid_m, tile_seg_ptr, tile_row_ptr, seg_starts_ptr, num_segments, BLOCK_M, False)
+    if row0 >= end:
+        return
+    j, first, width, offset = _slice_of(pid_n, w0, w1, w2, cols)
+    slot = tl.load(seg_slots_ptr + seg)
+    rank = tl.load(ranks_ptr + j * stride_rank + slot)
+    if rank == 0:
+        return
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < end
+    tok = tl.load(order_ptr + offs_m, mask=m_ok, other=0)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rank
+    # Shrink: xa[m, r] = x[tok[m]] · A[slot][j*R + r] for r < rank (rows past the rank load as zeros).
+    x_rows = x_ptr + tok[:, None] * stride_xm
+    a_rows = a_ptr + slot.to(tl.int64) * stride_aslot + (j * R + offs_r)[:, None] * stride_arow
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        xt = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(a_rows + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        xa += tl.dot(xt, tl.trans(at))
+    # Expand over this program's columns. B loads cover the rank rounded up to 8 (16-byte vectors); the columns
+    # past the rank are zeroed with `where`, which also drops any garbage (NaN) they hold.
+    r_ld = offs_r < tl.minimum(tl.cdiv(rank, 8) * 8, R)
+    b_rows = b_ptr + slot.to(tl.int64) * stride_bslot + offset * stride_brow + offs_r[None, :]
+    y_rows = y_ptr + tok[:, None] * stride_ym + offset
+    xa = xa.to(b_ptr.dtype.element_ty)
+    scale = tl.load(scal_ptr + slot)
+    hi = tl.minimum(first + cols, width)
+    for n in range(first, hi, BLOCK_N):
+        c = n + tl.arange(0, BLOCK_N)
+        c_ok = c < hi
+        mask = m_ok[:, None] & c_ok[None, :]
+        prev = tl.load(y_rows + c[None, :], mask=mask, other=0.0)
+        bt = tl.load(b_rows + c[:, None] * stride_brow, mask=c_ok[:, None] & r_ld[None, :], other=0.0)
+        bt = tl.where(r_ok[None, :], bt, 0.0)
+        acc = tl.dot(xa, tl.trans(bt))
+        tl.store(y_rows + c[None, :], (prev.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def _row_grid(meta: LoRAMeta, block_m: int, seg_grid: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
     if seg_grid:
         per_seg = triton.cdiv(meta.max_segment_len, block_m)
@@ -216,3 +276,44 @@ def expand(mid: torch.Tensor, meta: LoRAMeta, stack_b: torch.Tensor, ranks: torc
         _expand_kernel.warmup(*args, grid=grid, **opts)
     else:
         _expand_kernel[grid](*args, **opts)
+
+
+def chunk_columns(slices: tuple[int, ...], cfg: TileConfig) -> int:
+    """Columns of one fused program: the output cut into about `split_n` chunks, whole BLOCK_N tiles each."""
+    return triton.cdiv(triton.cdiv(sum(slices), cfg.split_n), cfg.block_n) * cfg.block_n
+
+
+def fused(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch.Tensor, ranks: torch.Tensor,
+          scalings: torch.Tensor, slices: tuple[int, ...], out: torch.Tensor, cfg: TileConfig, *,
+          warmup: bool = False) -> None:
+    """out[token_order[p], slice j] += scaling[slot] * (x[token_order[p]] · A[slot][slice j, :rank_j]ᵀ) ·
+    B[slot][slice j, :rank_j]ᵀ in one launch."""
+    tile_seg, tile_row, grid_m = meta.tile_maps[cfg.block_m]
+    R = stack_b.shape[2]
+    cols = chunk_columns(slices, cfg)
+    w = tuple(slices) + (0,) * (MAX_SLICES - len(slices))
+    grid = (sum(triton.cdiv(width, cols) for width in slices), grid_m)
+    args = (
+        x, stack_a, stack_b, out, ranks, scalings, meta.token_order, meta.seg_slots, meta.seg_starts, tile_seg,
+        tile_row, meta.num_segments, x.shape[1], R, *w, cols,
+        x.stride(0), stack_a.stride(0), stack_a.stride(1), stack_b.stride(0), stack_b.stride(1), out.stride(0),
+        ranks.stride(0),
+    )
+    opts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                BLOCK_R=max(16, triton.next_power_of_2(R)), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if warmup:
+        _fused_kernel.warmup(*args, grid=grid, **opts)
+    else:
+        _fused_kernel[grid](*args, **opts)
+
+
+def run(plan: Plan, x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch.Tensor,
+        ranks: torch.Tensor, scalings: torch.Tensor, slices: tuple[int, ...], out: torch.Tensor, *,
+        warmup: bool = False) -> None:
+    """One LoRA call by `plan`: the fused kernel, or the shrink into the step's scratch then the expand."""
+    if plan.fused is not None:
+        fused(x, meta, stack_a, stack_b, ranks, scalings, slices, out, plan.fused, warmup=warmup)
+        return
+    mid = intermediate(meta, x.shape[1], stack_a.shape[1], plan.shrink, x.device)
+    shrink(x, meta, stack_a, ranks, mid, plan.shrink, warmup=warmup)
+    expand(mid, meta, stack_b, ranks, scalings, slices, out, plan.expand, warmup=warmup)

@@ -1,16 +1,17 @@
-"""The configuration space `valora tune-kernels` searches, and the shapes it searches it for.
+"""The plans `valora tune-kernels` searches, and the call shapes it searches them for.
 
-The full grid is pruned per shape only by rules that cannot remove a winner: a row tile at most twice as tall
-as the average segment, a rank tile no wider than the (power-of-two rounded) output, split-K chunks of at
-least two K blocks, split-K only while the launch stays under eight waves of programs, and the shared memory
-of one Hopper SM.
+Candidates are pruned per shape only by rules that cannot remove a winner: a row tile at most twice as tall as
+the average segment, a rank tile no wider than the (power-of-two rounded) output, split-K chunks of at least two
+K blocks, split-K or split-N only while the launch stays under eight waves of programs, and the shared memory of
+one Hopper SM. The fused kernel is tried up to `FUSED_MAX_TOKENS` tokens: past that, re-reading x in every column
+chunk loses to the intermediate's round trip.
 """
 
 from __future__ import annotations
 
 import itertools
 
-from valora.lora.ops.configs import Shape, TileConfig
+from valora.lora.ops.configs import CallShape, Plan, Shape, TileConfig, row_tiles
 
 BLOCK_M = (16, 32, 64, 128)
 SHRINK_BLOCK_N = (16, 32, 64, 128)
@@ -18,18 +19,27 @@ SHRINK_BLOCK_K = (64, 128, 256)
 SPLIT_K = (1, 2, 4, 8, 16, 32)
 EXPAND_BLOCK_N = (64, 128, 256)
 EXPAND_BLOCK_K = (16, 32, 64)
+FUSED_BLOCK_N = (32, 64, 128, 256)
+FUSED_BLOCK_K = (64, 128, 256)
+FUSED_MAX_TOKENS = 512
 NUM_WARPS = (4, 8)
 NUM_STAGES = (2, 3, 4)
 DEFAULT_STAGES = 3
 SMEM_BYTES = 227 * 1024
 MAX_SPLIT_PROGRAMS = 8 * 132  # eight waves on an H100/H200
 
-# The tuning grid: Qwen2-VL-7B's hidden and MLP sizes, its k/v width, and the operator's token and adapter axes.
-TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
-SEGMENTS = (1, 4, 16, 64)
-HIDDEN = (3584, 18944)
-WIDTHS = (512, 3584, 18944)
-RANKS = (16, 64, 128)
+# The tuning grid: the LoRA calls of a Qwen2-VL-7B decoder layer as the engine makes them (input features, output
+# slices: fused q/k/v and gate/up are one call each), decode and prefill token counts, adapters in the batch, and
+# the stack's max rank (--max-lora-rank: 16 as in the engine benchmark, 64 the default).
+LAYERS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "qkv": (3584, (3584, 512, 512)),
+    "o": (3584, (3584,)),
+    "gate_up": (3584, (18944, 18944)),
+    "down": (18944, (3584,)),
+}
+TOKENS = (1, 8, 16, 32, 64, 128, 512, 2048, 8192)
+SEGMENTS = (1, 4, 16, 32, 64)
+RANKS = (16, 64)
 
 
 def _pow2_at_least(v: int) -> int:
@@ -46,14 +56,30 @@ def _fits(cfg: TileConfig, elem_bytes: int = 2) -> bool:
     return stage * cfg.num_stages <= SMEM_BYTES
 
 
+def _fused_fits(cfg: TileConfig, block_r: int, elem_bytes: int = 2) -> bool:
+    """x and A tiles of the shrink loop, B and y tiles of the column loop, both pipelined."""
+    shrink = (cfg.block_m + block_r) * cfg.block_k
+    expand = (block_r + cfg.block_m) * cfg.block_n
+    return max(shrink, expand) * elem_bytes * cfg.num_stages <= SMEM_BYTES
+
+
+def block_r(rank: int) -> int:
+    return max(16, _pow2_at_least(rank))
+
+
 def _programs(shape: Shape, block_m: int, block_n: int) -> int:
     return (-(-shape.tokens // block_m) + shape.segments) * -(-shape.n // block_n)
 
 
+def _row_tiles_allowed(tokens: int, segments: int) -> list[int]:
+    tallest = max(16, 2 * _pow2_at_least(-(-tokens // segments)))
+    return [m for m in BLOCK_M if m <= tallest]
+
+
 def tile_grid(op: str, shape: Shape) -> list[TileConfig]:
-    """Every tile shape (and split-K) worth timing for `shape`, at 3 stages and warps fitting the tile."""
-    tallest = max(16, 2 * _pow2_at_least(-(-shape.tokens // shape.segments)))
-    block_m = [m for m in BLOCK_M if m <= tallest]
+    """Every tile shape (and split-K) of one kernel of the split path worth timing for `shape`, at 3 stages and
+    warps fitting the tile."""
+    block_m = _row_tiles_allowed(shape.tokens, shape.segments)
     if op == "shrink":
         widest = max(16, _pow2_at_least(shape.n))
         grid = [
@@ -71,17 +97,39 @@ def tile_grid(op: str, shape: Shape) -> list[TileConfig]:
     return [c for c in grid if _fits(c)]
 
 
+def fused_grid(call: CallShape) -> list[TileConfig]:
+    """Every fused tile shape and column split worth timing for `call` (none past FUSED_MAX_TOKENS): split-N in
+    powers of two from one chunk per slice to one BLOCK_N tile per program, under eight waves."""
+    if call.tokens > FUSED_MAX_TOKENS:
+        return []
+    br = block_r(call.rank)
+    grid = []
+    for m, n, k in itertools.product(_row_tiles_allowed(call.tokens, call.segments), FUSED_BLOCK_N, FUSED_BLOCK_K):
+        tiles = row_tiles(call.tokens, call.segments, m)
+        split = 1
+        while split == 1 or (split * n <= call.width and tiles * split <= MAX_SPLIT_PROGRAMS):
+            cfg = TileConfig(m, n, k, 4 if m * (n + br) <= 8192 else 8, DEFAULT_STAGES, split_n=split)
+            if _fused_fits(cfg, br):
+                grid.append(cfg)
+            split *= 2
+    return grid
+
+
 def schedule_grid(cfg: TileConfig) -> list[TileConfig]:
     """`cfg` under every (warps, stages) pair."""
-    grid = [TileConfig(cfg.block_m, cfg.block_n, cfg.block_k, w, s, cfg.split_k)
+    return [TileConfig(cfg.block_m, cfg.block_n, cfg.block_k, w, s, cfg.split_k, cfg.split_n)
             for w, s in itertools.product(NUM_WARPS, NUM_STAGES)]
-    return [c for c in grid if _fits(c)]
 
 
-def shapes(tokens=TOKENS, segments=SEGMENTS, hidden=HIDDEN, widths=WIDTHS, ranks=RANKS) -> dict[str, list[Shape]]:
-    """Shrink shapes are (tokens, segments, hidden, rank rows); expand shapes (tokens, segments, rank, width)."""
-    pairs = [(t, s) for t in tokens for s in segments if s <= t]
-    return {
-        "shrink": [Shape(t, s, k, r) for t, s in pairs for k in hidden for r in ranks],
-        "expand": [Shape(t, s, r, w) for t, s in pairs for w in widths for r in ranks],
-    }
+def plan_schedules(plan: Plan, call: CallShape) -> list[Plan]:
+    """`plan` with each kernel under every (warps, stages) pair, the other kernel kept."""
+    if plan.fused is not None:
+        return [Plan(fused=c) for c in schedule_grid(plan.fused) if _fused_fits(c, block_r(call.rank))]
+    return ([Plan(shrink=c, expand=plan.expand) for c in schedule_grid(plan.shrink) if _fits(c)]
+            + [Plan(shrink=plan.shrink, expand=c) for c in schedule_grid(plan.expand) if _fits(c)])
+
+
+def shapes(layers=tuple(LAYERS), tokens=TOKENS, segments=SEGMENTS, ranks=RANKS) -> list[CallShape]:
+    """The call shapes of `layers` (names in LAYERS) at every (tokens, adapters <= tokens, rank)."""
+    return [CallShape(t, s, LAYERS[layer][0], r, LAYERS[layer][1])
+            for layer in layers for t in tokens for s in segments if s <= t for r in ranks]

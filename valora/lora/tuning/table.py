@@ -1,8 +1,12 @@
-"""Tuned tile tables, one JSON file per GPU name, and the lookup that `atmm` calls for every launch.
+"""Tuned tables, one JSON file per GPU name, and the lookup that `atmm` makes for every call.
 
-A table maps measured shapes to the fastest config found by `valora tune-kernels`. Lookup takes the nearest
-tuned shape (distance in log2 of each dimension); with no table for the GPU, `heuristic` is used and that is
-logged once. Choices are cached per shape, so a step pays one dict lookup per launch.
+A table maps measured call shapes to the fastest plan found by `valora tune-kernels` (fused kernel, or shrink and
+expand with their tiles and split-K chosen together). Lookup takes the nearest tuned shape (distance in log2 of
+each dimension); with no table for the GPU, `heuristic_plan` is used and that is logged once. Choices are cached
+per shape, so a step pays one dict lookup per call.
+
+Tables written before plans existed (format 1: one list of tuned shapes per kernel, `shrink` and `expand`) are
+still read: their plan for a call is the two kernels' nearest configs, as `atmm` ran them then.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +24,7 @@ from typing import Any
 
 import torch
 
-from valora.lora.ops.configs import OPS, Shape, TileConfig, heuristic
+from valora.lora.ops.configs import OPS, CallShape, Plan, Shape, TileConfig, heuristic, heuristic_plan
 
 logger = logging.getLogger(__name__)
 
@@ -31,33 +35,52 @@ def table_path(device_name: str, directory: Path = TABLE_DIR) -> Path:
     return directory / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
 
 
+def _log_distance(a: Sequence[int], b: Sequence[int]) -> float:
+    return sum(abs(math.log2(max(x, 1)) - math.log2(max(y, 1))) for x, y in zip(a, b))
+
+
+def call_distance(a: CallShape, b: CallShape) -> float:
+    """Sum of |log2| differences over tokens, segments, k, rank and total width, plus one per slice count apart."""
+    key = lambda c: (c.tokens, c.segments, c.k, c.rank, c.width)  # noqa: E731
+    return _log_distance(key(a), key(b)) + abs(len(a.slices) - len(b.slices))
+
+
 @dataclass
 class ConfigTable:
     device: str
-    entries: dict[str, list[tuple[Shape, TileConfig]]]
-    info: dict[str, Any] = field(default_factory=dict)  # versions, dtype, date: provenance only
+    plans: list[tuple[CallShape, Plan]] = field(default_factory=list)
+    kernels: dict[str, list[tuple[Shape, TileConfig]]] = field(default_factory=dict)  # format 1 only
+    info: dict[str, Any] = field(default_factory=dict)  # versions, dtype, date, timings: provenance only
 
-    def lookup(self, op: str, shape: Shape) -> TileConfig | None:
-        """Config of the nearest tuned shape (sum of |log2| differences over tokens, segments, k, n)."""
-        if not self.entries.get(op):
+    def lookup(self, call: CallShape) -> Plan | None:
+        """The plan of the nearest tuned call shape (None: nothing tuned, the caller uses the heuristic)."""
+        if self.plans:
+            return min(self.plans, key=lambda e: call_distance(call, e[0]))[1]
+        if not any(self.kernels.values()):
             return None
-        def distance(tuned: Shape) -> float:
-            return sum(abs(math.log2(max(a, 1)) - math.log2(max(b, 1)))
-                       for a, b in zip((shape.tokens, shape.segments, shape.k, shape.n),
-                                       (tuned.tokens, tuned.segments, tuned.k, tuned.n)))
-        return min(self.entries[op], key=lambda e: distance(e[0]))[1]
+        configs = {op: self._kernel(op, call.op_shape(op)) or heuristic(op, call.op_shape(op)) for op in OPS}
+        return Plan(**configs)
+
+    def _kernel(self, op: str, shape: Shape) -> TileConfig | None:
+        entries = self.kernels.get(op)
+        if not entries:
+            return None
+        key = lambda s: (s.tokens, s.segments, s.k, s.n)  # noqa: E731
+        return min(entries, key=lambda e: _log_distance(key(shape), key(e[0])))[1]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "device": self.device,
-            "info": self.info,
-            **{op: [{"shape": vars(s), "config": c.to_dict()} for s, c in self.entries.get(op, [])] for op in OPS},
-        }
+        d: dict[str, Any] = {"device": self.device, "info": self.info,
+                             "plans": [{"shape": s.to_dict(), "plan": p.to_dict()} for s, p in self.plans]}
+        for op in OPS:
+            if self.kernels.get(op):
+                d[op] = [{"shape": vars(s), "config": c.to_dict()} for s, c in self.kernels[op]]
+        return d
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> ConfigTable:
-        entries = {op: [(Shape(**e["shape"]), TileConfig.from_dict(e["config"])) for e in d.get(op, [])] for op in OPS}
-        return ConfigTable(d["device"], entries, d.get("info", {}))
+        plans = [(CallShape.from_dict(e["shape"]), Plan.from_dict(e["plan"])) for e in d.get("plans", [])]
+        kernels = {op: [(Shape(**e["shape"]), TileConfig.from_dict(e["config"])) for e in d.get(op, [])] for op in OPS}
+        return ConfigTable(d["device"], plans, kernels, d.get("info", {}))
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
@@ -92,15 +115,15 @@ def _device_key(device: torch.device) -> tuple[str, int]:
 
 
 @functools.lru_cache(maxsize=8192)
-def _choose(op: str, shape: Shape, device_name: str, num_sms: int) -> TileConfig:
+def _choose(call: CallShape, device_name: str, num_sms: int) -> Plan:
     table = _device_table(device_name) if _override is _UNSET else _override
-    tuned = table.lookup(op, shape) if table is not None else None
-    return tuned if tuned is not None else heuristic(op, shape, num_sms)
+    tuned = table.lookup(call) if table is not None else None
+    return tuned if tuned is not None else heuristic_plan(call, num_sms)
 
 
-def choose(op: str, shape: Shape, device: torch.device) -> TileConfig:
-    """The tile config `atmm` launches `op` with for `shape` on `device`."""
-    return _choose(op, shape, *_device_key(device))
+def choose(call: CallShape, device: torch.device) -> Plan:
+    """The plan `atmm` runs `call` by on `device`."""
+    return _choose(call, *_device_key(device))
 
 
 @contextmanager
