@@ -64,6 +64,7 @@ def _cases(model, adapter, tmp, busy_port):
         (["serve"], "required: model"),
         (["serve", model, "--log-level", "LOUD"], "invalid level"),
         (["generate", model, "--prompt", "hi", "--image", "/nonexistent.png"], "no such file"),
+        (["generate", model, "--prompt", "hi", "--video", "/nonexistent.mp4"], "--video /nonexistent.mp4: no such"),
         (["generate", model, "--prompt", "hi", "--lora", f"a={adapter}", "--max-model-len", "0"], "positive"),
         (["generate", model, "--prompt", "hi", "--lora", "a=/nonexistent"], "directory not found"),
         (["generate", model, "--prompt", "hi", "--lora", "a"], "NAME=PATH"),
@@ -130,3 +131,14 @@ def test_ctrl_c_on_serve_exits_quietly(tiny_model, tmp_path):
             proc.kill()
     assert proc.returncode in (0, 130), err
     assert "Traceback" not in err and "serving on http://127.0.0.1" in err and "Shutting down" in err
+
+
+def test_generate_with_a_video(tiny_model, tmp_path, capfd):
+    from valora.multimodal.video import encode_video
+    from valora.testing.images import random_image
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(encode_video([random_image(56, 84, seed=i) for i in range(4)], fps=2))
+    code = main(["generate", str(tiny_model), "--prompt", "what happens ?", "--video", str(clip), "--device", "cpu",
+                 "--max-tokens", "3"])
+    assert code == 0 and capfd.readouterr().out.endswith("\n")  # the answer's line (a random model's may be blank)
