@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import re
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from valora.demo.artifacts import DemoRecipe
+from valora.demo.artifacts import DemoRecipe, cached
 from valora.demo.client import Query, Reply
 from valora.demo.data import load_digits, split
 from valora.demo.report import render, score
@@ -49,6 +50,22 @@ def test_recipe_fingerprint_tracks_the_recipe():
     assert recipe.fingerprint() == DemoRecipe().fingerprint()
     shorter = dataclasses.replace(recipe, base=TrainSpec(steps=10, lr=1e-3))
     assert shorter.fingerprint() != recipe.fingerprint()
+
+
+def test_cached_adapters_name_the_cached_base(tmp_path):
+    """PEFT wrote the staging folder's path into each adapter's config; the cache points them at its base."""
+    recipe = DemoRecipe()
+    root = tmp_path / f"demo-{recipe.fingerprint()}"
+    (root / "manifest.json").parent.mkdir(parents=True)
+    (root / "manifest.json").write_text("{}")
+    for task in recipe.adapter_tasks:
+        (root / "adapters" / task.name).mkdir(parents=True)
+        (root / "adapters" / task.name / "adapter_config.json").write_text(
+            '{"base_model_name_or_path": "/tmp/demo-x.tmp-123/base", "r": 8}')
+    arts = cached(recipe, tmp_path)
+    for path in arts.adapters.values():
+        config = json.loads((path / "adapter_config.json").read_text())
+        assert config == {"base_model_name_or_path": str(root / "base"), "r": 8}
 
 
 def test_score_and_render():

@@ -41,7 +41,7 @@ def test_every_endpoint_is_documented_in_help_and_readme(server_model):
                                     cache=CacheConfig(num_blocks=64)))
     app = build_app(engine, ServerConfig(served_model_names=["m"]))
     endpoints = {f"{method.upper()} {path}" for path, ops in app.openapi()["paths"].items() for method in ops}
-    assert len(endpoints) == 8
+    assert len(endpoints) == 13
     help_text = " ".join(_serve_parser().format_help().split())
     serving = _section(README.read_text(), "Serving")
     for endpoint in endpoints:

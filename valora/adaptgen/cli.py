@@ -20,8 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("tasks", help="task file (YAML), or 'embedded' for the packaged suite of seven tasks on real "
                                  "images from pip packages")
     b.add_argument("--base", required=True, metavar="MODEL",
-                   help="Qwen2-VL model directory, or 'demo': the demo's small model trained on the training split "
-                        "of scikit-learn's digits (built once and cached)")
+                   help="Qwen2-VL model directory, or 'demo': the demo's small model recipe trained on the training "
+                        "split of scikit-learn's digits only, so the validation split stays unseen (trained once "
+                        "and kept in --cache-dir, else $VALORA_CACHE_DIR or ~/.cache/valora, for every build)")
     b.add_argument("--out", required=True, type=Path, metavar="DIR", help="where adapters and reports go")
     b.add_argument("--strategy", default="greedy", choices=["greedy", "per-task", "single"],
                    help="greedy: accuracy-aware fusion (default); per-task: one adapter per task; single: one adapter "
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from valora.adaptgen.base import demo_base
     from valora.adaptgen.builder import BuildConfig, build
     from valora.adaptgen.spec import load_suite
+    from valora.demo.artifacts import cache_dir
 
     path = SUITES / f"{args.tasks}.yaml" if (SUITES / f"{args.tasks}.yaml").is_file() else Path(args.tasks)
     if args.base != "demo" and not (Path(args.base) / "config.json").is_file():
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     suite = load_suite(path).with_overrides(tasks=args.only.split(",") if args.only else None, steps=args.steps,
                                             rank=args.rank, floor=args.floor, seed=args.seed)
     cache = args.cache_dir or args.out / ".work"
-    base = demo_base(cache) if args.base == "demo" else Path(args.base)
+    # the demo base is trained once per machine (per --cache-dir), not once per --out
+    base = demo_base(args.cache_dir or cache_dir()) if args.base == "demo" else Path(args.base)
     report = build(BuildConfig(suite, base, args.out, cache, args.strategy))
     print((args.out / "report.md").read_text())
     if report["below_floor"]:

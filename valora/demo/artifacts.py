@@ -61,7 +61,19 @@ def _artifacts(root: Path, recipe: DemoRecipe) -> DemoArtifacts:
 
 def cached(recipe: DemoRecipe, cache: Path) -> DemoArtifacts | None:
     root = cache / f"demo-{recipe.fingerprint()}"
-    return _artifacts(root, recipe) if (root / "manifest.json").is_file() else None
+    return _point_adapters_at_base(_artifacts(root, recipe)) if (root / "manifest.json").is_file() else None
+
+
+def _point_adapters_at_base(arts: DemoArtifacts) -> DemoArtifacts:
+    """PEFT records where the base was when an adapter was saved: the staging folder, gone after the rename. Point
+    `base_model_name_or_path` at the cached base instead (also fixes caches written before this existed)."""
+    for adapter in arts.adapters.values():
+        path = adapter / "adapter_config.json"
+        config = json.loads(path.read_text())
+        if config.get("base_model_name_or_path") != str(arts.base):
+            config["base_model_name_or_path"] = str(arts.base)
+            path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return arts
 
 
 def build(recipe: DemoRecipe, cache: Path, train: DigitSet) -> DemoArtifacts:
@@ -82,4 +94,4 @@ def build(recipe: DemoRecipe, cache: Path, train: DigitSet) -> DemoArtifacts:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
-    return _artifacts(root, recipe)
+    return _point_adapters_at_base(_artifacts(root, recipe))

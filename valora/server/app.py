@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tqdm.auto import tqdm
 
+from valora import __version__
 from valora.engine.llm_engine import LLMEngine
 from valora.lora.adapter import AdapterError
 from valora.multimodal.inputs import InputError
@@ -40,11 +41,16 @@ from valora.server.protocol import (
     ClassificationResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     HealthStatus,
     LoadLoRAAdapterRequest,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     UnloadLoRAAdapterRequest,
+    VersionResponse,
 )
 from valora.server.serving import OpenAIServing
 
@@ -60,6 +66,7 @@ class ServerConfig:
     max_queued_requests: int = 4096
     retry_after_s: int = 1
     allow_special_tokens_in_messages: bool = False  # tokenise special-token strings typed in messages as control
+    lora_resolver: bool = False  # adapters on first use: a request naming a directory under lora_root loads it
     log_requests: bool = True  # one line per request
     log_stats: bool = True  # the periodic stats line
 
@@ -164,7 +171,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     async_engine = AsyncEngine(engine, config.max_queued_requests, admit=models.check_served)
     metrics = async_engine.metrics = ServerMetrics(models.name, lambda: async_engine.stats)
     serving = OpenAIServing(async_engine, models, config.allowed_local_media_path,
-                            config.allow_special_tokens_in_messages, config.log_requests)
+                            config.allow_special_tokens_in_messages, config.log_requests, config.lora_resolver)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -187,6 +194,26 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         if async_engine.error is not None:
             return JSONResponse({"status": "engine stopped", "error": str(async_engine.error)}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.api_route("/ping", methods=["GET", "POST"], responses={200: {"model": HealthStatus},
+                                                                503: {"model": HealthStatus}})
+    async def ping() -> Response:
+        """vLLM's (SageMaker's) liveness route: the same answer as /health."""
+        return await health()
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version():
+        return VersionResponse(version=__version__)
+
+    tokens = APIRouter(route_class=_JSONRoute)  # vLLM's paths, outside /v1
+
+    @tokens.post("/tokenize", response_model=TokenizeResponse, responses=_errors(400, 404, 413))
+    async def tokenize(body: TokenizeRequest):
+        return await serving.tokenize(body)
+
+    @tokens.post("/detokenize", response_model=DetokenizeResponse, responses=_errors(400, 404, 413))
+    async def detokenize(body: DetokenizeRequest):
+        return await serving.detokenize(body)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
@@ -214,15 +241,8 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     @v1.post("/load_lora_adapter", response_class=PlainTextResponse, responses=_errors(400, 413, 503))
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
         lora = models.new_adapter(body.lora_name, body.lora_path)
-
-        def load(engine: LLMEngine) -> None:  # on the engine thread, so no request sees a half-loaded name
-            if lora.lora_name in models.adapters:
-                raise AdapterError(f"the name {lora.lora_name!r} was taken by a concurrent load")
-            engine.add_lora(lora)
-            models.adapters[lora.lora_name] = lora
-
         try:
-            await async_engine.call(load)
+            await serving.load_adapter(lora)
         except (AdapterError, InputError) as e:
             raise bad_request(f"failed to load adapter {body.lora_name!r}: {e}", "adapter_load_failed",
                               "lora_path") from e
@@ -247,6 +267,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.{later}")
 
     app.include_router(v1)
+    app.include_router(tokens)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     if config.api_key is not None:  # added last, so it runs first
         app.add_middleware(APIKeyAuth, api_key=config.api_key)

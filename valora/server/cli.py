@@ -50,13 +50,18 @@ def _media_io_kwargs(text: str):
 _EPILOG = """\
 endpoints:
   GET  /v1/models                 the base model and every loaded adapter (adapters with `parent`)
-  POST /v1/chat/completions       chat, images and videos as image_url / video_url parts; `model` picks the adapter
-  POST /v1/completions            plain-text prompts
+  POST /v1/chat/completions       chat, images and videos as image_url / video_url parts; `model` picks the adapter;
+                                  logprobs, penalties, response_format / guided_* structured outputs
+  POST /v1/completions            plain-text prompts (echo, logprobs)
   POST /v1/classify               a task head's answer after one prefill (chat `messages` or text `input`)
   POST /v1/load_lora_adapter      {"lora_name": ..., "lora_path": ...} at run time
   POST /v1/unload_lora_adapter    {"lora_name": ...}
   GET  /health                    200 while the engine runs
   GET  /metrics                   Prometheus text format (valora:* metrics)
+  GET  /ping, POST /ping          the same as /health
+  GET  /version                   the server's version
+  POST /tokenize                  {"model", "prompt" or "messages"} -> token ids, as the engine sees them
+  POST /detokenize                {"model", "tokens"} -> text
 
 example:
   valora serve ./Qwen2-VL-7B-Instruct --lora-modules detector=./adapters/detector --port 8000
@@ -94,6 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-backend", default="auto",
                    help="LoRA kernel backend: atmm, sgmv, bgmv, gather or torch (default: auto: atmm on a GPU, torch "
                         "on the CPU)")
+    g.add_argument("--enable-lora-resolver", action="store_true",
+                   help="adapters on first use: a request whose `model` names an adapter that is not loaded but is a "
+                        "directory under --lora-root loads it (once, however many requests name it)")
     g.add_argument("--lora-root", type=Path, default=None, metavar="DIR",
                    help="POST /v1/load_lora_adapter reads adapters only under DIR (no '..', no symlinks out)")
 
@@ -217,6 +225,8 @@ def check_paths(args: argparse.Namespace) -> None:
     """The server's own paths and adapters, before anything loads (the engine checks the model's)."""
     from valora.lora.adapter import check_adapter_dir
 
+    if args.enable_lora_resolver and args.lora_root is None:
+        raise UserError("--enable-lora-resolver loads adapters from --lora-root DIR: give one")
     for flag, path in (("--lora-root", args.lora_root), ("--allowed-local-media-path", args.allowed_local_media_path)):
         if path is not None and not path.is_dir():
             raise UserError(f"{flag} {path} is not a directory")
@@ -240,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_request_body_bytes, max_queued_requests=args.max_queued_requests,
         allow_special_tokens_in_messages=args.allow_special_tokens_in_messages,
         log_requests=not args.disable_log_requests, log_stats=not args.disable_log_stats,
+        lora_resolver=args.enable_lora_resolver,
     )
     concurrency = args.limit_concurrency or args.max_num_seqs + args.max_queued_requests + 128
     limits = ConnectionLimits(args.timeout_keep_alive, args.timeout_request_header, args.timeout_request_body,

@@ -48,6 +48,19 @@ class ServedModels:
         if self.adapters.get(lora.lora_name) is not lora:
             raise not_found(f"The adapter `{lora.lora_name}` was unloaded", "model_not_found", "model")
 
+    def resolvable(self, name: str) -> LoRARequest | None:
+        """For adapters on first use: the adapter `name` would be as the directory `lora_root/name`, when the name
+        is a valid adapter name (so no path separators or '..') and that directory holds a PEFT config."""
+        if self.lora_root is None or name in self.names or name in self.adapters:
+            return None
+        try:
+            check_adapter_name(name)
+        except ValueError:
+            return None
+        if name in (".", "..") or not (self.lora_root / name / "adapter_config.json").is_file():
+            return None
+        return self.new_adapter(name, name)
+
     def new_adapter(self, name: str, path: str, confine: bool = True) -> LoRARequest:
         """A request for a new adapter (not yet loaded): the name must be free and, when `confine` is set and
         a `lora_root` exists, the path must stay inside it."""

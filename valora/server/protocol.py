@@ -13,7 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from valora.sampling_params import SEED_RANGE
+from valora.sampling_params import SEED_RANGE, StructuredOutputsParams
+
+_STRUCTURED_OPTIONS = ("disable_any_whitespace",)  # keys of `structured_outputs` that say how, not what
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs; OpenAI's limit for top_logprobs
 
 
 class SamplingFields(BaseModel):
@@ -36,27 +39,63 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM's
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs, or vLLM's older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, v: float) -> float:
-        if v != 0.0:
-            raise ValueError("presence and frequency penalties are not supported")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The request's grammar, from whichever spelling it used (one of them). Raises ValueError."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            given.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.json_schema is None:
+                raise ValueError("response_format of type json_schema needs json_schema.schema")
+            given.append(("response_format", {"json": rf.json_schema.json_schema}))
+        spec = dict(self.structured_outputs or {})
+        options = {k: spec.pop(k) for k in _STRUCTURED_OPTIONS if k in spec}  # these combine with any spelling
+        if spec:
+            given.append(("structured_outputs", spec))
+        guided = {k: getattr(self, f"guided_{k}") for k in ("json", "regex", "choice", "grammar")
+                  if getattr(self, f"guided_{k}") is not None}
+        if guided:
+            given.append(("guided_" + "/".join(guided), guided))
+        if len(given) > 1:
+            raise ValueError(f"give one way of constraining the output, not {' and '.join(n for n, _ in given)}")
+        if not given:
+            return None
+        try:
+            return StructuredOutputsParams(**given[0][1], **options)
+        except TypeError as e:  # an unknown key in structured_outputs
+            raise ValueError(f"{given[0][0]}: {e}") from e
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class JSONSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`: a named schema (`strict` is accepted; the grammar is always strict)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class StreamOptions(BaseModel):
@@ -72,23 +111,34 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     head: str | None = None  # VaLoRA: answer with this task head of the adapter instead of decoding
     media_io_kwargs: dict[str, Any] | None = None  # vLLM's: {"video": {"fps": ..., "num_frames": ...}}
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token the engine reports (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion in each choice's text (and logprobs, as null)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -173,12 +223,37 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    """OpenAI's chat `logprobs`: per generated token its own log-probability and the `top_logprobs` best."""
+
+    content: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions `logprobs`: parallel lists over the tokens of the choice's text."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessage
     finish_reason: str | None
     stop_reason: str | int | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     head: HeadResult | None = None
 
 
@@ -202,7 +277,7 @@ class ChatChunkChoice(BaseModel):
     delta: DeltaMessage
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     head: HeadResult | None = None
 
 
@@ -221,7 +296,7 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: str | None
     stop_reason: str | int | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -286,3 +361,45 @@ class ErrorResponse(BaseModel):
 class HealthStatus(BaseModel):
     status: str
     error: str | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `POST /tokenize`: a text `prompt`, or chat `messages` (the chat template applied, images counted as
+    the tokens they take)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

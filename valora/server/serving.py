@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from valora.heads.params import HeadParams
+from valora.lora.adapter import AdapterError
 from valora.lora.request import LoRARequest
 from valora.multimodal.chat import MediaSources, chat_media, parse_messages
 from valora.multimodal.inputs import InputError, MediaError, load_image
@@ -37,17 +38,25 @@ from valora.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatMessage,
     ClassificationData,
     ClassificationRequest,
     ClassificationResponse,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     HeadResult,
     RequestTimings,
     SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -65,27 +74,72 @@ class Prepared:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, models: ServedModels, allowed_local_media_path: Path | None,
-                 allow_special_tokens_in_messages: bool = False, log_requests: bool = True) -> None:
+                 allow_special_tokens_in_messages: bool = False, log_requests: bool = True,
+                 lora_resolver: bool = False) -> None:
         self.engine = engine
         self.log_requests = log_requests
         self.models = models
         self.allow_special_tokens = allow_special_tokens_in_messages
+        self.lora_resolver = lora_resolver
+        self._resolving: dict[str, asyncio.Future] = {}
         self.llm = engine.engine  # read-only use from worker threads: tokenizer, processor, limits
+        self.token_texts = TokenTexts(self.llm.tokenizer)
         self.media = MediaSources.from_config(self.llm.config.multimodal, allowed_local_media_path)
+
+    # -- adapters -----------------------------------------------------------------------------------------
+    async def load_adapter(self, lora: LoRARequest) -> None:
+        """Load `lora` and serve it under its name. Runs on the engine thread, so no request sees a half-loaded
+        name; raises AdapterError / InputError for an adapter that cannot be served."""
+
+        def load(engine) -> None:
+            if lora.lora_name in self.models.adapters:
+                raise AdapterError(f"the name {lora.lora_name!r} was taken by a concurrent load")
+            engine.add_lora(lora)
+            self.models.adapters[lora.lora_name] = lora
+
+        await self.engine.call(load)
+
+    async def resolve(self, model: str) -> LoRARequest | None:
+        """The adapter `model` names (None: the base model). With adapters on first use, an unknown name that is a
+        directory under --lora-root is loaded first: once, however many requests name it at the same time."""
+        try:
+            return self.models.resolve(model)
+        except APIError:
+            lora = self.models.resolvable(model) if self.lora_resolver else None
+            if lora is None:
+                raise
+        task = self._resolving.get(model)
+        if task is None:
+            task = self._resolving[model] = asyncio.ensure_future(self.load_adapter(lora))
+            task.add_done_callback(lambda _: self._resolving.pop(model, None))
+        try:
+            await asyncio.shield(task)  # a waiter that goes away does not cancel the load for the others
+        except (AdapterError, InputError) as e:
+            raise bad_request(f"failed to load adapter {model!r} from the adapter root: {e}", "adapter_load_failed",
+                              "model") from e
+        return self.models.resolve(model)
 
     def close(self) -> None:
         self.media.close()
 
     # -- preparation --------------------------------------------------------------------------------------
-    @staticmethod
-    def sampling_params(req: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    def sampling_params(self, req: SamplingFields, max_tokens: int | None) -> SamplingParams:
+        """The request's decoding options; a grammar is compiled here (cached), so a bad one is a 400 naming it."""
+        try:
+            grammar = req.structured_outputs_params()
+            if grammar is not None:
+                self.llm.grammars.compile(grammar)
+        except ValueError as e:  # InputError from the compiler is one too
+            raise bad_request(str(e), "invalid_structured_output", "response_format") from e
         try:
             return SamplingParams(
                 n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
                 max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
                 stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
                 include_stop_str_in_output=req.include_stop_str_in_output,
-                skip_special_tokens=req.skip_special_tokens,
+                skip_special_tokens=req.skip_special_tokens, logprobs=req.num_logprobs,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty, structured_outputs=grammar,
             )
         except ValueError as e:
             raise bad_request(str(e), "invalid_value") from e
@@ -173,6 +227,32 @@ class OpenAIServing:
             prepared.append(self._check(f"{request_id}-{i}", prompt, params, lora, req.token_limit))
         return prepared
 
+    # -- tokenizer endpoints ------------------------------------------------------------------------------
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's /tokenize: the token ids the engine would see (chat template and image tokens included)."""
+        await self.resolve(req.model)
+
+        def run() -> TokenizeResponse:
+            if req.messages is not None:
+                try:
+                    ids = self.llm.process_prompt(self._chat_prompt(req))[1].token_ids
+                except InputError as e:
+                    raise bad_request(str(e), "invalid_prompt", "messages") from e
+            else:
+                ids = self.llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = list(ids)
+            strs = self.llm.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+            return TokenizeResponse(count=len(ids), max_model_len=self.llm.max_model_len, tokens=ids, token_strs=strs)
+
+        return await asyncio.to_thread(run)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        await self.resolve(req.model)
+        vocab = self.llm.model.decoder_config.vocab_size
+        if not all(0 <= t < vocab for t in req.tokens):
+            raise bad_request(f"tokens must be integers in [0, {vocab})", "invalid_value", "tokens")
+        return DetokenizeResponse(prompt=self.llm.tokenizer.decode(req.tokens))
+
     # -- running ------------------------------------------------------------------------------------------
     def _streams(self, prepared: list[Prepared], arrival: float,
                  is_disconnected: Callable[[], Awaitable[bool]] | None) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -181,10 +261,11 @@ class OpenAIServing:
         return _merge(gens)
 
     async def chat(self, req: ChatCompletionRequest, is_disconnected) -> BaseModel | AsyncIterator[str]:
-        return await self._serve(req, "chatcmpl", self._prepare_chat, _ChatFormat(), is_disconnected)
+        return await self._serve(req, "chatcmpl", self._prepare_chat, _ChatFormat(self.token_texts), is_disconnected)
 
     async def completion(self, req: CompletionRequest, is_disconnected) -> BaseModel | AsyncIterator[str]:
-        return await self._serve(req, "cmpl", self._prepare_completion, _CompletionFormat(), is_disconnected)
+        return await self._serve(req, "cmpl", self._prepare_completion, _CompletionFormat(self.token_texts),
+                                 is_disconnected)
 
     async def classify(self, req: ClassificationRequest, is_disconnected) -> BaseModel:
         return await self._serve(req, "classify", self._prepare_classify, _ClassifyFormat(), is_disconnected)
@@ -192,7 +273,7 @@ class OpenAIServing:
     async def _serve(self, req: SamplingFields | ClassificationRequest, prefix: str, prepare, fmt: _Format,
                      is_disconnected) -> BaseModel | AsyncIterator[str]:
         arrival = time.time()
-        lora = self.models.resolve(req.model)
+        lora = await self.resolve(req.model)
         self.engine.check_capacity()  # refuse early, before any preprocessing work
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         prepared = await asyncio.to_thread(prepare, req, request_id, lora)
@@ -225,6 +306,8 @@ class OpenAIServing:
         continuous = bool(opts and opts.continuous_usage_stats)
         latest: dict[int, RequestOutput] = {}  # per prompt, for continuous usage
         tokens_seen: dict[int, int] = {}
+        tokens_sent: dict[int, int] = {}  # per choice: tokens whose logprobs went out
+        wants_logprobs = getattr(call.req, "num_logprobs", None) is not None
         done = False
         first = fmt.first_chunk(call)
         try:
@@ -238,9 +321,12 @@ class OpenAIServing:
                         text, first_finish = deltas.next(index, c.text, c.finish_reason)
                         advanced = len(c.token_ids) > tokens_seen.get(index, 0)
                         tokens_seen[index] = len(c.token_ids)
-                        if text or first_finish or (continuous and advanced):
-                            choices.append((index, text, c.finish_reason if first_finish else None, c.stop_reason,
-                                            c.head if first_finish else None))
+                        if text or first_finish or ((continuous or wants_logprobs) and advanced):
+                            sent = tokens_sent.get(index, 0)
+                            tokens_sent[index] = len(c.token_ids)
+                            choices.append(_Delta(index, text, c.finish_reason if first_finish else None,
+                                                  c.stop_reason, c.head if first_finish else None,
+                                                  c.token_ids[sent:], (c.logprobs or [])[sent:]))
                     if out.finished:
                         finals[i] = out
                     latest[i] = out
@@ -359,12 +445,61 @@ class _TextDeltas:
         return delta, done
 
 
+@dataclass
+class _Delta:
+    """What one streamed chunk says of one choice: its new text and tokens (with their logprobs, when asked)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    stop_reason: str | int | None
+    head: Any
+    token_ids: list[int]
+    logprobs: list[dict[int, float]]
+
+
+class TokenTexts:
+    """Token ids as the text OpenAI's logprobs show (each token decoded alone), memoised per id."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._text: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._text.get(token_id)
+        if text is None:
+            text = self._text[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def chat(self, token_ids: list[int], entries: list[dict[int, float]], k: int) -> ChatLogprobs:
+        content = []
+        for tid, entry in zip(token_ids, entries):
+            best = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+            content.append(TokenLogprob(token=self(tid), logprob=entry[tid], bytes=list(self(tid).encode()),
+                                        top_logprobs=[TopLogprob(token=self(t), logprob=v, bytes=list(self(t).encode()))
+                                                      for t, v in best]))
+        return ChatLogprobs(content=content)
+
+    def completion(self, token_ids: list[int], entries: list[dict[int, float] | None], offset: int
+                   ) -> CompletionLogprobs:
+        """Entries of None (an echoed prompt's tokens) give null logprobs; offsets count from `offset`."""
+        out = CompletionLogprobs()
+        for tid, entry in zip(token_ids, entries):
+            token = self(tid)
+            out.tokens.append(token)
+            out.text_offset.append(offset)
+            offset += len(token)
+            out.token_logprobs.append(None if entry is None else entry[tid])
+            out.top_logprobs.append(None if entry is None else {self(t): v for t, v in entry.items()})
+        return out
+
+
 class _Format(Protocol):
     """How one endpoint spells its chunks and responses."""
 
     def first_chunk(self, call: _Call) -> BaseModel | None: ...
 
-    def chunk(self, call: _Call, choices: list[tuple], timings: RequestTimings | None) -> BaseModel: ...
+    def chunk(self, call: _Call, choices: list[_Delta], timings: RequestTimings | None) -> BaseModel: ...
 
     def usage_chunk(self, call: _Call, usage: Usage, timings: RequestTimings) -> BaseModel: ...
 
@@ -372,14 +507,22 @@ class _Format(Protocol):
 
 
 class _ChatFormat:
+    def __init__(self, texts: TokenTexts) -> None:
+        self.texts = texts
+
+    def _logprobs(self, call, token_ids, entries) -> ChatLogprobs | None:
+        k = getattr(call.req, "num_logprobs", None)
+        return None if k is None else self.texts.chat(token_ids, entries, k)
+
     def first_chunk(self, call):
         choices = [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                    for i in range(call.req.n)]
         return ChatCompletionChunk(id=call.request_id, created=call.created, model=call.model, choices=choices)
 
     def chunk(self, call, choices, timings):
-        items = [ChatChunkChoice(index=i, delta=DeltaMessage(content=text), finish_reason=fr, stop_reason=sr,
-                                 head=_head_result(h)) for i, text, fr, sr, h in choices]
+        items = [ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text), finish_reason=d.finish_reason,
+                                 stop_reason=d.stop_reason, head=_head_result(d.head),
+                                 logprobs=self._logprobs(call, d.token_ids, d.logprobs)) for d in choices]
         return ChatCompletionChunk(id=call.request_id, created=call.created, model=call.model, choices=items,
                                    metrics=timings)
 
@@ -389,18 +532,53 @@ class _ChatFormat:
 
     def response(self, call, outs):
         choices = [ChatChoice(index=c.index, message=ChatMessage(content=c.text), finish_reason=c.finish_reason,
-                              stop_reason=c.stop_reason, head=_head_result(c.head)) for c in outs[0].outputs]
+                              stop_reason=c.stop_reason, head=_head_result(c.head),
+                              logprobs=self._logprobs(call, c.token_ids, c.logprobs or []))
+                   for c in outs[0].outputs]
         return ChatCompletionResponse(id=call.request_id, created=call.created, model=call.model, choices=choices,
                                       usage=_usage(outs), metrics=_timings(outs))
 
 
 class _CompletionFormat:
+    """Completions; with `echo` each choice's text (and logprobs, as nulls) starts with its prompt."""
+
+    def __init__(self, texts: TokenTexts) -> None:
+        self.texts = texts
+        self.offsets: dict[int, int] = {}  # streaming: text sent so far per choice (logprobs' text_offset)
+
+    def _prompt_text(self, call, i: int) -> str:
+        prompt = call.prepared[i].prompt
+        return prompt["prompt"] if "prompt" in prompt else self.texts.tokenizer.decode(prompt["prompt_token_ids"])
+
+    def _prompt_ids(self, call, i: int) -> list[int]:
+        prompt = call.prepared[i].prompt
+        return prompt.get("prompt_token_ids") or self.texts.tokenizer.encode(prompt["prompt"])
+
     def first_chunk(self, call):
-        return None
+        if not call.req.echo:
+            return None
+        n = call.req.n
+        items = []
+        for i in range(len(call.prepared)):
+            text = self._prompt_text(call, i)
+            ids = self._prompt_ids(call, i)
+            for j in range(n):
+                logprobs = None
+                if call.req.num_logprobs is not None:
+                    logprobs = self.texts.completion(ids, [None] * len(ids), 0)
+                items.append(CompletionChoice(index=i * n + j, text=text, finish_reason=None, logprobs=logprobs))
+                self.offsets[i * n + j] = len(text)
+        return CompletionResponse(id=call.request_id, created=call.created, model=call.model, choices=items)
 
     def chunk(self, call, choices, timings):
-        items = [CompletionChoice(index=i, text=text, finish_reason=fr, stop_reason=sr)
-                 for i, text, fr, sr, _ in choices]
+        items = []
+        for d in choices:
+            logprobs = None
+            if call.req.num_logprobs is not None:
+                logprobs = self.texts.completion(d.token_ids, d.logprobs, self.offsets.get(d.index, 0))
+            self.offsets[d.index] = self.offsets.get(d.index, 0) + len(d.text)
+            items.append(CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason,
+                                          stop_reason=d.stop_reason, logprobs=logprobs))
         return CompletionResponse(id=call.request_id, created=call.created, model=call.model, choices=items,
                                   metrics=timings)
 
@@ -410,8 +588,20 @@ class _CompletionFormat:
 
     def response(self, call, outs):
         n = call.req.n
-        choices = [CompletionChoice(index=i * n + c.index, text=c.text, finish_reason=c.finish_reason,
-                                    stop_reason=c.stop_reason) for i, o in enumerate(outs) for c in o.outputs]
+        choices = []
+        for i, o in enumerate(outs):
+            prefix = self._prompt_text(call, i) if call.req.echo else ""
+            for c in o.outputs:
+                logprobs = None
+                if call.req.num_logprobs is not None:
+                    ids, entries = list(c.token_ids), list(c.logprobs or [])
+                    if call.req.echo:
+                        prompt_ids = self._prompt_ids(call, i)
+                        ids, entries = prompt_ids + ids, [None] * len(prompt_ids) + entries
+                    logprobs = self.texts.completion(ids, entries, 0)
+                choices.append(CompletionChoice(index=i * n + c.index, text=prefix + c.text,
+                                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                                logprobs=logprobs))
         return CompletionResponse(id=call.request_id, created=call.created, model=call.model, choices=choices,
                                   usage=_usage(outs), metrics=_timings(outs))
 

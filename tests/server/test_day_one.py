@@ -1,0 +1,187 @@
+"""Acceptance 2 of issue 22, through the official `openai` client against `valora serve`: logprobs (chat and
+completions, streamed and not), the three penalties, `echo`, structured outputs (OpenAI's `response_format` with a
+JSON schema validated by `jsonschema`, vLLM's `guided_choice` / `guided_regex` / `structured_outputs`), `/tokenize`
+round trips, `/detokenize`, `/version`, `/ping`, and adapters loaded on first use from `--lora-root`."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.server.process import SERVED
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "label": {"enum": ["car", "person", "bicycle"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 20},
+        "note": {"type": "string", "maxLength": 10},
+    },
+    "required": ["label", "count", "note"],
+    "additionalProperties": False,
+}
+COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}
+
+
+@pytest.fixture(scope="module")
+def lora_root(adapters, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora-root")
+    for name in ("lora1", "lora2"):
+        shutil.copytree(adapters[name], root / f"lazy-{name}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(start_server, adapters, lora_root):
+    return start_server(["--lora-modules", f"lora0={adapters['lora0']}", "--lora-root", str(lora_root),
+                         "--enable-lora-resolver", "--num-kv-blocks", "512"])
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_chat_logprobs_are_log_probabilities_with_top_alternatives(client):
+    out = client.chat.completions.create(model="lora0", messages=_user("name a colour"), max_tokens=6,
+                                         temperature=0, logprobs=True, top_logprobs=3,
+                                         extra_body={"ignore_eos": True})
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens == 6
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert tops == sorted(tops, reverse=True) and math.isclose(entry.logprob, tops[0])  # greedy: the best
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token
+    assert "".join(e.token for e in content) == out.choices[0].message.content
+
+    stream = client.chat.completions.create(model="lora0", messages=_user("name a colour"), max_tokens=6,
+                                            temperature=0, logprobs=True, top_logprobs=3, stream=True,
+                                            extra_body={"ignore_eos": True})
+    streamed = [e for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+                for e in chunk.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in content]
+
+
+def test_completion_logprobs_and_echo(client):
+    out = client.completions.create(model=SERVED, prompt="a red car", max_tokens=5, temperature=0, logprobs=2,
+                                    echo=True, extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith("a red car")
+    prompt_tokens = out.usage.prompt_tokens
+    assert len(lp.tokens) == prompt_tokens + 5 and "".join(lp.tokens) == choice.text
+    assert lp.token_logprobs[:prompt_tokens] == [None] * prompt_tokens  # prompt logprobs are not computed
+    assert all(v <= 0 for v in lp.token_logprobs[prompt_tokens:])
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(2 <= len(top) <= 3 for top in lp.top_logprobs[prompt_tokens:])  # top 2 plus the chosen token
+
+    plain = client.completions.create(model=SERVED, prompt="a red car", max_tokens=5, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert choice.text == "a red car" + plain.choices[0].text and plain.choices[0].logprobs is None
+
+
+def test_penalties_change_greedy_output_and_are_range_checked(client):
+    def tokens(**extra) -> list[str]:
+        out = client.completions.create(model=SERVED, prompt="the the the", max_tokens=16, temperature=0,
+                                        logprobs=0, extra_body={"ignore_eos": True, **extra})
+        return out.choices[0].logprobs.tokens
+
+    base = tokens()
+    for extra in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"repetition_penalty": 3.0}):
+        assert tokens(**extra) != base, extra
+    assert len(set(tokens(repetition_penalty=100.0))) > len(set(base))  # repeats are pushed out
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        client.completions.create(model=SERVED, prompt="x", presence_penalty=3.0)
+
+
+def test_response_format_json_schema_validates_across_adapters(client):
+    def ask(i: int) -> str:
+        out = client.chat.completions.create(
+            model=["lora0", SERVED, "lazy-lora1"][i % 3], messages=_user(f"frame {i}: what is there?"),
+            max_tokens=80, temperature=1.0, seed=i, extra_body=COMPACT,  # a random model: no endless spaces
+            response_format={"type": "json_schema", "json_schema": {"name": "detection", "schema": SCHEMA,
+                                                                    "strict": True}})
+        assert out.choices[0].finish_reason == "stop"
+        return out.choices[0].message.content
+
+    with ThreadPoolExecutor(6) as pool:  # one batch, adapters mixed
+        texts = list(pool.map(ask, range(6)))
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_guided_choice_regex_and_structured_outputs(client):
+    choices = ["cat", "dog", "traffic light"]
+    out = client.chat.completions.create(model="lora0", messages=_user("which?"), max_tokens=10, n=4,
+                                         temperature=1.0, seed=3, extra_body={"guided_choice": choices})
+    assert all(c.message.content in choices for c in out.choices)
+    out = client.completions.create(model=SERVED, prompt="plate:", max_tokens=12, temperature=1.0,
+                                    extra_body={"guided_regex": "[A-Z]{2}-[0-9]{2}"})
+    assert re.fullmatch("[A-Z]{2}-[0-9]{2}", out.choices[0].text)
+    out = client.chat.completions.create(model=SERVED, messages=_user("json"), max_tokens=40, temperature=1.0,
+                                         extra_body={"structured_outputs": {"json_object": True,
+                                                                            "disable_any_whitespace": True}})
+    assert isinstance(json.loads(out.choices[0].message.content), dict)
+    stream = client.chat.completions.create(model="lora0", messages=_user("which?"), max_tokens=10, stream=True,
+                                            extra_body={"guided_choice": choices})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) in choices
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"guided_regex": "[a-"}, "regex"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "exactly one"),
+    ({"response_format": {"type": "json_schema"}}, "json_schema"),
+    ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "one way"),
+    ({"structured_outputs": {"jsn": {}}}, "jsn"),
+])
+def test_bad_structured_outputs_are_400(client, body, message):
+    with pytest.raises(openai.BadRequestError, match=message):
+        client.chat.completions.create(model=SERVED, messages=_user("x"), max_tokens=4, extra_body=body)
+
+
+def test_tokenize_round_trip_detokenize_version_ping(server, client):
+    url = server.url
+    text = "a dog runs across green grass"
+    tok = httpx.post(f"{url}/tokenize", json={"model": SERVED, "prompt": text}).json()
+    assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] > 0
+    assert httpx.post(f"{url}/detokenize", json={"model": SERVED, "tokens": tok["tokens"]}).json() == {"prompt": text}
+    out = client.completions.create(model=SERVED, prompt=tok["tokens"], max_tokens=1)
+    assert out.usage.prompt_tokens == tok["count"]  # what /tokenize says is what the engine sees
+    chat = httpx.post(f"{url}/tokenize", json={"model": "lora0", "messages": _user(text),
+                                                "return_token_strs": True}).json()
+    done = client.chat.completions.create(model="lora0", messages=_user(text), max_tokens=1)
+    assert chat["count"] == done.usage.prompt_tokens and len(chat["token_strs"]) == chat["count"]
+    assert httpx.post(f"{url}/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
+    assert httpx.post(f"{url}/detokenize", json={"tokens": [10**9]}).status_code == 400
+    assert httpx.get(f"{url}/version").json()["version"]
+    assert httpx.get(f"{url}/ping").status_code == 200 and httpx.post(f"{url}/ping").status_code == 200
+
+
+def test_adapters_on_first_use(server, client):
+    names = {m.id for m in client.models.list().data}
+    assert "lazy-lora2" not in names
+
+    def ask(_) -> str:
+        return client.chat.completions.create(model="lazy-lora2", messages=_user("hi"), max_tokens=3,
+                                              temperature=0).choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:  # concurrent first requests: one load, the same answers
+        answers = set(pool.map(ask, range(4)))
+    assert len(answers) == 1 and "lazy-lora2" in {m.id for m in client.models.list().data}
+    assert server.log_text().count("adapter lazy-lora2 loaded") == 1
+    for bad in ("../lora0", "lazy-lora2/..", "missing-adapter", "a/b"):
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=bad, messages=_user("hi"), max_tokens=1)
