@@ -375,6 +375,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
     return_token_strs: bool = False
+    media_io_kwargs: dict[str, Any] | None = None  # as in chat: how videos are sampled
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
