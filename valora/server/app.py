@@ -69,6 +69,7 @@ class ServerConfig:
     lora_resolver: bool = False  # adapters on first use: a request naming a directory under lora_root loads it
     log_requests: bool = True  # one line per request
     log_stats: bool = True  # the periodic stats line
+    vllm_compatible_metrics: bool = False  # also export the metrics vLLM has under its `vllm:` names
 
 
 class APIKeyAuth:
@@ -169,7 +170,8 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         engine.add_lora(lora)
         models.adapters[name] = lora
     async_engine = AsyncEngine(engine, config.max_queued_requests, admit=models.check_served)
-    metrics = async_engine.metrics = ServerMetrics(models.name, lambda: async_engine.stats)
+    metrics = async_engine.metrics = ServerMetrics(models.name, lambda: async_engine.stats,
+                                                   config.vllm_compatible_metrics)
     serving = OpenAIServing(async_engine, models, config.allowed_local_media_path,
                             config.allow_special_tokens_in_messages, config.log_requests, config.lora_resolver)
 

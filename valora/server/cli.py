@@ -57,7 +57,7 @@ endpoints:
   POST /v1/load_lora_adapter      {"lora_name": ..., "lora_path": ...} at run time
   POST /v1/unload_lora_adapter    {"lora_name": ...}
   GET  /health                    200 while the engine runs
-  GET  /metrics                   Prometheus text format (valora:* metrics)
+  GET  /metrics                   Prometheus text format (valora:* metrics; vllm:* too with --vllm-compatible-metrics)
   GET  /ping, POST /ping          the same as /health
   GET  /version                   the server's version
   POST /tokenize                  {"model", "prompt" or "messages"} -> token ids, as the engine sees them
@@ -188,6 +188,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit-concurrency", type=int, default=None, metavar="N",
                    help="open connections (and requests) beyond which uvicorn answers 503 "
                         "(default: --max-num-seqs + --max-queued-requests + 128)")
+    g.add_argument("--vllm-compatible-metrics", action="store_true",
+                   help="/metrics also exports, under vLLM's vllm: names and labels, the metrics vLLM has (queues, "
+                        "KV usage, vllm:lora_requests_info, latencies), so routers built for vLLM (llm-d, Gateway "
+                        "API Inference Extension) score this server unchanged")
 
     g = p.add_argument_group("logging")
     g.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
@@ -251,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
         allow_special_tokens_in_messages=args.allow_special_tokens_in_messages,
         log_requests=not args.disable_log_requests, log_stats=not args.disable_log_stats,
         lora_resolver=args.enable_lora_resolver,
+        vllm_compatible_metrics=args.vllm_compatible_metrics,
     )
     concurrency = args.limit_concurrency or args.max_num_seqs + args.max_queued_requests + 128
     limits = ConnectionLimits(args.timeout_keep_alive, args.timeout_request_header, args.timeout_request_body,

@@ -3,6 +3,11 @@
 Latency histograms are observed once per finished request. Engine state (queue lengths, KV usage, adapters)
 is read at scrape time from the snapshot the engine thread publishes after every step, so a scrape never
 touches the engine itself.
+
+With `vllm_compatible` (`--vllm-compatible-metrics`) the metrics vLLM exports under the same names are exported
+under the `vllm:` prefix as well, with the same labels: routers that read vLLM's metrics (the Gateway API
+Inference Extension's endpoint picker, llm-d's scorers: queue lengths, KV cache usage and the adapter affinity of
+`vllm:lora_requests_info`) score a VaLoRA pod unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +30,17 @@ disable_created_metrics()  # as vLLM does: no `*_created` series, which dashboar
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
             80.0, 160.0, 640.0)
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+# Ours that vLLM exports under the same name and meaning. `lora_requests_info` is vLLM's gauge exactly: labels
+# `max_lora`, `running_lora_adapters` and `waiting_lora_adapters` (adapter names, comma-separated; no
+# `model_name`), value the time of the snapshot, so a reader takes the series with the largest value.
+VLLM_NAMES = frozenset({
+    "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "lora_requests_info", "num_preemptions",
+    "prompt_tokens", "generation_tokens", "request_success", "time_to_first_token_seconds",
+    "time_per_output_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+    "prefix_cache_queries", "prefix_cache_hits",
+})
+_NOT_VLLM_LABELS = {"lora_requests_info": ("model_name",)}
 
 
 class _EngineCollector:
@@ -95,10 +111,32 @@ class _EngineCollector:
                           else 0.0)
 
 
+class _VLLMNames:
+    """The source registry's metrics that vLLM also exports, renamed from `valora:` to `vllm:`."""
+
+    def __init__(self, source: CollectorRegistry) -> None:
+        self.source = source
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self.source.collect():
+            name = metric.name.removeprefix("valora:")
+            if name in VLLM_NAMES:
+                alias = Metric("vllm:" + name, metric.documentation, metric.type, metric.unit)
+                drop = _NOT_VLLM_LABELS.get(name, ())
+                alias.samples = [s._replace(name="vllm:" + s.name.removeprefix("valora:"),
+                                            labels={k: v for k, v in s.labels.items() if k not in drop})
+                                 for s in metric.samples]
+                yield alias
+
+
 class ServerMetrics:
-    def __init__(self, model: str, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, model: str, stats: Callable[[], EngineStats], vllm_compatible: bool = False) -> None:
         self.model = model
         self.registry = CollectorRegistry()
+        self.vllm_registry: CollectorRegistry | None = None
+        if vllm_compatible:
+            self.vllm_registry = CollectorRegistry(auto_describe=False)
+            self.vllm_registry.register(_VLLMNames(self.registry))
         labels = ["model_name"]
         kw = {"labelnames": labels, "registry": self.registry}
         self.ttft = Histogram("valora:time_to_first_token_seconds", "Arrival to first token.", buckets=_LATENCY, **kw)
@@ -133,7 +171,8 @@ class ServerMetrics:
         self.success.labels(self.model, "abort").inc(n)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        text = generate_latest(self.registry)
+        return text + generate_latest(self.vllm_registry) if self.vllm_registry is not None else text
 
 
 class StatsLogger:
