@@ -19,7 +19,8 @@ def _stats() -> EngineStats:
         num_running=3, num_waiting=2, kv_cache_usage=0.25, running_adapters=["det", "cap"], waiting_adapters=["ocr"],
         resident_adapters=["det", "cap", "old"], max_loras=4, adapter_disk_loads=5, adapter_slot_loads=6,
         adapter_slot_evictions=1, adapter_host_evictions=0, adapter_slot_hits=9, adapter_blocking_loads=0,
-        num_preemptions=1, prefix_cache_queries=10, prefix_cache_hits=4, image_cache_hits=2, image_cache_misses=3, scheduler="valora", mode="unmerged",
+        num_preemptions=1, prefix_cache_queries=10, prefix_cache_hits=4, image_cache_hits=2, image_cache_misses=3,
+        scheduler="valora", mode="unmerged",
         hot_adapter=None, mode_steps={"unmerged": 7}, mode_seconds={"unmerged": 0.5}, num_switches=0,
         switch_seconds=0.0)
 

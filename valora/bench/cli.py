@@ -1,4 +1,5 @@
-"""`valora bench run|sweep|report`: trace-driven load against OpenAI-compatible servers (docs/bench.md).
+"""`valora bench run|sweep|report|simulate`: trace-driven load against OpenAI-compatible servers, and the
+scaling simulator fed by their measurements (docs/bench.md).
 
 `run` and `sweep` end with a summary table on screen (`valora.bench.console`) and exit 1 when more than
 `--max-failure-ratio` of the measured requests failed. Results go under the current directory by default
@@ -93,8 +94,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("report", help=text, description=text + " of a results directory of `run` or `sweep`.")
     p.add_argument("results", type=Path, help="results directory of a sweep or run")
 
+    p = sub.add_parser("simulate", help="model 1 to 64 GPUs behind adapter-affinity, least-loaded and round-robin "
+                                        "routing from one GPU's measured costs")
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results"),
+                   help="measured one-GPU results: engine_speed, engine_smoke, lora_ops JSON (default: %(default)s)")
+    p.add_argument("--sweep", type=Path, default=None,
+                   help="the measured one-GPU sweep to calibrate on and check against (default: RESULTS/e2e)")
+    p.add_argument("--out", type=Path, default=Path("bench-results/simulate"),
+                   help="where the JSON and the plot go (default: %(default)s; docs/benchmarks.md's run used "
+                        "benchmarks/results)")
+    p.add_argument("--name", default="simulate_h100", help="file name stem of the outputs (default: %(default)s)")
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--routers", nargs="+", default=["affinity", "least_loaded", "round_robin"])
+    p.add_argument("--adapters-per-gpu", type=int, default=16, help="adapters in the cluster per GPU (default: 16)")
+    p.add_argument("--mix", default="vqa", help="task mix (default: vqa)")
+    p.add_argument("--skew", default="zipf:1.0", help="adapter popularity (default: zipf:1.0)")
+    p.add_argument("--duration", type=float, default=45.0, help="measured seconds per point (default: 45)")
+    p.add_argument("--warmup", type=float, default=10.0, help="warm-up seconds per point (default: 10)")
+    p.add_argument("--load-rate", type=float, default=8.0,
+                   help="req/s per GPU at which adapter loads are compared (default: 8)")
+    p.add_argument("--fit-rates", type=float, nargs="+", default=[4.0, 8.0, 12.0, 16.0],
+                   help="sweep rates whose server counters calibrate the prefill step (default: the points that "
+                        "ran unmerged throughout: 4 8 12 16)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def simulate(args: argparse.Namespace) -> int:
+    import json
+
+    from valora.bench.sim.cluster import ClusterWorkload
+    from valora.bench.sim.report import markdown, plot
+    from valora.bench.sim.study import StudyConfig, run_study
+
+    config = StudyConfig(
+        gpus=tuple(args.gpus), routers=tuple(args.routers), load_rate=args.load_rate,
+        workload=ClusterWorkload(mix=args.mix, skew=args.skew, adapters_per_gpu=args.adapters_per_gpu,
+                                 duration_s=args.duration, warmup_s=args.warmup, seed=args.seed))
+    sweep = args.sweep or args.results / "e2e"
+    needed = [args.results / f"{name}_h100.json" for name in ("engine_speed", "engine_smoke", "lora_ops")]
+    missing = [p for p in [*needed, sweep / "run.json"] if not p.is_file()]
+    if missing:
+        raise UserError(f"{missing[0]} not found: run from the repository root or pass --results (and --sweep)")
+    result = run_study(args.results, sweep, config, tuple(args.fit_rates), log=logger.info)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, out, args.name)
+    print(markdown(result))
+    return 0
+
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench_command == "simulate":
+        return simulate(args)
     from valora.bench.console import failures, render
     from valora.bench.report import write_report
     from valora.bench.results import load_points
