@@ -4,6 +4,12 @@ to its roofline, plus the GPU's idle time between decode steps and a kernel prof
 
     python -m benchmarks.engine_speed --workdir /tmp/speed            # everything (about 8 minutes on an H100)
     python -m benchmarks.engine_speed --skip-hf --batches 1,32        # ours only, fewer rows
+    python -m benchmarks.engine_speed --targets-only                  # only what issue 18's targets read (below)
+    python -m benchmarks.engine_speed --quick                         # the same on a tiny model on the CPU
+
+Targets (issue 18), in the JSON's `targets`: batch 1 without adapters <= 1.25x its roofline; batch 32 with 32
+rank-16 adapters <= 1.3x; the GPU idle <= 5% of a decode step at batch 32; one adapter at batch 1 <= 0.3 ms over
+none; start-up (graph capture included) under 30 s.
 
 Roofline of a row: the larger of (bytes it must read) / (measured copy bandwidth) and (FLOPs) / (measured bf16
 matmul rate). A decode step reads the LM weights, the distinct adapters in the batch and every sequence's KV; a
@@ -17,44 +23,76 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import QWEN2_VL_7B, build_checkpoint, timed_steps, write_result
+from benchmarks.common import build_checkpoint, synchronize, timed_steps, write_result
 from benchmarks.engine_smoke import hf_decode
 from valora import LLM, LoRARequest, SamplingParams
 
-H, FF, L, V = (QWEN2_VL_7B[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
-KVH, D = QWEN2_VL_7B["num_key_value_heads"], H // QWEN2_VL_7B["num_attention_heads"]
-LAYER_SHAPES = {"q_proj": (H, H), "k_proj": (H, KVH * D), "v_proj": (H, KVH * D), "o_proj": (H, H),
-                "gate_proj": (H, FF), "up_proj": (H, FF), "down_proj": (FF, H)}  # (in, out)
-LM_PARAMS = L * sum(i * o for i, o in LAYER_SHAPES.values()) + H * V  # linears + LM head (embedding: rows only)
-BYTES = 2  # bf16
+
+@dataclass(frozen=True)
+class Dims:
+    """The language model's sizes, from which a row's bytes and FLOPs follow."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    kv_heads: int
+    head_dim: int
+    bytes: int = 2  # bf16
+
+    @staticmethod
+    def of(config: dict, bytes: int = 2) -> Dims:
+        text = config.get("text_config") or config
+        get = lambda k: text.get(k, config.get(k))  # noqa: E731
+        return Dims(get("hidden_size"), get("intermediate_size"), get("num_hidden_layers"), get("vocab_size"),
+                    get("num_key_value_heads"), get("hidden_size") // get("num_attention_heads"), bytes)
+
+    @property
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:  # (in, out) of every LoRA-targeted linear
+        h, kv, ff = self.hidden, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, ff),
+                "up_proj": (h, ff), "down_proj": (ff, h)}
+
+    @property
+    def lm_params(self) -> int:  # linears + LM head (embedding: rows only)
+        return self.layers * sum(i * o for i, o in self.layer_shapes.values()) + self.hidden * self.vocab
+
+    def adapter_bytes(self, rank: int) -> int:
+        return self.layers * sum(rank * (i + o) for i, o in self.layer_shapes.values()) * self.bytes
+
+    def kv_bytes(self, tokens: int) -> int:
+        return tokens * self.layers * 2 * self.kv_heads * self.head_dim * self.bytes
+
 
 
 # -- the device ------------------------------------------------------------------------------------------------
-def measure_device() -> dict:
-    """Copy bandwidth (read + write of 2 GiB) and dense bf16 matmul rate (8192^3), best of a few runs."""
-    x = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+def measure_device(quick: bool = False) -> dict:
+    """Copy bandwidth (read + write of 2 GiB) and dense bf16 matmul rate (8192^3), best of a few runs; with
+    `quick`, small float32 sizes on the CPU."""
+    device, dtype, n, m = ("cpu", torch.float32, 2**22, 512) if quick else ("cuda", torch.bfloat16, 2**30, 8192)
+    x = torch.empty(n, dtype=dtype, device=device)
     y = torch.empty_like(x)
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    a = torch.randn(m, m, dtype=dtype, device=device)
+    b = torch.randn(m, m, dtype=dtype, device=device)
 
     def best(fn, n=10) -> float:
         fn()
         times = []
         for _ in range(n):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
+            synchronize()
+            t = time.perf_counter()
             fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
+            synchronize()
+            times.append(time.perf_counter() - t)
         return min(times)
 
-    bw = 2 * x.numel() * 2 / best(lambda: y.copy_(x))
-    rate = 2 * 8192**3 / best(lambda: a @ b)
+    bw = 2 * x.numel() * x.element_size() / best(lambda: y.copy_(x))
+    rate = 2 * m**3 / best(lambda: a @ b)
     return {"copy_bandwidth_bytes_per_s": bw, "bf16_matmul_flops_per_s": rate}
 
 
@@ -65,29 +103,24 @@ def roofline(dev: dict, nbytes: float, flops: float) -> dict:
             "bytes": nbytes, "flops": flops}
 
 
-def adapter_bytes(rank: int) -> int:
-    return L * sum(rank * (i + o) for i, o in LAYER_SHAPES.values()) * BYTES
-
-
-def kv_bytes(tokens: int) -> int:
-    return tokens * L * 2 * KVH * D * BYTES
-
-
-def decode_roofline(dev: dict, batch: int, context: int, adapters: int, rank: int) -> dict:
-    nbytes = LM_PARAMS * BYTES + adapters * adapter_bytes(rank) + kv_bytes(batch * context)
-    flops = 2 * LM_PARAMS * batch + 4 * batch * context * L * H
+def decode_roofline(dev: dict, dims: Dims, batch: int, context: int, adapters: int, rank: int) -> dict:
+    nbytes = dims.lm_params * dims.bytes + adapters * dims.adapter_bytes(rank) + dims.kv_bytes(batch * context)
+    flops = 2 * dims.lm_params * batch + 4 * batch * context * dims.layers * dims.hidden
     return roofline(dev, nbytes, flops)
 
 
-def prefill_roofline(dev: dict, tokens: int) -> dict:
-    attn = 2 * tokens * tokens * L * H  # causal: half of 4 * T^2 * heads * head_dim
-    return roofline(dev, LM_PARAMS * BYTES + kv_bytes(tokens), 2 * LM_PARAMS * tokens + attn)
+def prefill_roofline(dev: dict, dims: Dims, tokens: int) -> dict:
+    attn = 2 * tokens * tokens * dims.layers * dims.hidden  # causal: half of 4 * T^2 * heads * head_dim
+    return roofline(dev, dims.lm_params * dims.bytes + dims.kv_bytes(tokens), 2 * dims.lm_params * tokens + attn)
 
 
 # -- the prompts ----------------------------------------------------------------------------------------------
+PROMPT_IDS = (10, 5000)  # random prompt token ids are drawn from this range (--quick: the tiny vocabulary's)
+
+
 def token_prompts(batch: int, length: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
-    return [{"prompt_token_ids": torch.randint(10, 5000, (length,), generator=g).tolist()} for _ in range(batch)]
+    return [{"prompt_token_ids": torch.randint(*PROMPT_IDS, (length,), generator=g).tolist()} for _ in range(batch)]
 
 
 # -- ours ------------------------------------------------------------------------------------------------------
@@ -167,12 +200,13 @@ def idle_and_profile(llm: LLM, batch: int, context: int, loras: list, steps: int
         engine.add_request(f"p{i}", p, params, lr)
     for _ in range(4):  # prefills and the first decodes
         engine.step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    synchronize()
+    gpu = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])]) as prof:
         t = time.perf_counter()
         for _ in range(steps):
             engine.step()
-        torch.cuda.synchronize()
+        synchronize()
         wall = time.perf_counter() - t
     while engine.has_unfinished_requests():
         engine.step()
@@ -195,7 +229,7 @@ def idle_and_profile(llm: LLM, batch: int, context: int, loras: list, steps: int
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
     return {"batch": batch, "steps": steps, "wall_ms_per_step": wall / steps * 1e3,
             "gpu_busy_ms_per_step": busy / steps / 1e3, "gpu_window_ms_per_step": window / steps / 1e3,
-            "idle_share_of_step": 1 - busy / 1e3 / (wall * 1e3) if wall else None,
+            "idle_share_of_step": 1 - busy / 1e3 / (wall * 1e3) if wall and gpu else None,
             "kernels_ms_per_step": {name[:90]: us / steps / 1e3 for name, us in top}}
 
 
@@ -266,39 +300,68 @@ def hf_messages(seed: int, text: str = "Describe the image."):
 # -- the run ---------------------------------------------------------------------------------------------------
 def ours(args, model_dir: Path, adapter_dirs: list[Path], batches: list[int], prefills: list[int],
          result: dict) -> None:
-    dev = result["device_rates"]
+    dev, dims = result["device_rates"], Dims(**result["dims"])
     t = time.perf_counter()
-    llm = LLM(str(model_dir), enable_lora=True, max_loras=32, max_lora_rank=args.rank, max_model_len=8704,
-              gpu_memory_utilization=0.85, max_num_seqs=max(batches), enforce_eager=args.enforce_eager)
+    llm = LLM(str(model_dir), enable_lora=True, max_loras=32, max_lora_rank=args.rank,
+              max_model_len=max([*prefills, args.context + 2 * args.steps]) + 512, gpu_memory_utilization=0.85,
+              max_num_seqs=max(batches), enforce_eager=args.enforce_eager, device="cpu" if args.quick else "auto")
     result["valora_start_s"] = time.perf_counter() - t
+    graphs = llm.engine.runner.graphs
+    if graphs is not None and graphs.capture:
+        result["graphs"] = {"captured_at_start": len(graphs.graphs), "capture_s_at_start": graphs.capture_seconds}
     loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapter_dirs)]
     for lr in loras:
         llm.engine.add_lora(lr)
     steps_of(llm, token_prompts(4, 64), [None, loras[0], loras[1], None], 4)  # warm-up
-    for n in ADAPTER_COUNTS:
+    for n in args.adapter_counts:
         for b in batches:
             mix = [loras[i % n] for i in range(b)] if n else [None] * b
             ms = ours_decode(llm, b, args.context, mix, args.steps) * 1e3
             row = {"batch": b, "adapters": n, "distinct_adapters": min(b, n), "valora_ms": ms,
-                   **decode_roofline(dev, b, args.context + args.steps, min(b, n), args.rank)}
+                   **decode_roofline(dev, dims, b, args.context + args.steps, min(b, n), args.rank)}
             row["valora_over_roofline"] = ms / row["roofline_ms"]
             result["decode"].append(row)
             print(json.dumps(row), flush=True)
     for tokens in prefills:
         ms = ours_prefill(llm, tokens) * 1e3
-        row = {"tokens": tokens, "valora_ms": ms, **prefill_roofline(dev, tokens)}
+        row = {"tokens": tokens, "valora_ms": ms, **prefill_roofline(dev, dims, tokens)}
         row["valora_matmul_share"] = row["flops"] / (ms / 1e3) / dev["bf16_matmul_flops_per_s"]
         result["prefill"].append(row)
         print(json.dumps(row), flush=True)
-    result["ttft"]["valora_ms"] = ours_ttft(llm) * 1e3
-    result["idle_b32_32_adapters"] = idle_and_profile(llm, 32, args.context, [loras[i % 32] for i in range(32)])
-    result["idle_b32_no_adapter"] = idle_and_profile(llm, 32, args.context, [None] * 32)
-    result["host_profile_b32_32_adapters"] = host_profile(llm, 32, args.context, [loras[i % 32] for i in range(32)])
-    graphs = llm.engine.runner.graphs
+    b = max(batches)
+    mixed = [loras[i % len(loras)] for i in range(b)]
+    result[f"idle_b{b}_{min(b, len(loras))}_adapters"] = idle_and_profile(llm, b, args.context, mixed)
+    result[f"idle_b{b}_no_adapter"] = idle_and_profile(llm, b, args.context, [None] * b)
+    if not args.targets_only:
+        result["ttft"]["valora_ms"] = ours_ttft(llm) * 1e3
+        result["host_profile_b32_32_adapters"] = host_profile(llm, 32, args.context,
+                                                              [loras[i % 32] for i in range(32)])
+        if graphs is not None and graphs.capture:
+            result["graph_parity"] = graph_parity(llm, loras)
     if graphs is not None and graphs.capture:
-        result["graph_parity"] = graph_parity(llm, loras)
-        result["graphs"] = {"captured": len(graphs.graphs), "capture_s": graphs.capture_seconds}
-    print(json.dumps({k: result.get(k) for k in ("ttft", "graphs", "graph_parity")}), flush=True)
+        result["graphs"].update(captured=len(graphs.graphs), capture_s=graphs.capture_seconds)
+    result["targets"] = targets(result)
+    print(json.dumps({k: result.get(k) for k in ("ttft", "graphs", "graph_parity", "targets")}), flush=True)
+
+
+def targets(result: dict) -> dict:
+    """Issue 18's decode targets, read from the rows and profiles of this run (None where a row is missing)."""
+    rows = {(r["batch"], r["distinct_adapters"]): r for r in result["decode"]}
+    none1, one1, full32 = rows.get((1, 0)), rows.get((1, 1)), rows.get((32, 32))
+
+    def target(value, goal):
+        return {"value": value, "goal": goal, "met": value <= goal if value is not None else None}
+
+    idle = result.get("idle_b32_32_adapters") or {}
+    return {
+        "batch1_no_adapter_over_roofline": target(none1 and none1["valora_over_roofline"], 1.25),
+        "batch32_32_adapters_over_roofline": target(full32 and full32["valora_over_roofline"], 1.3),
+        "gpu_idle_share_batch32_32_adapters": target(idle.get("idle_share_of_step"), 0.05),
+        "gpu_idle_share_batch32_no_adapter": target((result.get("idle_b32_no_adapter") or {}).get(
+            "idle_share_of_step"), 0.05),
+        "one_adapter_batch1_over_none_ms": target(one1 and none1 and one1["valora_ms"] - none1["valora_ms"], 0.3),
+        "start_s": target(result.get("valora_start_s"), 30.0),
+    }
 
 
 def transformers_rows(args, model_dir: Path, adapter_dirs: list[Path], result: dict) -> None:
@@ -329,7 +392,7 @@ def transformers_rows(args, model_dir: Path, adapter_dirs: list[Path], result: d
             write_result(args.name, result)
 
 
-ADAPTER_COUNTS = (0, 8, 32)
+ADAPTER_COUNTS = (0, 8, 32)  # adapters spread over a batch's rows (`args.adapter_counts`)
 
 
 def plot(path: Path) -> Path:
@@ -376,24 +439,39 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-only", action="store_true", help="add transformers rows to an existing result")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--targets-only", action="store_true",
+                    help="only the rows and profiles issue 18's targets read: batches 1 and 32, none or 32 adapters, "
+                         "GPU idle at batch 32, start-up (no prefill, TTFT, host profile, parity)")
+    ap.add_argument("--quick", action="store_true", help="--targets-only on a tiny model on the CPU, no transformers")
     ap.add_argument("--name", default="engine_speed")
     ap.add_argument("--plot", type=Path, default=None, metavar="JSON", help="only draw the plot of a result")
     args = ap.parse_args()
+    args.adapter_counts = ADAPTER_COUNTS
     if args.plot is not None:
         print(f"written {plot(args.plot)}")
         return
-    model_dir, adapter_dirs = build_checkpoint(args.workdir, max(ADAPTER_COUNTS), args.rank)
+    if args.quick:  # a tiny model on the CPU: checks the script, measures nothing of interest
+        args.targets_only, args.skip_hf, args.batches, args.context, args.steps = True, True, "1,32", 32, 4
+        args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
+    if args.targets_only:
+        args.prefills, args.adapter_counts = "", (0, 32)
+    model_dir, adapter_dirs = build_checkpoint(args.workdir, max(args.adapter_counts), args.rank, quick=args.quick)
     path = Path(os.environ.get("OUT", "benchmarks/results")) / f"{args.name}.json"
     if args.hf_only:
         transformers_rows(args, model_dir, adapter_dirs, json.loads(path.read_text()))
     else:
-        result: dict = {"device_rates": measure_device(), "context": args.context, "rank": args.rank,
-                        "lm_params": LM_PARAMS, "enforce_eager": args.enforce_eager, "decode": [], "prefill": [],
-                        "ttft": {}}
-        torch.cuda.empty_cache()
+        dims = Dims.of(json.loads((model_dir / "config.json").read_text()), 4 if args.quick else 2)
+        if args.quick:
+            global PROMPT_IDS
+            PROMPT_IDS = (10, min(PROMPT_IDS[1], dims.vocab))
+        result: dict = {"device_rates": measure_device(args.quick), "context": args.context, "rank": args.rank,
+                        "dims": vars(dims), "lm_params": dims.lm_params, "enforce_eager": args.enforce_eager,
+                        "decode": [], "prefill": [], "ttft": {}}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         print(json.dumps(result["device_rates"]), flush=True)
         ours(args, model_dir, adapter_dirs, [int(b) for b in args.batches.split(",")],
-             [int(t) for t in args.prefills.split(",")], result)
+             [int(t) for t in args.prefills.split(",") if t], result)
         write_result(args.name, result)
         if not args.skip_hf:  # the engine's memory is not given back inside this process
             os.execv(sys.executable, [sys.executable, *sys.argv, "--hf-only"])
