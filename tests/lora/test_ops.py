@@ -192,9 +192,32 @@ def test_gpu_qwen_qkv(backend: str, dtype: torch.dtype, tokens: int) -> None:
     assert_matches(case, case.run(backend))
 
 
+GPU_PLANS = [  # engine-sized tiles of both kinds (the interpreter's are tiny)
+    Plan(fused=TileConfig(16, 64, 128, 4, 3, split_n=16)),
+    Plan(fused=TileConfig(32, 128, 64, 8, 3, split_n=1)),
+    Plan(shrink=TileConfig(16, 32, 128, 4, 3, split_k=8), expand=TileConfig(16, 128, 32, 4, 2)),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_gpu_atmm_needs_no_sync_and_replays_in_a_graph() -> None:
+@pytest.mark.parametrize("tokens", [1, 64, 333])
+@pytest.mark.parametrize("plan", GPU_PLANS, ids=plan_id)
+def test_gpu_plans_at_engine_shapes(plan: Plan, tokens: int) -> None:
+    """Both plan kinds in bf16 on Qwen2-VL-7B's fused qkv (mixed ranks up to 128) and gate/up (rank 64)."""
+    ranks = [[16, 128, 8, 1, 64, 48], [16, 0, 8, 7, 64, 12], [16, 128, 0, 7, 32, 12]]
+    with forced(plan):
+        case = make_case(tokens, 3584, (3584, 512, 512), ranks, 128, torch.bfloat16, "cuda", seed=12)
+        assert_matches(case, case.run("atmm"))
+        case = make_case(tokens, 3584, (18944, 18944), [[64, 16, 0], [64, 0, 32]], 64, torch.bfloat16, "cuda",
+                         seed=13)
+        assert_matches(case, case.run("atmm"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("plan", GPU_PLANS[::2], ids=plan_id)
+def test_gpu_atmm_needs_no_sync_and_replays_in_a_graph(plan: Plan) -> None:
     case = _engine_case()
     meta = LoRAMeta.build(case.ids, "cuda")
     out = case.base.clone()
@@ -203,18 +226,19 @@ def test_gpu_atmm_needs_no_sync_and_replays_in_a_graph() -> None:
         lora_matmul(case.x, None, case.stack_a, case.stack_b, case.ranks, case.scalings, "atmm",
                     slices=case.slices, out=out, meta=meta)
 
-    step()  # compile, and let the meta allocate its scratch
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out.copy_(case.base)
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert_matches(case, out)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    with forced(plan):
+        step()  # compile, and let the meta allocate its scratch
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out.copy_(case.base)
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert_matches(case, out)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
     out.copy_(case.base)
     graph.replay()
     assert_matches(case, out)
