@@ -30,6 +30,7 @@ import torch
 
 from benchmarks.common import build_checkpoint, synchronize, timed_steps, write_result
 from benchmarks.engine_smoke import hf_decode
+from benchmarks.profiling import busy_time
 from valora import LLM, LoRARequest, SamplingParams
 
 
@@ -212,16 +213,7 @@ def idle_and_profile(llm: LLM, batch: int, context: int, loras: list, steps: int
         engine.step()
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    busy, cur_s, cur_e = 0.0, None, None
-    for s, e in spans:
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        busy += cur_e - cur_s
+    busy, _ = busy_time(spans)
     window = (spans[-1][1] - spans[0][0]) if spans else 0.0
     by_name: dict[str, float] = {}
     for e in kernels:

@@ -47,6 +47,7 @@ if not torch.cuda.is_available():  # --quick on a CPU: Triton kernels run in its
 import transformers  # noqa: E402
 
 from benchmarks.common import build_checkpoint, run_info, synchronize, write_result  # noqa: E402
+from benchmarks.profiling import format_profile, profile_run  # noqa: E402
 from valora import LLM  # noqa: E402
 from valora.models.layers.vit import VisionSpans  # noqa: E402
 from valora.models.vision_graphs import VisionGraphs  # noqa: E402
@@ -76,6 +77,13 @@ QUICK_SHAPES = {"qwen2_vl": dict(max_pixels=112 * 112), "qwen2_5_vl": dict(max_p
                 "internvl": {}}
 BACKENDS = ("TRITON_ATTN", "FLASH_ATTN", "TORCH_SDPA", "FLEX_ATTENTION")
 GRAPH_BACKENDS = ("TRITON_ATTN", "FLASH_ATTN")
+PROFILED_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # --profile: their largest pass, with the default variant
+
+
+def profiled_variant(variants: list[tuple[str, bool]]) -> tuple[str, bool]:
+    """The variant a served request takes (the `auto` backend, graphs on a GPU) if it is run, else the first."""
+    default = ("TRITON_ATTN", True) if CUDA else ("TORCH_SDPA", False)
+    return default if default in variants else variants[0]
 
 
 def timed(fn, repeats: int, warmup: int = 2) -> float:
@@ -198,6 +206,12 @@ def bench_family(name: str, workdir: Path, args, rate: float, result: dict, save
                 if "error" not in run:
                     run["prepare_ms"] = timed(partial(model.prepare_vision, data, None, None, backend, graphs),
                                               max(2, args.repeats // 3)) * 1e3
+                    if args.profile and name in PROFILED_FAMILIES and n == max(batches) and \
+                            (backend, graphs) == profiled_variant(variants):
+                        result["profile"] = profile_run(partial(model.embed_images, data, [-1] * n, None), phases=[
+                            (model, "prepare_vision", "prepare (host)"), (model, "run_vision", "run (eager)"),
+                            (model.vision_graphs, "run", "graph run (refill + replay)")])
+                        result["profile"] |= {"images": n, "backend": backend, "graphs": graphs}
             if graphs:
                 result.setdefault("capture_s", {})[backend] = model.vision_graphs.capture_seconds
             model.vision_graphs = None
@@ -224,6 +238,33 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
+def profile_ttft(llm: LLM) -> dict:
+    """The engine steps of one image request (max_tokens=1), profiled; the request is added (preprocessed) outside
+    what is measured, as in the TTFT."""
+    from benchmarks.engine_speed import image_request
+    from valora import SamplingParams
+    from valora.engine import model_runner, sampler
+
+    engine, seeds = llm.engine, iter(range(1000, 2000))
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def add() -> None:
+        seed = next(seeds)
+        engine.add_request(f"profiled-{seed}", image_request(llm, seed), params, None)
+
+    def steps() -> None:
+        while engine.has_unfinished_requests():
+            engine.step()
+
+    model = engine.model
+    phases = [(engine.scheduler, "schedule", "schedule"), (engine.runner, "prepare", "runner.prepare (batch)"),
+              (model, "encode_images", "vision (prepare + run)"), (model, "prepare_vision", "vision prepare"),
+              (model.language_model, "forward", "LM layers (launch)"), (model, "compute_logits", "lm_head"),
+              (model_runner, "sample_async", "sampler (launch)"), (sampler.PendingSample, "result", "wait for tokens"),
+              (engine, "_collect", "collect"), (engine, "_finish", "finish (text, outputs)")]
+    return profile_run(steps, phases, setup=add)
+
+
 def bench_ttft(workdir: Path, args) -> dict:
     """TTFT of one 448x448 image request (engine_speed's definition) per vision backend, graphs on and off."""
     from benchmarks.engine_speed import hf_ttft, ours_ttft
@@ -247,6 +288,8 @@ def bench_ttft(workdir: Path, args) -> dict:
             data = images(llm, 1, 448)
             with torch.inference_mode():
                 run["vision_pass_ms"] = timed(partial(model.embed_images, data, [-1], None), args.repeats) * 1e3
+            if args.profile and (backend, use_graphs) == profiled_variant(variants):
+                result["profile"] = profile_ttft(llm) | {"backend": backend, "graphs": use_graphs}
         except Exception as e:  # noqa: BLE001
             run["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             traceback.print_exc()
@@ -291,6 +334,17 @@ def print_tables(result: dict) -> None:
                                      if "error" not in r else f"error: {r['error'][:80]}"))
 
 
+def print_profiles(result: dict, args) -> None:
+    """The profiles this run took (the families' and the TTFT's), last in the output."""
+    families = [] if args.ttft_only else args.families
+    sections = [(f"{name}, {p['images']} images, {p['backend']}{' +graphs' if p['graphs'] else ''}", p)
+                for name in families if (p := result["families"][name].get("profile"))]
+    if not args.skip_ttft and (p := result["ttft"].get("profile")) is not None:
+        sections.append((f"TTFT request steps, {p['backend']}{' +graphs' if p['graphs'] else ''}", p))
+    for title, p in sections:
+        print("\n" + format_profile(p, title))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/valora-vision"))
@@ -302,6 +356,9 @@ def main() -> None:
     ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--ttft-only", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU): checks the script end to end")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile, once each after warm-up, the TTFT request's steps and the largest Qwen2-VL and "
+                         "Qwen2.5-VL passes (first variant): GPU busy vs wall, kernels, host phases and ops")
     ap.add_argument("--name", default=None, help="result name (default: vision_tower, vision_tower_quick)")
     args = ap.parse_args()
     args.images = [int(n) for n in args.images.split(",")]
@@ -326,6 +383,7 @@ def main() -> None:
         result["ttft"] = bench_ttft(args.workdir, args)
     print(f"written {write_result(name, result)}")
     print_tables(result)
+    print_profiles(result, args)
 
 
 if __name__ == "__main__":
