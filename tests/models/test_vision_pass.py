@@ -98,3 +98,20 @@ def test_graph_replay_matches_eager(family, model_factory, backend):
             eager = model.run_vision(vp)[: vp.out_rows]
             assert torch.equal(graphs.run(vp), eager)
     assert len(graphs.graphs) == 1 and all(v is not None for v in graphs.graphs.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["TRITON_ATTN", "FLASH_ATTN"])
+def test_prepare_never_synchronises(family, model_factory, backend):
+    """The host part of a pass only queues copies (pinned memory, non-blocking): it may run while the previous
+    kernels are still on the device, padded for a graph or not."""
+    llm = LLM(str(model_factory(family.name)), dtype="bfloat16", embed_cache_mb=0)
+    model = llm.engine.model
+    data = _images(llm, family, SIZES)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for pad in (False, True):
+            model.prepare_vision(data, None, None, backend, pad=pad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

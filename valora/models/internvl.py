@@ -169,9 +169,9 @@ class InternVLForConditionalGeneration(VisionLanguageModel):
 
     def prepare_vision(self, data, slots, merged_slot, backend, pad) -> VisionPass:
         tower, dev = self.model.vision_tower, self.lm_head.weight.device
-        pixels = torch.cat([d["pixel_values"] for d in data])
+        pixels = [d["pixel_values"] for d in data]
         vp = fixed_size_pass(tower, pixels, tower.seq, tower.head_dim, backend, pad, dev)
-        n = pixels.shape[0]
+        n = sum(p.shape[0] for p in pixels)
         vp.out_rows = n * self.tile_tokens
         if slots is not None:
             tiles = [d["pixel_values"].shape[0] for d in data]

@@ -135,9 +135,9 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
 
     def prepare_vision(self, data, slots, merged_slot, backend, pad) -> VisionPass:
         tower, dev = self.model.vision_tower, self.lm_head.weight.device
-        pixels = torch.cat([d["pixel_values"] for d in data])
+        pixels = [d["pixel_values"] for d in data]
         vp = fixed_size_pass(tower, pixels, tower.num_positions, tower.head_dim, backend, pad, dev)
-        n, seq = pixels.shape[0], tower.num_positions
+        n, seq = sum(p.shape[0] for p in pixels), tower.num_positions
         tokens = seq if self.keep_cls else seq - 1
         vp.out_rows = n * tokens
         if slots is not None:

@@ -26,6 +26,7 @@ from valora.models.layers.linear import LoRALinear
 from valora.models.layers.mlp import MLP
 from valora.models.layers.norm import LayerNorm
 from valora.models.layers.rotary import Rope, make_rope
+from valora.models.layers.uploads import upload, upload_rows
 from valora.models.layers.vit import VisionSpans, vit_attention
 from valora.models.loader import WeightMapper
 from valora.models.processing import ImagePromptProcessor, Run, video_settings
@@ -134,12 +135,13 @@ class Qwen2VisionTower(nn.Module):
         layout (`block_layout` picks one per block). Qwen2-VL attends within each image frame."""
         return None, [[h * w for t, h, w in grids for _ in range(t)]]
 
-    def prepare(self, pixels: torch.Tensor, grids: Sequence[Sequence[int]], backend: str, pad: bool,
+    def prepare(self, pixels: Sequence[torch.Tensor], grids: Sequence[Sequence[int]], backend: str, pad: bool,
                 device: torch.device) -> VisionPass:
-        """The pass over packed patches `pixels` [patches, C*T*P*P] (host) of images `grids`; `pad` adds padding
-        rows up to a multiple of ROW_BUCKET and pads the span tables to powers of two (the CUDA-graph bucket)."""
+        """The pass over the patches `pixels` ([patches, C*T*P*P] per item, host) of items `grids`; `pad` adds
+        padding rows up to a multiple of ROW_BUCKET and pads the span tables to powers of two (the CUDA-graph
+        bucket)."""
         unit = self.merge**2
-        patches = pixels.shape[0]
+        patches = sum(p.shape[0] for p in pixels)
         order, layouts = self.layout(grids)
         positions = np.concatenate([grid_positions(*g, self.merge) for g in grids], axis=1)
         rows = -(-patches // ROW_BUCKET) * ROW_BUCKET if pad else patches
@@ -149,16 +151,14 @@ class Qwen2VisionTower(nn.Module):
                        for spans in layouts]
             positions = np.pad(positions, ((0, 0), (0, extra)))
         dtype = self.patch_embed.proj.weight.dtype
-        x = torch.zeros(rows, pixels.shape[1], dtype=dtype, device=device)
-        x[:patches] = pixels.to(device)
-        inputs = {"pixels": x}
+        inputs = {"pixels": upload_rows(pixels, rows, dtype, device)}
         if order is not None:
             order = np.concatenate([order, np.arange(patches // unit, rows // unit)])
             patch_order = (order[:, None] * unit + np.arange(unit)).reshape(-1)
             positions = positions[:, patch_order]
-            inputs["order"] = torch.from_numpy(patch_order).to(device)
-            inputs["inverse"] = torch.from_numpy(np.argsort(order)).to(device)
-        inputs["positions"] = torch.from_numpy(positions.astype(np.int32)).to(device)
+            inputs["order"] = upload(patch_order, device)
+            inputs["inverse"] = upload(np.argsort(order), device)
+        inputs["positions"] = upload(positions.astype(np.int32), device)
         bounds = [(pow2(len(spans)), pow2(max(spans))) if pad else (None, None) for spans in layouts]
         spans = tuple(VisionSpans.build(lengths, backend, device, dtype, self.head_dim, num_spans=n, max_len=m)
                       for lengths, (n, m) in zip(layouts, bounds))
@@ -199,7 +199,7 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
     def prepare_vision(self, data, slots, merged_slot, backend, pad) -> VisionPass:
         dev = self.lm_head.weight.device
         grids = [vision_input(d)[1].view(-1).tolist() for d in data]
-        vp = self.model.visual.prepare(torch.cat([vision_input(d)[0] for d in data]), grids, backend, pad, dev)
+        vp = self.model.visual.prepare([vision_input(d)[0] for d in data], grids, backend, pad, dev)
         if slots is not None:
             patches = [t * h * w for t, h, w in grids]
             unit = self.model.visual.merge**2

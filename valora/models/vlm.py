@@ -23,6 +23,7 @@ from valora.lora.ops.batch import LoRABatch
 from valora.models.decoder import DecoderConfig, DecoderModel
 from valora.models.forward_batch import ForwardBatch, ImageInputs
 from valora.models.layers.linear import LoRALinear
+from valora.models.layers.uploads import upload_rows
 from valora.models.layers.vit import GRAPH_BACKENDS, VisionSpans, resolve_backend
 from valora.models.loader import WeightMapper, load_weights
 
@@ -50,14 +51,13 @@ def image_bucket(n: int) -> int:
     return 3 * p // 4 if 3 * p // 4 >= n and p >= 4 else p
 
 
-def fixed_size_pass(tower: nn.Module, pixels: torch.Tensor, seq: int, head_dim: int, backend: str, pad: bool,
-                    device: torch.device) -> VisionPass:
-    """The pass of a tower that sees every image (tile) as one sequence of `seq` rows: pixels [n, C, H, W] (host);
-    `pad` adds blank images up to `image_bucket(n)`, each its own span like a real one."""
-    n = pixels.shape[0]
+def fixed_size_pass(tower: nn.Module, pixels: Sequence[torch.Tensor], seq: int, head_dim: int, backend: str,
+                    pad: bool, device: torch.device) -> VisionPass:
+    """The pass of a tower that sees every image (tile) as one sequence of `seq` rows: pixels, [n_i, C, H, W] per
+    item (host); `pad` adds blank images up to `image_bucket(n)`, each its own span like a real one."""
+    n = sum(p.shape[0] for p in pixels)
     total = image_bucket(n) if pad else n
-    x = torch.zeros((total, *pixels.shape[1:]), dtype=tower_dtype(tower), device=device)
-    x[:n] = pixels.to(device)
+    x = upload_rows(pixels, total, tower_dtype(tower), device)
     spans = VisionSpans.build([seq] * total, backend, device, x.dtype, head_dim, num_spans=total if pad else None)
     return VisionPass({"pixels": x}, (spans,), out_rows=0, key=(total,) if pad else None)
 

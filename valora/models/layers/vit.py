@@ -35,6 +35,7 @@ from valora.lora.ops.batch import LoRABatch
 from valora.models.layers import fused_kernels
 from valora.models.layers.linear import LoRALinear
 from valora.models.layers.norm import RMSNorm
+from valora.models.layers.uploads import upload
 
 ATTENTION_BACKENDS = MM_ENCODER_ATTN_BACKENDS
 GRAPH_BACKENDS = ("TRITON_ATTN", "FLASH_ATTN")  # whose launches depend on padded sizes only
@@ -78,7 +79,7 @@ class VisionSpans:
         if backend == "FLASH_ATTN":
             cu = np.full((num_spans or len(lens)) + 1, starts[-1], dtype=np.int32)
             cu[: len(starts)] = starts
-            return VisionSpans(**spans, cu_seqlens=torch.from_numpy(cu).to(device))
+            return VisionSpans(**spans, cu_seqlens=upload(cu, device))
         if backend == "TRITON_ATTN":
             from valora.models.layers.attention_kernels import varlen_block_m
 
@@ -90,7 +91,7 @@ class VisionSpans:
             size = len(span) if num_spans is None else -(-int(starts[-1]) // bm) + num_spans
             tiles = np.zeros((size, 4), dtype=np.int32)  # rows = 0: an unused entry
             tiles[: len(span)] = np.stack([m0, np.minimum(bm, starts[span + 1] - m0), starts[span], lens[span]], 1)
-            return VisionSpans(**spans, tiles=torch.from_numpy(tiles).to(device), block_m=bm)
+            return VisionSpans(**spans, tiles=upload(tiles, device), block_m=bm)
         if backend == "FLEX_ATTENTION":
             return VisionSpans(**spans, block_mask=_document_mask(lens, device))
         return VisionSpans(**spans)
@@ -99,7 +100,7 @@ class VisionSpans:
 def _document_mask(lens: np.ndarray, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    doc = torch.from_numpy(np.repeat(np.arange(len(lens)), lens)).to(device)
+    doc = upload(np.repeat(np.arange(len(lens)), lens), device)
     rows = int(lens.sum())
     return create_block_mask(lambda b, h, q, k: doc[q] == doc[k], None, None, rows, rows, device=device)
 
