@@ -225,7 +225,9 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     async def list_models():
         return models.cards()
 
-    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+    # a stream's events (OpenAPI 3.1: `schema` describes each one): `data` is a chunk, an error object, or [DONE]
+    sse = {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "string", "description": "a chunk or an error object as JSON, or [DONE] at the end"}}}}}
 
     @v1.post("/chat/completions", responses={200: {"model": ChatCompletionResponse, "content": sse},
                                               **_INFERENCE_ERRORS})

@@ -8,13 +8,14 @@ when one is given: no `..`, and no symlink that leads out of it.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from valora.lora.request import LoRARequest, check_adapter_name
 from valora.paths import check_path
 from valora.server.errors import bad_request, not_found
-from valora.server.protocol import ModelCard, ModelList
+from valora.server.protocol import MODEL_NAME_MAX, MODEL_NAME_PATTERN, ModelCard, ModelList
 
 
 @dataclass
@@ -25,6 +26,11 @@ class ServedModels:
     lora_root: Path | None = None
     adapters: dict[str, LoRARequest] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    def __post_init__(self) -> None:
+        for name in self.names:  # each must be one a request can send in `model`
+            if not name or len(name) > MODEL_NAME_MAX or not re.fullmatch(MODEL_NAME_PATTERN, name):
+                raise ValueError(f"served model name {name!r} must be 1 to {MODEL_NAME_MAX} printable characters")
 
     @property
     def name(self) -> str:

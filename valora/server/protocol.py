@@ -4,27 +4,89 @@ Fields follow OpenAI's API, plus the extras vLLM users send (`top_k`, `min_token
 `stop_token_ids`, ...). Responses carry one extra object, `metrics`, with the request's queue time and
 latencies as the server measured them. A chat answered by a task head carries it in each choice's `head`
 (`head` in the request picks one); `/v1/classify` follows vLLM's classification API.
+
+Requests are validated strictly, as OpenAI's API does (`"max_tokens": "16"` is an error, not 16), and every
+shape is spelled out (messages and their content parts too), so `/openapi.json` says exactly what is accepted.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from valora.lora.request import ADAPTER_NAME_PATTERN
 from valora.sampling_params import SEED_RANGE, StructuredOutputsParams
 
 _STRUCTURED_OPTIONS = ("disable_any_whitespace",)  # keys of `structured_outputs` that say how, not what
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs; OpenAI's limit for top_logprobs
 
+# `model`: a served name or an adapter name (or `base:adapter`); printable (no control characters, so it cannot
+# forge a log line) and bounded, since it is echoed in errors and logs.
+MODEL_NAME_MAX = 1024
+MODEL_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+ModelName = Annotated[str, Field(max_length=MODEL_NAME_MAX, pattern=MODEL_NAME_PATTERN)]
+AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=ADAPTER_NAME_PATTERN)]
 
-class SamplingFields(BaseModel):
-    """Decoding options shared by chat and completions; unknown fields are ignored as OpenAI's API does."""
 
-    model_config = ConfigDict(extra="ignore")
+class Strict(BaseModel):
+    """Request bodies: JSON types as declared (no "5" for 5); unknown fields ignored, as OpenAI's API does."""
 
-    model: str = ""
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class MediaURL(Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # OpenAI's; accepted, not used
+
+
+class TextPart(Strict):
+    type: Literal["text", "input_text"]
+    text: str
+
+
+class ImageURLPart(Strict):
+    type: Literal["image_url"]
+    image_url: MediaURL | str
+
+
+class ImagePart(Strict):
+    """`{"type": "image", "image": URL}`, or the Responses API's `{"type": "input_image", "image_url": URL}`."""
+
+    type: Literal["image", "input_image"]
+    image: str | None = None
+    image_url: MediaURL | str | None = None
+
+
+class VideoURLPart(Strict):
+    type: Literal["video_url"]
+    video_url: MediaURL | str
+
+
+class VideoPart(Strict):
+    type: Literal["video", "input_video"]
+    video: str | None = None
+    video_url: MediaURL | str | None = None
+
+
+ContentPart = Annotated[TextPart | ImageURLPart | ImagePart | VideoURLPart | VideoPart, Field(discriminator="type")]
+
+
+class ChatMessageParam(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+def message_dicts(messages: list[ChatMessageParam]) -> list[dict[str, Any]]:
+    """As `parse_messages` (shared with the offline API) takes them."""
+    return [m.model_dump(exclude_none=True) for m in messages]
+
+
+class SamplingFields(Strict):
+    """Decoding options shared by chat and completions."""
+
+    model: ModelName = ""
     n: int = Field(1, ge=1, le=128)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -82,10 +144,10 @@ class SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class JSONSchemaFormat(BaseModel):
+class JSONSchemaFormat(Strict):
     """OpenAI's `response_format.json_schema`: a named schema (`strict` is accepted; the grammar is always strict)."""
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
 
     name: str = "response"
     description: str | None = None
@@ -93,12 +155,12 @@ class JSONSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Strict):
     include_usage: bool = False
     # vLLM's: `usage` in every chunk, and a chunk for every step that produced tokens, even tokens that add no text
     # yet (an incomplete character, a token of a random model's vocabulary the tokenizer does not cover)
@@ -106,7 +168,7 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[ChatMessageParam] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     add_generation_prompt: bool = True
     head: str | None = None  # VaLoRA: answer with this task head of the adapter instead of decoding
@@ -162,23 +224,22 @@ class CompletionRequest(SamplingFields):
 SamplingFields.model_rebuild()
 
 
-class LoadLoRAAdapterRequest(BaseModel):
-    lora_name: str = Field(min_length=1)
+class LoadLoRAAdapterRequest(Strict):
+    lora_name: AdapterName
+    # NUL bytes and over-long paths are refused as `invalid_lora_path` (valora.paths), before any filesystem call
     lora_path: str = Field(min_length=1)
 
 
-class UnloadLoRAAdapterRequest(BaseModel):
-    lora_name: str = Field(min_length=1)
+class UnloadLoRAAdapterRequest(Strict):
+    lora_name: AdapterName
 
 
-class ClassificationRequest(BaseModel):
+class ClassificationRequest(Strict):
     """`POST /v1/classify`, shaped like vLLM's: one chat (`messages`, images allowed) or text prompts (`input`),
     answered by a task head of the adapter `model` after one prefill."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = ""
-    messages: list[dict[str, Any]] | None = Field(None, min_length=1)
+    model: ModelName = ""
+    messages: list[ChatMessageParam] | None = Field(None, min_length=1)
     input: str | list[str] | None = None
     head: str | None = None  # which head of the adapter; default: its default head, else its only one
     add_generation_prompt: bool = True
@@ -363,15 +424,13 @@ class HealthStatus(BaseModel):
     error: str | None = None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(Strict):
     """vLLM's `POST /tokenize`: a text `prompt`, or chat `messages` (the chat template applied, images counted as
     the tokens they take)."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = ""
+    model: ModelName = ""
     prompt: str | None = None
-    messages: list[dict[str, Any]] | None = Field(None, min_length=1)
+    messages: list[ChatMessageParam] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
     return_token_strs: bool = False
@@ -391,10 +450,8 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = ""
+class DetokenizeRequest(Strict):
+    model: ModelName = ""
     tokens: list[int]
 
 

@@ -58,6 +58,7 @@ from valora.server.protocol import (
     TokenLogprob,
     TopLogprob,
     Usage,
+    message_dicts,
 )
 
 
@@ -172,7 +173,7 @@ class OpenAIServing:
     def _chat_prompt(self, req: ChatCompletionRequest | ClassificationRequest) -> dict:
         limits = self.llm.config.multimodal
         try:
-            messages, raw_images, raw_videos = parse_messages(req.messages, self.media, limits)
+            messages, raw_images, raw_videos = parse_messages(message_dicts(req.messages), self.media, limits)
         except MediaError as e:  # an image or video URL that cannot be used
             raise bad_request(str(e), f"invalid_{e.kind}", "messages") from e
         except InputError as e:
