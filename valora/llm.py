@@ -46,6 +46,7 @@ class LLM:
         mm_encoder_attn_backend: str = "auto",
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
+        step_log: str | None = None,
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
@@ -59,7 +60,7 @@ class LLM:
                 multimodal=MultiModalConfig(max_images_per_prompt=max_images_per_prompt, embed_cache_mb=embed_cache_mb,
                                             allowed_media_domains=tuple(allowed_media_domains),
                                             mm_encoder_attn_backend=mm_encoder_attn_backend),
-                enforce_eager=enforce_eager,
+                enforce_eager=enforce_eager, step_log=step_log,
             )
         )
         self._counter = 0

@@ -20,7 +20,7 @@ import torch
 from valora.config import EngineConfig, LoRAConfig, resolve_device, resolve_dtype
 from valora.engine.block_manager import BlockManager
 from valora.engine.detokenizer import IncrementalDetokenizer
-from valora.engine.model_runner import ModelRunner
+from valora.engine.model_runner import ModelRunner, RunInfo
 from valora.engine.preflight import check_engine_config
 from valora.engine.scheduler import Scheduler
 from valora.engine.sequence import Sequence, SequenceStatus
@@ -33,8 +33,10 @@ from valora.models.registry import resolve_family
 from valora.multimodal.cache import EmbeddingCache
 from valora.multimodal.inputs import InputError, ProcessedPrompt, load_image
 from valora.multimodal.video import as_videos, load_video, video_sampling
+from valora.orchestrator.cost_model import CostTally, StepWork
 from valora.orchestrator.modes import Mode, ModeSwitcher, step_mode
 from valora.orchestrator.policy import Decision, Policy, SchedulerView, StepRecord, make_policy
+from valora.orchestrator.step_log import StepLog
 from valora.outputs import CompletionOutput, HeadOutput, RequestMetrics, RequestOutput
 from valora.sampling_params import SamplingParams
 
@@ -74,6 +76,9 @@ class InFlight:
     started: float
     switch_s: float
     merged_bytes: int
+    run: RunInfo
+    slot_load_bytes: int
+    costs: dict[str | None, float] | None
 
 
 @dataclass
@@ -105,6 +110,8 @@ class EngineStats:
     switch_seconds: float
     prompt_tokens: int = 0  # prompt tokens prefilled so far (recomputed ones again)
     generation_tokens: int = 0  # tokens generated so far
+    step_costs: dict[str, CostTally] = field(default_factory=dict)  # the policy's predicted step time against
+    #                                                                 the measured one, per mode
 
 
 class LLMEngine:
@@ -161,6 +168,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._inflight: InFlight | None = None  # the launched step whose results the next `step` collects
         self.num_prompt_tokens = self.num_generation_tokens = 0
+        self.step_log = StepLog(config.step_log) if config.step_log else None
         logger.info(
             "engine ready: %s (%s) on %s in %s, KV cache %d blocks x %d tokens, max_model_len %d",
             model_dir.name, self.family.name, self.device, str(self.dtype).removeprefix("torch."),
@@ -169,10 +177,13 @@ class LLMEngine:
 
     # -- start-up -------------------------------------------------------------------------------------------
     def _init_lora(self) -> None:
-        from valora.orchestrator.valora_policy import DeviceRates
+        from valora.orchestrator.cost_model import DeviceRates, StepCostModel
 
         sc, lc = self.config.scheduler, self.config.lora
-        self.policy = make_policy(sc.policy, max_wait_ms=sc.max_wait_ms, rates=DeviceRates.measure(self.device))
+        rates = DeviceRates.measure(self.device)
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.policy = make_policy(sc.policy, max_wait_ms=sc.max_wait_ms, rates=rates,
+                                  costs=StepCostModel.for_device(self.device, weight_bytes, rates))
         backend = lc.backend
         if backend == "auto" and self.device.type == "cuda" and self.policy.lora_backend:
             backend = self.policy.lora_backend  # each baseline runs the kernel its system used
@@ -184,6 +195,7 @@ class LLMEngine:
         self._merge_bytes: dict[str, int] = {}
         self.mode_steps = {m.value: 0 for m in Mode}
         self.mode_seconds = {m.value: 0.0 for m in Mode}
+        self.step_costs = {m.value: CostTally() for m in Mode}
         self.last_mode = Mode.UNMERGED
 
     def _load_model(self, model_dir: Path) -> torch.nn.Module:
@@ -447,6 +459,7 @@ class LLMEngine:
             switch_seconds=self.switcher.switch_seconds if self.switcher else 0.0,
             prompt_tokens=self.num_prompt_tokens,
             generation_tokens=self.num_generation_tokens,
+            step_costs={m: t.copy() for m, t in self.step_costs.items() if t.steps} if self.policy else {},
         )
 
     def has_unfinished_requests(self) -> bool:
@@ -471,7 +484,7 @@ class LLMEngine:
         return self.policy.decide(SchedulerView(
             waiting=list(sched.waiting), running=list(sched.running), hot=self.switcher.hot, now=self.clock(),
             max_num_seqs=self.config.scheduler.max_num_seqs, max_batched_tokens=self.max_batched_tokens,
-            adapter_bytes=self._adapter_bytes, merge_bytes=self._merge_bytes_of,
+            adapter_bytes=self._adapter_bytes, merge_bytes=self._merge_bytes_of, held=self.switcher.held,
         ))
 
     def _adapters_ready(self) -> dict[str, bool]:
@@ -541,11 +554,14 @@ class LLMEngine:
         names = {s.lora_name for s in sched.seqs if s.lora_name is not None}
         if decision.hot is not None:
             names.add(decision.hot)
+        loaded = self.lora_manager.stats.slot_load_bytes if self.lora_manager else 0
         slots = self.lora_manager.activate(names) if names else {}
+        loaded = (self.lora_manager.stats.slot_load_bytes if self.lora_manager else 0) - loaded
         switch_s, merged_bytes = 0.0, 0
-        if self.switcher is not None:
+        if self.switcher is not None:  # merged bytes: only what the switch rewrote (re-merging the held one is free)
+            rewrites = decision.hot is not None and decision.hot != self.switcher.held
             switch_s = self.switcher.switch(decision.hot, slots.get(decision.hot))
-            merged_bytes = self._merge_bytes_of(decision.hot) if switch_s and decision.hot else 0
+            merged_bytes = self._merge_bytes_of(decision.hot) if switch_s and rewrites else 0
         scheduled_at = self.clock()
         for seq in sched.seqs:
             req = self.requests[seq.request_id]
@@ -558,7 +574,7 @@ class LLMEngine:
             upcoming = [s.lora_name for s in self.scheduler.waiting if s.lora_name and ready.get(s.lora_name)]
             self.lora_manager.prefetch(upcoming[: self.config.lora.max_loras])
         self._inflight = InFlight(list(sched.seqs), list(sched.num_tokens), stop_ids, results, decision.hot, t0,
-                                  switch_s, merged_bytes)
+                                  switch_s, merged_bytes, self.runner.last_run, loaded, decision.costs)
         return True
 
     def _collect(self) -> list[Sequence]:
@@ -570,12 +586,7 @@ class LLMEngine:
         elapsed = time.perf_counter() - step.started
         seqs = step.seqs
         if self.policy is not None:
-            mode = step_mode(step.hot, (s.lora_name for s in seqs))
-            self.last_mode = mode
-            self.mode_steps[mode.value] += 1
-            self.mode_seconds[mode.value] += elapsed
-            self.policy.observe(StepRecord(mode.value, step.hot, len(seqs), sum(step.num_tokens), elapsed,
-                                           step.switch_s, step.merged_bytes))
+            self._observe(step, elapsed)
         answers = self._answer_heads(seqs, tokens)
         now = self.clock()
         kept = []
@@ -601,6 +612,30 @@ class LLMEngine:
                 self.scheduler.remove(seq)
             kept.append(seq)
         return kept
+
+    def _observe(self, step: InFlight, elapsed: float) -> None:
+        """The collected step's record (before its sequences advance): counted per mode, priced by the policy's
+        cost model before the policy learns from it, logged."""
+        seqs = step.seqs
+        mode = step_mode(step.hot, (s.lora_name for s in seqs))
+        self.last_mode = mode
+        self.mode_steps[mode.value] += 1
+        self.mode_seconds[mode.value] += elapsed
+        tokens: dict[str | None, int] = {}
+        for s, n in zip(seqs, step.num_tokens):
+            tokens[s.lora_name] = tokens.get(s.lora_name, 0) + n
+        nbytes = {a: self._adapter_bytes(a) for a in {*tokens, step.hot} if a is not None}
+        run = step.run
+        record = StepRecord(mode.value, step.hot, len(seqs), sum(tokens.values()), elapsed, step.switch_s,
+                            step.merged_bytes, StepWork(tokens, len(seqs), step.hot, nbytes, run.image_tokens,
+                                                        step.slot_load_bytes),
+                            run.graph, run.decode, run.capture_s, costs=step.costs, time=time.time())
+        record.predicted_s = self.policy.predict(record)
+        if record.predicted_s is not None:
+            self.step_costs[mode.value].add(record.predicted_s, record.compute_s)
+        if self.step_log is not None:
+            self.step_log.write(record)
+        self.policy.observe(record)
 
     def _finish(self, seqs: list[Sequence]) -> list[RequestOutput]:
         """Text, stop strings and outputs for the collected step (while the next one runs on the device)."""

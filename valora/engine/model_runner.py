@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +21,16 @@ from valora.multimodal.cache import EmbeddingCache
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """How the last launched step ran, for its step record: the policy's cost model learns from it."""
+
+    graph: bool = False  # replayed from a CUDA graph
+    decode: bool = False  # every sequence decoded one token
+    image_tokens: int = 0  # image tokens the vision tower encoded (cached embeddings excluded)
+    capture_s: float = 0.0  # CUDA graphs captured for it
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, blocks: BlockManager, dtype: torch.dtype, device: torch.device,
                  embed_cache: EmbeddingCache | None = None, max_blocks_per_seq: int | None = None) -> None:
@@ -29,6 +40,7 @@ class ModelRunner:
         self.max_blocks_per_seq = max_blocks_per_seq
         self.embed_cache = embed_cache
         self.graphs = None  # CUDAGraphRunner, once `enable_cuda_graphs` ran
+        self.last_run = RunInfo()
         c = model.decoder_config
         # One block more than the block manager hands out: padding rows of a graph batch write their K/V there.
         self.pad_slot = blocks.num_blocks * blocks.block_size
@@ -191,11 +203,19 @@ class ModelRunner:
         self.graphs.capture_common()
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Final hidden states of every row: replayed from a CUDA graph when the step is a plain decode step."""
-        if self.graphs is not None and self.graphs.usable(batch):
-            return self.graphs.run(batch)
-        batch.build_lora()
-        return self.model(batch, self.kv_caches)
+        """Final hidden states of every row: replayed from a CUDA graph when the step is a plain decode step.
+        Records how it ran in `last_run`."""
+        graphs = self.graphs is not None and self.graphs.usable(batch)
+        images = batch.images
+        encoded = 0 if images is None else sum(n for n, e in zip(images.num_tokens, images.cached) if e is None)
+        if not graphs:
+            self.last_run = RunInfo(False, not batch.attn.prefill_host, encoded)
+            batch.build_lora()
+            return self.model(batch, self.kv_caches)
+        captured = self.graphs.capture_seconds
+        out = self.graphs.run(batch)  # with `--enforce-eager` the same static batches, run eagerly
+        self.last_run = RunInfo(self.graphs.capture, True, encoded, self.graphs.capture_seconds - captured)
+        return out
 
     def run(self, seqs: Seq[Sequence], num_tokens: Seq[int], lora_slots: dict[str, int], stop_ids: Seq[set[int]],
             merged_slot: int | None = None) -> list[int | torch.Tensor | None]:

@@ -43,6 +43,7 @@ class LoRAStats:
     host_hits: int = 0
     host_evictions: int = 0
     slot_loads: int = 0
+    slot_load_bytes: int = 0
     slot_hits: int = 0
     slot_evictions: int = 0
     prefetches: int = 0
@@ -299,6 +300,7 @@ class LoRAManager:
         self.slot_lru[adapter.name] = slot
         self.slot_version[slot] += 1
         self.stats.slot_loads += 1
+        self.stats.slot_load_bytes += adapter.nbytes
 
     def _clear_slot(self, slot: int) -> None:
         for layer in self.layers.values():

@@ -53,6 +53,14 @@ class ModeSwitcher:
         logger.info("reserved %.2f GiB of shadow weights for merged and mixture modes (schedulers slora and punica "
                     "never merge and skip this)", nbytes / 2**30)
 
+    @property
+    def held(self) -> str | None:
+        """The adapter the shadow weights hold while its slot still has it: merging it again is free."""
+        if self._held is None:
+            return None
+        name, slot, version = self._held
+        return name if self.manager.slot_version[slot] == version else None
+
     def switch(self, name: str | None, slot: int | None) -> float:
         """Serve `name` (resident in `slot`) merged, or nothing merged for None; returns the seconds it took."""
         if name == self.hot and slot == self.hot_slot and (

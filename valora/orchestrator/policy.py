@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
+
+from valora.orchestrator.cost_model import StepWork
 
 
 class Sequence(Protocol):
@@ -30,6 +32,7 @@ class Decision:
     hot: str | None = None  # adapter to fold into the weights this step (None: unmerged)
     paused: frozenset[Sequence] = frozenset()  # running sequences that sit this step out, keeping their KV
     admit_order: list[Sequence] | None = None  # waiting sequences to try, in order; None = first come first served
+    costs: dict[str | None, float] | None = None  # the policy's predicted cost of each hot adapter it weighed
 
 
 @dataclass
@@ -42,19 +45,51 @@ class SchedulerView:
     max_batched_tokens: int
     adapter_bytes: Callable[[str], int] = field(default=lambda name: 0)  # an adapter's own weights
     merge_bytes: Callable[[str], int] = field(default=lambda name: 0)  # base weights merging it rewrites
+    held: str | None = None  # the adapter the shadow weights still hold: merging it again is free
 
 
 @dataclass
 class StepRecord:
-    """What a step did, fed back to the policy (dLoRA adapts its thresholds from it)."""
+    """What a step did, fed back to the policy (dLoRA adapts its thresholds from it, `valora` learns step costs
+    from it) and written to the engine's step log."""
 
     mode: str
     hot: str | None
     num_seqs: int
     num_tokens: int
-    duration_s: float
+    duration_s: float  # launch to results, switch and graph captures included
     switch_s: float
     merged_bytes: int = 0  # base weights the switch rewrote (0: no switch, or a free one)
+    work: StepWork | None = None  # what it computed (None where unknown)
+    graph: bool = False  # replayed from a CUDA graph
+    decode: bool = False  # every sequence decoded one token
+    capture_s: float = 0.0  # CUDA graphs captured during the step
+    predicted_s: float | None = None  # the policy's cost model for this step, before it saw it
+    costs: dict[str | None, float] | None = None  # the decision's predicted cost per hot adapter weighed
+    time: float = 0.0  # wall clock when its results came in
+
+    @property
+    def path(self) -> str:
+        return "graph" if self.graph else "eager"
+
+    @property
+    def compute_s(self) -> float:
+        """The step itself: what a cost model predicts (switches and captures are one-off costs)."""
+        return max(self.duration_s - self.switch_s - self.capture_s, 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("time", "mode", "hot", "num_seqs", "num_tokens", "duration_s", "switch_s",
+                                             "merged_bytes", "graph", "decode", "capture_s", "predicted_s")}
+        d["work"] = self.work.to_json() if self.work is not None else None
+        d["costs"] = {k or "": v for k, v in self.costs.items()} if self.costs is not None else None
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> StepRecord:
+        d = dict(d)
+        work, costs = d.pop("work", None), d.pop("costs", None)
+        return StepRecord(**d, work=StepWork.from_json(work) if work is not None else None,
+                          costs={k or None: v for k, v in costs.items()} if costs is not None else None)
 
 
 class Policy:
@@ -67,6 +102,11 @@ class Policy:
 
     def observe(self, record: StepRecord) -> None:
         """Feedback after each step; stateless policies ignore it."""
+
+    def predict(self, record: StepRecord) -> float | None:
+        """Predicted `compute_s` of a step that ran (before `observe` sees it); None for a policy without a cost
+        model."""
+        return None
 
 
 def policy_classes() -> dict[str, type[Policy]]:

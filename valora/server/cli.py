@@ -111,6 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "reproduce S-LoRA, Punica and dLoRA (default: valora)")
     g.add_argument("--max-wait-ms", type=float, default=1000.0, metavar="MS",
                    help="valora: a request waiting this long is admitted before all others (default: 1000)")
+    g.add_argument("--step-log", default=None, metavar="PATH",
+                   help="append one JSON line per engine step to PATH (gzip if it ends in .gz): mode, batch, "
+                        "predicted and measured time; read by `valora bench costs` (default: off)")
     g.add_argument("--max-num-seqs", type=int, default=128, metavar="N",
                    help="sequences in the running batch (default: 128)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
@@ -221,7 +224,7 @@ def engine_config(args: argparse.Namespace):
             **({"video_fps": args.media_io_kwargs.fps, "video_num_frames": args.media_io_kwargs.num_frames}
                if args.media_io_kwargs else {}),
             mm_encoder_attn_backend=args.mm_encoder_attn_backend),
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, step_log=args.step_log,
     )
 
 

@@ -13,14 +13,16 @@ Inference Extension's endpoint picker, llm-d's scorers: queue lengths, KV cache 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from valora.engine.llm_engine import EngineStats
+from valora.orchestrator.cost_model import CostTally
 from valora.outputs import RequestOutput
 
 logger = logging.getLogger("valora.server")
@@ -96,6 +98,7 @@ class _EngineCollector:
             seconds.add_metric([self.model, name], s.mode_seconds[name])
         yield steps
         yield seconds
+        yield from self._step_costs(s)
         for name, doc, value in (("valora:mode_switches", "Changes of the merged adapter.", s.num_switches),
                                  ("valora:mode_switch_seconds", "Time spent switching modes.", s.switch_seconds),
                                  ("valora:num_preemptions", "Sequences preempted for KV blocks.", s.num_preemptions),
@@ -109,6 +112,31 @@ class _EngineCollector:
         yield self._gauge("valora:prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache, since "
                           "start (0 to 1).", s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries
                           else 0.0)
+
+
+    def _step_costs(self, s: EngineStats) -> Iterable[Metric]:
+        """The policy's cost model: predicted step time (switches and graph captures excluded) against the
+        measured one, per mode of the step; the ratio's histogram shows how far off single steps are."""
+        labels = ["model_name", "mode"]
+        families = [
+            (CounterMetricFamily("valora:step_cost_steps", "Steps the scheduler's cost model priced.", labels=labels),
+             lambda t: t.steps),
+            (CounterMetricFamily("valora:step_cost_predicted_seconds", "Step time the cost model predicted.",
+                                 labels=labels), lambda t: t.predicted_s),
+            (CounterMetricFamily("valora:step_cost_measured_seconds", "Measured time of the steps it priced.",
+                                 labels=labels), lambda t: t.measured_s),
+            (CounterMetricFamily("valora:step_cost_abs_error_seconds", "Sum of |measured - predicted| step time.",
+                                 labels=labels), lambda t: t.abs_error_s),
+        ]
+        ratio = HistogramMetricFamily("valora:step_cost_ratio", "Measured over predicted step time.", labels=labels)
+        for mode, tally in s.step_costs.items():
+            for family, value in families:
+                family.add_metric([self.model, mode], value(tally))
+            cumulative = list(itertools.accumulate(tally.ratio_counts))
+            bounds = [*(str(b) for b in CostTally.RATIO_BUCKETS), "+Inf"]
+            ratio.add_metric([self.model, mode], list(zip(bounds, cumulative)), tally.ratio_sum)
+        yield from (f for f, _ in families)
+        yield ratio
 
 
 class _VLLMNames:
