@@ -94,6 +94,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("report", help=text, description=text + " of a results directory of `run` or `sweep`.")
     p.add_argument("results", type=Path, help="results directory of a sweep or run")
 
+    p = sub.add_parser("costs", help="predicted against measured step time of recorded runs (`--step-log`); "
+                                     "fit the device's step-cost table")
+    p.add_argument("logs", type=Path, nargs="+",
+                   help="step logs, or results directories (their logs/*.steps*.jsonl.gz)")
+    p.add_argument("--skip", type=int, default=200, metavar="N", help="leave out each log's first N steps "
+                   "(default: 200)")
+    p.add_argument("--table", type=Path, default=None, help="seed the replayed model with this recorded table")
+    p.add_argument("--fit", type=Path, default=None, metavar="JSON",
+                   help="write the table fitted from every step given, e.g. "
+                        "valora/orchestrator/step_costs/NVIDIA_H100_80GB_HBM3.json")
+    p.add_argument("--device", default=None, help="device name for --fit (default: the results' run.json)")
+    p.add_argument("--out", type=Path, default=None, help="write the report here (markdown; with a .json twin)")
+
     p = sub.add_parser("simulate", help="model 1 to 64 GPUs behind adapter-affinity, least-loaded and round-robin "
                                         "routing from one GPU's measured costs")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"),
@@ -154,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
     from valora.bench.sweep import SweepConfig, plan, run_sweep
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request and per /metrics poll otherwise
+    if args.bench_command == "costs":
+        return _costs(args)
     if args.bench_command == "report":
         if not (args.results / "run.json").is_file():
             raise UserError(f"{args.results} is not a results directory of `valora bench run` or `sweep` "
@@ -195,3 +210,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"more than --max-failure-ratio {args.max_failure_ratio:g} of the requests failed")
         return 1
     return code
+
+
+def _costs(args: argparse.Namespace) -> int:
+    import json
+
+    from valora.bench.costs import analyse, find_logs
+    from valora.orchestrator.cost_model import CostTable
+
+    device, info = args.device, {}
+    for d in (p for p in args.logs if (p / "run.json").exists()):
+        run = json.loads((d / "run.json").read_text())["runs"][-1]
+        device = device or run["device"]
+        info = {"commit": run["commit"], "started": run["started"], "source": str(d)}
+    text, summary = analyse(find_logs(args.logs), args.skip, CostTable.load(args.table) if args.table else None,
+                            args.fit, device or "unknown", info)
+    if args.out is not None:
+        args.out.write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(text)
+    return 0
