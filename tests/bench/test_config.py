@@ -1,5 +1,5 @@
-"""The GPU sweep's config covers what issue 12 asks, with the 7B shapes the other benchmarks use; a model and its
-adapters are built from a config when missing, and only then."""
+"""The GPU sweep's config covers what issues 12 and 19 ask, with the 7B shapes the other benchmarks use; a model and
+its adapters are built from a config when missing, and only then, sharing weight files where asked."""
 
 from __future__ import annotations
 
@@ -19,16 +19,37 @@ def test_e2e_sweep_config_covers_the_acceptance():
     assert config.model.build["max_pixels"] == 448 * 448
     adapters = config.model.adapters
     assert adapters.count == 16 and set(adapters.ranks) == {8, 16, 32, 64} and len(adapters.targets) == 7
-    vqa, video = config.workloads
+    vqa, video, *scenarios = config.workloads
     assert (vqa.mix, len(vqa.rates) >= 4, len(vqa.skews)) == ("vqa", True, 2)
     assert (video.mix, len(video.rates) >= 4, len(video.skews)) == ("video", True, 1)
     points = plan(config)
-    assert len(points) == 4 * (len(vqa.rates) * 2 + len(video.rates))
+    scenario_points = sum(2 * len(w.rates) * len(w.skews) for w in scenarios)
+    assert len(points) == 4 * (len(vqa.rates) * 2 + len(video.rates)) + scenario_points
     assert len({k.stem for k, _, _ in points}) == len(points)
     assert config.timeline["rate"] in vqa.rates
     some = plan(config, ("valora", "dlora"), ("vqa",), ("zipf:1.0",))  # the filters of `valora bench sweep`
     assert [(k.policy, k.workload, k.skew) for k, _, _ in some] == [("valora", "vqa", "zipf1")] * len(vqa.rates) + \
         [("dlora", "vqa", "zipf1")] * len(vqa.rates)
+
+
+def test_scenarios_of_issue_19():
+    """64 adapters over 8 slots against 8 over 8, Zipf and uniform; 1, 100 and 1,000 adapters of mixed ranks on
+    the same load; valora and slora, at the same rates."""
+    config = SweepConfig.load(E2E)
+    work = {w.name: w for w in config.workloads}
+    slots, scale = config.servers["slots"], config.servers["scale"]
+    assert slots.adapters.count == 64 and slots.args[slots.args.index("--max-loras") + 1] == "8"
+    assert scale.adapters.count == 1000 and len(set(scale.adapters.ranks)) > 1
+    assert scale.adapters.distinct < 100  # a few weight files, linked
+    for name, server, n, reference in (("slots-a8", "slots", 8, None), ("slots-a64", "slots", 64, "slots-a8"),
+                                       ("scale-a1", "scale", 1, None), ("scale-a100", "scale", 100, "scale-a1"),
+                                       ("scale-a1000", "scale", 1000, "scale-a1")):
+        w = work[name]
+        assert (w.server, w.adapters, w.reference, w.policies) == (server, n, reference, ("valora", "slora"))
+        assert w.rates == work[reference or name].rates and w.skews == work[reference or name].skews
+    assert set(work["slots-a64"].skews) == {"zipf:1.0", "uniform"}
+    chosen = plan(config, workloads=("slots-a8", "slots-a64"))  # one command per scenario
+    assert {k.policy for k, _, _ in chosen} == {"valora", "slora"} and len(chosen) == 16
 
 
 def test_model_and_adapters_built_once(tmp_path):
@@ -42,3 +63,10 @@ def test_model_and_adapters_built_once(tmp_path):
     stamp = (adapters["lora00"] / "adapter_model.safetensors").stat().st_mtime_ns
     assert spec.prepare() == adapters
     assert (adapters["lora00"] / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    many = spec.prepare(AdapterSpec(count=120, ranks=(4, 2), targets=("q_proj",), dtype="float32", distinct=4), "many")
+    assert list(many)[:2] == ["lora000", "lora001"] and len(many) == 120
+    assert all(p.parent == tmp_path / "model-adapters-many" for p in many.values())
+    assert sum(not (p / "adapter_model.safetensors").is_symlink() for p in many.values()) == 4
+    assert (many["lora118"] / "adapter_model.safetensors").read_bytes() == \
+        (many["lora002"] / "adapter_model.safetensors").read_bytes()
+    assert '"r": 4' in (many["lora118"] / "adapter_config.json").read_text()

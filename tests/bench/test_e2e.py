@@ -1,6 +1,8 @@
 """Acceptance 1 and 4 of issue 12: a CI-sized sweep (tiny Qwen2-VL, two policies, two rates) through the real
 server as users start it, checked against its own raw records; and `valora bench run --base-url` against a server
-started separately, which yields the same kind of report.
+started separately, which yields the same kind of report. Issue 19's scenarios at CI size: a working set larger
+than the adapter slots (12 adapters over 2 slots against 2 over 2) on a server of its own, and the step logs every
+server writes, read by `valora bench costs`.
 
 Every number the summary reports is recomputed here from the JSONL with plain numpy, the client's token counts are
 checked against the server's own counters, and the request list against a fresh build of the seeded workload.
@@ -18,13 +20,17 @@ from valora.bench.results import MODES
 from valora.bench.server import ServerProcess
 from valora.bench.sweep import SweepConfig, run_sweep
 from valora.cli import main
+from valora.orchestrator.step_log import read_step_log
 
 SLO_LATENCY = 1.5
 CONFIG = {
     "server": {"schedulers": ["valora", "dlora"], "warmup_s": 1.0,
                "args": ["--device", "cpu", "--max-num-seqs", "4", "--num-kv-blocks", "512"]},
     "workloads": [{"name": "vqa", "rates": [2, 5], "skews": ["hot:0.8"], "duration_s": 3.0, "warmup_s": 1.0,
-                   "image_size": [56, 56], "pictures": 8}],
+                   "image_size": [56, 56], "pictures": 8},
+                  *({"name": f"slots-a{n}", "mix": "vqa", "server": "slots", "adapters": n, "policies": ["valora"],
+                     "rates": [3], "skews": ["uniform"], "duration_s": 2.0, "warmup_s": 0.5, "image_size": [56, 56],
+                     "pictures": 4, **({"reference": "slots-a2"} if n == 12 else {})} for n in (2, 12))],
     "slo": {"latency_s": SLO_LATENCY, "attainment": 0.5},
     "drain_timeout_s": 60.0,
     "seed": 3,
@@ -38,9 +44,12 @@ def bench_model(model_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def config(bench_model, tmp_path_factory) -> SweepConfig:
-    adapters = {"count": 4, "ranks": [8, 2], "dir": str(tmp_path_factory.mktemp("bench") / "adapters"),
-                "dtype": "float32"}
-    return SweepConfig.from_dict({**CONFIG, "model": {"path": str(bench_model), "adapters": adapters}})
+    root = tmp_path_factory.mktemp("bench")
+    adapters = {"count": 4, "ranks": [8, 2], "dir": str(root / "adapters"), "dtype": "float32"}
+    slots = {"adapters": {"count": 12, "ranks": [8, 2], "distinct": 2, "dir": str(root / "slots"), "dtype": "float32"},
+             "args": ["--max-loras", "2", "--max-cpu-loras", "12"]}
+    return SweepConfig.from_dict({**CONFIG, "model": {"path": str(bench_model), "adapters": adapters},
+                                  "servers": {"slots": slots}})
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +94,41 @@ def test_every_request_accounted_for(results, config):
             assert modes["switches"] >= 0 and sum(modes["seconds"].values()) > 0
 
 
+def test_working_set_over_the_slots(results, config):
+    """12 adapters over 2 slots: every request served, the adapters drawn from all 12 (10 of them sharing the
+    weight files of the first two), and the report compares the point with 2 adapters over the same 2 slots."""
+    adapters = config.model.prepare(config.servers["slots"].adapters, "slots")
+    assert list(adapters) == [f"lora{i:02d}" for i in range(12)]
+    assert [(p / "adapter_model.safetensors").is_symlink() for p in adapters.values()] == [False] * 2 + [True] * 10
+    assert (adapters["lora11"] / "adapter_model.safetensors").resolve() == \
+        (adapters["lora01"] / "adapter_model.safetensors").resolve()
+    for n in (2, 12):
+        records = _jsonl(results / "points" / f"valora__slots-a{n}__uniform__r3.requests.jsonl")
+        assert records and all(r["status"] == "ok" for r in records)
+        assert {r["adapter"] for r in records} <= set(list(adapters)[:n])
+    assert len({r["adapter"] for r in records}) > 4
+    report = (results / "report.md").read_text()
+    assert "## Workloads against their reference" in report and "| slots-a12 | slots-a2 | valora | uniform | 3 |" \
+        in report
+    assert not list((results / "points").glob("dlora__slots*"))  # the scenario runs for the policies it names
+
+
+def test_every_server_logs_its_steps(results):
+    """One step log per server start; the valora policy's carry its predictions, and `valora bench costs` reads
+    the results directory."""
+    logs = sorted(p.name for p in (results / "logs").glob("*.steps.jsonl.gz"))
+    assert logs == ["dlora.0.steps.jsonl.gz", "valora-slots.0.steps.jsonl.gz", "valora.0.steps.jsonl.gz"]
+    records = read_step_log(results / "logs" / "valora.0.steps.jsonl.gz")
+    assert records and all(r.predicted_s is not None and r.work is not None for r in records)
+    assert all(r.predicted_s is None for r in read_step_log(results / "logs" / "dlora.0.steps.jsonl.gz"))
+    assert main(["bench", "costs", str(results), "--skip", "10", "--out", str(results / "costs.md")]) == 0
+    summary = json.loads((results / "costs.json").read_text())
+    assert set(summary["logs"]) == set(logs) and "as_run" in summary["logs"]["valora.0.steps.jsonl.gz"]
+
+
 def test_summary_matches_raw_records(results):
     summary = json.loads((results / "summary.json").read_text())
-    rows = summary["points"]
+    rows = [r for r in summary["points"] if r["workload"] == "vqa"]
     assert {(r["policy"], r["rate"]) for r in rows} == {(p, r) for p in ("valora", "dlora") for r in (2.0, 5.0)}
     for row in rows:
         records = _jsonl(results / "points" / f"{row['policy']}__vqa__hot0.8__r{row['rate']:g}.requests.jsonl")
@@ -108,12 +149,12 @@ def test_summary_matches_raw_records(results):
         assert row["output_tps"] == pytest.approx(sum(r["output_tokens"] for r in measured) / span)
         assert row["slo_attainment"] == pytest.approx(met / len(measured))
         assert row["goodput_rps"] == pytest.approx(met / span)
-    for best in summary["max_rate_within_slo"]:
+    for best in (b for b in summary["max_rate_within_slo"] if b["workload"] == "vqa"):
         attained = {r["rate"]: r["slo_attainment"] >= 0.5 for r in rows if r["policy"] == best["policy"]}
         expect = None if not attained[2.0] else (5.0 if attained[5.0] else 2.0)
         assert best["max_rate"] == expect
     csv_lines = (results / "summary.csv").read_text().splitlines()
-    assert len(csv_lines) == 1 + len(rows) and "latency_p99_s" in csv_lines[0]
+    assert len(csv_lines) == 1 + len(summary["points"]) and "latency_p99_s" in csv_lines[0]
 
 
 def test_plots_and_report_written(results):
@@ -128,7 +169,7 @@ def test_plots_and_report_written(results):
 
 def test_base_url_gives_the_same_report(config, results, tmp_path):
     """A server the harness did not start (a peer server, for all it knows): adapters come from /v1/models."""
-    adapters = {p.name: p for p in sorted(config.model.adapter_dir.iterdir())}
+    adapters = {p.name: p for p in sorted(config.model.adapter_dir(config.model.adapters).iterdir())}
     out = tmp_path / "peer"
     with ServerProcess(config.model.path, adapters, "slora", ["--device", "cpu"], tmp_path / "server.log", 120) as url:
         code = main(["bench", "run", "--base-url", url, "--out", str(out), "--name", "peer", "--mix", "video",

@@ -46,9 +46,31 @@ def comparisons(rows: list[dict[str, Any]], slo: SLO) -> list[dict[str, Any]]:
     return out
 
 
-def _timeline_points(points: list[Point], comps: list[dict[str, Any]], chosen: dict | None) -> list[Point]:
-    """The configured run (default: valora's highest rate of the first mix and skew), and every valora run that
-    did not beat the best baseline: those need explaining."""
+def against_references(rows: list[dict[str, Any]], workloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per workload that names a `reference` (e.g. 64 adapters over 8 slots against 8 over 8): its median TTFT,
+    mean latency and throughput over the reference's, at the same policy, skew and rate."""
+    out = []
+    for w in (w for w in workloads if w.get("reference")):
+        for r in (r for r in rows if r["workload"] == w["name"]):
+            ref = next((b for b in rows if b["workload"] == w["reference"]
+                        and (b["policy"], b["skew"], b["rate"]) == (r["policy"], r["skew"], r["rate"])), None)
+            if ref is None:
+                continue
+            ratio = {}
+            for name, a, b in (("ttft_p50", r["ttft_s"]["p50"], ref["ttft_s"]["p50"]),
+                               ("latency_mean", r["latency_s"]["mean"], ref["latency_s"]["mean"]),
+                               ("throughput", r["throughput_rps"], ref["throughput_rps"])):
+                ratio[name] = a / b if a is not None and b else None
+            out.append({"workload": w["name"], "reference": w["reference"], "policy": r["policy"], "skew": r["skew"],
+                        "rate": r["rate"], "ttft_p50": (r["ttft_s"]["p50"], ref["ttft_s"]["p50"]),
+                        "throughput": (r["throughput_rps"], ref["throughput_rps"]), "ratio": ratio})
+    return out
+
+
+def _timeline_points(points: list[Point], comps: list[dict[str, Any]], chosen: dict | None,
+                     workloads: list[str]) -> list[Point]:
+    """The configured run (default: valora's highest rate of the config's first workload, its first skew run),
+    and every valora run that did not beat the best baseline: those need explaining."""
     if not points:
         return []
     ours = [p for p in points if p.key.policy == OURS] or [p for p in points if p.key.policy == points[0].key.policy]
@@ -56,7 +78,9 @@ def _timeline_points(points: list[Point], comps: list[dict[str, Any]], chosen: d
         picked = [p for p in ours if (p.key.workload, p.key.skew, p.key.rate) ==
                   (chosen["workload"], chosen["skew"], float(chosen["rate"]))]
     else:
-        first = (ours[0].key.workload, ours[0].key.skew)
+        rank = {w: i for i, w in enumerate(workloads)}
+        head = min(ours, key=lambda p: (rank.get(p.key.workload, len(rank)), p.key))
+        first = (head.key.workload, head.key.skew)
         picked = [max((p for p in ours if (p.key.workload, p.key.skew) == first), key=lambda p: p.key.rate)]
     losses = {(c["workload"], c["skew"], c["rate"]) for c in comps if c["ratio"] >= 1.0}
     picked += [p for p in ours if (p.key.workload, p.key.skew, p.key.rate) in losses and p not in picked]
@@ -76,7 +100,7 @@ def write_report(root: Path) -> Path:
     plots.fig14(rows, figures, "per_token_s", "mean latency per token (ms)", scale=1e3)
     plots.cdfs(points, figures)
     comps = comparisons(rows, slo)
-    timelines = _timeline_points(points, comps, config.get("timeline"))
+    timelines = _timeline_points(points, comps, config.get("timeline"), [w["name"] for w in config["workloads"]])
     for p in timelines:
         plots.timeline(p, figures)
 
@@ -114,6 +138,20 @@ def write_report(root: Path) -> Path:
         lines += _table(["mix", "skew", "rate", OURS, "best baseline", "its latency", "ratio", "baseline within SLO"],
                         [[c["workload"], c["skew"], _fmt(c["rate"]), _fmt(c["ours"]), c["baseline"], _fmt(c["theirs"]),
                           _fmt(c["ratio"], 2), "yes" if c["baseline_unsaturated"] else "no"] for c in comps])
+        lines.append("")
+
+    refs = against_references(rows, config["workloads"])
+    if refs:
+        lines += ["## Workloads against their reference", "",
+                  "Same policy, skew and rate; issue 19's targets: median TTFT with 64 adapters over 8 slots <= 2x "
+                  "that with 8 over 8, and throughput with 1,000 adapters >= 95% of that with 1 below saturation.",
+                  ""]
+        lines += _table(["workload", "reference", "policy", "skew", "rate", "TTFT p50", "reference's", "ratio",
+                         "req/s", "reference's", "ratio", "mean latency ratio"],
+                        [[c["workload"], c["reference"], c["policy"], c["skew"], _fmt(c["rate"]),
+                          _fmt(c["ttft_p50"][0]), _fmt(c["ttft_p50"][1]), _fmt(c["ratio"]["ttft_p50"], 2),
+                          _fmt(c["throughput"][0]), _fmt(c["throughput"][1]), _fmt(c["ratio"]["throughput"], 3),
+                          _fmt(c["ratio"]["latency_mean"], 2)] for c in refs])
         lines.append("")
 
     lines += ["## Points", ""]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,19 +19,36 @@ from valora.testing.families import LM_LINEARS
 
 logger = logging.getLogger("valora.bench")
 SERVED_NAME = "base"
+WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
     """`count` random PEFT adapters; adapter i has rank `ranks[i % len(ranks)]` and targets the LM's `targets`.
-    Adapter order is popularity order under Zipf and `hot` skews (adapter 0 is the hottest)."""
+    Adapter order is popularity order under Zipf and `hot` skews (adapter 0 is the hottest).
+
+    `distinct` weight files are drawn (default: one per adapter); adapter i >= distinct is a directory of its own
+    (its own `adapter_config.json`, so the server loads and counts it as any other) whose weights file is a link
+    to adapter i % distinct's: 1,000 adapters of a 7B model cost the disk and build time of a few."""
 
     count: int = 16
     ranks: tuple[int, ...] = (8, 16, 32, 64)
     targets: tuple[str, ...] = LM_LINEARS
-    dir: Path | None = None  # default: next to the model, "<model>-adapters"
+    dir: Path | None = None  # default: next to the model, "<model>-adapters" (a named set: "-adapters-<name>")
     dtype: str = "bfloat16"
     device: str = "cpu"  # where the random weights are drawn (cuda is faster for 7B shapes)
+    distinct: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.distinct is not None and (self.distinct < 1 or self.distinct % len(self.ranks)):
+            raise ValueError(f"adapters.distinct ({self.distinct}) must be a positive multiple of the number of "
+                             f"ranks ({len(self.ranks)}), so that shared weights keep each adapter's rank")
+
+    @property
+    def names(self) -> list[str]:
+        """lora00, lora01, ... with as many digits as the largest index needs, so names sort in order."""
+        width = max(2, len(str(self.count - 1)))
+        return [f"lora{i:0{width}d}" for i in range(self.count)]
 
 
 @dataclass(frozen=True)
@@ -42,29 +60,32 @@ class ModelSpec:
     build: dict | None = None
     adapters: AdapterSpec = field(default_factory=AdapterSpec)
 
-    @property
-    def adapter_dir(self) -> Path:
-        return self.adapters.dir or self.path.with_name(self.path.name + "-adapters")
+    def adapter_dir(self, spec: AdapterSpec, name: str | None = None) -> Path:
+        suffix = "-adapters" + (f"-{name}" if name else "")
+        return spec.dir or self.path.with_name(self.path.name + suffix)
 
-    def prepare(self) -> dict[str, Path]:
-        """Build whatever is missing and return the adapters by name. A build on the GPU runs in a child process,
-        so that none of the memory it used stays held here while the server sizes its KV cache."""
-        adapters = {f"lora{i:02d}": self.adapter_dir / f"lora{i:02d}" for i in range(self.adapters.count)}
+    def prepare(self, spec: AdapterSpec | None = None, name: str | None = None) -> dict[str, Path]:
+        """Build whatever is missing of the model and of the adapter set `spec` (default: `adapters`; `name`
+        places another set beside it) and return the set's adapters by name. A build on the GPU runs in a child
+        process, so that none of the memory it used stays held here while the server sizes its KV cache."""
+        spec = spec or self.adapters
+        root = self.adapter_dir(spec, name)
+        adapters = {n: root / n for n in spec.names}
         missing = [p for p in adapters.values() if not (p / "adapter_config.json").exists()]
         if (self.path / "config.json").exists() and not missing:
             return adapters
-        devices = {(self.build or {}).get("device", "cpu"), self.adapters.device}
+        devices = {(self.build or {}).get("device", "cpu"), spec.device}
         if any(d.startswith("cuda") for d in devices):
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                pool.submit(self._build, adapters).result()
+                pool.submit(self._build, spec, adapters).result()
         else:
-            self._build(adapters)
+            self._build(spec, adapters)
         return adapters
 
-    def _build(self, adapters: dict[str, Path]) -> None:
+    def _build(self, spec: AdapterSpec, adapters: dict[str, Path]) -> None:
         import torch
 
         from valora.testing.checkpoints import build_model, peft_target_regex, save_random_adapter
@@ -78,12 +99,25 @@ class ModelSpec:
             t = time.perf_counter()
             build_model(family, self.path, **kw)
             logger.info("built %s checkpoint in %s (%.0f s)", family, self.path, time.perf_counter() - t)
-        spec = self.adapters
-        for i, path in enumerate(adapters.values()):
-            if not (path / "adapter_config.json").exists():
+        paths = list(adapters.values())
+        distinct = spec.distinct or len(paths)
+        t = time.perf_counter()
+        for i, path in enumerate(paths):
+            if (path / "adapter_config.json").exists():
+                continue
+            if i < distinct:
                 save_random_adapter(self.path, path, r=spec.ranks[i % len(spec.ranks)], seed=1000 + i,
                                     target_modules=peft_target_regex(spec.targets), dtype=getattr(torch, spec.dtype),
                                     device=spec.device)
+                continue
+            source = paths[i % distinct]
+            path.mkdir(parents=True, exist_ok=True)
+            link = path / WEIGHTS
+            link.unlink(missing_ok=True)
+            link.symlink_to(os.path.relpath(source / WEIGHTS, path))
+            shutil.copyfile(source / "adapter_config.json", path / "adapter_config.json")  # last: marks it built
+        logger.info("built %d adapters (%d weight files) in %s (%.0f s)", len(paths), min(distinct, len(paths)),
+                    paths[0].parent, time.perf_counter() - t)
 
 
 class ServeProcess:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -41,7 +42,8 @@ class ServerSpec:
     schedulers: tuple[str, ...] = POLICIES
     args: tuple[str, ...] = ()  # further `valora serve` flags
     startup_timeout_s: float = 1800.0
-    warmup_s: float = 10.0  # per server start, replaying every workload at its highest rate (not recorded)
+    warmup_s: float = 10.0  # per server start, replaying each of its workloads at its highest rate (not recorded)
+    step_log: bool = True  # each server started writes logs/<server>.<n>.steps.jsonl.gz (`valora bench costs`)
     base_url: str | None = None
     name: str = "external"
     api_key: str | None = None
@@ -52,8 +54,19 @@ class ServerSpec:
 
 
 @dataclass(frozen=True)
+class ServerVariant:
+    """A server some workloads run on instead of the default one: its own adapter set (default: the model's) and
+    `valora serve` flags after the common ones (a later flag wins)."""
+
+    adapters: AdapterSpec | None = None
+    args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class WorkloadSpec:
-    """One task mix swept over rates and skews."""
+    """One task mix swept over rates and skews, on the default server or a named `server` variant, drawing from
+    the first `adapters` of its adapters (default: all), for every policy or only `policies`; `reference` names
+    the workload it is compared with."""
 
     name: str
     mix: str | tuple[Task, ...]
@@ -64,9 +77,18 @@ class WorkloadSpec:
     arrivals: Arrivals = field(default_factory=Arrivals)
     pictures: int = 64
     image_size: tuple[int, int] | None = None
+    server: str | None = None
+    adapters: int | None = None
+    reference: str | None = None
+    policies: tuple[str, ...] | None = None
 
     def workload(self, rate: float, skew: str, adapters: tuple[str, ...], seed: int, duration_s: float | None = None,
                  warmup_s: float | None = None) -> Workload:
+        """The point's requests over the server's `adapters` (this workload draws from the first `self.adapters`)."""
+        if self.adapters is not None and self.adapters > len(adapters):
+            raise UserError(f"workload {self.name!r} draws from {self.adapters} adapters; the server has "
+                             f"{len(adapters)}")
+        adapters = adapters[: self.adapters]
         return Workload(self.mix, rate, self.duration_s if duration_s is None else duration_s, adapters,
                         warmup_s=self.warmup_s if warmup_s is None else warmup_s, arrivals=self.arrivals,
                         skew=Skew.parse(skew), pictures=self.pictures, image_size=self.image_size, seed=seed)
@@ -83,6 +105,19 @@ class SweepConfig:
     sample_interval_s: float = 0.1
     max_concurrency: int = 512
     timeline: dict[str, Any] | None = None  # {workload, skew, rate} of the valora run to draw; default: see report
+    servers: dict[str, ServerVariant] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = {w.name for w in self.workloads}
+        for w in self.workloads:
+            if w.server is not None and w.server not in self.servers:
+                raise ValueError(f"workload {w.name!r}: no server {w.server!r} in `servers` ({sorted(self.servers)})")
+            if w.reference is not None and w.reference not in names:
+                raise ValueError(f"workload {w.name!r}: its reference {w.reference!r} is not a workload")
+            variant = self.servers[w.server].adapters if w.server is not None else None
+            spec = variant or (self.model.adapters if self.model is not None else None)
+            if w.adapters is not None and spec is not None and w.adapters > spec.count:
+                raise ValueError(f"workload {w.name!r} draws from {w.adapters} adapters; its server has {spec.count}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepConfig:
@@ -91,28 +126,29 @@ class SweepConfig:
         model = d.pop("model", None)
         if model is not None:
             model = dict(model)
-            adapters = dict(model.pop("adapters", {}) or {})
-            for k in ("ranks", "targets"):
-                if k in adapters:
-                    adapters[k] = tuple(adapters[k])
-            if adapters.get("dir"):
-                adapters["dir"] = Path(adapters["dir"]).expanduser()
             if "path" not in model:
                 raise UserError("model: needs a `path`")
-            adapters = from_mapping(AdapterSpec, adapters, "model.adapters")
+            adapters = _adapters(model.pop("adapters", {}) or {}, "model.adapters")
             model = from_mapping(ModelSpec, {**model, "path": Path(model["path"]).expanduser(), "adapters": adapters},
                                  "model")
         server = dict(d.pop("server", {}) or {})
         for k in ("schedulers", "args"):
             if k in server:
                 server[k] = tuple(str(a) for a in server[k])
+        servers = {}
+        for name, variant in (d.pop("servers", None) or {}).items():
+            variant = dict(variant or {})
+            if variant.get("adapters"):
+                variant["adapters"] = _adapters(variant["adapters"], f"servers.{name}.adapters")
+            variant["args"] = tuple(str(a) for a in variant.get("args", ()))
+            servers[name] = from_mapping(ServerVariant, variant, f"servers.{name}")
         if not d.get("workloads"):
             raise UserError("the config lists no `workloads`")
         workloads = tuple(_workload(w, f"workloads[{i}]") for i, w in enumerate(d.pop("workloads")))
         server = from_mapping(ServerSpec, server, "server")
         slo = from_mapping(SLO, d.pop("slo", {}) or {}, "slo")
-        return from_mapping(cls, {**d, "workloads": workloads, "server": server, "model": model, "slo": slo},
-                            "the config")
+        return from_mapping(cls, {**d, "workloads": workloads, "server": server, "model": model, "slo": slo,
+                                  "servers": servers}, "the config")
 
     @classmethod
     def load(cls, path: Path) -> SweepConfig:
@@ -135,6 +171,16 @@ class SweepConfig:
         return json.loads(json.dumps(asdict(self), default=str))
 
 
+def _adapters(d: dict[str, Any], where: str) -> AdapterSpec:
+    d = dict(d)
+    for k in ("ranks", "targets"):
+        if k in d:
+            d[k] = tuple(d[k])
+    if d.get("dir"):
+        d["dir"] = Path(d["dir"]).expanduser()
+    return from_mapping(AdapterSpec, d, where)
+
+
 def _workload(d: dict[str, Any], where: str) -> WorkloadSpec:
     if not isinstance(d, dict) or "name" not in d:
         raise UserError(f"{where}: a workload is a mapping with a `name`")
@@ -148,8 +194,8 @@ def _workload(d: dict[str, Any], where: str) -> WorkloadSpec:
                                                 for k in ("prompt", "output")},
                                         "image_size": tuple(t.get("image_size", (448, 448)))}, f"{where} task")
                     for t in mix)
-    for k in ("rates", "skews"):
-        if k in d:
+    for k in ("rates", "skews", "policies"):
+        if d.get(k) is not None:
             d[k] = tuple(d[k])
     if d.get("image_size"):
         d["image_size"] = tuple(d["image_size"])
@@ -198,12 +244,12 @@ async def run_point(base_url: str, workload: Workload, config: SweepConfig, api_
     return records, samples
 
 
-def _warm_up(base_url: str, config: SweepConfig, adapters: tuple[str, ...]) -> None:
-    """Every mix at its highest rate over uniform adapters, unrecorded: first-call compilation, adapter loads and
-    allocator growth happen here, not in the first point. Fails loudly if the server answers nothing."""
+def _warm_up(base_url: str, config: SweepConfig, specs: list[WorkloadSpec], adapters: tuple[str, ...]) -> None:
+    """Each workload at its highest rate over uniform adapters, unrecorded: first-call compilation, adapter loads
+    and allocator growth happen here, not in the first point. Fails loudly if the server answers nothing."""
     if config.server.warmup_s <= 0:
         return
-    for spec in config.workloads:
+    for spec in specs:
         w = spec.workload(max(spec.rates), "uniform", adapters, config.seed + 7919, config.server.warmup_s, 0.0)
         records, _ = asyncio.run(run_point(base_url, w, config, config.server.api_key, progress=False))
         if not any(r.ok for r in records):
@@ -220,6 +266,7 @@ def plan(config: SweepConfig, policies: tuple[str, ...] | None = None, workloads
         raise UserError(f"policies {sorted(unknown)} are not in the config's {config.server.policies}")
     return [(PointKey(spec.name, Skew.parse(skew).label, policy, float(rate)), spec, skew)
             for policy in chosen for spec in config.workloads if not workloads or spec.name in workloads
+            if spec.policies is None or policy in spec.policies
             for skew in spec.skews if not skews or skew in skews for rate in spec.rates]
 
 
@@ -238,11 +285,8 @@ def run_sweep(config: SweepConfig, out: Path, policies: tuple[str, ...] | None =
     run_json = out / "run.json"
     runs = json.loads(run_json.read_text())["runs"] if run_json.exists() else []
     run_json.write_text(json.dumps({"runs": [*runs, run_info(config)]}, indent=2))
-    adapters: dict[str, Path] = {}
-    if config.server.base_url is None:
-        if config.model is None:
-            raise UserError("the config has neither `model` nor `server.base_url`")
-        adapters = config.model.prepare()
+    if config.server.base_url is None and config.model is None:
+        raise UserError("the config has neither `model` nor `server.base_url`")
     bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress)
 
     def over_budget(spec: WorkloadSpec) -> bool:  # could the next point end after the budget?
@@ -252,14 +296,15 @@ def run_sweep(config: SweepConfig, out: Path, policies: tuple[str, ...] | None =
         return True
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        for policy in dict.fromkeys(k.policy for k, _, _ in todo):
-            points = [p for p in todo if p[0].policy == policy]
+    try:  # one server per (policy, server variant), started for its points only
+        for policy, variant in dict.fromkeys((k.policy, spec.server) for k, spec, _ in todo):
+            points = [p for p in todo if (p[0].policy, p[1].server) == (policy, variant)]
             if over_budget(points[0][1]):
                 return 75
-            with _server(config, policy, adapters, out) as url:
+            adapters = _prepare(config, variant)
+            with _server(config, policy, variant, adapters, out) as url:
                 names = tuple(adapters) or tuple(served_adapters(url, config.server.api_key))
-                _warm_up(url, config, names)
+                _warm_up(url, config, list(dict.fromkeys(spec for _, spec, _ in points)), names)
                 for key, spec, skew in points:
                     if over_budget(spec):
                         return 75
@@ -292,8 +337,22 @@ def _record_point(url: str, key: PointKey, spec: WorkloadSpec, w: Workload, conf
     return Point(key, records, samples, meta)
 
 
-def _server(config: SweepConfig, policy: str, adapters: dict[str, Path], out: Path):
+def _prepare(config: SweepConfig, variant: str | None) -> dict[str, Path]:
+    """The adapters a server is started with (built when missing); none for a server the sweep does not start."""
+    if config.server.base_url is not None:
+        return {}
+    spec = config.servers[variant].adapters if variant is not None else None
+    return config.model.prepare(spec, variant if spec is not None else None)
+
+
+def _server(config: SweepConfig, policy: str, variant: str | None, adapters: dict[str, Path], out: Path):
     if config.server.base_url is not None:
         return contextlib.nullcontext(config.server.base_url)
-    return ServerProcess(config.model.path, adapters, policy, list(config.server.args), out / "logs" / f"{policy}.log",
+    label = policy if variant is None else f"{policy}-{variant}"
+    args = [*config.server.args, *(config.servers[variant].args if variant is not None else ())]
+    logs = out / "logs"
+    if config.server.step_log:
+        n = next(i for i in itertools.count() if not (logs / f"{label}.{i}.steps.jsonl.gz").exists())
+        args += ["--step-log", str(logs / f"{label}.{n}.steps.jsonl.gz")]
+    return ServerProcess(config.model.path, adapters, policy, args, logs / f"{label}.log",
                          config.server.startup_timeout_s)
