@@ -25,8 +25,8 @@ WEIGHT_BYTES = 15 << 30
 
 
 def truth(**coef: float) -> np.ndarray:
-    base = dict(step=8e-3, tokens=2e-5, seqs=3e-5, image_tokens=2e-4, lora_passes=1.6e-3, lora_adapters=5e-5,
-                lora_gb=1.2e-3, lora_token_gb=2.5e-6, slot_load_gb=0.04)
+    base = dict(step=8e-3, tokens=2e-5, seqs=3e-5, attention_m=1.5e-3, image_tokens=2e-4, lora_passes=1.6e-3,
+                lora_adapters=5e-5, lora_gb=1.2e-3, lora_token_gb=2.5e-6, slot_load_gb=0.04)
     base.update(coef)
     return np.array([base[n] for n in NAMES])
 
@@ -40,15 +40,18 @@ def random_step(rng: np.random.Generator) -> StepWork:
     chosen = list(rng.choice(names, size=k, replace=False))
     pick = rng.choice(len(chosen) + 1, size=seqs)
     tokens: dict[str | None, int] = {}
+    attention = 0
     for j in pick:
         a = chosen[j] if j < len(chosen) else None
-        tokens[a] = tokens.get(a, 0) + (1 if decode else int(rng.integers(16, 600)))
+        n = 1 if decode else int(rng.integers(16, 600))
+        tokens[a] = tokens.get(a, 0) + n
+        attention += n * (int(rng.integers(50, 2000)) if decode else n)
     hot = None if rng.random() < 0.5 else chosen[0]
     if hot is not None and rng.random() < 0.3:
         tokens = {hot: sum(tokens.values())}  # merged: all the hot adapter's
     images = 0 if decode or rng.random() < 0.5 else 256 * int(rng.integers(1, 4))
     loads = int(SIZES[chosen[-1]]) if rng.random() < 0.1 else 0
-    return StepWork(tokens, seqs, hot, SIZES, images, loads)
+    return StepWork(tokens, seqs, hot, SIZES, images, loads, attention)
 
 
 def measure(work: StepWork, theta: np.ndarray, rng: np.random.Generator, noise: float = 0.05) -> float:
@@ -81,7 +84,7 @@ def test_noise_does_not_bias_the_prediction_low():
     rng = np.random.default_rng(1)
     theta = truth()
     model = StepCostModel(CostTable.analytic(GPU, WEIGHT_BYTES))
-    work = StepWork({"a0": 16, "a1": 16}, 32, None, SIZES)
+    work = StepWork({"a0": 16, "a1": 16}, 32, None, SIZES, attention=32 * 500)
     measured = []
     for _ in range(2000):
         seconds = measure(work, theta, rng, noise=0.3)
@@ -141,7 +144,7 @@ def run_decode(policy: ValoraPolicy, adapters: list[str | None], theta: np.ndarr
         tokens: dict[str | None, int] = {}
         for a in adapters:
             tokens[a] = tokens.get(a, 0) + 1
-        work = StepWork(tokens, len(adapters), hot, SIZES)
+        work = StepWork(tokens, len(adapters), hot, SIZES, attention=len(adapters) * 100)
         mode = step_mode(hot, adapters).value
         policy.observe(StepRecord(mode, hot, len(adapters), len(adapters), measure(work, theta, rng) + switch, switch,
                                   (13 << 30) if switch else 0, work, graph=True, decode=True))

@@ -1,5 +1,5 @@
-"""`valora bench run|sweep|report|simulate`: trace-driven load against OpenAI-compatible servers, and the
-scaling simulator fed by their measurements (docs/bench.md).
+"""`valora bench run|sweep|report|costs|simulate`: trace-driven load against OpenAI-compatible servers, the
+step costs the servers logged, and the scaling simulator fed by their measurements (docs/bench.md).
 
 `run` and `sweep` end with a summary table on screen (`valora.bench.console`) and exit 1 when more than
 `--max-failure-ratio` of the measured requests failed. Results go under the current directory by default
@@ -94,8 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("report", help=text, description=text + " of a results directory of `run` or `sweep`.")
     p.add_argument("results", type=Path, help="results directory of a sweep or run")
 
-    p = sub.add_parser("costs", help="predicted against measured step time of recorded runs (`--step-log`); "
-                                     "fit the device's step-cost table")
+    text = "predicted against measured step time of recorded runs (`valora serve --step-log`)"
+    p = sub.add_parser("costs", help=text, description=text + "; with --fit, the device's step-cost table.")
     p.add_argument("logs", type=Path, nargs="+",
                    help="step logs, or results directories (their logs/*.steps*.jsonl.gz)")
     p.add_argument("--skip", type=int, default=200, metavar="N", help="leave out each log's first N steps "

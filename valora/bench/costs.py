@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from valora.errors import UserError
 from valora.orchestrator.cost_model import CostTable, StepCostModel
 from valora.orchestrator.policy import StepRecord
 from valora.orchestrator.step_log import read_step_log
@@ -39,8 +40,9 @@ def find_logs(paths: list[Path]) -> list[Path]:
             found += sorted((p / "logs").glob(LOG_GLOB)) + sorted(p.glob(LOG_GLOB))
         else:
             found.append(p)
-    if not found:
-        raise FileNotFoundError(f"no step logs ({LOG_GLOB}) in {', '.join(map(str, paths))}")
+    missing = [p for p in found if not p.is_file()]
+    if missing or not found:
+        raise UserError(f"no step log ({LOG_GLOB}) at {', '.join(map(str, missing or paths))}")
     return found
 
 

@@ -169,6 +169,7 @@ class LLMEngine:
         self._inflight: InFlight | None = None  # the launched step whose results the next `step` collects
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.step_log = StepLog(config.step_log) if config.step_log else None
+        self._unlogged: list[StepRecord] = []  # records the step log takes once the next step is launched
         logger.info(
             "engine ready: %s (%s) on %s in %s, KV cache %d blocks x %d tokens, max_model_len %d",
             model_dir.name, self.family.name, self.device, str(self.dtype).removeprefix("torch."),
@@ -536,6 +537,9 @@ class LLMEngine:
             return failed
         done = self._collect()
         launched = self._launch()
+        if self.step_log is not None:  # while the device runs the step just launched
+            self.step_log.write(self._unlogged)
+            self._unlogged.clear()
         outputs = failed + self._finish(done)
         if not launched or self.draining:
             self._unload_drained()
@@ -622,19 +626,21 @@ class LLMEngine:
         self.mode_steps[mode.value] += 1
         self.mode_seconds[mode.value] += elapsed
         tokens: dict[str | None, int] = {}
+        attention = 0
         for s, n in zip(seqs, step.num_tokens):
             tokens[s.lora_name] = tokens.get(s.lora_name, 0) + n
+            attention += n * (s.num_computed + n)
         nbytes = {a: self._adapter_bytes(a) for a in {*tokens, step.hot} if a is not None}
         run = step.run
         record = StepRecord(mode.value, step.hot, len(seqs), sum(tokens.values()), elapsed, step.switch_s,
                             step.merged_bytes, StepWork(tokens, len(seqs), step.hot, nbytes, run.image_tokens,
-                                                        step.slot_load_bytes),
+                                                        step.slot_load_bytes, attention),
                             run.graph, run.decode, run.capture_s, costs=step.costs, time=time.time())
         record.predicted_s = self.policy.predict(record)
         if record.predicted_s is not None:
             self.step_costs[mode.value].add(record.predicted_s, record.compute_s)
         if self.step_log is not None:
-            self.step_log.write(record)
+            self._unlogged.append(record)
         self.policy.observe(record)
 
     def _finish(self, seqs: list[Sequence]) -> list[RequestOutput]:

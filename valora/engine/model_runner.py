@@ -208,14 +208,21 @@ class ModelRunner:
         graphs = self.graphs is not None and self.graphs.usable(batch)
         images = batch.images
         encoded = 0 if images is None else sum(n for n, e in zip(images.num_tokens, images.cached) if e is None)
-        if not graphs:
-            self.last_run = RunInfo(False, not batch.attn.prefill_host, encoded)
+        captured = self._capture_seconds()
+        if graphs:
+            out = self.graphs.run(batch)  # with `--enforce-eager` the same static batches, run eagerly
+        else:
             batch.build_lora()
-            return self.model(batch, self.kv_caches)
-        captured = self.graphs.capture_seconds
-        out = self.graphs.run(batch)  # with `--enforce-eager` the same static batches, run eagerly
-        self.last_run = RunInfo(self.graphs.capture, True, encoded, self.graphs.capture_seconds - captured)
+            out = self.model(batch, self.kv_caches)
+        self.last_run = RunInfo(graphs and self.graphs.capture, graphs or not batch.attn.prefill_host, encoded,
+                                self._capture_seconds() - captured)
         return out
+
+    def _capture_seconds(self) -> float:
+        """Seconds spent capturing CUDA graphs so far, decode and vision."""
+        vision = getattr(self.model, "vision_graphs", None)
+        return ((self.graphs.capture_seconds if self.graphs is not None else 0.0)
+                + (vision.capture_seconds if vision is not None else 0.0))
 
     def run(self, seqs: Seq[Sequence], num_tokens: Seq[int], lora_slots: dict[str, int], stop_ids: Seq[set[int]],
             merged_slot: int | None = None) -> list[int | torch.Tensor | None]:

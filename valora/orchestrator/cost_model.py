@@ -43,6 +43,7 @@ FEATURES: tuple[tuple[str, str], ...] = (  # (name, unit): coefficients are seco
     ("step", "step"),
     ("tokens", "token"),
     ("seqs", "sequence"),
+    ("attention_m", "million query-key pairs"),
     ("image_tokens", "image token encoded"),
     ("lora_passes", "LoRA pass"),
     ("lora_adapters", "adapter read by a pass"),
@@ -65,6 +66,7 @@ class StepWork:
     adapter_bytes: Mapping[str, int]  # weights of every adapter in `tokens` and of `hot`
     image_tokens: int = 0  # image tokens the vision tower encoded (embedding cache hits excluded)
     slot_load_bytes: int = 0  # adapter weights copied into GPU slots for this step
+    attention: int = 0  # query-key pairs: each sequence's new tokens times the context they reach
 
     def features(self) -> np.ndarray:
         hot, nbytes = self.hot, self.adapter_bytes
@@ -77,18 +79,18 @@ class StepWork:
         corrected = total - self.tokens.get(hot, 0) if hot is not None else 0
         if corrected > 0:  # mixture: every token not the hot adapter's subtracts it
             adapters, gb, token_gb = adapters + 1, gb + nbytes[hot], token_gb + corrected * nbytes[hot]
-        return np.array([1.0, total, self.seqs, self.image_tokens, own + (corrected > 0), adapters, gb / 1e9,
-                         token_gb / 1e9, self.slot_load_bytes / 1e9])
+        return np.array([1.0, total, self.seqs, self.attention / 1e6, self.image_tokens, own + (corrected > 0),
+                         adapters, gb / 1e9, token_gb / 1e9, self.slot_load_bytes / 1e9])
 
     def to_json(self) -> dict[str, Any]:
         return {"tokens": {a or "": n for a, n in self.tokens.items()}, "seqs": self.seqs, "hot": self.hot,
                 "adapter_bytes": dict(self.adapter_bytes), "image_tokens": self.image_tokens,
-                "slot_load_bytes": self.slot_load_bytes}
+                "slot_load_bytes": self.slot_load_bytes, "attention": self.attention}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> StepWork:
         return StepWork({a or None: n for a, n in d["tokens"].items()}, d["seqs"], d["hot"], d["adapter_bytes"],
-                        d.get("image_tokens", 0), d.get("slot_load_bytes", 0))
+                        d.get("image_tokens", 0), d.get("slot_load_bytes", 0), d.get("attention", 0))
 
 
 @dataclass(frozen=True)
@@ -159,23 +161,25 @@ class CostTable:
     @staticmethod
     def analytic(rates: DeviceRates, weight_bytes: int, weight: float = 4.0) -> CostTable:
         """Pseudo-steps priced from rates: the base model reads its weights once per step and does 2 FLOPs per
-        weight per token; the vision tower's tokens cost four of the LM's (four patches each); LoRA reads its
+        weight per token; a query-key pair costs about 1/40,000 of a token's FLOPs (Qwen2-VL-7B: 4 x hidden x
+        layers against 2 x 7B); the vision tower's tokens cost four of the LM's (four patches each); LoRA reads its
         weights at a third of the bandwidth (the measured kernels' share, docs/benchmarks.md), plus one fixed
         cost per pass and a quarter of it per adapter."""
         theta = np.array([weight_bytes / rates.bandwidth + 10 * rates.launch_s, weight_bytes / rates.flops, 0.0,
-                          4 * weight_bytes / rates.flops, rates.launch_s, rates.launch_s / 4, 3.4e9 / rates.bandwidth,
-                          2e9 / rates.flops, 1e9 / rates.host_copy])
+                          25 * weight_bytes / rates.flops, 4 * weight_bytes / rates.flops, rates.launch_s,
+                          rates.launch_s / 4, 3.4e9 / rates.bandwidth, 2e9 / rates.flops, 1e9 / rates.host_copy])
         nbytes = {"a": weight_bytes // 50, "b": weight_bytes // 120, "c": weight_bytes // 300, "d": weight_bytes // 700}
         design = [
-            StepWork({None: 1}, 1, None, nbytes),
-            StepWork({None: 32}, 32, None, nbytes),
-            StepWork({"a": 32}, 32, None, nbytes),
-            StepWork({"a": 32}, 32, "a", nbytes),
-            StepWork({"a": 8, "b": 8, "c": 8, "d": 8}, 32, None, nbytes),
-            StepWork({"a": 24, "b": 4, "c": 2, "d": 2}, 32, "a", nbytes),
-            StepWork({"b": 512}, 2, None, nbytes, image_tokens=256),
-            StepWork({"a": 700, "c": 300}, 3, "a", nbytes, image_tokens=512, slot_load_bytes=nbytes["c"]),
-            StepWork({"d": 16}, 16, None, nbytes, slot_load_bytes=nbytes["d"]),
+            StepWork({None: 1}, 1, None, nbytes, attention=100),
+            StepWork({None: 32}, 32, None, nbytes, attention=32 * 2000),
+            StepWork({"a": 32}, 32, None, nbytes, attention=32 * 300),
+            StepWork({"a": 32}, 32, "a", nbytes, attention=32 * 300),
+            StepWork({"a": 8, "b": 8, "c": 8, "d": 8}, 32, None, nbytes, attention=32 * 500),
+            StepWork({"a": 24, "b": 4, "c": 2, "d": 2}, 32, "a", nbytes, attention=32 * 500),
+            StepWork({"b": 512}, 2, None, nbytes, image_tokens=256, attention=2 * 256**2),
+            StepWork({"a": 700, "c": 300}, 3, "a", nbytes, image_tokens=512, slot_load_bytes=nbytes["c"],
+                     attention=700**2 + 300**2),
+            StepWork({"d": 16}, 16, None, nbytes, slot_load_bytes=nbytes["d"], attention=16 * 100),
         ]
         x = np.stack([w.features() for w in design])
         u = x / (x @ theta)[:, None]  # priced exactly: every t is 1

@@ -57,8 +57,10 @@ class ValoraPolicy(Policy):
                         key=lambda s: (s.deadline if s.deadline is not None else s.arrival_time + self.max_wait_s))
         rest = [s for s in view.waiting if s not in set(urgent)]
         tokens: dict[str | None, int] = {}
+        attention = 0
         for s in view.running:
             tokens[s.lora_name] = tokens.get(s.lora_name, 0) + 1
+            attention += len(s)
         seats, budget = view.max_num_seqs - len(view.running), view.max_batched_tokens - len(view.running)
         seqs = len(view.running)
         for s in urgent + rest:  # who would be admitted, approximately (KV blocks are the scheduler's business)
@@ -66,14 +68,15 @@ class ValoraPolicy(Policy):
             if seats <= 0 or need > budget:
                 break
             tokens[s.lora_name] = tokens.get(s.lora_name, 0) + need
+            attention += need * len(s)
             seats, budget, seqs = seats - 1, budget - need, seqs + 1
         path = self.decode_path if seqs == len(view.running) else "eager"
         named = [a for a in tokens if a is not None]
         candidates = dict.fromkeys([None, view.hot, *sorted(named, key=lambda a: -tokens[a])[:3]])
         nbytes = {a: view.adapter_bytes(a) for a in {*named, view.hot} if a is not None}
         costs: dict[str | None, float] = {}
-        priced = self.costs.price(path, [StepWork(tokens, seqs, h, nbytes) for h in candidates],
-                                  versus=StepWork(tokens, seqs, view.hot, nbytes))
+        priced = self.costs.price(path, [StepWork(tokens, seqs, h, nbytes, attention=attention) for h in candidates],
+                                  versus=StepWork(tokens, seqs, view.hot, nbytes, attention=attention))
         best, best_cost = None, float("inf")
         for h, (cost, std) in zip(candidates, priced):
             if h is not None and h not in (view.hot, view.held):
