@@ -140,7 +140,7 @@ def test_half_sent_requests_are_closed_at_their_deadline(server, http):
     for s in [*socks.values(), drip]:
         s.close()
     assert set(closed_at) == {*socks, "drip"}
-    margin = 1.0
+    margin = 3.0  # the server's timers fire on a busy 2-core box too
     for name, t in closed_at.items():
         limit = HEADER_TIMEOUT + BODY_TIMEOUT if name.startswith("body") else HEADER_TIMEOUT
         assert HEADER_TIMEOUT - 0.2 <= t <= limit + margin, (name, t)
