@@ -34,7 +34,7 @@ def mixed_workload(base: Path, report: dict, workspace, limit: int, seed: int, r
     requests = []
     for i, a in enumerate(adapters, start=1):
         lora = LoRARequest(a["name"], i, a["path"])
-        engine.add_lora(lora)
+        engine.core.add_lora(lora)
         for name in a["tasks"]:
             task = workspace.tasks[name]
             params = HeadParams(name) if task.by_head else evaluator.text_params(task)
@@ -54,7 +54,7 @@ def mixed_workload(base: Path, report: dict, workspace, limit: int, seed: int, r
 
 def _run(engine, requests: list) -> dict:
     """All requests at once, stepped to the end; the engine's mode counters over exactly this run."""
-    before = engine.stats()
+    before = engine.core.stats()
     t0 = time.perf_counter()
     for k, (_, _, prompt, params, lora) in enumerate(requests):
         engine.add_request(f"r{k}", prompt, params, lora)
@@ -64,7 +64,7 @@ def _run(engine, requests: list) -> dict:
             if out.finished:
                 done[out.request_id] = out
     wall = time.perf_counter() - t0
-    stats = engine.stats()
+    stats = engine.core.stats()
     return {
         "wall_s": wall, "outputs": [done[f"r{k}"].outputs[0] for k in range(len(requests))],
         "mode_seconds": {m: stats.mode_seconds[m] - before.mode_seconds.get(m, 0.0) for m in stats.mode_seconds},

@@ -30,8 +30,8 @@ from valora.testing.images import random_image
 
 def configure(llm: LLM, chunked: bool, budget: int) -> None:
     engine = llm.engine
-    engine.scheduler.chunked = chunked
-    engine.scheduler.max_batched_tokens = engine.max_batched_tokens = budget
+    engine.core.scheduler.chunked = chunked
+    engine.core.scheduler.max_batched_tokens = engine.core.max_batched_tokens = budget
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -50,7 +50,7 @@ def run_burst(llm: LLM, args, seed: int) -> dict:
     engine = llm.engine
     g = torch.Generator().manual_seed(seed)
     stream_ids = [f"s{seed}-{i}" for i in range(args.streams)]
-    vocab = min(5000, engine.model.decoder_config.vocab_size)
+    vocab = min(5000, engine.core.model.decoder_config.vocab_size)
     for rid in stream_ids:  # random tokens past the special ones: no prefix shared with anything else in the run
         ids = torch.randint(10, vocab, (args.stream_prompt,), generator=g).tolist()
         engine.add_request(rid, {"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=100_000,
@@ -88,7 +88,7 @@ def run_burst(llm: LLM, args, seed: int) -> dict:
     while len(first_token) < len(image_ids):
         step()
     burst_end = clock
-    while any(engine.requests.get(r) is not None for r in image_ids):
+    while any(engine.output_processor.requests.get(r) is not None for r in image_ids):
         step()
     engine.abort_request(stream_ids)
     while engine.has_unfinished_requests():
@@ -111,7 +111,7 @@ def run_burst(llm: LLM, args, seed: int) -> dict:
         "burst_seconds": burst_end - burst_at,
         "image_ttft_ms": {"mean": statistics.fmean(ttft) * 1e3, "p50": statistics.median(ttft) * 1e3,
                           "p99": percentile(ttft, 0.99) * 1e3},
-        "image_prompt_tokens": len(engine.process_prompt(prompts[0])[1].token_ids),
+        "image_prompt_tokens": len(engine.input_processor.process(prompts[0])[1].token_ids),
         "burst_add_request_s_excluded": add_s,
     }
 

@@ -87,7 +87,7 @@ def main() -> None:
               gpu_memory_utilization=0.5, max_num_seqs=64)
     rows["valora_load_s"] = time.perf_counter() - t
     loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapter_dirs)]
-    rows["valora_lora_backend"] = llm.engine.lora_manager.backend
+    rows["valora_lora_backend"] = llm.engine.core.lora_manager.backend
     engine_decode(llm, 4, [None] * 4, args.prompt_len, 4)  # warm-up
     rows["valora_b1"] = engine_decode(llm, 1, [None], args.prompt_len, args.steps)
     rows["valora_b32"] = engine_decode(llm, 32, [None] * 32, args.prompt_len, args.steps)

@@ -163,7 +163,7 @@ def graph_parity(llm: LLM, loras: list, requests: int = 16, tokens: int = 32) ->
                token_prompts(1, 40 + 7 * i, seed=i)[0] for i in range(requests)]
     mix = [loras[i % 8] if i % 4 else None for i in range(requests)]
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     graphs = runner.graphs
     outs = {}
     for mode in ("graphs", "eager", "unpadded_eager"):
@@ -298,12 +298,12 @@ def ours(args, model_dir: Path, adapter_dirs: list[Path], batches: list[int], pr
               max_model_len=max([*prefills, args.context + 2 * args.steps]) + 512, gpu_memory_utilization=0.85,
               max_num_seqs=max(batches), enforce_eager=args.enforce_eager, device="cpu" if args.quick else "auto")
     result["valora_start_s"] = time.perf_counter() - t
-    graphs = llm.engine.runner.graphs
+    graphs = llm.engine.core.runner.graphs
     if graphs is not None and graphs.capture:
         result["graphs"] = {"captured_at_start": len(graphs.graphs), "capture_s_at_start": graphs.capture_seconds}
     loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapter_dirs)]
     for lr in loras:
-        llm.engine.add_lora(lr)
+        llm.engine.core.add_lora(lr)
     steps_of(llm, token_prompts(4, 64), [None, loras[0], loras[1], None], 4)  # warm-up
     for n in args.adapter_counts:
         for b in batches:

@@ -114,16 +114,16 @@ def bench(family: TinyFamily, workdir: Path, steps: int, batch: int, shapes: dic
     llm = LLM(str(model_dir), enable_lora=True, max_loras=8, max_lora_rank=64, max_model_len=4096,
               max_num_batched_tokens=16384, gpu_memory_utilization=0.6, max_num_seqs=64, device=DEVICE)
     rows["valora_load_s"] = time.perf_counter() - t
-    rows["valora_lora_backend"] = llm.engine.lora_manager.backend
+    rows["valora_lora_backend"] = llm.engine.core.lora_manager.backend
     loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapter_dirs)]
     prompts = requests(family, batch)
-    processed = [llm.engine.process_prompt(p)[1] for p in prompts]
+    processed = [llm.engine.input_processor.process(p)[1] for p in prompts]
     rows["prompt_tokens"] = len(processed[0].token_ids)
     rows["image_tokens"] = processed[0].images[0].num_tokens
     valora_run(llm, prompts, loras, 4)  # warm-up, adapters into their slots
     rows["valora_8_adapters"] = valora_run(llm, prompts, loras, steps)
     rows["valora_no_adapter"] = valora_run(llm, prompts, [None] * batch, steps)
-    stats = llm.engine.stats()  # the orchestrator's mode decisions over all three runs
+    stats = llm.engine.core.stats()  # the orchestrator's mode decisions over all three runs
     rows["valora_modes"] = {"steps": stats.mode_steps, "switches": stats.num_switches}
     print(family.name, rows, flush=True)
     del llm

@@ -31,15 +31,13 @@ TASKS = ("rotation", "locate")
 
 def serve(model: Path, adapters: dict[str, Path], max_loras: int):
     from valora.config import CacheConfig, EngineConfig, LoRAConfig
-    from valora.engine.llm_engine import LLMEngine
-    from valora.server.app import ServerConfig, build_app
-    from valora.server.launch import BackgroundServer
+    from valora.server.app import ServerConfig
+    from valora.server.launch import LocalServer
 
-    engine = LLMEngine(EngineConfig(model=str(model), enable_lora=True, lora=LoRAConfig(max_loras=max_loras),
-                                    cache=CacheConfig(gpu_memory_utilization=0.5), max_model_len=4096))
-    app = build_app(engine, ServerConfig(served_model_names=["base"], lora_modules=list(
+    engine = EngineConfig(model=str(model), enable_lora=True, lora=LoRAConfig(max_loras=max_loras),
+                          cache=CacheConfig(gpu_memory_utilization=0.5), max_model_len=4096)
+    return LocalServer(engine, ServerConfig(served_model_names=["base"], lora_modules=list(
         (n, str(p)) for n, p in adapters.items())))
-    return BackgroundServer(app)
 
 
 def ask(client: httpx.Client, url: str, body: dict) -> tuple[dict, float]:

@@ -61,7 +61,7 @@ def main() -> None:
               scheduler=args.scheduler,
               **(dict(device="cpu", num_kv_blocks=1024) if q else dict(gpu_memory_utilization=0.8)))
     loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapter_dirs)]
-    vocab = min(5000, llm.engine.model.decoder_config.vocab_size)
+    vocab = min(5000, llm.engine.core.model.decoder_config.vocab_size)
     g = torch.Generator().manual_seed(0)
 
     def tokens(n: int) -> list[int]:  # random ids past the special tokens
@@ -70,7 +70,7 @@ def main() -> None:
     for i, lora in enumerate(loras):  # warm-up: adapters in their slots, kernels compiled for long and short prompts
         ttft(llm, f"warm{i}", tokens(system_tokens + args.question_tokens), lora)
         ttft(llm, f"warm{i}-short", tokens(args.question_tokens), lora)
-    switches = llm.engine.stats().num_switches
+    switches = llm.engine.core.stats().num_switches
     system = tokens(system_tokens)
     rows = []
     for k in range(1 + args.hits):
@@ -80,7 +80,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     miss = [r["ttft_ms"] for r in rows if r["request"] == 0]
     hit = [r["ttft_ms"] for r in rows if r["request"] > 0]
-    stats = llm.engine.stats()
+    stats = llm.engine.core.stats()
     result = {
         "model": "tiny qwen2-vl (cpu)" if q else "qwen2-vl-7b shapes, random bf16",
         "system_tokens": system_tokens, "question_tokens": args.question_tokens, "adapters": num_adapters,

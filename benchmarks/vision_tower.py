@@ -147,7 +147,7 @@ def hf_features(hf, family: str, data: list[dict]) -> torch.Tensor:
 
 
 def images(llm: LLM, n: int, size: int) -> list[dict]:
-    processor = llm.engine.processor
+    processor = llm.engine.input_processor.processor
     return [processor.image_tensors(random_image(size, size, seed=i)) for i in range(n)]
 
 
@@ -162,7 +162,7 @@ def bench_family(name: str, workdir: Path, args, rate: float, result: dict, save
     print(f"{name}: checkpoint in {time.perf_counter() - t:.0f} s", flush=True)
     llm = LLM(str(model_dir), device=DEVICE, max_model_len=2048, max_num_seqs=4, num_kv_blocks=256,
               enforce_eager=True, embed_cache_mb=0)
-    model = llm.engine.model
+    model = llm.engine.core.model
     size = 448 if not args.quick else 56
     result |= {**run_info(), "shapes": shapes, "image_size": size, "runs": []}
     batches = {n: images(llm, n, size) for n in args.images}
@@ -274,7 +274,7 @@ def bench_ttft(workdir: Path, args) -> dict:
     llm = LLM(str(model_dir), device=DEVICE, max_model_len=4096, max_num_seqs=4, gpu_memory_utilization=0.5,
               embed_cache_mb=0, enable_prefix_caching=False)  # every request pays its whole prefill
     result: dict = {**run_info(), "start_s": time.perf_counter() - t, "runs": []}
-    model = llm.engine.model
+    model = llm.engine.core.model
     graphs = model.vision_graphs
     variants = [(b, True) for b in args.backends if b in GRAPH_BACKENDS and CUDA] + \
         [(b, False) for b in args.backends if b != "FLEX_ATTENTION"]

@@ -8,10 +8,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from valora.config import CacheConfig, EngineConfig, LoRAConfig, MultiModalConfig, SchedulerConfig
-from valora.engine.llm_engine import LLMEngine, PromptType
+from valora.engine.inproc import InprocEngine
+from valora.engine.input_processor import PromptType
 from valora.lora.request import LoRARequest
-from valora.multimodal.chat import MediaSources, chat_media, parse_messages
-from valora.multimodal.template import render_chat
+from valora.multimodal.chat import MediaSources
 from valora.outputs import RequestOutput
 from valora.sampling_params import SamplingParams
 
@@ -48,7 +48,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         step_log: str | None = None,
     ) -> None:
-        self.engine = LLMEngine(
+        self.engine = InprocEngine(
             EngineConfig(
                 model=model, tokenizer=tokenizer, dtype=dtype, device=device, seed=seed, max_model_len=max_model_len,
                 enable_lora=enable_lora,
@@ -65,7 +65,7 @@ class LLM:
         )
         self._counter = 0
         # Offline use runs in the caller's own process, so local image files are allowed anywhere.
-        self.media = MediaSources.from_config(self.engine.config.multimodal, local_root="/")
+        self.media = MediaSources.from_config(self.engine.core.config.multimodal, local_root="/")
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -85,14 +85,13 @@ class LLM:
         params = self._per_prompt(sampling_params or SamplingParams(), n, "sampling_params")
         loras = self._per_prompt(lora_request, n, "lora_request")
         for lora in {lr for lr in loras if lr is not None}:
-            self.engine.add_lora(lora)
-        for p in prompts:
-            self.engine.process_prompt(p)
+            self.engine.core.add_lora(lora)
+        ready = [self.engine.input_processor.process(p) for p in prompts]  # each prompt processed once
         ids = []
-        for p, sp, lr in zip(prompts, params, loras):
+        for (text, processed), sp, lr in zip(ready, params, loras):
             rid = f"offline-{self._counter}"
             self._counter += 1
-            self.engine.add_request(rid, p, sp, lr)
+            self.engine.add_processed(rid, text, processed, sp, lr)
             ids.append(rid)
         return self._run(ids, use_tqdm)
 
@@ -117,14 +116,8 @@ class LLM:
 
     def chat_prompt(self, messages: list[dict], chat_template: str | None = None, add_generation_prompt: bool = True,
                     allow_special_tokens: bool = False, media_io_kwargs: dict | None = None) -> dict[str, Any]:
-        limits = self.engine.config.multimodal
-        template_messages, images, videos = parse_messages(messages, self.media, limits)
-        template_messages, images, videos = chat_media(template_messages, images, videos, limits, media_io_kwargs,
-                                                       frames_as_images=self.engine.processor.video_token is None)
-        prompt = render_chat(self.engine.tokenizer, template_messages, add_generation_prompt, chat_template,
-                             allow_special_tokens)
-        key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
-        return {key: prompt, "multi_modal_data": {"image": images, "video": videos}}
+        return self.engine.input_processor.chat_prompt(messages, self.media, chat_template, add_generation_prompt,
+                                                       allow_special_tokens, media_io_kwargs)
 
     @staticmethod
     def _per_prompt(value, n: int, what: str) -> list:

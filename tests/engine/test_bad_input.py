@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from valora import LoRARequest, SamplingParams
 from valora.config import EngineConfig, LoRAConfig, MultiModalConfig
-from valora.engine.llm_engine import LLMEngine
+from valora.engine.inproc import InprocEngine
 from valora.multimodal.inputs import InputError, load_image
 from valora.testing.checkpoints import peft_target_regex
 from valora.testing.images import random_image
@@ -22,7 +22,7 @@ PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return LLMEngine(EngineConfig(model=str(tiny_model), dtype="float32", device="cpu", enable_lora=True,
+    return InprocEngine(EngineConfig(model=str(tiny_model), dtype="float32", device="cpu", enable_lora=True,
                                   max_model_len=256, lora=LoRAConfig(max_loras=2, max_lora_rank=8)))
 
 
@@ -104,7 +104,7 @@ def test_bad_adapters_are_refused_and_serving_continues(engine, family, tiny_mod
     for i, (name, (path, fragment)) in enumerate(cases.items()):
         with pytest.raises(ValueError, match=fragment):
             engine.add_request(f"bad-{name}", "hello", PARAMS, LoRARequest(name, 100 + i, str(path)))
-        assert name not in engine.list_loras()
+        assert name not in engine.core.list_loras()
     outputs = _drain(engine)
     assert set(outputs) == {"keep-1", "keep-2"}
     assert all(len(o.outputs[0].token_ids) == 6 for o in outputs.values())
@@ -165,9 +165,9 @@ def test_backtracking_pattern_is_matched_in_linear_time(engine, good_adapter, tm
     cfg = json.loads((d / "adapter_config.json").read_text())
     (d / "adapter_config.json").write_text(json.dumps(cfg | {"alpha_pattern": {"(.?){30}Z": 4}}))
     start = time.monotonic()
-    engine.add_lora(LoRARequest("redos", 50, str(d)))
+    engine.core.add_lora(LoRARequest("redos", 50, str(d)))
     assert time.monotonic() - start < 10
-    engine.remove_lora("redos")
+    engine.core.remove_lora("redos")
 
 
 def test_adapter_names_and_paths_are_checked_before_the_filesystem():

@@ -36,7 +36,7 @@ def _run(model_dir, prompts, params, loras, **options):
     """Token ids of every request and how many images the vision tower embedded."""
     llm = LLM(str(model_dir), enable_lora=True, max_loras=2, max_lora_rank=8, dtype="float32", device="cpu",
               max_num_seqs=MAX_SEQS, enable_prefix_caching=False, embed_cache_mb=0, **options)
-    model = llm.engine.model
+    model = llm.engine.core.model
     embedded = []
     embed = model.embed_images
 
@@ -53,8 +53,8 @@ def test_chunks_give_the_same_tokens_and_embed_each_image_once(family, tiny_mode
     prompts, params, loras, num_images = _requests(family, tiny_model, adapter_factory)
     whole, whole_embedded, _ = _run(tiny_model, prompts, params, loras, enable_chunked_prefill=False)
     chunked, chunked_embedded, engine = _run(tiny_model, prompts, params, loras, max_num_batched_tokens=BUDGET)
-    assert engine.max_batched_tokens == BUDGET
-    largest = max(item.num_tokens for p in prompts for item in engine.process_prompt(p)[1].images)
+    assert engine.core.max_batched_tokens == BUDGET
+    largest = max(item.num_tokens for p in prompts for item in engine.input_processor.process(p)[1].images)
     assert largest > BUDGET  # so some image's rows are split across steps
     assert chunked == whole
     assert chunked_embedded == whole_embedded == num_images
@@ -63,9 +63,9 @@ def test_chunks_give_the_same_tokens_and_embed_each_image_once(family, tiny_mode
 def test_chunks_survive_preemption(family, tiny_model, adapter_factory):
     prompts, params, loras, _ = _requests(family, tiny_model, adapter_factory)
     whole, _, engine = _run(tiny_model, prompts, params, loras, enable_chunked_prefill=False)
-    longest = max(len(engine.process_prompt(p)[1].token_ids) for p in prompts) + 6
+    longest = max(len(engine.input_processor.process(p)[1].token_ids) for p in prompts) + 6
     tight, _, engine = _run(tiny_model, prompts, params, loras, max_num_batched_tokens=BUDGET + 3, block_size=4,
                             num_kv_blocks=-(-longest // 4) + 2)  # room for the longest, not for three at once
-    assert engine.stats().num_preemptions > 0
+    assert engine.core.stats().num_preemptions > 0
     assert tight == whole
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.core.blocks.num_free == engine.core.blocks.num_blocks

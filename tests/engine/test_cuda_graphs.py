@@ -50,7 +50,7 @@ def test_static_batches_per_adapter_bucket_match_plain_steps(family, tiny_model,
     for static in (False, True):
         llm = LLM(str(tiny_model), enable_lora=True, max_loras=4, max_lora_rank=16, lora_backend="atmm",
                   max_num_seqs=8, scheduler="slora")
-        runner = llm.engine.runner
+        runner = llm.engine.core.runner
         if static:
             runner.enable_cuda_graphs(8, 4, capture=False)
         for loras, bucket in runs:
@@ -86,9 +86,9 @@ def test_graph_replay_equals_eager(family, tiny_model, adapter_factory, schedule
         llm = LLM(str(tiny_model), enable_lora=True, max_loras=4, max_lora_rank=16, dtype="float32",
                   device="cuda", max_num_seqs=16, scheduler=scheduler, enforce_eager=eager,
                   gpu_memory_utilization=0.3)
-        assert llm.engine.runner.graphs.capture != eager
+        assert llm.engine.core.runner.graphs.capture != eager
         outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, loras, use_tqdm=False)]
-        assert (len(llm.engine.runner.graphs.graphs) > 0) != eager
+        assert (len(llm.engine.core.runner.graphs.graphs) > 0) != eager
         del llm
         torch.cuda.empty_cache()
     assert outs[False] == outs[True]
@@ -101,7 +101,7 @@ def test_capture_budget_leaves_adapter_buckets_to_first_use(tiny_model) -> None:
     smaller adapter buckets wait for a step that needs them."""
     llm = LLM(str(tiny_model), enable_lora=True, max_loras=4, max_lora_rank=16, dtype="float32", device="cuda",
               max_num_seqs=8, gpu_memory_utilization=0.3)
-    graphs = llm.engine.runner.graphs
+    graphs = llm.engine.core.runner.graphs
     graphs.graphs.clear()
     graphs.capture_common(budget_s=0.0)
     assert {(v.size, v.adapters) for v in graphs.graphs} == {(b, a) for b in graphs.buckets

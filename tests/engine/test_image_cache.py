@@ -26,7 +26,7 @@ def test_repeated_frames_hit_the_cache_and_answers_do_not_change(tiny_model, ada
         outs = []
         for p, lora in zip(prompts, loras):  # one at a time, so later requests can reuse earlier embeddings
             outs.append(llm.generate(p, params, lora, use_tqdm=False)[0].outputs[0].token_ids)
-        return outs, llm.engine.stats()
+        return outs, llm.engine.core.stats()
 
     cached, stats = run(512)
     uncached, _ = run(0)

@@ -35,10 +35,10 @@ def test_32_requests_over_20_adapters_with_4_slots(family, tiny_model, adapter_f
     llm = LLM(str(tiny_model), enable_lora=True, max_loras=4, max_cpu_loras=6, max_lora_rank=16,
               dtype="float32", device="cpu", max_num_seqs=32)
     together = llm.generate(prompts, params, loras, use_tqdm=False)
-    stats = llm.engine.lora_manager.stats
+    stats = llm.engine.core.lora_manager.stats
     assert stats.slot_evictions > 0 and stats.host_evictions > 0  # the tiers really were exercised
     for prompt, lora, out in zip(prompts, loras, together):
         alone = llm.generate([prompt], params, [lora], use_tqdm=False)[0]
         assert out.outputs[0].token_ids == alone.outputs[0].token_ids
         assert out.outputs[0].finish_reason == "length"
-    assert len(llm.engine.lora_manager.resident()) <= 4
+    assert len(llm.engine.core.lora_manager.resident()) <= 4

@@ -94,7 +94,7 @@ def test_mixed_batch_matches_transformers_peft(family_name, config, model_factor
 
     ref = HFReference(str(model_dir))
     for (p, _im, a), prompt, out in zip(cases, prompts, outs):
-        processed = llm.engine.process_prompt(prompt)[1]
+        processed = llm.engine.input_processor.process(prompt)[1]
         expected = ref.generate(processed, str(adapters[a]) if a else None, STEPS)
         got = out.outputs[0]
         assert got.token_ids == expected.token_ids, f"{config}: {p!r} with adapter {a}"

@@ -27,6 +27,6 @@ def test_outputs_survive_preemption(family, tiny_model, adapter_factory):
 
     roomy, _ = run(None)
     tight, engine = run(24)  # 192 token slots for ten requests of ~30-60 prompt tokens plus 40 new ones each
-    assert engine.stats().num_preemptions > 0
+    assert engine.core.stats().num_preemptions > 0
     assert tight == roomy
-    assert engine.blocks.num_free == engine.blocks.num_blocks  # every block came back
+    assert engine.core.blocks.num_free == engine.core.blocks.num_blocks  # every block came back

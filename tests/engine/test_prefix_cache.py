@@ -97,13 +97,13 @@ def test_same_outputs_with_and_without_prefix_caching(family, tiny_model, adapte
 
     plain, _ = run(enable_prefix_caching=False)
     cached, engine = run()
-    longest = max(len(engine.process_prompt(p)[1].token_ids) for w in waves for p in w) + 10
+    longest = max(len(engine.input_processor.process(p)[1].token_ids) for w in waves for p in w) + 10
     tight, tight_engine = run(num_kv_blocks=-(-longest // 8) + 1)  # even sharing their prefix, four do not fit
     assert cached == plain and tight == plain
-    stats, tight_stats = engine.stats(), tight_engine.stats()
+    stats, tight_stats = engine.core.stats(), tight_engine.core.stats()
     assert stats.prefix_cache_hits > 0.3 * stats.prefix_cache_queries
     assert tight_stats.num_preemptions > 0 and tight_stats.prefix_cache_hits > 0
-    assert tight_engine.blocks.num_free == tight_engine.blocks.num_blocks
+    assert tight_engine.core.blocks.num_free == tight_engine.core.blocks.num_blocks
 
 
 @pytest.mark.families("qwen2_vl")
@@ -117,22 +117,22 @@ def test_adapters_and_reloads_never_share_blocks(tiny_model, adapter_factory):
         out = llm.generate(prompt, GREEDY, lora, use_tqdm=False)[0]
         return out.num_cached_tokens, out.outputs[0].token_ids
 
-    n = len(engine.process_prompt(prompt)[1].token_ids)
+    n = len(engine.input_processor.process(prompt)[1].token_ids)
     full_hit = (n - 1) // 8 * 8
     a, b = LoRARequest("a", 1, paths[0]), LoRARequest("b", 2, paths[1])
     first_a = ask(a)
     assert first_a[0] == 0
     assert ask(b)[0] == 0 and ask(None)[0] == 0  # the same tokens under another adapter, or none
     assert ask(a) == (full_hit, first_a[1])  # a hit on everything but the last token, and the same answer
-    engine.remove_lora("a")
+    engine.core.remove_lora("a")
     assert ask(LoRARequest("a", 1, paths[0])) == (0, first_a[1])  # loaded again: its old blocks are not its own
-    engine.remove_lora("a")
+    engine.core.remove_lora("a")
     swapped = ask(LoRARequest("a", 1, paths[1]))  # the same name, other weights
     fresh = _llm(tiny_model).generate(prompt, GREEDY, LoRARequest("a", 1, paths[1]), use_tqdm=False)[0]
     assert swapped == (0, fresh.outputs[0].token_ids)
-    stats = engine.stats()
+    stats = engine.core.stats()
     assert stats.prefix_cache_queries == 6 * n and stats.prefix_cache_hits == full_hit
-    text = ServerMetrics("m", engine.stats).render().decode()
+    text = ServerMetrics("m", engine.core.stats).render().decode()
     assert f'valora:prefix_cache_queries_total{{model_name="m"}} {6.0 * n}' in text
     assert f'valora:prefix_cache_hits_total{{model_name="m"}} {float(full_hit)}' in text
     assert f'valora:prefix_cache_hit_rate{{model_name="m"}} {full_hit / (6 * n)}' in text
@@ -156,7 +156,7 @@ def test_images_bound_the_hit_and_pressure_evicts_the_oldest(tiny_model):
         return out.num_cached_tokens, out.outputs[0].token_ids
 
     prompt = f"{SYSTEM}{img} what is it ?"
-    offset = engine.process_prompt({"prompt": prompt, "multi_modal_data": {"image": random_image(56, 56)}})[1]
+    offset = engine.input_processor.process({"prompt": prompt, "multi_modal_data": {"image": random_image(56, 56)}})[1]
     offset = offset.images[0].offset
     _, first = ask(prompt, 0)
     assert ask(prompt, 1)[0] == offset // 8 * 8  # another image: only the blocks before it

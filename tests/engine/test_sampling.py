@@ -82,7 +82,8 @@ def test_stop_token_ids_and_min_tokens(llm):
 def test_eos_stops_unless_ignored(tiny_model):
     llm = LLM(str(tiny_model), dtype="float32", device="cpu")
     full = _tokens(llm, "a red car", temperature=0, max_tokens=12, ignore_eos=True)[0].token_ids
-    llm.engine.eos_token_ids = {full[2]}  # a random model never says EOS by itself: declare one it will say
+    # a random model never says EOS by itself: declare one it will say
+    llm.engine.input_processor.eos_token_ids = frozenset({full[2]})
     out = _tokens(llm, "a red car", temperature=0, max_tokens=12)[0]
     assert out.finish_reason == "stop" and out.stop_reason is None
     assert out.token_ids == full[: full.index(full[2]) + 1]

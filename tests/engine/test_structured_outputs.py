@@ -96,7 +96,7 @@ def test_free_requests_in_a_constrained_batch_are_untouched(llm):
 def test_bad_grammars_are_refused_when_added(llm, spec, message):
     with pytest.raises(InputError, match=message):
         llm.engine.add_request("bad", "hello", SamplingParams(structured_outputs=StructuredOutputsParams(**spec)))
-    assert "bad" not in llm.engine.requests
+    assert "bad" not in llm.engine.output_processor.requests and not llm.engine.core.requests
 
 
 @pytest.mark.parametrize("spec", [dict(), dict(regex="a", choice=["a"]), dict(choice=[])])
@@ -106,7 +106,7 @@ def test_params_take_exactly_one_spec(spec):
 
 
 def test_compiled_grammars_are_cached_and_matchers_independent(llm):
-    compiler = GrammarCompiler(llm.get_tokenizer(), llm.engine.model.decoder_config.vocab_size, [0])
+    compiler = GrammarCompiler(llm.get_tokenizer(), llm.engine.core.model.decoder_config.vocab_size, [0])
     a = compiler.compile(StructuredOutputsParams(choice=["yes", "no"]))
     b = compiler.compile(StructuredOutputsParams(choice=["yes", "no"]))
     assert len(compiler._compiled) == 1 and a is not b
@@ -131,11 +131,11 @@ def test_bitmask_masks_exactly_the_disallowed_tokens():
 
 def test_sampler_follows_the_grammar_under_any_temperature(llm):
     tok = llm.get_tokenizer()
-    vocab = llm.engine.model.decoder_config.vocab_size
+    vocab = llm.engine.core.model.decoder_config.vocab_size
     seqs = []
     for i, temperature in enumerate([0.0, 1.0, 2.0]):
         seq = Sequence(i, f"r{i}", 0, ProcessedPrompt([1]), SamplingParams(temperature=temperature), None, 0.0)
-        seq.grammar = llm.engine.grammars.compile(StructuredOutputsParams(regex=r"(ab|cd)+e"))
+        seq.grammar = llm.engine.core.grammars.compile(StructuredOutputsParams(regex=r"(ab|cd)+e"))
         seqs.append(seq)
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):

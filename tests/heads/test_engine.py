@@ -88,10 +88,10 @@ def test_requests_a_head_cannot_answer_are_refused(llm, head_adapters, params, l
 
 def test_heads_leave_with_their_adapter(llm, head_adapters):
     engine = llm.engine
-    engine.add_lora(LoRARequest("gone", 20, str(head_adapters["one"])))
-    assert engine.heads["gone"] is not None
-    engine.remove_lora("gone")
-    assert "gone" not in engine.heads
+    engine.core.add_lora(LoRARequest("gone", 20, str(head_adapters["one"])))
+    assert engine.core.heads["gone"] is not None
+    engine.core.remove_lora("gone")
+    assert "gone" not in engine.core.heads
 
 
 def test_same_answers_in_every_mode(head_model, head_adapters):
@@ -103,7 +103,7 @@ def test_same_answers_in_every_mode(head_model, head_adapters):
         lora = LoRARequest("one", 1, str(head_adapters["one"]))
         outs = llm.generate([prompt(llm, s) for s in range(12)], HeadParams(), lora, use_tqdm=False)
         answers[scheduler] = torch.tensor([list(o.outputs[0].head.scores.values()) for o in outs])
-        steps = llm.engine.stats().mode_steps
+        steps = llm.engine.core.stats().mode_steps
         assert steps.get("merged", 0) > 0 if scheduler == "valora" else steps.get("merged", 0) == 0, steps
     torch.testing.assert_close(answers["valora"], answers["slora"], atol=1e-4, rtol=1e-4)
 
@@ -120,6 +120,6 @@ def test_same_answers_from_chunks_and_from_a_cached_prefix(head_model, head_adap
         p = prompt(llm, 9)
         outs = [llm.generate(p, HeadParams("kind"), lora, use_tqdm=False)[0] for _ in range(2)]
         answers[name] = torch.tensor([list(o.outputs[0].head.scores.values()) for o in outs])
-        n = len(llm.engine.process_prompt(p)[1].token_ids)
+        n = len(llm.engine.input_processor.process(p)[1].token_ids)
         assert [o.num_cached_tokens for o in outs] == [0, 0 if name == "whole" else (n - 1) // 4 * 4]
     torch.testing.assert_close(answers["chunks"], answers["whole"], atol=1e-5, rtol=1e-5)

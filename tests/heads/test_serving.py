@@ -33,15 +33,14 @@ def messages(seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def url(head_model, head_adapters):
     from valora.config import CacheConfig, EngineConfig, LoRAConfig
-    from valora.engine.llm_engine import LLMEngine
-    from valora.server.app import ServerConfig, build_app
-    from valora.server.launch import BackgroundServer
+    from valora.server.app import ServerConfig
+    from valora.server.launch import LocalServer
 
-    engine = LLMEngine(EngineConfig(model=str(head_model), device="cpu", enable_lora=True,
-                                    lora=LoRAConfig(max_loras=3), cache=CacheConfig(num_blocks=256)))
-    app = build_app(engine, ServerConfig(served_model_names=["base"], lora_modules=[
-        (name, str(path)) for name, path in head_adapters.items()]))
-    with BackgroundServer(app) as u:
+    engine = EngineConfig(model=str(head_model), device="cpu", enable_lora=True, lora=LoRAConfig(max_loras=3),
+                          cache=CacheConfig(num_blocks=256))
+    config = ServerConfig(served_model_names=["base"], lora_modules=[
+        (name, str(path)) for name, path in head_adapters.items()])
+    with LocalServer(engine, config, in_thread=True) as u:
         yield u
 
 

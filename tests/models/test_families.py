@@ -65,8 +65,8 @@ def test_prompt_matches_the_hf_processor(llm, family, tiny_model, sizes):
 
     images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
     text = "intro " + " middle ".join(f"{family.image_prompt} picture {i}" for i in range(len(images))) + " end"
-    ours = llm.engine.process_prompt({"prompt": text, "multi_modal_data": {"image": images}})[1]
-    hf = _hf_processor(family, tiny_model, llm.engine.hf_config)(text=[text], images=images, return_tensors="pt")
+    ours = llm.engine.input_processor.process({"prompt": text, "multi_modal_data": {"image": images}})[1]
+    hf = _hf_processor(family, tiny_model, llm.engine.core.hf_config)(text=[text], images=images, return_tensors="pt")
     assert ours.token_ids == hf["input_ids"][0].tolist()
     assert torch.equal(torch.cat([i.data["pixel_values"] for i in ours.images]), hf["pixel_values"])
     if ours.positions is None:
@@ -80,11 +80,12 @@ def test_prompt_matches_the_hf_processor(llm, family, tiny_model, sizes):
 def test_token_id_prompts_expand_single_placeholders(llm, family):
     image = random_image(80, 100)
     text = f"look {family.image_prompt} here"
-    from_text = llm.engine.process_prompt({"prompt": text, "multi_modal_data": {"image": image}})[1]
+    from_text = llm.engine.input_processor.process({"prompt": text, "multi_modal_data": {"image": image}})[1]
     ids = llm.get_tokenizer()(text)["input_ids"]
-    from_ids = llm.engine.process_prompt({"prompt_token_ids": ids, "multi_modal_data": {"image": image}})[1]
+    from_ids = llm.engine.input_processor.process({"prompt_token_ids": ids, "multi_modal_data": {"image": image}})[1]
     assert from_ids.token_ids == from_text.token_ids
-    again = llm.engine.process_prompt({"prompt_token_ids": from_text.token_ids, "multi_modal_data": {"image": image}})
+    inputs = llm.engine.input_processor
+    again = inputs.process({"prompt_token_ids": from_text.token_ids, "multi_modal_data": {"image": image}})
     assert again[1].token_ids == from_text.token_ids
 
 
@@ -93,7 +94,7 @@ def test_lora_reaches_every_linear_layer_under_peft_names(llm, family, tiny_mode
     on every LoRA layer of ours, slice by slice, and nothing of ours is left without it."""
     target = "|".join(family.targets(part) for part in ("vision", "projector", "lm"))
     adapter = adapter_factory(tiny_model, r=2, target_modules=target, seed=5)
-    model = llm.engine.model
+    model = llm.engine.core.model
     loaded = load_adapter("all", adapter, model, model.mapper, 16, torch.float32)
     ours = {(n, s if m.num_slices > 1 else None) for n, m in model.named_modules() if isinstance(m, LoRALinear)
             for s in range(m.num_slices)}
@@ -165,7 +166,7 @@ def test_checkpoint_and_adapter_layouts(family, tiny_model, adapter_factory, tmp
             lora = LoRARequest(adapter_dir.name, i + 1, str(adapter_dir))
             out = llm.generate(prompt, params, lora, use_tqdm=False)
             outputs.add(tuple(out[0].outputs[0].token_ids))
-            llm.engine.remove_lora(adapter_dir.name)
+            llm.engine.core.remove_lora(adapter_dir.name)
     assert len(outputs) == 1
 
 
@@ -187,7 +188,7 @@ def test_rank_and_alpha_patterns_match_peft(tiny_model, adapter_factory, tmp_pat
     llm = LLM(str(tiny_model), dtype="float32", device="cpu", enable_lora=True, max_lora_rank=8)
     out = llm.generate("a dog runs", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                        LoRARequest("p", 1, str(patterned)), use_tqdm=False)[0]
-    processed = llm.engine.process_prompt("a dog runs")[1]
+    processed = llm.engine.input_processor.process("a dog runs")[1]
     assert out.outputs[0].token_ids == HFReference(str(tiny_model)).generate(processed, str(patterned), 8).token_ids
 
 

@@ -306,7 +306,7 @@ def test_tiny_model_logits_unchanged(family_name, model_factory, monkeypatch):
 
     def run(force: bool) -> tuple[list[torch.Tensor], list[list[int]]]:
         logits: list[torch.Tensor] = []
-        model = llm.engine.model
+        model = llm.engine.core.model
         real = type(model).compute_logits
         monkeypatch.setattr(fused_kernels, "use_triton", lambda t: force)
         monkeypatch.setattr(model, "compute_logits", lambda h: logits.append(real(model, h)) or logits[-1])

@@ -71,7 +71,7 @@ def test_video_positions_match_get_rope_index(llm, family, tiny_model):
 
     clip = Video(_clip(5), fps=3.0)
     prompt = f"intro {family.image_prompt} then {family.video_prompt} and {family.video_prompt} end"
-    ours = llm.engine.process_prompt({"prompt": prompt, "multi_modal_data": {
+    ours = llm.engine.input_processor.process({"prompt": prompt, "multi_modal_data": {
         "image": random_image(60, 100, seed=1), "video": [clip, Video(_clip(2, 84, 56), fps=0.5)]}})[1]
     model = AutoModelForImageTextToText.from_pretrained(tiny_model)
     kw = hf_inputs(model, ours, "cpu")
@@ -94,7 +94,7 @@ def test_greedy_video_outputs_match_transformers(llm, family, tiny_model, contai
     params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True)
     reference = HFReference(str(tiny_model))
     for prompt, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
-        processed = llm.engine.process_prompt(prompt)[1]
+        processed = llm.engine.input_processor.process(prompt)[1]
         assert out.outputs[0].token_ids == reference.generate(processed, None, STEPS).token_ids
 
 
@@ -103,10 +103,10 @@ def test_internvl_video_is_its_frames_as_labelled_images(llm, family):
     """`<video>` -> "Frame1: <img>...</img>\\nFrame2: ..." with one tile per frame, as InternVLProcessor writes
     it: the same prompt as the frames sent as images in that text (square frames of the tile size: one tile)."""
     frames = _clip(3, 32, 32)
-    as_video = llm.engine.process_prompt({"prompt": f"look {family.video_prompt} ok",
+    as_video = llm.engine.input_processor.process({"prompt": f"look {family.video_prompt} ok",
                                           "multi_modal_data": {"video": Video(frames, fps=2.0)}})[1]
     text = "look " + "\n".join(f"Frame{i + 1}: {family.image_prompt}" for i in range(3)) + " ok"
-    as_images = llm.engine.process_prompt({"prompt": text, "multi_modal_data": {"image": frames}})[1]
+    as_images = llm.engine.input_processor.process({"prompt": text, "multi_modal_data": {"image": frames}})[1]
     assert as_video.token_ids == as_images.token_ids
     for v, i in zip(as_video.images, as_images.images, strict=True):
         assert torch.equal(v.data["pixel_values"], i.data["pixel_values"]) and v.offset == i.offset
@@ -115,7 +115,7 @@ def test_internvl_video_is_its_frames_as_labelled_images(llm, family):
 @pytest.mark.families("llava")
 def test_llava_takes_no_videos(llm, family):
     with pytest.raises(InputError, match="takes no videos"):
-        llm.engine.process_prompt({"prompt": f"{family.image_prompt} hi", "multi_modal_data": {
+        llm.engine.input_processor.process({"prompt": f"{family.image_prompt} hi", "multi_modal_data": {
             "video": _clip(2)}})
 
 
@@ -123,13 +123,13 @@ def test_llava_takes_no_videos(llm, family):
 def test_video_placeholders_must_match_the_videos(llm, family):
     clip = Video(_clip(2), fps=2.0)
     with pytest.raises(InputError, match="1 video placeholders .* but 2 videos"):
-        llm.engine.process_prompt({"prompt": f"{family.video_prompt} hi", "multi_modal_data": {
+        llm.engine.input_processor.process({"prompt": f"{family.video_prompt} hi", "multi_modal_data": {
             "video": [clip, clip]}})
     with pytest.raises(InputError, match="0 video placeholders"):
-        llm.engine.process_prompt({"prompt": "hi", "multi_modal_data": {"video": clip}})
+        llm.engine.input_processor.process({"prompt": "hi", "multi_modal_data": {"video": clip}})
     ids = llm.get_tokenizer()(f"{family.video_prompt} hi")["input_ids"]
-    from_ids = llm.engine.process_prompt({"prompt_token_ids": ids, "multi_modal_data": {"video": clip}})[1]
-    from_text = llm.engine.process_prompt({"prompt": f"{family.video_prompt} hi", "multi_modal_data": {
+    from_ids = llm.engine.input_processor.process({"prompt_token_ids": ids, "multi_modal_data": {"video": clip}})[1]
+    from_text = llm.engine.input_processor.process({"prompt": f"{family.video_prompt} hi", "multi_modal_data": {
         "video": clip}})[1]
     assert from_ids.token_ids == from_text.token_ids
 
@@ -141,7 +141,7 @@ def test_llava_chat_takes_a_video_as_its_frames(llm, family):
 
     def prompt(parts):
         chat = llm.chat_prompt([{"role": "user", "content": [*parts, {"type": "text", "text": "what is it ?"}]}])
-        return llm.engine.process_prompt(chat)[1]
+        return llm.engine.input_processor.process(chat)[1]
 
     still = random_image(40, 40, seed=99)
     as_video = prompt([{"type": "image", "image": still}, {"type": "video", "video": frames}])
@@ -160,7 +160,7 @@ def test_a_video_hash_names_what_moves_its_positions(llm, family):
     frames = _clip(2)
 
     def digest(fps: float) -> str:
-        return llm.engine.process_prompt({"prompt": f"{family.video_prompt} hi", "multi_modal_data": {
+        return llm.engine.input_processor.process({"prompt": f"{family.video_prompt} hi", "multi_modal_data": {
             "video": Video(frames, fps=fps)}})[1].images[0].content_hash
 
     assert (digest(2.0) != digest(1.0)) == (family.name == "qwen2_5_vl")

@@ -26,12 +26,12 @@ def _images(llm, family, sizes):
     text = " ".join(f"{family.image_prompt} picture {i}" for i in range(len(sizes)))
     prompt = {"prompt": text, "multi_modal_data": {"image": [random_image(h, w, seed=i) for i, (h, w) in
                                                              enumerate(sizes)]}}
-    return [item.data for item in llm.engine.process_prompt(prompt)[1].images]
+    return [item.data for item in llm.engine.input_processor.process(prompt)[1].images]
 
 
 @pytest.mark.parametrize("backend", ["TORCH_SDPA", "TRITON_ATTN"])
 def test_padded_pass_keeps_the_real_rows(llm, family, backend):
-    model = llm.engine.model
+    model = llm.engine.core.model
     data = _images(llm, family, SIZES)
     with torch.inference_mode():
         plain = model.prepare_vision(data, None, None, backend, pad=False)
@@ -46,7 +46,7 @@ def test_padded_pass_keeps_the_real_rows(llm, family, backend):
 
 def test_bucket_holds_any_images_of_its_size(llm, family):
     """Passes over different images that fall in one bucket read tensors of one shape (what a replay refills)."""
-    model = llm.engine.model
+    model = llm.engine.core.model
     a = model.prepare_vision(_images(llm, family, [(56, 84)]), None, None, "TRITON_ATTN", pad=True)
     b = model.prepare_vision(_images(llm, family, [(56, 70)]), None, None, "TRITON_ATTN", pad=True)
     assert a.key == b.key
@@ -63,7 +63,7 @@ def test_engine_routes_passes_by_adapter(llm, family, tiny_model, adapter_factor
     image = random_image(84, 56, seed=7)
     prompts = [{"prompt": f"{family.image_prompt} caption :", "multi_modal_data": {"image": image}}] * 3
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    model = llm.engine.model
+    model = llm.engine.core.model
     monkeypatch.setattr(model, "vision_backend", "TRITON_ATTN")
 
     def generate():
@@ -89,7 +89,7 @@ def test_graph_replay_matches_eager(family, model_factory, backend):
     """bf16 on a GPU: passes replayed from a graph equal the same padded passes run eagerly, for a second set of
     images of the same bucket too (the replay reads the new inputs)."""
     llm = LLM(str(model_factory(family.name, initializer_range=0.05)), dtype="bfloat16", embed_cache_mb=0)
-    model = llm.engine.model
+    model = llm.engine.core.model
     graphs = VisionGraphs(model)
     for seed in (0, 1):
         data = _images(llm, family, [(56 + 14 * seed, 84)])
@@ -107,7 +107,7 @@ def test_prepare_never_synchronises(family, model_factory, backend):
     """The host part of a pass only queues copies (pinned memory, non-blocking): it may run while the previous
     kernels are still on the device, padded for a graph or not."""
     llm = LLM(str(model_factory(family.name)), dtype="bfloat16", embed_cache_mb=0)
-    model = llm.engine.model
+    model = llm.engine.core.model
     data = _images(llm, family, SIZES)
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -12,20 +12,20 @@ import torch
 
 from valora import LoRARequest, SamplingParams
 from valora.config import EngineConfig, LoRAConfig, SchedulerConfig
-from valora.engine.llm_engine import LLMEngine
+from valora.engine.inproc import InprocEngine
 from valora.testing.checkpoints import peft_target_regex, save_random_adapter
 
 pytestmark = pytest.mark.families("qwen2_vl")
 
 
 def _run(model, adapters, requests, max_cpu_loras):
-    engine = LLMEngine(EngineConfig(
+    engine = InprocEngine(EngineConfig(
         model=str(model), dtype="float32", device="cpu", enable_lora=True,
         lora=LoRAConfig(max_loras=8, max_cpu_loras=max_cpu_loras, max_lora_rank=8),
         scheduler=SchedulerConfig(max_num_seqs=32, policy="slora"),
     ))
     for lora in adapters:  # registration validates every adapter up front (disk I/O outside the step loop)
-        engine.add_lora(lora)
+        engine.core.add_lora(lora)
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     for rid, (prompt, lora) in enumerate(requests):
         engine.add_request(str(rid), prompt, params, lora)
@@ -36,7 +36,7 @@ def _run(model, adapters, requests, max_cpu_loras):
             if out.finished:
                 outputs[int(out.request_id)] = out.outputs[0].token_ids
         step_times.append(time.perf_counter() - t)
-    return outputs, engine.lora_manager.stats, step_times
+    return outputs, engine.core.lora_manager.stats, step_times
 
 
 def test_hundred_adapters_through_two_tiers(tiny_model, tmp_path):

@@ -46,7 +46,7 @@ def _llm(tiny_model):
 @pytest.mark.families("qwen2_vl")  # weight bookkeeping only: the same for every family
 def test_thousand_switches_leave_weights_bit_identical(tiny_model, adapters):
     llm = _llm(tiny_model)
-    engine = llm.engine
+    engine = llm.engine.core
     for i, name in enumerate(("A", "B")):
         engine.add_lora(LoRARequest(name, i + 1, str(adapters[name])))
     slots = engine.lora_manager.activate(["A", "B"])
@@ -81,9 +81,9 @@ def test_every_mode_matches_unmerged(family, tiny_model, adapters, hot):
 
     def run(policy: Policy, which: list[int]):
         llm = _llm(tiny_model)
-        llm.engine.policy = policy
+        llm.engine.core.policy = policy
         outs = llm.generate([prompts[i] for i in which], params, [loras[i] for i in which], use_tqdm=False)
-        return outs, llm.engine.stats()
+        return outs, llm.engine.core.stats()
 
     everyone = list(range(len(cases)))
     unmerged, _ = run(FixedHot(None), everyone)

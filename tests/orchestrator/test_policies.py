@@ -48,7 +48,7 @@ def test_all_policies_return_the_same_tokens(tiny_model, ten_adapters):
                   max_num_seqs=6, scheduler=policy)
         outs = llm.generate(prompts, params, loras, use_tqdm=False)
         results[policy] = [o.outputs[0].token_ids for o in outs]
-        stats[policy] = llm.engine.stats()
+        stats[policy] = llm.engine.core.stats()
     for policy in ("slora", "punica", "dlora"):
         assert results[policy] == results["valora"], policy
     assert stats["valora"].mode_steps["merged"] + stats["valora"].mode_steps["mixture"] > 0
@@ -66,7 +66,7 @@ def test_rare_adapters_are_not_starved(tiny_model, ten_adapters):
               max_num_seqs=4, scheduler="valora", max_wait_ms=80)
     engine = llm.engine
     step = 0
-    engine.clock = lambda: step * 0.01
+    engine.core.clock = lambda: step * 0.01
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     arrived, done, rare = {}, {}, set()
     n = 120
@@ -96,4 +96,4 @@ def test_rare_adapters_are_not_starved(tiny_model, ten_adapters):
     assert len(done) == n and rare
     latency = {rid: done[rid] - arrived[rid] for rid in done}
     assert max(latency[r] for r in rare) <= bound_steps, sorted(latency[r] for r in rare)
-    assert engine.stats().mode_steps["merged"] + engine.stats().mode_steps["mixture"] > 0
+    assert engine.core.stats().mode_steps["merged"] + engine.core.stats().mode_steps["mixture"] > 0

@@ -17,7 +17,10 @@ class ServerProcess(ServeProcess):
 
     def __init__(self, model: Path, args: list[str], log_path: Path, api_key: str | None = None) -> None:
         key = ["--api-key", api_key] if api_key else []
-        super().__init__(model, ["--served-model-name", SERVED, "--device", "cpu", *args, *key], log_path)
+        # Two processes import torch at start-up (the engine core and the front end): on a busy 2-core box that
+        # takes minutes, on a quiet one seconds.
+        super().__init__(model, ["--served-model-name", SERVED, "--device", "cpu", *args, *key], log_path,
+                         startup_timeout_s=300)
         self.api_key = api_key
 
     @property

@@ -4,6 +4,7 @@ can be hit cheaply."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import shutil
@@ -287,4 +288,36 @@ def test_full_queue_gets_503_with_retry_after(server, http):
         for s in streams:
             s.__exit__(None, None, None)
     server.wait_idle()
+    assert_still_serving(http)
+
+
+def test_overload_is_refused_before_any_stream_starts(server):
+    """Issue 23 item 2: with room for three sequences, 16 concurrent streams each either run to the end or get
+    503 with Retry-After before the stream starts; none starts and then fails."""
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=120) as client:
+            async def one() -> str:
+                body = chat(max_tokens=6, ignore_eos=True, stream=True)
+                async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                    if r.status_code == 503:
+                        assert r.headers["retry-after"] == "1"
+                        return "busy"
+                    assert r.status_code == 200
+                    lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+                    assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines), lines
+                    return "ok"
+
+            return await asyncio.gather(*(one() for _ in range(16)))
+
+    results = asyncio.run(run())
+    assert "ok" in results and "busy" in results, results
+    server.wait_idle()
+
+
+def test_a_call_that_can_never_fit_is_a_400_not_a_503(http):
+    """Issue 23 item 3: more sequences than the server ever holds (2 running + 1 queued) is the client's error."""
+    r = http.post("/v1/completions", json={"model": SERVED, "prompt": ["a", "b", "c", "d"], "max_tokens": 2})
+    assert_error(r, 400, "request_too_large", "at most 3")
+    assert_error(http.post("/v1/chat/completions", json=chat(n=4)), 400, "request_too_large")
     assert_still_serving(http)

@@ -67,7 +67,7 @@ class Evaluator:
             outs = self.llm.generate(prompts, params, lora, use_tqdm=False)
         finally:
             if lora is not None:
-                self.llm.engine.remove_lora(lora.lora_name)
+                self.llm.engine.core.remove_lora(lora.lora_name)
         marks: dict[str, list[tuple[bool, float | None]]] = {t.name: [] for t in tasks}
         for (task, target), out in zip(owners, outs):
             c = out.outputs[0]

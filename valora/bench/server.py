@@ -124,7 +124,10 @@ class ServeProcess:
     """`valora serve MODEL ARGS...` in a subprocess on a free local port, as users run it, its output in `log_path`.
     `start()` (or `with`) returns the base URL once `/health` answers; `stop()` ends it (and may be called again)."""
 
-    def __init__(self, model: Path, args: list[str], log_path: Path, startup_timeout_s: float = 120.0) -> None:
+    def __init__(self, model: Path, args: list[str], log_path: Path, startup_timeout_s: float = 120.0,
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        """`env` adds to (or overrides) this process's environment; `cwd` (default: ours) is where it runs, which
+        decides the `valora` it imports when PYTHONPATH points at another checkout (`-m` puts cwd first)."""
         from valora.server.launch import free_port
 
         self.port = free_port()
@@ -132,13 +135,14 @@ class ServeProcess:
         self.cmd = [sys.executable, "-m", "valora.cli", "serve", str(model), "--host", "127.0.0.1",
                     "--port", str(self.port), *args]
         self.log_path, self.startup_timeout_s = log_path, startup_timeout_s
+        self.env, self.cwd = env or {}, cwd
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> str:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.log_path.open("w")
-        env = {k: v for k, v in os.environ.items() if k != "VALORA_API_KEY"}
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        env = {k: v for k, v in os.environ.items() if k != "VALORA_API_KEY"} | self.env
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -52,9 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from valora.demo.client import Query, ask_all
     from valora.demo.data import load_digits, split
     from valora.demo.report import render, score
-    from valora.engine.llm_engine import LLMEngine
-    from valora.server.app import ServerConfig, build_app
-    from valora.server.launch import BackgroundServer
+    from valora.server.app import ServerConfig
+    from valora.server.launch import LocalServer
 
     _quiet()
     t0 = time.perf_counter()
@@ -70,10 +69,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"Using the model and adapters cached in {built.root}", flush=True)
     samples = _save_samples(built.root / "samples", test)
 
-    engine = LLMEngine(EngineConfig(
+    engine = EngineConfig(
         model=str(built.base), enable_lora=True, lora=LoRAConfig(max_loras=len(recipe.adapter_tasks)),
         cache=CacheConfig(num_blocks=2048), scheduler=SchedulerConfig(max_num_seqs=256),
-    ))
+    )
     config = ServerConfig(served_model_names=[SERVED_NAME],
                           lora_modules=[(name, str(path)) for name, path in built.adapters.items()],
                           allowed_local_media_path=samples)
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         queries += [Query(task, task.name, i) for i in range(len(test))]
         queries += [Query(task, SERVED_NAME, i) for i in range(len(test))]
 
-    server = BackgroundServer(build_app(engine, config), args.host, args.port)
+    server = LocalServer(engine, config, args.host, args.port)
     with server as url:
         print(f"Server up at {url}: base model {SERVED_NAME!r} and adapters "
               f"{', '.join(repr(t.name) for t in recipe.adapter_tasks)}. Sending {len(queries)} requests "

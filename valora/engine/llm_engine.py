@@ -1,8 +1,14 @@
-"""`LLMEngine`: requests in (`add_request`), one continuous-batching step at a time (`step`), results out.
+"""`LLMEngine`, the engine core: ready requests in (`add_request`), one continuous-batching step at a time
+(`step`), each step's new tokens out.
 
-It owns the model, the paged KV cache, the adapter manager and the scheduler. A request that cannot be
-served (bad prompt, image or adapter) is refused in `add_request` with an error that names the problem, and
-everything already accepted keeps running.
+It owns the model, the paged KV cache, the adapter manager, the orchestrator and the scheduler, and nothing
+about text: requests arrive tokenised with their image tensors (`engine/input_processor.py`, in the front end),
+and outputs leave as token deltas (`engine/output_processor.py` makes text of them). It ends sequences on what a
+token decides (stop ids, max_tokens, the context length, a grammar, a head's answer); stop strings are the front
+end's. It runs in the server's engine-core process (`engine/core_proc.py`) or inside the caller's
+(`engine/inproc.py`). A request that cannot be served (its adapter is gone, its head unknown, its grammar
+invalid) is refused in `add_request` with an error that names the problem, and everything already accepted
+keeps running. The tokenizer is loaded for the grammar compiler's vocabulary only: nothing here encodes text.
 """
 
 from __future__ import annotations
@@ -13,15 +19,16 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from valora.config import EngineConfig, LoRAConfig, resolve_device, resolve_dtype
 from valora.engine.block_manager import BlockManager
-from valora.engine.detokenizer import IncrementalDetokenizer
+from valora.engine.errors import AdapterNotLoadedError
+from valora.engine.input_processor import eos_token_ids
 from valora.engine.model_runner import ModelRunner, RunInfo
 from valora.engine.preflight import check_engine_config
+from valora.engine.request import EngineCoreOutput, EngineCoreRequest
 from valora.engine.scheduler import Scheduler
 from valora.engine.sequence import Sequence, SequenceStatus
 from valora.engine.structured_outputs import GrammarCompiler
@@ -31,37 +38,15 @@ from valora.lora.request import LoRARequest
 from valora.models.loader import iter_checkpoint
 from valora.models.registry import resolve_family
 from valora.multimodal.cache import EmbeddingCache
-from valora.multimodal.inputs import InputError, ProcessedPrompt, load_image
-from valora.multimodal.video import as_videos, load_video, video_sampling
+from valora.multimodal.inputs import InputError, ProcessedPrompt
 from valora.orchestrator.cost_model import CostTally, StepWork
 from valora.orchestrator.modes import Mode, ModeSwitcher, step_mode
 from valora.orchestrator.policy import Decision, Policy, SchedulerView, StepRecord, make_policy
 from valora.orchestrator.step_log import StepLog
-from valora.outputs import CompletionOutput, HeadOutput, RequestMetrics, RequestOutput
+from valora.outputs import HeadOutput
 from valora.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-PromptType = str | dict[str, Any]
-
-
-@dataclass
-class Request:
-    request_id: str
-    prompt: str | None
-    processed: ProcessedPrompt
-    params: SamplingParams
-    lora_name: str | None
-    seqs: list[Sequence]
-    detoks: list[IncrementalDetokenizer]
-    metrics: RequestMetrics
-    new_text: list[str] = field(default_factory=list)
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when it was first scheduled
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
-
 
 @dataclass
 class InFlight:
@@ -70,7 +55,7 @@ class InFlight:
 
     seqs: list[Sequence]
     num_tokens: list[int]
-    stop_ids: list[set[int]]
+    stop_ids: list[frozenset[int]]
     results: Callable[[], list]
     hot: str | None
     started: float
@@ -130,7 +115,6 @@ class LLMEngine:
             ckpt_dtype = getattr(torch, ckpt_dtype, None)
         self.dtype = resolve_dtype(config.dtype, ckpt_dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
-        self.processor = self.family.processor_cls(model_dir, self.hf_config, self.tokenizer)
         self.model = self._load_model(model_dir)
         self.model.vision_backend = config.multimodal.mm_encoder_attn_backend
         self.clock = time.time
@@ -141,8 +125,8 @@ class LLMEngine:
         self.heads: dict[str, HeadSet | None] = {}  # task heads of each registered adapter (None: it has none)
         if config.enable_lora:
             self._init_lora()
-        self.eos_token_ids = self._eos_ids(model_dir)
-        self.grammars = GrammarCompiler(self.tokenizer, self.model.decoder_config.vocab_size, self.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model.decoder_config.vocab_size,
+                                        eos_token_ids(model_dir, self.tokenizer))
         self.max_model_len = config.max_model_len or getattr(text_cfg, "max_position_embeddings", 4096)
         sc = config.scheduler
         # Chunked prefill splits prompts to fit the budget, which then bounds every step's latency (2048 by default,
@@ -164,7 +148,7 @@ class LLMEngine:
             self.runner.enable_cuda_graphs(sc.max_num_seqs, config.lora.max_loras, capture=not config.enforce_eager)
         self.scheduler = Scheduler(sc, blocks, self.max_batched_tokens,
                                    config.lora.max_loras if config.enable_lora else None)
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Sequence] = {}  # unfinished ones
         self._seq_ids = itertools.count()
         self._inflight: InFlight | None = None  # the launched step whose results the next `step` collects
         self.num_prompt_tokens = self.num_generation_tokens = 0
@@ -212,21 +196,6 @@ class LLMEngine:
         model.eval()
         logger.info("loaded %s weights in %.1f s", model_dir.name, time.perf_counter() - t0)
         return model
-
-    def _eos_ids(self, model_dir: Path) -> set[int]:
-        ids: set[int] = set()
-        try:
-            from transformers import GenerationConfig
-
-            eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-        except OSError:
-            eos = None
-        for e in eos if isinstance(eos, list) else [eos]:
-            if e is not None:
-                ids.add(int(e))
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        return ids
 
     def _num_kv_blocks(self) -> int:
         cc = self.config.cache
@@ -286,7 +255,7 @@ class LLMEngine:
             raise InputError("LoRA is disabled")
         if name not in self.lora_manager.requests:
             raise InputError(f"adapter {name!r} is not loaded")
-        if any(r.lora_name == name and not r.finished for r in self.requests.values()):
+        if any(s.lora_name == name for s in self.requests.values()):
             if name not in self.draining:
                 logger.info("adapter %s takes no new requests; it is unloaded once its running ones finish", name)
             self.draining.add(name)
@@ -320,90 +289,37 @@ class LLMEngine:
         return self.lora_manager.names if self.lora_manager else []
 
     # -- requests -------------------------------------------------------------------------------------------
-    def process_prompt(self, prompt: PromptType) -> tuple[str | None, ProcessedPrompt]:
-        images: list = []
-        videos: list = []
-        limits = self.config.multimodal
-        if isinstance(prompt, str):
-            text, ids = prompt, None
-        elif isinstance(prompt, dict):
-            text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
-            if (text is None) == (ids is None):
-                raise InputError("a prompt dict needs exactly one of 'prompt' or 'prompt_token_ids'")
-            mm = prompt.get("multi_modal_data") or {}
-            unknown = set(mm) - {"image", "video"}
-            if unknown:
-                raise InputError(f"unsupported multi_modal_data keys {sorted(unknown)} (only 'image' and 'video')")
-            raw = mm.get("image", [])
-            images = list(raw) if isinstance(raw, (list, tuple)) else [raw]
-            videos = as_videos(mm.get("video"))
-            if len(videos) > limits.max_videos_per_prompt:
-                raise InputError(f"{len(videos)} videos in one prompt, over the limit of "
-                                 f"{limits.max_videos_per_prompt}")
-            sampling = video_sampling(limits, prompt.get("media_io_kwargs"))
-            videos = [load_video(v, limits, sampling) for v in videos]
-        else:
-            raise InputError(f"prompt must be a string or a dict, not {type(prompt).__name__}")
-        if len(images) > limits.max_images_per_prompt:
-            raise InputError(f"{len(images)} images in one prompt, over the limit of {limits.max_images_per_prompt}")
-        images = [load_image(img, limits) for img in images]
-        if ids is not None:
-            vocab = self.model.decoder_config.vocab_size
-            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-                raise InputError(f"prompt_token_ids must be integers in [0, {vocab})")
-        processed = self.processor(text if ids is None else ids, images, videos)
-        n = len(processed.token_ids)
-        if n == 0:
-            raise InputError("prompt is empty")
-        if n >= self.max_model_len:
-            raise InputError(f"prompt has {n} tokens but the context length (max_model_len) is {self.max_model_len}")
-        return text, processed
-
-    def add_request(
-        self,
-        request_id: str,
-        prompt: PromptType,
-        params: SamplingParams | HeadParams | None = None,
-        lora_request: LoRARequest | None = None,
-        arrival_time: float | None = None,
-        deadline_s: float | None = None,
-    ) -> None:
-        """Queue a request; `deadline_s` (seconds after arrival) lets the valora policy serve it in time.
-        With `HeadParams` the adapter's task head answers after the prefill, and the request ends there."""
-        if request_id in self.requests:
-            raise InputError(f"request id {request_id!r} is already in use")
-        params = params or SamplingParams()
-        lora_name = None
-        if lora_request is not None:
-            self.add_lora(lora_request)
-            lora_name = lora_request.lora_name
-        by_head = isinstance(params, HeadParams)
-        if by_head:
+    def add_request(self, req: EngineCoreRequest) -> None:
+        """Queue a ready request (n = 1). Its adapter must be loaded (`add_lora`) and not being unloaded. With
+        `HeadParams` the adapter's task head answers after the prefill, and the request ends there."""
+        if req.request_id in self.requests:
+            raise InputError(f"request id {req.request_id!r} is already in use")
+        lora_name = req.lora.lora_name if req.lora is not None else None
+        if req.lora is not None:
+            known = self.lora_manager.requests.get(lora_name) if self.lora_manager is not None else None
+            if known is None or known.lora_path != req.lora.lora_path or lora_name in self.draining:
+                raise AdapterNotLoadedError(f"The adapter `{lora_name}` is not loaded", "model_not_found", "model")
+        params = req.params
+        grammar = gen = None
+        if isinstance(params, HeadParams):
             params = self._head_params(params, lora_name)
-        text, processed = self.process_prompt(prompt)
-        grammar = None
-        if not by_head and params.structured_outputs is not None:
-            grammar = self.grammars.compile(params.structured_outputs)
-        now = arrival_time if arrival_time is not None else self.clock()
-        seqs = []
-        for i in range(1 if by_head else params.n):
-            gen = None
-            if not by_head and params.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
-            seq = Sequence(next(self._seq_ids), request_id, i, processed, params, lora_name, now, gen)
-            seq.deadline = now + deadline_s if deadline_s is not None else None
-            if lora_request is not None:
-                info = self.lora_manager.info[lora_name]
-                seq.adapter_key = info.key
-                seq.vision_tag = info.key if info.changes_images else None
-            if grammar is not None:
-                seq.grammar = grammar if i == 0 else grammar.deep_copy()
-            seqs.append(seq)
-        detoks = [] if by_head else [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in seqs]
-        self.requests[request_id] = Request(request_id, text, processed, params, lora_name, seqs, detoks,
-                                            RequestMetrics(arrival_time=now))
-        for seq in seqs:
-            self.scheduler.add(seq)
+        else:
+            if params.n != 1:
+                raise InputError("the engine core runs one sequence per request: fan n out into n requests")
+            if params.structured_outputs is not None:
+                grammar = self.grammars.compile(params.structured_outputs)
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(next(self._seq_ids), req.request_id, 0, req.prompt, params, lora_name, req.arrival_time, gen)
+        seq.stop_ids = req.stop_token_ids
+        seq.deadline = req.arrival_time + req.deadline_s if req.deadline_s is not None else None
+        if req.lora is not None:
+            info = self.lora_manager.info[lora_name]
+            seq.adapter_key = info.key
+            seq.vision_tag = info.key if info.changes_images else None
+        seq.grammar = grammar
+        self.requests[req.request_id] = seq
+        self.scheduler.add(seq)
 
     def _head_params(self, params: HeadParams, lora_name: str | None) -> HeadParams:
         """`params` with the head that will answer named (checked now, so the step never fails on it)."""
@@ -418,13 +334,10 @@ class LLMEngine:
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
-            req = self.requests.pop(rid, None)
-            if req is None:
-                continue
-            for seq in req.seqs:
-                if not seq.finished:
-                    self.scheduler.remove(seq)
-                    seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            seq = self.requests.pop(rid, None)
+            if seq is not None:
+                self.scheduler.remove(seq)
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
 
     abort = abort_request
 
@@ -470,14 +383,6 @@ class LLMEngine:
         return len(self.requests)
 
     # -- the step -------------------------------------------------------------------------------------------
-    def _stop_ids(self, seq: Sequence) -> set[int]:
-        if isinstance(seq.params, HeadParams):
-            return set()
-        ids = set(seq.params.stop_token_ids)
-        if not seq.params.ignore_eos:
-            ids |= self.eos_token_ids
-        return ids
-
     def _decide(self) -> Decision:
         if self.policy is None:
             return Decision()
@@ -506,31 +411,25 @@ class LLMEngine:
             ready[name] = manager.ready(name, load=len(ready) < lookahead)
         return ready
 
-    def _fail_unloadable(self) -> list[RequestOutput]:
+    def _fail_unloadable(self) -> list[EngineCoreOutput]:
         """Requests whose adapter could not be reloaded (its directory changed) end with the reason."""
         failed = self.lora_manager.failed if self.lora_manager else {}
         outputs = []
-        for req in [r for r in self.requests.values() if r.lora_name in failed]:
-            for seq in req.seqs:
-                if not seq.finished:
-                    self.scheduler.remove(seq)
-                    seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
-            out = self._output(req)
-            out.extra["error"] = f"adapter {req.lora_name!r} became unavailable: {failed[req.lora_name]}"
-            outputs.append(out)
-            del self.requests[req.request_id]
+        for seq in [s for s in self.requests.values() if s.lora_name in failed]:
+            self.abort_request(seq.request_id)
+            outputs.append(EngineCoreOutput(seq.request_id, [], finish_reason="abort", error=(
+                f"adapter {seq.lora_name!r} became unavailable: {failed[seq.lora_name]}")))
         return outputs
 
     def _unload_drained(self) -> None:
-        busy = {r.lora_name for r in self.requests.values()}
+        busy = {s.lora_name for s in self.requests.values()}
         for name in [n for n in self.draining if n not in busy]:
             self.remove_lora(name)
 
-    def step(self) -> list[RequestOutput]:
-        """One model step's outputs. The step is collected from the device, the next one is launched, and only
-        then, while the device runs that one, are the collected tokens turned into text and outputs:
-        detokenisation, stop strings and output building stay off the device's critical path. A sequence that
-        ends on a stop string is found one step late; the token it got in the meantime is dropped."""
+    def step(self) -> list[EngineCoreOutput]:
+        """One model step's new tokens. The launched step is collected from the device and the next one is
+        launched before its outputs are built, so the device never waits for the host's bookkeeping; text is
+        made from them elsewhere (the front end's output processor), never on this loop."""
         failed = self._fail_unloadable()
         if self._inflight is None and not self._launch():  # an idle engine: nothing to collect yet
             self._unload_drained()
@@ -540,7 +439,7 @@ class LLMEngine:
         if self.step_log is not None:  # while the device runs the step just launched
             self.step_log.write(self._unlogged)
             self._unlogged.clear()
-        outputs = failed + self._finish(done)
+        outputs = failed + [self._output(s) for s in done]
         if not launched or self.draining:
             self._unload_drained()
         return outputs
@@ -568,11 +467,10 @@ class LLMEngine:
             merged_bytes = self._merge_bytes_of(decision.hot) if switch_s and rewrites else 0
         scheduled_at = self.clock()
         for seq in sched.seqs:
-            req = self.requests[seq.request_id]
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = scheduled_at  # queue time ends here, before this step's prefill
-                req.num_cached_tokens = seq.num_computed  # what the prefix cache gave it
-        stop_ids = [self._stop_ids(s) for s in sched.seqs]
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = scheduled_at  # queue time ends here, before this step's prefill
+                seq.num_cached_tokens = seq.num_computed  # what the prefix cache gave it
+        stop_ids = [s.stop_ids for s in sched.seqs]
         results = self.runner.launch(sched.seqs, sched.num_tokens, slots, stop_ids, slots.get(decision.hot))
         if self.lora_manager is not None:  # fill free slots for the next requests in line, off the critical path
             upcoming = [s.lora_name for s in self.scheduler.waiting if s.lora_name and ready.get(s.lora_name)]
@@ -595,18 +493,17 @@ class LLMEngine:
         now = self.clock()
         kept = []
         for seq, n, token, stop in zip(seqs, step.num_tokens, tokens, step.stop_ids):
-            if seq.finished:  # aborted, or ended on a stop string while this step ran: drop its token
+            if seq.finished:  # aborted while this step ran (a stop string, say): drop its token
                 continue
             self.num_prompt_tokens += max(0, min(seq.num_computed + n, seq.prompt_len) - seq.num_computed)
             seq.num_computed += n
             self.blocks.cache_blocks(seq)
             if seq.num_computed < len(seq):  # a chunk of its prompt
                 continue
-            req = self.requests[seq.request_id]
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
+            if seq.first_token_time is None:
+                seq.first_token_time = now
             if seq in answers:  # answered by its head: done after the prefill
-                seq.head_output, seq.output_text = answers[seq], answers[seq].label
+                seq.head_output = answers[seq]
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, "stop"
             else:
                 seq.output_ids.append(token)
@@ -614,6 +511,7 @@ class LLMEngine:
                 self._check_stop_token(seq, token, stop)
             if seq.finished:
                 self.scheduler.remove(seq)
+                del self.requests[seq.request_id]
             kept.append(seq)
         return kept
 
@@ -643,27 +541,6 @@ class LLMEngine:
             self._unlogged.append(record)
         self.policy.observe(record)
 
-    def _finish(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        """Text, stop strings and outputs for the collected step (while the next one runs on the device)."""
-        now = self.clock()
-        touched: dict[str, Request] = {}
-        for seq in seqs:
-            req = self.requests.get(seq.request_id)
-            if req is None:  # aborted meanwhile
-                continue
-            if seq.head_output is None:
-                self._check_stop_text(seq, req)
-            if seq.finished:
-                self.scheduler.remove(seq)
-            touched[req.request_id] = req
-        outputs = []
-        for req in touched.values():
-            outputs.append(self._output(req))
-            if req.finished:
-                req.metrics.finished_time = now
-                del self.requests[req.request_id]
-        return outputs
-
     def _answer_heads(self, seqs: list[Sequence], results: list) -> dict[Sequence, HeadOutput]:
         """Head answers for the sequences that asked for one and finished their prompt (their step result is their
         last hidden state)."""
@@ -690,27 +567,10 @@ class LLMEngine:
         if reason is not None:
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
-    def _check_stop_text(self, seq: Sequence, req: Request) -> None:
-        """The new text of `seq` (through its last token), and the ends decided by it: stop strings."""
-        p = seq.params
-        detok = req.detoks[seq.index]
-        prev = len(seq.output_text)
-        seq.output_text += detok.step(seq.output_ids, final=seq.finished)
-        if p.stop and len(seq.output_ids) >= p.min_tokens and seq.finish_reason != "abort":
-            longest = max(len(s) for s in p.stop)
-            window_start = max(0, prev - longest + 1)
-            hits = [(seq.output_text.find(s, window_start), s) for s in p.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                i, s = min(hits)
-                seq.output_text = seq.output_text[: i + len(s) if p.include_stop_str_in_output else i]
-                seq.status, seq.finish_reason, seq.stop_reason = SequenceStatus.FINISHED, "stop", s
-
-    def _output(self, req: Request) -> RequestOutput:
-        completions = [
-            CompletionOutput(s.index, s.output_text, list(s.output_ids), s.finish_reason, s.stop_reason,
-                             list(s.logprobs) if s.logprobs is not None else None, s.head_output)
-            for s in req.seqs
-        ]
-        return RequestOutput(req.request_id, req.prompt, req.processed.token_ids, completions, req.finished,
-                             req.lora_name, req.metrics, req.num_cached_tokens)
+    @staticmethod
+    def _output(seq: Sequence) -> EngineCoreOutput:
+        """What the collected step did to `seq`: its new token (or its head's answer) and its end, if any."""
+        new = [] if seq.head_output is not None else seq.output_ids[-1:]
+        logprobs = seq.logprobs[-1:] if seq.logprobs and new else None
+        return EngineCoreOutput(seq.request_id, new, logprobs, seq.finish_reason, seq.stop_reason, seq.head_output,
+                                seq.first_scheduled_time, seq.first_token_time, seq.num_cached_tokens)

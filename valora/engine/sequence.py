@@ -35,8 +35,8 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV is in the cache (a prompt in chunks: those done so far)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    output_text: str = ""
+    stop_reason: int | None = None  # the stop token id that ended it
+    stop_ids: frozenset[int] = frozenset()  # token ids that end it (EOS unless ignored, and the params' stop ids)
     image_embeds: list[torch.Tensor | None] = field(default_factory=list)  # kept across preemption
     num_preemptions: int = 0
     deadline: float | None = None  # absolute time by which the request should finish, if it has one
@@ -50,6 +50,9 @@ class Sequence:
     head_output: HeadOutput | None = None  # the answer of its task head, when a head answered it
     grammar: Any = None  # its structured-output matcher (llguidance), advanced with every accepted token
     penalty_counts: torch.Tensor | None = None  # [2, V] on the device: generated-token counts, prompt presence
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when it was first scheduled
 
     def __post_init__(self) -> None:
         self.image_embeds = [None] * len(self.prompt.images)

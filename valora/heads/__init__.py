@@ -7,8 +7,9 @@ beside it in the adapter directory (`artifact.py` describes the files); the engi
 for a head (`HeadParams`) after its prefill and finishes it with no decode step.
 """
 
-from valora.heads.artifact import HeadSet, load_heads, save_heads
+from valora.heads.artifact import HeadNames, HeadSet, load_heads, save_heads
 from valora.heads.modules import HeadConfig, TaskHead, answer_all, pool_last
 from valora.heads.params import HeadParams
 
-__all__ = ["HeadConfig", "HeadParams", "HeadSet", "TaskHead", "answer_all", "load_heads", "pool_last", "save_heads"]
+__all__ = ["HeadConfig", "HeadNames", "HeadParams", "HeadSet", "TaskHead", "answer_all", "load_heads", "pool_last",
+           "save_heads"]

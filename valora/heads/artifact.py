@@ -28,22 +28,38 @@ FORMAT, VERSION = "valora-heads", 1
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-@dataclass
-class HeadSet:
-    heads: dict[str, TaskHead]
+@dataclass(frozen=True)
+class HeadNames:
+    """Which heads an adapter has and which is its default: all a front end needs to route and check requests
+    (the heads' weights stay with the engine core)."""
+
+    names: tuple[str, ...]
     default: str | None = None
 
     def resolve(self, name: str | None) -> str:
         """The head a request gets: the one it names, else the default one, else the only one."""
         if name is not None:
-            if name not in self.heads:
-                raise KeyError(f"no head {name!r}; this adapter has {', '.join(sorted(self.heads))}")
+            if name not in self.names:
+                raise KeyError(f"no head {name!r}; this adapter has {', '.join(sorted(self.names))}")
             return name
         if self.default is not None:
             return self.default
-        if len(self.heads) == 1:
-            return next(iter(self.heads))
-        raise KeyError(f"this adapter has several heads ({', '.join(sorted(self.heads))}): name one")
+        if len(self.names) == 1:
+            return self.names[0]
+        raise KeyError(f"this adapter has several heads ({', '.join(sorted(self.names))}): name one")
+
+
+@dataclass
+class HeadSet:
+    heads: dict[str, TaskHead]
+    default: str | None = None
+
+    @property
+    def names(self) -> HeadNames:
+        return HeadNames(tuple(self.heads), self.default)
+
+    def resolve(self, name: str | None) -> str:
+        return self.names.resolve(name)
 
 
 def save_heads(out_dir: str | Path, heads: dict[str, TaskHead], default: str | None = None) -> None:

@@ -17,14 +17,20 @@ from valora.multimodal.pixels import to_rgb
 
 
 class InputError(UserError):
-    """A request that cannot be served as given; the message names the problem."""
+    """A request that cannot be served as given; the message names the problem. `code` and `param` (OpenAI's
+    error fields) say what kind of problem and which request field, where the raiser knows better than the
+    caller's default."""
+
+    def __init__(self, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.param = code, param
 
 
 class MediaError(InputError):
     """An image or video of the request that cannot be read or fetched (`kind` says which)."""
 
     def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message, f"invalid_{kind}", "messages")
         self.kind = kind
 
 

@@ -1,6 +1,7 @@
 """The FastAPI application: routes, API-key check, body-size limit and OpenAI-shaped errors.
 
-`build_app` takes a ready `LLMEngine`; the engine thread starts with the app and stops with it. The key is checked
+`build_app` takes the address of a running engine core (`engine/core_proc.py`) and what it said at start-up; the app
+connects to it when it starts, and each request goes through this process's `AsyncEngine`. The key is checked
 before anything reads the body (a request without it costs no buffering and gets 401 even when its body is not
 JSON); the body limit counts bytes as they are read (FastAPI's `max_body_size`), so nothing is buffered twice.
 """
@@ -23,13 +24,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from tqdm.auto import tqdm
 
 from valora import __version__
-from valora.engine.llm_engine import LLMEngine
+from valora.config import EngineConfig
+from valora.engine.core_host import CoreInfo
+from valora.engine.errors import AdapterNotLoadedError, EngineDeadError, QueueFullError
+from valora.engine.input_processor import InputProcessor
 from valora.lora.adapter import AdapterError
 from valora.multimodal.inputs import InputError
-from valora.server.async_engine import AsyncEngine, ClientDisconnectedError, EngineDeadError, QueueFullError
+from valora.server.async_engine import AsyncEngine, ClientDisconnectedError
 from valora.server.errors import APIError, bad_request, not_found
 from valora.server.logs import logger
 from valora.server.metrics import CONTENT_TYPE, ServerMetrics, StatsLogger
@@ -70,6 +73,11 @@ class ServerConfig:
     log_requests: bool = True  # one line per request
     log_stats: bool = True  # the periodic stats line
     vllm_compatible_metrics: bool = False  # also export the metrics vLLM has under its `vllm:` names
+    api_server_count: int = 1
+
+    def max_in_flight(self, engine: EngineConfig) -> int:
+        """Sequences the server holds at once: the running batch plus the waiting queue."""
+        return engine.scheduler.max_num_seqs + self.max_queued_requests
 
 
 class APIKeyAuth:
@@ -161,15 +169,12 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _INFERENCE_ERRORS = _errors(400, 401, 404, 413, 503)
 
 
-def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
-    """Loads `config.lora_modules` into `engine` (an adapter that cannot be served raises `AdapterError`)."""
-    models = ServedModels(config.served_model_names, str(engine.config.model), engine.max_model_len,
+def build_app(engine_config: EngineConfig, core_address: str, core_info: CoreInfo, config: ServerConfig) -> FastAPI:
+    """The app of one API-server process for the engine core at `core_address`."""
+    models = ServedModels(config.served_model_names, str(engine_config.model), core_info.max_model_len,
                           config.lora_root)
-    for name, path in tqdm(config.lora_modules, desc="Loading adapters", unit="adapter", disable=None):
-        lora = models.new_adapter(name, path, confine=False)  # operator-given paths are trusted
-        engine.add_lora(lora)
-        models.adapters[name] = lora
-    async_engine = AsyncEngine(engine, config.max_queued_requests, admit=models.check_served)
+    inputs = InputProcessor(engine_config, core_info.max_model_len)
+    async_engine = AsyncEngine(core_address, inputs, config.max_in_flight(engine_config), models.apply)
     metrics = async_engine.metrics = ServerMetrics(models.name, lambda: async_engine.stats,
                                                    config.vllm_compatible_metrics)
     serving = OpenAIServing(async_engine, models, config.allowed_local_media_path,
@@ -177,12 +182,14 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async_engine.start()
-        stats_task = asyncio.create_task(StatsLogger(lambda: async_engine.stats).run()) if config.log_stats else None
+        await async_engine.start()
+        stats_task = None
+        if config.log_stats:
+            stats_task = asyncio.create_task(StatsLogger(lambda: async_engine.stats).run(async_engine.refresh_stats))
         yield
         if stats_task is not None:
             stats_task.cancel()
-        async_engine.stop()
+        await async_engine.stop()
         serving.close()
 
     app = FastAPI(title="VaLoRA", description="OpenAI-compatible multi-LoRA multimodal server",
@@ -219,6 +226,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
+        await async_engine.refresh_stats()
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @v1.get("/models", response_model=ModelList)
@@ -245,25 +253,19 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     @v1.post("/load_lora_adapter", response_class=PlainTextResponse, responses=_errors(400, 413, 503))
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
         lora = models.new_adapter(body.lora_name, body.lora_path)
-        try:
+        try:  # in the core, which tells every front end (this one included) before it answers
             await serving.load_adapter(lora)
         except (AdapterError, InputError) as e:
             raise bad_request(f"failed to load adapter {body.lora_name!r}: {e}", "adapter_load_failed",
                               "lora_path") from e
-        return PlainTextResponse(f"Success: LoRA adapter '{lora.lora_name}' added successfully.")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @v1.post("/unload_lora_adapter", response_class=PlainTextResponse, responses=_errors(400, 404, 413, 503))
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
         if body.lora_name not in models.adapters:
             raise not_found(f"The adapter `{body.lora_name}` is not loaded", "adapter_not_found", "lora_name")
-
-        def unload(engine: LLMEngine) -> bool:
-            gone = engine.remove_lora(body.lora_name)
-            del models.adapters[body.lora_name]  # new requests for it are refused from now on
-            return gone
-
-        try:
-            gone = await async_engine.call(unload)
+        try:  # new requests for it are refused from now on, by the core and by every front end
+            gone = await async_engine.client.call("unload_lora", body.lora_name)
         except (AdapterError, InputError) as e:
             raise bad_request(f"cannot unload adapter {body.lora_name!r}: {e}", "adapter_unload_failed",
                               "lora_name") from e
@@ -362,9 +364,15 @@ def _install_error_handlers(app: FastAPI, config: ServerConfig) -> None:
     async def disconnected(request: Request, exc: ClientDisconnectedError):
         return Response(status_code=499)  # nobody reads it; the request was aborted and logged
 
+    @app.exception_handler(AdapterNotLoadedError)
+    async def adapter_gone(request: Request, exc: AdapterNotLoadedError):
+        # resolved while it was loaded, refused by the core: it was unloaded while the request was prepared
+        return log(request, not_found(f"{exc}; it was unloaded", "model_not_found", "model"))
+
     async def engine_refused(request: Request, exc: ValueError):
-        # raised by the engine itself when a request passed the server's checks but not the engine's
-        return log(request, bad_request(str(exc), "invalid_request"))
+        # refused by the input processor or the core after the server's own checks (a call that never fits)
+        code, param = getattr(exc, "code", None), getattr(exc, "param", None)
+        return log(request, bad_request(str(exc), code or "invalid_request", param))
 
     app.add_exception_handler(InputError, engine_refused)
     app.add_exception_handler(AdapterError, engine_refused)

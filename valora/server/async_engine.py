@@ -1,222 +1,219 @@
-"""One `LLMEngine` driven by one dedicated thread, fed from the asyncio event loop.
+"""`AsyncEngine`: the server's front end to the engine core, on the event loop of one API-server process.
 
-The engine is not thread-safe, so everything that touches it (adding, aborting, loading adapters, stepping)
-runs on the engine thread: coroutines queue commands, and the thread runs them between steps. Outputs go
-back to per-request asyncio queues with `call_soon_threadsafe`, one hand-off per step. The event loop never
-waits on a step, and a step never waits on a client.
+It owns what happens to a request outside the core: admission (capacity is counted from the moment a request is
+accepted, preprocessing included), the input processor's result turned into the core's requests (`n` fanned
+out), the add and its acknowledgement (before any response starts), and the output processor, which turns the
+core's per-step token deltas into `RequestOutput`s for each request's stream and aborts what ends on a stop
+string. The core runs elsewhere (`engine/core_proc.py`); only ready inputs and token deltas cross over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import queue
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
 
-from valora.engine.llm_engine import EngineStats, LLMEngine, PromptType
+from valora.engine.core_client import CoreClient
+from valora.engine.core_host import AdapterEvent, CoreInfo
+from valora.engine.errors import EngineDeadError, check_capacity
+from valora.engine.input_processor import InputProcessor
+from valora.engine.llm_engine import EngineStats
+from valora.engine.output_processor import OutputProcessor
+from valora.engine.request import EngineCoreOutput
+from valora.heads.params import HeadParams
 from valora.lora.request import LoRARequest
+from valora.multimodal.inputs import ProcessedPrompt
 from valora.outputs import RequestOutput
 from valora.sampling_params import SamplingParams
 from valora.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped on an error; nothing more can be served."""
-
-
-class QueueFullError(RuntimeError):
-    """More requests are in flight than the running batch and the waiting queue may hold."""
 
 
 class ClientDisconnectedError(Exception):
     """The client went away before its request finished; the request has been aborted."""
 
 
-class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queued: int, metrics: ServerMetrics | None = None,
-                 poll_interval: float = 0.5, admit: Callable[[LoRARequest], None] | None = None) -> None:
-        """`admit(lora)` runs on the engine thread right before a request for that adapter is added; it may
-        raise to refuse the request."""
-        self.engine = engine
-        self.admit = admit
-        self.max_in_flight = engine.config.scheduler.max_num_seqs + max_queued
-        self.metrics = metrics
-        self.poll_interval = poll_interval
-        self.stats: EngineStats = engine.stats()  # replaced (never mutated) by the engine thread
-        self.error: BaseException | None = None
-        self._commands: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], asyncio.Future | None]] = (
-            queue.SimpleQueue()
-        )
-        self._wake = threading.Event()
-        self._stopping = False
-        self._streams: dict[str, asyncio.Queue] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+@dataclass
+class Prepared:
+    """One prompt of an API call, processed and checked: what the core will run."""
 
-    # -- life cycle (called on the event loop) ------------------------------------------------------------
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="valora-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+    request_id: str
+    text: str | None
+    processed: ProcessedPrompt
+    params: SamplingParams | HeadParams
+    lora: LoRARequest | None
 
     @property
-    def num_in_flight(self) -> int:
-        return len(self._streams)
+    def num_sequences(self) -> int:
+        return 1 if isinstance(self.params, HeadParams) else self.params.n
 
-    def check_capacity(self, new: int = 1) -> None:
+
+@dataclass
+class Admission:
+    """Room for `count` sequences, held from acceptance until the call ends."""
+
+    engine: AsyncEngine
+    count: int
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.engine.num_in_flight -= self.count
+
+
+class AsyncEngine:
+    def __init__(self, address: str, input_processor: InputProcessor, max_in_flight: int,
+                 on_adapter: Callable[[AdapterEvent], None], metrics: ServerMetrics | None = None,
+                 poll_interval: float = 0.5) -> None:
+        self.input_processor = input_processor
+        self.output_processor = OutputProcessor(input_processor.tokenizer)
+        self.max_in_flight = max_in_flight
+        self.metrics = metrics
+        self.poll_interval = poll_interval
+        self.on_adapter = on_adapter
+        self.client = CoreClient(address, self._on_outputs, on_adapter, self._on_dead)
+        self.num_in_flight = 0  # sequences accepted by this front end and not finished
+        self.stats: EngineStats | None = None  # the core's, as of the last `refresh_stats`
+        self._calls: dict[str, _Call] = {}  # request id (one prompt) -> the call it belongs to
+
+    @property
+    def error(self) -> EngineDeadError | None:
+        return self.client.error
+
+    async def start(self) -> CoreInfo:
+        info = await self.client.start()
+        for event in info.adapters:
+            self.on_adapter(event)
+        self.stats = await self.client.call("stats")
+        return info
+
+    async def stop(self) -> None:
+        await self.client.close()
+
+    async def refresh_stats(self, timeout_s: float = 5.0) -> EngineStats | None:
+        if self.error is None:
+            with contextlib.suppress(TimeoutError, EngineDeadError):
+                self.stats = await asyncio.wait_for(self.client.call("stats"), timeout_s)
+        return self.stats
+
+    # -- admission and adds ---------------------------------------------------------------------------------
+    def admit(self, count: int) -> Admission:
+        """Hold room for `count` sequences (prompts x n) from now on, or refuse: `EngineDeadError`, `InputError`
+        for a call that could never fit, `QueueFullError` when it does not fit now."""
         if self.error is not None:
-            raise EngineDeadError(f"the engine stopped: {self.error}")
-        if self.num_in_flight + new > self.max_in_flight:
-            raise QueueFullError(f"{self.num_in_flight} requests in flight; the server takes at most "
-                                 f"{self.max_in_flight} (running batch plus waiting queue)")
+            raise self.error
+        check_capacity(self.num_in_flight, count, self.max_in_flight)
+        self.num_in_flight += count
+        return Admission(self, count)
 
-    # -- commands -----------------------------------------------------------------------------------------
-    def _submit(self, fn: Callable[[LLMEngine], Any], fut: asyncio.Future | None = None) -> None:
-        self._commands.put((fn, fut))
-        self._wake.set()
-
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run `fn(engine)` on the engine thread between steps; its result or exception comes back here."""
-        if self.error is not None:
-            raise EngineDeadError(f"the engine stopped: {self.error}")
-        fut = self._loop.create_future()
-        self._submit(fn, fut)
-        return await fut
-
-    def abort(self, request_id: str) -> None:
-        self._submit(lambda engine: engine.abort_request(request_id))
-
-    # -- requests -----------------------------------------------------------------------------------------
-    async def generate(
-        self,
-        request_id: str,
-        prompt: PromptType,
-        params: SamplingParams,
-        lora: LoRARequest | None = None,
-        arrival_time: float | None = None,
-        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as it progresses (each carries the full text so far); the last one is
-        finished. Leaving early, for any reason, aborts the request and frees its KV blocks."""
-        self.check_capacity()
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = q
-        finished = False
+    async def add(self, admission: Admission, prepared: list[Prepared], arrival_time: float,
+                  is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> CallOutputs:
+        """Queue one API call's prompts in the core; returns once the core accepted them all (or raises its
+        refusal: nothing of the call is left anywhere)."""
+        call = _Call(self, admission, prepared, is_disconnected)
+        reqs = []
+        for p in prepared:
+            self.output_processor.add_request(p.request_id, p.text, p.processed.token_ids, p.params,
+                                              p.lora.lora_name if p.lora else None, arrival_time)
+            self._calls[p.request_id] = call
+            reqs += self.input_processor.core_requests(p.request_id, p.processed, p.params, p.lora, arrival_time)
         try:
-            await self.call(lambda engine: self._add(engine, request_id, prompt, params, lora, arrival_time))
-            next_check = time.monotonic() + self.poll_interval
-            while not finished:
-                out = await self._next(q, self.poll_interval if is_disconnected else None)
-                if is_disconnected is not None and time.monotonic() >= next_check:
-                    if await is_disconnected():
-                        raise ClientDisconnectedError()
-                    next_check = time.monotonic() + self.poll_interval
-                if out is not None:
-                    finished = out.finished
-                    yield out
-        finally:
-            del self._streams[request_id]
-            if not finished:  # also when the add was cancelled while queued: the abort runs after it
-                self.abort(request_id)
+            await self.client.add(reqs)
+        except BaseException:
+            call.forget()
+            raise
+        return CallOutputs(call)
 
-    def _add(self, engine: LLMEngine, request_id: str, prompt, params, lora, arrival_time) -> None:
-        if lora is not None and self.admit is not None:
-            self.admit(lora)
-        engine.add_request(request_id, prompt, params, lora, arrival_time)
-
-    @staticmethod
-    async def _next(q: asyncio.Queue, timeout: float | None) -> RequestOutput | None:
-        """The newest output (older ones are superseded: text is cumulative), the request's error, or None
-        when `timeout` passes first."""
-        try:
-            item = await asyncio.wait_for(q.get(), timeout)
-        except TimeoutError:
-            return None
-        while not q.empty() and not isinstance(item, BaseException) and not item.finished:
-            item = q.get_nowait()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            q = self._streams.get(out.request_id)
-            if q is not None:
-                q.put_nowait(out)
+    # -- core events (on the event loop) ------------------------------------------------------------------------
+    def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+        processed = self.output_processor.process_outputs(outputs, time.time())
+        self.client.abort(processed.reqs_to_abort)
+        for out in processed.request_outputs:
+            call = self._calls.get(out.request_id)
+            if call is not None:
+                call.deliver(out)
             if out.finished and self.metrics is not None:
                 self.metrics.finished(out)
 
-    def _fail_all(self, error: BaseException) -> None:
-        dead = EngineDeadError(f"the engine stopped: {error}")
-        for q in self._streams.values():
-            q.put_nowait(dead)
+    def _on_dead(self, error: EngineDeadError) -> None:
+        for call in set(self._calls.values()):
+            call.queue.put_nowait(error)
 
-    # -- the engine thread --------------------------------------------------------------------------------
-    def _run(self) -> None:
+
+@dataclass(eq=False)
+class _Call:
+    engine: AsyncEngine
+    admission: Admission
+    prepared: list[Prepared]
+    is_disconnected: Callable[[], Awaitable[bool]] | None
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    index: dict[str, int] = field(init=False)
+    finished: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.index = {p.request_id: i for i, p in enumerate(self.prepared)}
+
+    def deliver(self, out: RequestOutput) -> None:
+        self.queue.put_nowait((self.index[out.request_id], out))
+        if out.finished:
+            self.finished.add(out.request_id)
+            self.engine._calls.pop(out.request_id, None)
+            if len(self.finished) == len(self.prepared):
+                self.admission.release()
+
+    def forget(self) -> None:
+        """Drop what is left of the call: its unfinished requests are aborted in the core."""
+        engine = self.engine
+        for p in self.prepared:
+            engine._calls.pop(p.request_id, None)
+            engine.client.abort(engine.output_processor.abort_request(p.request_id))
+        self.admission.release()
+
+
+class CallOutputs:
+    """One API call's outputs as they come: (prompt index, its `RequestOutput` so far). Outputs are cumulative,
+    so one that a newer one of the same prompt supersedes is skipped. Leaving early aborts what is unfinished."""
+
+    def __init__(self, call: _Call) -> None:
+        self.call = call
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        call = self.call
+        done = 0
+        next_check = time.monotonic() + call.engine.poll_interval
         try:
-            while not self._stopping:
-                self._wake.clear()
-                self._run_commands()
-                if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
-                    self.stats = self.engine.stats()
-                    if outputs:
-                        self._loop.call_soon_threadsafe(self._deliver, outputs)
-                    else:  # nothing could be scheduled this step; do not spin
-                        self._wake.wait(0.005)
-                else:
-                    self.stats = self.engine.stats()
-                    self._wake.wait()
-        except BaseException as e:
-            logger.exception("engine loop failed; the server cannot serve any more requests")
-            self.error = e
-            self._loop.call_soon_threadsafe(self._fail_all, e)
-            self._fail_commands(e)
+            while done < len(call.prepared):
+                try:
+                    item = await asyncio.wait_for(call.queue.get(), call.engine.poll_interval
+                                                  if call.is_disconnected else None)
+                except TimeoutError:
+                    item = None
+                if call.is_disconnected is not None and time.monotonic() >= next_check:
+                    if await call.is_disconnected():
+                        raise ClientDisconnectedError()
+                    next_check = time.monotonic() + call.engine.poll_interval
+                if item is None:
+                    continue
+                for i, out in self._newest(item):
+                    done += out.finished
+                    yield i, out
+        finally:
+            call.forget()
 
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                fn, fut = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                result = fn(self.engine)
-            except Exception as e:
-                if fut is not None:
-                    self._loop.call_soon_threadsafe(_settle, fut, None, e)
-                else:
-                    logger.warning("engine command failed: %s", e)
-            else:
-                if fut is not None:
-                    self._loop.call_soon_threadsafe(_settle, fut, result, None)
+    def _newest(self, first) -> list[tuple[int, RequestOutput]]:
+        items = [first]
+        while not self.call.queue.empty():
+            items.append(self.call.queue.get_nowait())
+        errors = [e for e in items if isinstance(e, BaseException)]
+        if errors:
+            raise errors[0]
+        newest: dict[int, RequestOutput] = {}
+        for i, out in items:
+            newest[i] = out
+        return list(newest.items())
 
-    def _fail_commands(self, error: BaseException) -> None:
-        dead = EngineDeadError(f"the engine stopped: {error}")
-        while True:
-            try:
-                _, fut = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if fut is not None:
-                self._loop.call_soon_threadsafe(_settle, fut, None, dead)
-
-
-def _settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if fut.done():  # the caller was cancelled (e.g. its client went away) while the command waited
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)

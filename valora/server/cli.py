@@ -188,6 +188,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout-request-body", type=float, default=60.0, metavar="S",
                    help="close a connection whose request body takes longer than this after its headers "
                         "(default: 60)")
+    g.add_argument("--api-server-count", type=int, default=1, metavar="N",
+                   help="HTTP front-end processes (HTTP, images, chat template, tokenising, detokenising) on the "
+                        "same port, in front of the one engine-core process (default: 1)")
     g.add_argument("--limit-concurrency", type=int, default=None, metavar="N",
                    help="open connections (and requests) beyond which uvicorn answers 503 "
                         "(default: --max-num-seqs + --max-queued-requests + 128)")
@@ -242,11 +245,12 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from valora.engine.llm_engine import LLMEngine
     from valora.engine.preflight import check_engine_config
-    from valora.server.app import ServerConfig, build_app
+    from valora.server.app import ServerConfig
     from valora.server.launch import ConnectionLimits, bind, serve
 
+    if args.api_server_count < 1:
+        raise UserError("--api-server-count must be at least 1")
     engine_cfg = engine_config(args)
     check_engine_config(engine_cfg)
     check_paths(args)
@@ -259,11 +263,10 @@ def run(args: argparse.Namespace) -> int:
         log_requests=not args.disable_log_requests, log_stats=not args.disable_log_stats,
         lora_resolver=args.enable_lora_resolver,
         vllm_compatible_metrics=args.vllm_compatible_metrics,
+        api_server_count=args.api_server_count,
     )
     concurrency = args.limit_concurrency or args.max_num_seqs + args.max_queued_requests + 128
     limits = ConnectionLimits(args.timeout_keep_alive, args.timeout_request_header, args.timeout_request_body,
                               concurrency)
     with sock:
-        app = build_app(LLMEngine(engine_cfg), config)
-        serve(app, sock, limits)
-    return 0
+        return serve(engine_cfg, config, sock, limits)

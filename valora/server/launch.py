@@ -1,4 +1,8 @@
-"""Run the app with uvicorn: in the foreground (`valora serve`), or on a background thread (the demo).
+"""Start a server: the engine core in its own process, and the HTTP front end(s) that talk to it.
+
+`serve` is `valora serve`: the core, then one API server in this process, or `api_server_count` of them in child
+processes sharing the one listening socket. `LocalServer` runs the same pieces for the demo, benchmarks and tests,
+with the HTTP front end on a background thread of this process.
 
 uvicorn bounds idle keep-alive connections (`timeout_keep_alive`) and, with `limit_concurrency`, how many
 connections and requests it takes before answering 503; it has no deadline for reading a request (its keep-alive
@@ -11,18 +15,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import multiprocessing
+import os
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import h11
 import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from valora.config import EngineConfig
 from valora.errors import UserError
 from valora.server.logs import logger
+
+if TYPE_CHECKING:  # the engine's modules import torch: only `serve` and `LocalServer` need them
+    from valora.engine.core_host import CoreInfo
+    from valora.engine.core_proc import CoreProcess, LogSetup
 
 
 @dataclass
@@ -128,11 +141,80 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app: ASGIApp, sock: socket.socket, limits: ConnectionLimits | None = None) -> None:
-    """Serve on a socket from `bind` until SIGINT / SIGTERM."""
+def start_core(engine: EngineConfig, config, in_thread: bool = False) -> CoreProcess:
+    """The engine core for a server of `config` (a `ServerConfig`), starting (it loads the model and adapters
+    while the caller goes on: `wait_ready()` before using it)."""
+    from valora.engine.core_proc import CoreProcess
+
+    return CoreProcess(engine, config.lora_modules, config.max_in_flight(engine), in_thread=in_thread)
+
+
+def serve(engine: EngineConfig, config, sock: socket.socket, limits: ConnectionLimits | None = None) -> int:
+    """`valora serve` on a socket from `bind` until SIGINT / SIGTERM; the exit status (1 when the engine core
+    could not start)."""
+    limits = limits or ConnectionLimits()
+    core = start_core(engine, config)
+    from valora.server.app import build_app  # imported while the core loads
+
+    try:
+        core.wait_ready()
+    except RuntimeError as e:
+        logger.error("cannot start: %s", e)
+        return 1
+    try:
+        host, port = sock.getsockname()[:2]
+        logger.info("serving on http://%s:%d (Ctrl-C stops)", f"[{host}]" if ":" in host else host, port)
+        if config.api_server_count == 1:
+            app = build_app(engine, core.address, core.info, config)
+            uvicorn.Server(_config(app, host, port, limits)).run(sockets=[sock])
+        else:
+            _run_api_servers(engine, config, core, sock, limits)
+    finally:
+        core.stop()
+    return 0
+
+
+def _run_api_servers(engine: EngineConfig, config, core: CoreProcess, sock: socket.socket,
+                     limits: ConnectionLimits) -> None:
+    """`config.api_server_count` API-server processes accepting on `sock`; returns when one of them (or the core)
+    ends, or on Ctrl-C / SIGTERM, after stopping the others. Their request-side metrics are summed through
+    prometheus_client's multiprocess folder (see server/metrics.py), set before they import it."""
+    import signal
+
+    from valora.engine.core_proc import log_setup
+
+    metrics_dir = tempfile.TemporaryDirectory(prefix="valora-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_api_server_main, name=f"valora-api-{i}",
+                         args=(engine, config, core.address, core.info, sock, limits, log_setup()))
+             for i in range(config.api_server_count)]
+    for p in procs:
+        p.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.is_set() and all(p.is_alive() for p in procs) and core.alive:
+            stop.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join(30)
+        metrics_dir.cleanup()
+
+
+def _api_server_main(engine: EngineConfig, config, core_address: str, core_info: CoreInfo, sock: socket.socket,
+                     limits: ConnectionLimits, log: LogSetup) -> None:
+    from valora.engine.core_proc import apply_log_setup
+    from valora.server.app import build_app
+
+    apply_log_setup(log)
     host, port = sock.getsockname()[:2]
-    logger.info("serving on http://%s:%d (Ctrl-C stops)", f"[{host}]" if ":" in host else host, port)
-    uvicorn.Server(_config(app, host, port, limits or ConnectionLimits())).run(sockets=[sock])
+    uvicorn.Server(_config(build_app(engine, core_address, core_info, config), host, port, limits)).run(
+        sockets=[sock])
 
 
 class BackgroundServer:
@@ -160,3 +242,34 @@ class BackgroundServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+class LocalServer:
+    """`with LocalServer(engine_config, server_config) as url: ...`: the engine core (a child process, or a thread
+    with `in_thread`) and the HTTP front end on a background thread, on a free local port; stopped on exit."""
+
+    def __init__(self, engine: EngineConfig, config, host: str = "127.0.0.1", port: int | None = None,
+                 in_thread: bool = False) -> None:
+        self.engine_config, self.config, self.in_thread = engine, config, in_thread
+        self.host, self.port = host, port
+        self.core: CoreProcess | None = None
+        self.http: BackgroundServer | None = None
+
+    def __enter__(self) -> str:
+        from valora.server.app import build_app
+
+        self.core = start_core(self.engine_config, self.config, self.in_thread)
+        try:
+            self.core.wait_ready()
+            app = build_app(self.engine_config, self.core.address, self.core.info, self.config)
+            self.http = BackgroundServer(app, self.host, self.port)
+            return self.http.__enter__()
+        except BaseException:
+            self.core.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        if self.http is not None:
+            self.http.__exit__(*exc)
+        if self.core is not None:
+            self.core.stop()

@@ -1,8 +1,10 @@
 """Prometheus metrics under vLLM's names with the `valora:` prefix, so existing dashboards and routers work.
 
-Latency histograms are observed once per finished request. Engine state (queue lengths, KV usage, adapters)
-is read at scrape time from the snapshot the engine thread publishes after every step, so a scrape never
-touches the engine itself.
+Latency histograms are observed once per finished request, by the front end that served it. Engine state (queue
+lengths, KV usage, adapters) is the engine core's stats snapshot, asked for at scrape time. With several API
+servers (`--api-server-count`), `valora serve` sets prometheus_client's multiprocess mode
+(`PROMETHEUS_MULTIPROC_DIR`) before starting them: each process writes its request-side series to a shared
+folder and any of them answers a scrape with the sum over all.
 
 With `vllm_compatible` (`--vllm-compatible-metrics`) the metrics vLLM exports under the same names are exported
 under the `vllm:` prefix as well, with the same labels: routers that read vLLM's metrics (the Gateway API
@@ -15,10 +17,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from valora.engine.llm_engine import EngineStats
@@ -177,7 +187,8 @@ class ServerMetrics:
         self.generation_tokens = Counter("valora:generation_tokens", "Tokens generated.", **kw)
         self.success = Counter("valora:request_success", "Finished requests by finish reason.",
                                labelnames=["model_name", "finished_reason"], registry=self.registry)
-        self.registry.register(_EngineCollector(stats, model))
+        self.engine_collector = _EngineCollector(stats, model)
+        self.registry.register(self.engine_collector)
 
     def finished(self, out: RequestOutput) -> None:
         m = out.metrics
@@ -199,7 +210,13 @@ class ServerMetrics:
         self.success.labels(self.model, "abort").inc(n)
 
     def render(self) -> bytes:
-        text = generate_latest(self.registry)
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # every API server's request-side series, summed
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            registry.register(self.engine_collector)
+        else:
+            registry = self.registry
+        text = generate_latest(registry)
         return text + generate_latest(self.vllm_registry) if self.vllm_registry is not None else text
 
 
@@ -228,9 +245,11 @@ class StatsLogger:
                 f"KV cache usage: {s.kv_cache_usage:.1%}, Mode: {mode}, "
                 f"Adapter slots: {len(s.running_adapters)} active, {len(s.resident_adapters)}/{s.max_loras} resident")
 
-    async def run(self) -> None:
-        """Log until cancelled (a task of the app's lifespan)."""
+    async def run(self, refresh: Callable[[], Awaitable] | None = None) -> None:
+        """Log until cancelled (a task of the app's lifespan); `refresh()` brings the stats up to date first."""
         while True:
+            if refresh is not None:
+                await refresh()
             text = self.line(time.monotonic())
             if text is not None:
                 logger.info(text)

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from valora.engine.core_host import AdapterEvent
+from valora.heads.artifact import HeadNames
 from valora.lora.request import LoRARequest, check_adapter_name
 from valora.paths import check_path
 from valora.server.errors import bad_request, not_found
@@ -24,7 +26,8 @@ class ServedModels:
     root: str  # where the base model was loaded from
     max_model_len: int
     lora_root: Path | None = None
-    adapters: dict[str, LoRARequest] = field(default_factory=dict)
+    adapters: dict[str, LoRARequest] = field(default_factory=dict)  # a mirror of the engine core's
+    heads: dict[str, HeadNames] = field(default_factory=dict)  # of the adapters that have heads
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
@@ -48,11 +51,17 @@ class ServedModels:
         raise not_found(f"The model `{model}` does not exist; GET /v1/models lists the base model and adapters",
                         "model_not_found", "model")
 
-    def check_served(self, lora: LoRARequest) -> None:
-        """Refuse a request whose adapter was unloaded after its `model` was resolved (run on the engine thread,
-        right before the request is added, so the engine never silently loads it back)."""
-        if self.adapters.get(lora.lora_name) is not lora:
-            raise not_found(f"The adapter `{lora.lora_name}` was unloaded", "model_not_found", "model")
+    def apply(self, event: AdapterEvent) -> None:
+        """Mirror a load or unload of the engine core (the single source of truth for adapters: it tells every
+        front end of each change, so a request resolved here may still find its adapter gone in the core, which
+        then refuses it with a 404 before the response starts)."""
+        if event.lora is None:
+            self.adapters.pop(event.name, None)
+            self.heads.pop(event.name, None)
+            return
+        self.adapters[event.name] = event.lora
+        if event.heads is not None:
+            self.heads[event.name] = event.heads
 
     def resolvable(self, name: str) -> LoRARequest | None:
         """For adapters on first use: the adapter `name` would be as the directory `lora_root/name`, when the name
@@ -68,8 +77,8 @@ class ServedModels:
         return self.new_adapter(name, name)
 
     def new_adapter(self, name: str, path: str, confine: bool = True) -> LoRARequest:
-        """A request for a new adapter (not yet loaded): the name must be free and, when `confine` is set and
-        a `lora_root` exists, the path must stay inside it."""
+        """A request for a new adapter (not yet loaded; the core assigns the id it serves under): the name must be
+        free and, when `confine` is set and a `lora_root` exists, the path must stay inside it."""
         try:
             check_adapter_name(name)
         except ValueError as e:

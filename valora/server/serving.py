@@ -1,9 +1,10 @@
-"""`/v1/chat/completions` and `/v1/completions`: request -> checked engine prompts -> responses or SSE chunks.
+"""`/v1/chat/completions`, `/v1/completions`, `/v1/classify` and the tokenizer endpoints: request -> processed
+prompts -> responses or SSE chunks.
 
-Everything a client can get wrong is found before the request reaches the engine (model name, sampling
-options, images, prompt and context length), and each becomes an OpenAI-shaped error. Preparing prompts
-(image decoding, chat template, tokenisation) runs in a worker thread, so it never holds up the event loop
-or the engine's steps.
+A call is admitted first (capacity is held from then on, or 503 at once), its prompts are processed once by the
+input processor on a worker thread (chat template, images, videos, tokens: the event loop never waits for them),
+every problem a client can cause becomes an OpenAI-shaped error, and the core's acknowledgement of the add comes
+before the response starts: a stream never begins with a request the core will refuse.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +21,15 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
+from valora.engine.errors import EngineDeadError
 from valora.heads.params import HeadParams
 from valora.lora.adapter import AdapterError
 from valora.lora.request import LoRARequest
-from valora.multimodal.chat import MediaSources, chat_media, parse_messages
-from valora.multimodal.inputs import InputError, MediaError, load_image
-from valora.multimodal.template import render_chat
+from valora.multimodal.chat import MediaSources
+from valora.multimodal.inputs import InputError
 from valora.outputs import RequestOutput
 from valora.sampling_params import SamplingParams
-from valora.server.async_engine import AsyncEngine, ClientDisconnectedError, EngineDeadError
+from valora.server.async_engine import AsyncEngine, CallOutputs, ClientDisconnectedError, Prepared
 from valora.server.errors import APIError, bad_request
 from valora.server.logs import logger
 from valora.server.models import ServedModels
@@ -62,17 +63,6 @@ from valora.server.protocol import (
 )
 
 
-@dataclass
-class Prepared:
-    """One engine request, checked: its prompt, options and adapter."""
-
-    request_id: str
-    prompt: Any
-    params: SamplingParams | HeadParams
-    lora: LoRARequest | None
-    num_prompt_tokens: int
-
-
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, models: ServedModels, allowed_local_media_path: Path | None,
                  allow_special_tokens_in_messages: bool = False, log_requests: bool = True,
@@ -83,22 +73,15 @@ class OpenAIServing:
         self.allow_special_tokens = allow_special_tokens_in_messages
         self.lora_resolver = lora_resolver
         self._resolving: dict[str, asyncio.Future] = {}
-        self.llm = engine.engine  # read-only use from worker threads: tokenizer, processor, limits
-        self.token_texts = TokenTexts(self.llm.tokenizer)
-        self.media = MediaSources.from_config(self.llm.config.multimodal, allowed_local_media_path)
+        self.inputs = engine.input_processor  # used from worker threads: it keeps no state between calls
+        self.token_texts = TokenTexts(self.inputs.tokenizer)
+        self.media = MediaSources.from_config(self.inputs.limits, allowed_local_media_path)
 
     # -- adapters -----------------------------------------------------------------------------------------
     async def load_adapter(self, lora: LoRARequest) -> None:
-        """Load `lora` and serve it under its name. Runs on the engine thread, so no request sees a half-loaded
-        name; raises AdapterError / InputError for an adapter that cannot be served."""
-
-        def load(engine) -> None:
-            if lora.lora_name in self.models.adapters:
-                raise AdapterError(f"the name {lora.lora_name!r} was taken by a concurrent load")
-            engine.add_lora(lora)
-            self.models.adapters[lora.lora_name] = lora
-
-        await self.engine.call(load)
+        """Load `lora` in the engine core and serve it under its name (the core tells every front end, this one
+        included, before it answers); raises AdapterError / InputError for an adapter that cannot be served."""
+        await self.engine.client.call("load_lora", lora.lora_name, lora.lora_path)
 
     async def resolve(self, model: str) -> LoRARequest | None:
         """The adapter `model` names (None: the base model). With adapters on first use, an unknown name that is a
@@ -129,7 +112,7 @@ class OpenAIServing:
         try:
             grammar = req.structured_outputs_params()
             if grammar is not None:
-                self.llm.grammars.compile(grammar)
+                self.inputs.grammars.compile(grammar)
         except ValueError as e:  # InputError from the compiler is one too
             raise bad_request(str(e), "invalid_structured_output", "response_format") from e
         try:
@@ -145,20 +128,10 @@ class OpenAIServing:
         except ValueError as e:
             raise bad_request(str(e), "invalid_value") from e
 
-    def _decode_images(self, raw: list) -> list:
-        limits = self.llm.config.multimodal
-        if len(raw) > limits.max_images_per_prompt:
-            raise bad_request(f"{len(raw)} images in one request, over the limit of "
-                              f"{limits.max_images_per_prompt}", "too_many_images", "messages")
-        try:
-            return [load_image(img, limits) for img in raw]
-        except InputError as e:
-            raise bad_request(str(e), "invalid_image", "messages") from e
-
     def _head_params(self, lora: LoRARequest | None, head: str | None, required: bool) -> HeadParams | None:
         """A chat is answered by a head when it names one or its adapter has a default head; a classification
         always is. Checked here so that a wrong head is a 400 naming the choices."""
-        heads = self.llm.heads.get(lora.lora_name) if lora is not None else None
+        heads = self.models.heads.get(lora.lora_name) if lora is not None else None
         if head is None and not required and (heads is None or heads.default is None):
             return None
         if heads is None:
@@ -170,43 +143,23 @@ class OpenAIServing:
         except KeyError as e:
             raise bad_request(str(e.args[0]), "invalid_head", "head") from e
 
-    def _chat_prompt(self, req: ChatCompletionRequest | ClassificationRequest) -> dict:
-        limits = self.llm.config.multimodal
+    def _chat_prompt(self, req: ChatCompletionRequest | ClassificationRequest | TokenizeRequest) -> dict:
         try:
-            messages, raw_images, raw_videos = parse_messages(message_dicts(req.messages), self.media, limits)
-        except MediaError as e:  # an image or video URL that cannot be used
-            raise bad_request(str(e), f"invalid_{e.kind}", "messages") from e
+            return self.inputs.chat_prompt(message_dicts(req.messages), self.media,
+                                           add_generation_prompt=req.add_generation_prompt,
+                                           allow_special_tokens=self.allow_special_tokens,
+                                           media_io_kwargs=req.media_io_kwargs)
         except InputError as e:
-            raise bad_request(str(e), "invalid_messages", "messages") from e
-        images = self._decode_images(raw_images)
-        try:
-            messages, images, videos = chat_media(messages, images, raw_videos, limits, req.media_io_kwargs,
-                                                  frames_as_images=self.llm.processor.video_token is None)
-        except MediaError as e:
-            raise bad_request(str(e), f"invalid_{e.kind}", "messages") from e
-        try:
-            prompt = render_chat(self.llm.tokenizer, messages, req.add_generation_prompt,
-                                 allow_special_tokens=self.allow_special_tokens)
-        except Exception as e:  # jinja raises many types for messages a template cannot render
-            raise bad_request(f"cannot apply the chat template: {e}", "invalid_messages", "messages") from e
-        key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
-        return {key: prompt, "multi_modal_data": {"image": images, "video": videos}}
+            raise _refused(e, "invalid_messages", "messages") from e
 
     def _check(self, request_id: str, prompt: Any, params: SamplingParams | HeadParams, lora: LoRARequest | None,
                max_tokens: int | None) -> Prepared:
-        """Tokenise (and preprocess images) once to refuse what the engine would: too long, bad ids."""
+        """The prompt processed once: what the core will run, and the refusal of what it could not."""
         try:
-            _, processed = self.llm.process_prompt(prompt)
+            text, processed = self.inputs.process(prompt, max_tokens)
         except InputError as e:
-            raise bad_request(str(e), "invalid_prompt", "prompt") from e
-        n = len(processed.token_ids)
-        limit = self.llm.max_model_len
-        if max_tokens is not None and n + max_tokens > limit:
-            raise bad_request(
-                f"'max_tokens' is too large: {max_tokens}. This model's maximum context length is {limit} tokens "
-                f"and your request has {n} input tokens ({max_tokens} > {limit} - {n})",
-                "context_length_exceeded", "max_tokens")
-        return Prepared(request_id, prompt, params, lora, n)
+            raise _refused(e, "invalid_prompt", "prompt") from e
+        return Prepared(request_id, text, processed, params, lora)
 
     def _prepare_chat(self, req: ChatCompletionRequest, request_id: str, lora) -> list[Prepared]:
         head = self._head_params(lora, req.head, required=False)
@@ -236,31 +189,26 @@ class OpenAIServing:
         def run() -> TokenizeResponse:
             if req.messages is not None:
                 try:
-                    ids = self.llm.process_prompt(self._chat_prompt(req))[1].token_ids
+                    ids = self.inputs.process(self._chat_prompt(req))[1].token_ids
                 except InputError as e:
                     raise bad_request(str(e), "invalid_prompt", "messages") from e
             else:
-                ids = self.llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+                ids = self.inputs.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
             ids = list(ids)
-            strs = self.llm.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
-            return TokenizeResponse(count=len(ids), max_model_len=self.llm.max_model_len, tokens=ids, token_strs=strs)
+            strs = self.inputs.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+            return TokenizeResponse(count=len(ids), max_model_len=self.inputs.max_model_len, tokens=ids,
+                                    token_strs=strs)
 
         return await asyncio.to_thread(run)
 
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         await self.resolve(req.model)
-        vocab = self.llm.model.decoder_config.vocab_size
+        vocab = self.inputs.vocab_size
         if not all(0 <= t < vocab for t in req.tokens):
             raise bad_request(f"tokens must be integers in [0, {vocab})", "invalid_value", "tokens")
-        return DetokenizeResponse(prompt=self.llm.tokenizer.decode(req.tokens))
+        return DetokenizeResponse(prompt=self.inputs.tokenizer.decode(req.tokens))
 
     # -- running ------------------------------------------------------------------------------------------
-    def _streams(self, prepared: list[Prepared], arrival: float,
-                 is_disconnected: Callable[[], Awaitable[bool]] | None) -> AsyncIterator[tuple[int, RequestOutput]]:
-        gens = [self.engine.generate(p.request_id, p.prompt, p.params, p.lora, arrival, is_disconnected)
-                for p in prepared]
-        return _merge(gens)
-
     async def chat(self, req: ChatCompletionRequest, is_disconnected) -> BaseModel | AsyncIterator[str]:
         return await self._serve(req, "chatcmpl", self._prepare_chat, _ChatFormat(self.token_texts), is_disconnected)
 
@@ -275,20 +223,25 @@ class OpenAIServing:
                      is_disconnected) -> BaseModel | AsyncIterator[str]:
         arrival = time.time()
         lora = await self.resolve(req.model)
-        self.engine.check_capacity()  # refuse early, before any preprocessing work
-        request_id = f"{prefix}-{uuid.uuid4().hex}"
-        prepared = await asyncio.to_thread(prepare, req, request_id, lora)
-        self.engine.check_capacity(len(prepared))
+        prompts = 1 if getattr(req, "messages", None) is not None else len(req.prompts())
+        admission = self.engine.admit(prompts * getattr(req, "n", 1))  # held from here, preprocessing included
+        try:
+            request_id = f"{prefix}-{uuid.uuid4().hex}"
+            prepared = await asyncio.to_thread(prepare, req, request_id, lora)
+            outputs = await self.engine.add(admission, prepared, arrival, None if req.stream else is_disconnected)
+        except BaseException:
+            admission.release()
+            raise
         call = _Call(request_id, req.model or self.models.name, req, prepared, arrival, self.log_requests)
         if req.stream:
-            return self._stream(call, fmt)
-        return await self._collect(call, fmt, is_disconnected)
+            return self._stream(call, outputs, fmt)
+        return await self._collect(call, outputs, fmt)
 
-    async def _collect(self, call: _Call, fmt: _Format, is_disconnected) -> BaseModel:
+    async def _collect(self, call: _Call, outputs: CallOutputs, fmt: _Format) -> BaseModel:
         finals: dict[int, RequestOutput] = {}
         try:
-            async with aclosing(self._streams(call.prepared, call.arrival, is_disconnected)) as outputs:
-                async for i, out in outputs:
+            async with aclosing(aiter(outputs)) as outs:
+                async for i, out in outs:
                     if out.finished:
                         finals[i] = out
         except ClientDisconnectedError:
@@ -298,7 +251,7 @@ class OpenAIServing:
         call.log(outs)
         return fmt.response(call, outs)
 
-    async def _stream(self, call: _Call, fmt: _Format) -> AsyncIterator[str]:
+    async def _stream(self, call: _Call, outputs: CallOutputs, fmt: _Format) -> AsyncIterator[str]:
         n = call.req.n
         params = call.prepared[0].params
         deltas = _TextDeltas(len(call.prepared) * n, params.stop if isinstance(params, SamplingParams) else [])
@@ -314,8 +267,8 @@ class OpenAIServing:
         try:
             if first is not None:
                 yield _sse(first)
-            async with aclosing(self._streams(call.prepared, call.arrival, None)) as outputs:
-                async for i, out in outputs:
+            async with aclosing(aiter(outputs)) as outs:
+                async for i, out in outs:
                     choices = []
                     for c in out.outputs:
                         index = i * n + c.index
@@ -346,12 +299,12 @@ class OpenAIServing:
             call.log(outs)
         except Exception as e:  # the stream has started (status 200 is sent): report in-band, as OpenAI does
             done = True
-            if isinstance(e, (APIError, ValueError)):  # refused when added (InputError / AdapterError are ValueErrors)
-                call.log(finals.values(), f"refused: {e}")
-                err = e if isinstance(e, APIError) else bad_request(str(e), "invalid_request")
+            if isinstance(e, EngineDeadError):
+                call.log(finals.values(), str(e))
+                err = APIError(503, str(e), "engine_dead")
             else:
                 logger.exception("stream %s failed", call.request_id)
-                err = APIError(503 if isinstance(e, EngineDeadError) else 500, str(e), "internal_error")
+                err = APIError(500, str(e), "internal_error")
             yield _sse(err.body())
             yield "data: [DONE]\n\n"
         finally:
@@ -388,7 +341,7 @@ class _Call:
         finish = ",".join(sorted({c.finish_reason or "-" for o in outs for c in o.outputs})) or "-"
         logger.info(
             "%s model=%s stream=%s prompt_tokens=%d completion_tokens=%d finish=%s queue=%s ttft=%s e2e=%s%s",
-            self.request_id, self.model, self.req.stream, sum(p.num_prompt_tokens for p in self.prepared),
+            self.request_id, self.model, self.req.stream, sum(len(p.processed.token_ids) for p in self.prepared),
             usage.completion_tokens, finish, _secs(t.queue_time), _secs(t.time_to_first_token),
             _secs(t.e2e_latency), f" ({note})" if note else "",
         )
@@ -548,12 +501,11 @@ class _CompletionFormat:
         self.offsets: dict[int, int] = {}  # streaming: text sent so far per choice (logprobs' text_offset)
 
     def _prompt_text(self, call, i: int) -> str:
-        prompt = call.prepared[i].prompt
-        return prompt["prompt"] if "prompt" in prompt else self.texts.tokenizer.decode(prompt["prompt_token_ids"])
+        p = call.prepared[i]
+        return p.text if p.text is not None else self.texts.tokenizer.decode(p.processed.token_ids)
 
     def _prompt_ids(self, call, i: int) -> list[int]:
-        prompt = call.prepared[i].prompt
-        return prompt.get("prompt_token_ids") or self.texts.tokenizer.encode(prompt["prompt"])
+        return call.prepared[i].processed.token_ids
 
     def first_chunk(self, call):
         if not call.req.echo:
@@ -626,32 +578,5 @@ def _head_result(h) -> HeadResult | None:
     return None if h is None else HeadResult(name=h.head, label=h.label, scores=h.scores, box=h.box)
 
 
-async def _merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several requests' outputs as they come, tagged with the request's position. Leaving early
-    (or one request failing) cancels the rest, which aborts them in the engine."""
-    q: asyncio.Queue = asyncio.Queue()
-    end = object()
-
-    async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for out in gen:
-                q.put_nowait((i, out))
-            q.put_nowait((i, end))
-        except Exception as e:
-            q.put_nowait((i, e))
-
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await q.get()
-            if item is end:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+def _refused(e: InputError, code: str, param: str) -> APIError:
+    return bad_request(str(e), e.code or code, e.param or param)

@@ -1,0 +1,65 @@
+"""`valora serve` as processes (issue 16): the engine core in its own process, several API-server processes in
+front of it sharing its adapters, and a core that dies or cannot start is reported, never waited on."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+
+from tests.server.process import SERVED
+
+
+def chat(model: str = SERVED) -> dict:
+    return {"model": model, "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def test_two_api_servers_share_one_core_and_its_adapters(start_server, adapters):
+    server = start_server(["--api-server-count", "2", "--num-kv-blocks", "256"])
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=chat(), timeout=60).status_code == 200
+    r = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "late",
+                                                               "lora_path": str(adapters["lora0"])}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(_spawned(server.proc.pid)) == 3  # the core and two API servers
+    for _ in range(12):  # a new connection each time, accepted by either API server: both know the adapter
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            assert "late" in {m["id"] for m in client.get("/v1/models").json()["data"]}
+            assert client.post("/v1/chat/completions", json=chat("late")).status_code == 200
+    for _ in range(4):  # whichever API server answers, the request-side series count all 13 requests
+        m = server.metrics()
+        assert m[f'valora:e2e_request_latency_seconds_count{{model_name="{SERVED}"}}'] == 13, m
+
+
+def test_a_killed_core_gives_503_and_failing_health(start_server):
+    server = start_server(["--num-kv-blocks", "256"])
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=chat(), timeout=60).status_code == 200
+    (core,) = _spawned(server.proc.pid)
+    core.kill()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{server.url}/health", timeout=10).status_code != 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=chat(), timeout=10)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+
+
+def test_serve_exits_non_zero_when_the_core_cannot_start(server_model, adapters, tmp_path):
+    """An adapter whose config passes the checks before loading but whose weights are corrupt stops the core
+    at start-up: `valora serve` says why and exits 1 instead of serving without it."""
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters["lora0"], bad)
+    (bad / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    r = subprocess.run([sys.executable, "-m", "valora.cli", "serve", str(server_model), "--device", "cpu",
+                        "--lora-modules", f"bad={bad}", "--port", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "cannot start" in r.stderr, r.stderr[-2000:]
+
+
+def _spawned(pid: int) -> list[psutil.Process]:
+    """The multiprocessing children `valora serve` started (its resource tracker aside)."""
+    return [p for p in psutil.Process(pid).children()
+            if any("spawn_main" in part for part in p.cmdline())]
+
