@@ -40,6 +40,7 @@ class ModelRunner:
         self.max_blocks_per_seq = max_blocks_per_seq
         self.embed_cache = embed_cache
         self.graphs = None  # CUDAGraphRunner, once `enable_cuda_graphs` ran
+        self.prefill_graphs = None  # PrefillGraphs, likewise
         self.last_run = RunInfo()
         c = model.decoder_config
         # One block more than the block manager hands out: padding rows of a graph batch write their K/V there.
@@ -153,6 +154,7 @@ class ModelRunner:
             attn.prefill_q_starts, attn.prefill_q_lens, attn.prefill_context_lens = q_starts, q_lens, ctx
             attn.prefill_block_tables = p_tab.view(sp, wp)
             attn.prefill_host = tuple(prefills)
+            attn.prefill_max_q_len = max(q for _, q, _ in prefills)
         if bd:
             attn.decode_rows = rows.long()
             attn.decode_context_lens = d_ctx
@@ -188,9 +190,11 @@ class ModelRunner:
 
     def enable_cuda_graphs(self, max_num_seqs: int, max_loras: int, capture: bool = True) -> None:
         """Run decode steps on padded static batches, replayed from CUDA graphs (captured now for the common
-        variants, later for the others) or, with `capture=False`, eagerly with the same numerics; vision passes
-        likewise, per bucket, captured at first use (models/vision_graphs.py)."""
+        variants, later for the others) or, with `capture=False`, eagerly with the same numerics; short prefill steps
+        without adapters (engine/prefill_graphs.py) and vision passes (models/vision_graphs.py) likewise, per
+        bucket, captured at first use."""
         from valora.engine.cuda_graphs import CUDAGraphRunner
+        from valora.engine.prefill_graphs import PrefillGraphs
         from valora.models.vision_graphs import VisionGraphs
 
         self.model.vision_graphs = VisionGraphs(self.model, capture=capture)
@@ -201,28 +205,34 @@ class ModelRunner:
             block_size=self.blocks.block_size, pad_slot=self.pad_slot, max_loras=max_loras, device=self.device,
             capture=capture)
         self.graphs.capture_common()
+        self.prefill_graphs = PrefillGraphs(self.model, self.kv_caches, max_blocks_per_seq=self.max_blocks_per_seq,
+                                            block_size=self.blocks.block_size, pad_slot=self.pad_slot,
+                                            device=self.device, capture=capture)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Final hidden states of every row: replayed from a CUDA graph when the step is a plain decode step.
-        Records how it ran in `last_run`."""
-        graphs = self.graphs is not None and self.graphs.usable(batch)
+        """Final hidden states of every row: replayed from a CUDA graph when the step is a plain decode step, or a
+        short prefill step without adapter work (its embeddings computed first). Records how it ran in `last_run`."""
+        decode = self.graphs is not None and self.graphs.usable(batch)
+        prefill = not decode and self.prefill_graphs is not None and self.prefill_graphs.usable(batch)
         images = batch.images
         encoded = 0 if images is None else sum(n for n, e in zip(images.num_tokens, images.cached) if e is None)
         captured = self._capture_seconds()
-        if graphs:
-            out = self.graphs.run(batch)  # with `--enforce-eager` the same static batches, run eagerly
+        if decode:  # with `--enforce-eager` the same static batches, run eagerly (prefills likewise)
+            out = self.graphs.run(batch)
+        elif prefill:
+            out = self.prefill_graphs.run(self.model.embed(batch), batch)
         else:
             batch.build_lora()
             out = self.model(batch, self.kv_caches)
-        self.last_run = RunInfo(graphs and self.graphs.capture, graphs or not batch.attn.prefill_host, encoded,
+        graph = (decode and self.graphs.capture) or (prefill and self.prefill_graphs.capture)
+        self.last_run = RunInfo(graph, decode or not batch.attn.prefill_host, encoded,
                                 self._capture_seconds() - captured)
         return out
 
     def _capture_seconds(self) -> float:
-        """Seconds spent capturing CUDA graphs so far, decode and vision."""
+        """Seconds spent capturing CUDA graphs so far: decode, prefill and vision."""
         vision = getattr(self.model, "vision_graphs", None)
-        return ((self.graphs.capture_seconds if self.graphs is not None else 0.0)
-                + (vision.capture_seconds if vision is not None else 0.0))
+        return sum(g.capture_seconds for g in (self.graphs, self.prefill_graphs, vision) if g is not None)
 
     def run(self, seqs: Seq[Sequence], num_tokens: Seq[int], lora_slots: dict[str, int], stop_ids: Seq[set[int]],
             merged_slot: int | None = None) -> list[int | torch.Tensor | None]:

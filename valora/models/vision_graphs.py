@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from valora.models.cuda_graph import capture_graph
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_ROWS = 4096  # launch overhead stops mattering beyond a few thousand rows per pass
@@ -51,21 +53,11 @@ class VisionGraphs:
         graph.replay()
         return out[: vp.out_rows].clone()
 
-    @torch.inference_mode()
     def _capture(self, vp) -> tuple | None:
         start = time.perf_counter()
         static = vp.with_tensors([t.clone() for t in vp.tensors()])
-        device = static.tensors()[0].device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.model.run_vision(static)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.model.run_vision(static)
+            graph, out = capture_graph(lambda: self.model.run_vision(static), static.tensors()[0].device, self.pool)
         except RuntimeError as e:  # a backend that cannot be captured: keep serving, eagerly
             logger.warning("vision pass bucket %s runs eagerly: capture failed (%s)", vp.key, e)
             return None

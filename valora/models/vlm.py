@@ -170,12 +170,15 @@ class VisionLanguageModel(nn.Module):
                 images.cached[i] = emb
         return torch.cat([emb[a:b] for emb, (a, b) in zip(images.cached, images.spans)])
 
-    def forward(self, batch: ForwardBatch, kv_caches) -> torch.Tensor:
-        lm = self.language_model
-        x = lm.embed_tokens(batch.input_ids)
+    def embed(self, batch: ForwardBatch) -> torch.Tensor:
+        """The LM's input rows of the batch: token embeddings, image embeddings at the image placeholders."""
+        x = self.language_model.embed_tokens(batch.input_ids)
         if batch.images is not None:
             x = x.index_copy(0, batch.images.token_rows, self.encode_images(batch.images).to(x.dtype))
-        return lm(x, kv_caches, batch)
+        return x
+
+    def forward(self, batch: ForwardBatch, kv_caches) -> torch.Tensor:
+        return self.language_model(self.embed(batch), kv_caches, batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

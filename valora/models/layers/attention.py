@@ -38,15 +38,12 @@ class AttentionMeta:
     prefill_context_lens: torch.Tensor | None = None  # [Sp] int32
     prefill_block_tables: torch.Tensor | None = None  # [Sp, max_blocks] int32
     prefill_host: tuple[tuple[int, int, int], ...] = ()  # (q_start, q_len, context_len) per prefill
+    prefill_max_q_len: int = 0  # host: at least the longest q_len (sizes the Triton grid; a graph's token bucket)
     # Single-token decodes.
     decode_rows: torch.Tensor | None = None  # [Bd] int64 rows of the batch
     decode_context_lens: torch.Tensor | None = None  # [Bd] int32 (0: padding row, its output is 0)
     decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks] int32
     decode_max_context: int = 0  # host: the longest decode context
-
-    @property
-    def prefill_max_q_len(self) -> int:
-        return max((q for _, q, _ in self.prefill_host), default=0)
 
 
 def _triton_available() -> bool:
@@ -98,7 +95,7 @@ class PagedAttention(nn.Module):
                         out: torch.Tensor) -> None:
         from valora.models.layers.attention_kernels import paged_decode_attention, paged_prefill_attention
 
-        if meta.prefill_host:
+        if meta.prefill_q_starts is not None:
             paged_prefill_attention(q, k_cache, v_cache, meta.prefill_block_tables, meta.prefill_q_starts,
                                     meta.prefill_q_lens, meta.prefill_context_lens, meta.block_size, self.scale,
                                     out, meta.prefill_max_q_len)
