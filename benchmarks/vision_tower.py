@@ -256,17 +256,20 @@ def profile_ttft(llm: LLM) -> dict:
         while engine.has_unfinished_requests():
             engine.step()
 
-    model = engine.model
-    phases = [(engine.scheduler, "schedule", "schedule"), (engine.runner, "prepare", "runner.prepare (batch)"),
-              (model, "encode_images", "vision (prepare + run)"), (model, "prepare_vision", "vision prepare"),
-              (model.language_model, "forward", "LM layers (launch)"), (model, "compute_logits", "lm_head"),
+    core = engine.core
+    model = core.model
+    phases = [(core.scheduler, "schedule", "schedule"), (core.runner, "prepare", "runner.prepare (batch)"),
+              (model, "embed", "embed (tokens + images)"), (model, "prepare_vision", "vision prepare"),
+              (core.runner.prefill_graphs, "run", "prefill graph (fill + replay)"),
+              (model.language_model, "forward", "LM layers (eager launches)"), (model, "compute_logits", "lm_head"),
               (model_runner, "sample_async", "sampler (launch)"), (sampler.PendingSample, "result", "wait for tokens"),
-              (engine, "_collect", "collect"), (engine, "_finish", "finish (text, outputs)")]
+              (core, "_collect", "collect"), (engine.output_processor, "process_outputs", "outputs (text)")]
     return profile_run(steps, phases, setup=add)
 
 
 def bench_ttft(workdir: Path, args) -> dict:
-    """TTFT of one 448x448 image request (engine_speed's definition) per vision backend, graphs on and off."""
+    """TTFT of one 448x448 image request (engine_speed's definition) per vision backend, vision graphs on and off;
+    on a GPU also the default variant with the LM's prefill run eagerly instead of from its graph."""
     from benchmarks.engine_speed import hf_ttft, ours_ttft
 
     model_dir, _ = build_checkpoint(workdir, 0, 16, quick=args.quick)
@@ -274,29 +277,32 @@ def bench_ttft(workdir: Path, args) -> dict:
     llm = LLM(str(model_dir), device=DEVICE, max_model_len=4096, max_num_seqs=4, gpu_memory_utilization=0.5,
               embed_cache_mb=0, enable_prefix_caching=False)  # every request pays its whole prefill
     result: dict = {**run_info(), "start_s": time.perf_counter() - t, "runs": []}
-    model = llm.engine.core.model
-    graphs = model.vision_graphs
+    runner = llm.engine.core.runner
+    model, graphs, prefill_graphs = runner.model, runner.model.vision_graphs, runner.prefill_graphs
     variants = [(b, True) for b in args.backends if b in GRAPH_BACKENDS and CUDA] + \
         [(b, False) for b in args.backends if b != "FLEX_ATTENTION"]
-    for backend, use_graphs in variants:
-        run = {"backend": backend, "graphs": use_graphs}
+    profiled = profiled_variant(variants)
+    runs = [(*v, True) for v in variants] + ([(*profiled, False)] if prefill_graphs is not None else [])
+    for backend, use_graphs, lm_graphs in runs:
+        run = {"backend": backend, "graphs": use_graphs, "prefill_graphs": lm_graphs and prefill_graphs is not None}
         try:
             model.vision_backend = backend
             model.vision_graphs = graphs if use_graphs else None
+            runner.prefill_graphs = prefill_graphs if lm_graphs else None
             ours_ttft(llm, repeats=2)  # warm-up: Triton compiles, the bucket's graph is captured
             run["ttft_ms"] = ours_ttft(llm) * 1e3
             data = images(llm, 1, 448)
             with torch.inference_mode():
                 run["vision_pass_ms"] = timed(partial(model.embed_images, data, [-1], None), args.repeats) * 1e3
-            if args.profile and (backend, use_graphs) == profiled_variant(variants):
+            if args.profile and (backend, use_graphs, lm_graphs) == (*profiled, True):
                 result["profile"] = profile_ttft(llm) | {"backend": backend, "graphs": use_graphs}
         except Exception as e:  # noqa: BLE001
             run["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             traceback.print_exc()
         result["runs"].append(run)
         print(json.dumps(run), flush=True)
-    model.vision_backend, model.vision_graphs = "auto", graphs
-    del llm, graphs
+    model.vision_backend, model.vision_graphs, runner.prefill_graphs = "auto", graphs, prefill_graphs
+    del llm, graphs, prefill_graphs, runner, model
     _free()
     if not args.skip_hf and CUDA:
         from transformers import AutoModelForImageTextToText
@@ -329,8 +335,9 @@ def print_tables(result: dict) -> None:
         t = result["ttft"]
         print(f"\nTTFT, one 448x448 image (Qwen2-VL-7B shapes); transformers: {t.get('transformers_ttft_ms', '-')}")
         for r in t["runs"]:
-            tag = f"{r['backend']}{' +graphs' if r['graphs'] else ''}"
-            print(f"  {tag:24s} " + (f"TTFT {r['ttft_ms']:7.2f} ms, vision pass {r['vision_pass_ms']:6.2f} ms"
+            lm = ", LM eager" if r.get("prefill_graphs") is False else ""  # (run 1 predates prefill graphs)
+            tag = f"{r['backend']}{' +graphs' if r['graphs'] else ''}{lm}"
+            print(f"  {tag:34s} " + (f"TTFT {r['ttft_ms']:7.2f} ms, vision pass {r['vision_pass_ms']:6.2f} ms"
                                      if "error" not in r else f"error: {r['error'][:80]}"))
 
 
