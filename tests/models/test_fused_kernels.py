@@ -86,13 +86,14 @@ def test_rms_norm_module_dispatch(fused):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("inter", [64, 96, 1100])  # 1100: more than one 1024-wide block per row
+@pytest.mark.parametrize("inter", [64, 96, 1100, 3420])  # 1100: more than one 1024-wide block per row
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_silu_and_mul(dtype, inter, tokens):
     gate_up = (3 * torch.randn(tokens, 2 * inter)).to(DEVICE, dtype)
     gate, up = gate_up.split(inter, dim=-1)
     got = fused_kernels.silu_and_mul(gate_up)
     assert got.shape == (tokens, inter) and got.dtype == dtype
+    assert got.stride(0) * got.element_size() % 16 == 0  # rows on 16 bytes (3420 halves are not: padded)
     torch.testing.assert_close(got, F.silu(gate) * up, **TOL[dtype])
 
 

@@ -31,6 +31,8 @@ import os
 
 import torch
 
+from valora.models.layers.aligned import aligned_empty
+
 try:
     import triton
     import triton.language as tl
@@ -190,7 +192,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if two_i % 2:
         raise ValueError(f"gate_up's last dim {two_i} is not even")
     inter = two_i // 2
-    out = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype, device=gate_up.device)
+    # rows on 16-byte boundaries: the down projection's GEMM reads this (layers/aligned.py)
+    out = aligned_empty((*gate_up.shape[:-1], inter), gate_up.dtype, gate_up.device)
     if out.numel() == 0:
         return out
     x2, o2 = _rows(gate_up), out.view(-1, inter)

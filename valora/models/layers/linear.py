@@ -18,6 +18,7 @@ from torch import nn
 from valora.lora.ops import lora_matmul
 from valora.lora.ops.batch import LoRABatch
 from valora.lora.ops.merge import merge_into
+from valora.models.layers.aligned import aligned_empty
 
 
 class LoRALinear(nn.Module):
@@ -35,7 +36,8 @@ class LoRALinear(nn.Module):
         self.lora_names = tuple(lora_names) if lora_names is not None else None
         if self.lora_names is not None and len(self.lora_names) != len(self.out_slices):
             raise ValueError("one LoRA module name per output slice")
-        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        # rows padded to 16 bytes where the width is not (layers/aligned.py): cuBLAS's fast kernels need it
+        self.weight = nn.Parameter(aligned_empty((self.out_features, in_features)), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
@@ -100,7 +102,7 @@ class LoRALinear(nn.Module):
     def reserve_merged(self) -> None:
         """Allocate the shadow weights up front, so the memory is accounted for before the KV cache is sized."""
         if self.merged_weight is None:
-            self.merged_weight = torch.empty_like(self.weight)
+            self.merged_weight = aligned_empty(tuple(self.weight.shape), self.weight.dtype, self.weight.device)
 
     @torch.no_grad()
     def merge(self, slot: int, ranks: Sequence[int], scale: float) -> None:
