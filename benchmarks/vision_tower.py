@@ -49,6 +49,7 @@ import transformers  # noqa: E402
 from benchmarks.common import build_checkpoint, run_info, synchronize, write_result  # noqa: E402
 from benchmarks.profiling import format_profile, profile_run  # noqa: E402
 from valora import LLM  # noqa: E402
+from valora.models.layers import gemm_kernels  # noqa: E402
 from valora.models.layers.vit import VisionSpans  # noqa: E402
 from valora.models.vision_graphs import VisionGraphs  # noqa: E402
 from valora.testing.checkpoints import build_model  # noqa: E402
@@ -196,25 +197,33 @@ def bench_family(name: str, workdir: Path, args, rate: float, result: dict, save
             _free()
         variants = [(b, True) for b in args.backends if b in GRAPH_BACKENDS and CUDA]
         variants += sorted(((b, False) for b in args.backends), key=lambda v: v[0] == "FLEX_ATTENTION")
-        for backend, graphs in variants:
+        # the default variant once more with the MLPs' first GEMM carrying the activation (VALORA_GEMM_EPILOGUE=1)
+        runs = [(*v, False) for v in variants]
+        if CUDA:
+            runs.insert(1, (*profiled_variant(variants), True))
+        for backend, graphs, epilogue in runs:
             model.vision_backend = backend
             model.vision_graphs = VisionGraphs(model, max_rows=1 << 30) if graphs else None
+            gemm_kernels.ENABLED = epilogue
             for n, data in batches.items():
-                run = {"impl": "valora", "backend": backend, "graphs": graphs}
+                run = {"impl": "valora", "backend": backend, "graphs": graphs, "gemm_epilogue": epilogue}
                 record(run, n, partial(model.embed_images, data, [-1] * n, None),
-                       f"{backend}{'+graphs' if graphs else ''}")
+                       f"{backend}{'+graphs' if graphs else ''}{'+epilogue' if epilogue else ''}")
                 if "error" not in run:
                     run["prepare_ms"] = timed(partial(model.prepare_vision, data, None, None, backend, graphs),
                                               max(2, args.repeats // 3)) * 1e3
                     if args.profile and name in PROFILED_FAMILIES and n == max(batches) and \
-                            (backend, graphs) == profiled_variant(variants):
+                            (backend, graphs) == profiled_variant(variants) and not epilogue:
                         result["profile"] = profile_run(partial(model.embed_images, data, [-1] * n, None), phases=[
                             (model, "prepare_vision", "prepare (host)"), (model, "run_vision", "run (eager)"),
                             (model.vision_graphs, "run", "graph run (refill + replay)")])
                         result["profile"] |= {"images": n, "backend": backend, "graphs": graphs}
-            if graphs:
+            if graphs and not epilogue:
                 result.setdefault("capture_s", {})[backend] = model.vision_graphs.capture_seconds
             model.vision_graphs = None
+        gemm_kernels.ENABLED = False
+        result["mlp_epilogue"] = bench_mlp_epilogue(model, model.vision_rows(batches[max(batches)]), args.repeats)
+        print(json.dumps({"mlp_epilogue": result["mlp_epilogue"]}), flush=True)
     model.vision_backend = "auto"
     ref = outputs.get("transformers")
     if ref is not None:  # how far each of ours is from transformers' features (bf16: about 1e-2)
@@ -225,6 +234,27 @@ def bench_family(name: str, workdir: Path, args, rate: float, result: dict, save
     del llm
     _free()
     shutil.rmtree(model_dir, ignore_errors=True)
+
+
+def bench_mlp_epilogue(model, rows: int, repeats: int) -> dict:
+    """The tower's first MLP over `rows` random rows with the activation as its own kernel and in the first GEMM's
+    epilogue (layers/gemm_kernels.py): ms each, what decides VALORA_GEMM_EPILOGUE's default."""
+    from valora.models.layers.mlp import MLP, GatedMLP
+
+    name, mlp = next((n, m) for n, m in model.model.named_modules()
+                     if isinstance(m, (MLP, GatedMLP)) and not n.startswith("language_model."))
+    first = mlp.fc1 if isinstance(mlp, MLP) else mlp.gate_up_proj
+    x = torch.randn(rows, first.in_features, device=DEVICE, dtype=first.weight.dtype)
+    result = {"module": name, "rows": rows, "in": first.in_features, "out": first.out_features}
+    saved = gemm_kernels.MIN_ROWS
+    gemm_kernels.MIN_ROWS = 0  # every size takes it while measured
+    try:
+        for key, on in (("separate_ms", False), ("epilogue_ms", True)):
+            gemm_kernels.ENABLED = on
+            result[key] = timed(lambda: mlp(x, None), repeats) * 1e3
+    finally:
+        gemm_kernels.ENABLED, gemm_kernels.MIN_ROWS = False, saved
+    return result
 
 
 def _rates(secs: float, n: int, flops: float, rate: float) -> dict:
@@ -322,8 +352,9 @@ def print_tables(result: dict) -> None:
     for name, fam in result["families"].items():
         hf = {r["images"]: r.get("ms") for r in fam["runs"] if r["impl"] == "transformers"}
         for r in fam["runs"]:
+            epi = " +epilogue" if r.get("gemm_epilogue") else ""
             impl = "transformers" if r["impl"] == "transformers" else \
-                f"valora {r['backend']}{' +graphs' if r['graphs'] else ''}"
+                f"valora {r['backend']}{' +graphs' if r['graphs'] else ''}{epi}"
             if "error" in r:
                 print(f"{name:11s} {r['images']:6d} {impl:28s} error: {r['error'][:60]}")
                 continue
@@ -331,6 +362,12 @@ def print_tables(result: dict) -> None:
             speedup = f"{ref / r['ms']:5.2f}x" if ref else "-"
             print(f"{name:11s} {r['images']:6d} {impl:28s} {r['ms']:8.2f} {r['ms_per_image']:7.2f} "
                   f"{r['tflops']:8.1f} {100 * r['matmul_share']:6.1f}% {speedup:>6s}")
+    mlps = {name: fam["mlp_epilogue"] for name, fam in result["families"].items() if "mlp_epilogue" in fam}
+    if mlps:
+        print("\nfirst MLP of the tower at the largest batch: activation as its own kernel vs in the GEMM's epilogue")
+        for name, m in mlps.items():
+            print(f"  {name:11s} {m['rows']:6d} x {m['in']:4d} -> {m['out']:5d}: {m['separate_ms']:7.3f} ms vs "
+                  f"{m['epilogue_ms']:7.3f} ms ({m['separate_ms'] / m['epilogue_ms']:.2f}x)")
     if "ttft" in result:
         t = result["ttft"]
         print(f"\nTTFT, one 448x448 image (Qwen2-VL-7B shapes); transformers: {t.get('transformers_ttft_ms', '-')}")

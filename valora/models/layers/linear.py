@@ -123,9 +123,14 @@ class LoRALinear(nn.Module):
                 merge_into(self.merged_weight[rows], self.weight[rows], b, a, scale)
         self.merged_slot = slot
 
+    @property
+    def active_weight(self) -> torch.Tensor:
+        """The weights the base GEMM reads: the merged copy while an adapter is merged in."""
+        return self.merged_weight if self.merged_slot is not None else self.weight
+
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         merged = self.merged_slot is not None
-        y = nn.functional.linear(x, self.merged_weight if merged else self.weight, self.bias)
+        y = nn.functional.linear(x, self.active_weight, self.bias)
         if lora is None or self.lora_a is None:
             return y
         if lora.own is not None:
