@@ -16,6 +16,7 @@ from valora.engine.sequence import Sequence
 from valora.heads.params import HeadParams
 from valora.models.forward_batch import ForwardBatch, ImageInputs
 from valora.models.layers.attention import AttentionMeta
+from valora.models.layers.uploads import upload
 from valora.multimodal.cache import EmbeddingCache
 
 logger = logging.getLogger(__name__)
@@ -114,17 +115,21 @@ class ModelRunner:
         images = None
         if img_data:
             images = ImageInputs(img_data, img_tokens, img_slots, merged_slot,
-                                 torch.tensor(img_rows, dtype=torch.long, device=self.device), img_cached, img_spans)
+                                 self._upload(img_rows), img_cached, img_spans)
         batch = ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+            input_ids=self._upload(ids),
             positions=self._position_tensor(pos_chunks, len(ids)),
             attn=attn,
-            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+            logits_rows=self._upload(logits_rows),
             images=images,
             lora_slots=lora_ids,
             merged_slot=merged_slot,
         )
         return batch, img_owner
+
+    def _upload(self, values: list[int]) -> torch.Tensor:
+        """int64 values on the device without waiting for it (pinned memory, non-blocking: layers/uploads.py)."""
+        return upload(np.asarray(values, dtype=np.int64), self.device)
 
     def _attention_meta(self, slot_mapping: list[int], prefills: list[tuple[int, int, int]],
                         pre_tables: list[list[int]], dec_rows: list[int], dec_lens: list[int],
@@ -147,7 +152,7 @@ class ModelRunner:
             for b in tables:
                 buf[o : o + len(b)] = b
                 o += w
-        dev = torch.from_numpy(buf).to(self.device)
+        dev = upload(buf, self.device)
         slot_map, rows, q_starts, q_lens, ctx, d_ctx, p_tab, d_tab = dev.split(sizes)
         attn = AttentionMeta(slot_map.long(), self.blocks.block_size)
         if sp:
@@ -173,7 +178,7 @@ class ModelRunner:
             else:
                 pos[:, col : col + c.shape[1]] = c.numpy()
                 col += c.shape[1]
-        return torch.from_numpy(pos).to(self.device)
+        return upload(pos, self.device)
 
     @staticmethod
     def _positions(seq: Sequence, start: int, end: int) -> torch.Tensor:
@@ -260,7 +265,7 @@ class ModelRunner:
             return sample_async(self.model.compute_logits(last), seqs, stop_ids).result
         pending = None
         if sampled:
-            rows = torch.tensor([row for row, _ in sampled], device=last.device)
+            rows = self._upload([row for row, _ in sampled])
             pending = sample_async(self.model.compute_logits(last.index_select(0, rows)),
                                    [seqs[i] for _, i in sampled], [stop_ids[i] for _, i in sampled])
 
