@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from valora.distributed.state import tp
 from valora.errors import UserError
 from valora.models.forward_batch import ForwardBatch
 from valora.models.layers import fused_kernels
 from valora.models.layers.attention import PagedAttention
-from valora.models.layers.linear import LoRALinear
 from valora.models.layers.mlp import GatedMLP
 from valora.models.layers.norm import RMSNorm
+from valora.models.layers.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, head_shard
 from valora.models.layers.rotary import MRotaryEmbedding, Rope
 
 
@@ -72,15 +73,20 @@ class DecoderConfig:
 
 
 class DecoderAttention(nn.Module):
+    """Under tensor parallelism each rank computes its share of the query heads and the KV heads they read
+    (a KV head shared by several ranks when there are fewer KV heads than ranks); o_proj sums the ranks' shares."""
+
     def __init__(self, c: DecoderConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        q_rows, kv_rows = head_shard(tp(), c.num_heads, c.head_dim), head_shard(tp(), c.num_kv_heads, c.head_dim)
+        self.num_heads, self.num_kv_heads, self.head_dim = q_rows[1] // c.head_dim, kv_rows[1] // c.head_dim, c.head_dim
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.qkv_proj = LoRALinear(
-            c.hidden_size, (q, kv, kv), bias=c.qkv_bias, lora_names=("q_proj", "k_proj", "v_proj")
+        self.qkv_proj = ColumnParallelLinear(
+            c.hidden_size, (q, kv, kv), bias=c.qkv_bias, lora_names=("q_proj", "k_proj", "v_proj"),
+            shards=(q_rows, kv_rows, kv_rows),
         )
-        self.o_proj = LoRALinear(q, c.hidden_size)
-        self.attn = PagedAttention(c.num_heads, c.num_kv_heads, c.head_dim)
+        self.o_proj = RowParallelLinear(q, c.hidden_size, shard=q_rows)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, c.head_dim)
 
     def forward(self, x, rope: Rope, kv_cache, batch: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
@@ -97,7 +103,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = DecoderAttention(c)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, tensor_parallel=True)
 
     def forward(self, x, residual, rope: Rope, kv_cache, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLP output, residual stream before it); their sum is the layer's output. `residual` is None for the
@@ -115,8 +121,7 @@ class DecoderModel(nn.Module):
     def __init__(self, c: DecoderConfig) -> None:
         super().__init__()
         self.config = c
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(c) for _ in range(c.num_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rotary = MRotaryEmbedding(c.head_dim, c.rope_theta, c.mrope_section)

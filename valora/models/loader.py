@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from valora.errors import UserError
 from valora.models.layers.linear import LoRALinear
+from valora.models.layers.parallel import VocabParallelEmbedding
 
 
 def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -87,7 +88,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], 
             unexpected.append(name)
             continue
         with torch.no_grad():
-            if isinstance(module, LoRALinear):
+            if isinstance(module, LoRALinear | VocabParallelEmbedding):  # they keep their tensor-parallel share
                 module.load_weight(leaf, tensor, shard)
             else:
                 param = getattr(module, leaf)

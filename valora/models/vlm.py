@@ -23,6 +23,7 @@ from valora.lora.ops.batch import LoRABatch
 from valora.models.decoder import DecoderConfig, DecoderModel
 from valora.models.forward_batch import ForwardBatch, ImageInputs
 from valora.models.layers.linear import LoRALinear
+from valora.models.layers.parallel import ParallelLMHead
 from valora.models.layers.uploads import upload_rows
 from valora.models.layers.vit import GRAPH_BACKENDS, VisionSpans, resolve_backend
 from valora.models.loader import WeightMapper, load_weights
@@ -104,8 +105,7 @@ class VisionLanguageModel(nn.Module):
         self.hf_config = hf_config
         tc = hf_config.text_config
         self.model = model
-        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
-        self.lm_head.weight.requires_grad_(False)
+        self.lm_head = ParallelLMHead(tc.vocab_size, tc.hidden_size)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False) or
                                         getattr(tc, "tie_word_embeddings", False))
         for p in self.parameters():

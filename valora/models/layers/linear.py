@@ -129,14 +129,17 @@ class LoRALinear(nn.Module):
         return self.merged_weight if self.merged_slot is not None else self.weight
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
-        merged = self.merged_slot is not None
         y = nn.functional.linear(x, self.active_weight, self.bias)
+        self.add_lora(x, y, lora)
+        return y
+
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor, lora: LoRABatch | None) -> None:
+        """y += each token's own adapter delta, and, while an adapter is merged, minus it for the other tokens."""
         if lora is None or self.lora_a is None:
-            return y
+            return
         if lora.own is not None:
             lora_matmul(x, None, self.lora_a, self.lora_b, self.lora_ranks, self.lora_scalings, self.lora_backend,
                         slices=self.out_slices, out=y, meta=lora.own)
-        if merged and lora.correction is not None:
+        if self.merged_slot is not None and lora.correction is not None:
             lora_matmul(x, None, self.lora_a, self.lora_b, self.lora_ranks, self.lora_neg_scalings,
                         self.lora_backend, slices=self.out_slices, out=y, meta=lora.correction)
-        return y

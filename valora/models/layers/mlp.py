@@ -10,6 +10,7 @@ from transformers.activations import ACT2FN
 from valora.lora.ops.batch import LoRABatch
 from valora.models.layers import fused_kernels, gemm_kernels
 from valora.models.layers.linear import LoRALinear
+from valora.models.layers.parallel import ColumnParallelLinear, RowParallelLinear
 
 # activations whose act(gate) * up has a fused kernel (fused_kernels.silu_and_mul)
 _FUSED_ACTS = ("silu", "swish")
@@ -39,17 +40,25 @@ class MLP(nn.Module):
 
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)); gate and up are one GEMM whose slices carry PEFT's gate_proj/up_proj names.
+    `tensor_parallel` (the language model's) splits the hidden units over the ranks: gate/up column-parallel, down
+    row-parallel.
 
     With SiLU on CUDA, act(gate) * up is one Triton kernel (or, with VALORA_GEMM_EPILOGUE=1 on large passes without
     adapter work, the epilogue of the gate/up GEMM); other activations and devices use ACT2FN."""
 
-    def __init__(self, dim: int, hidden: int, act: str, bias: bool = False) -> None:
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = False, tensor_parallel: bool = False) -> None:
         super().__init__()
-        self.hidden = hidden
-        self.gate_up_proj = LoRALinear(dim, (hidden, hidden), bias=bias, lora_names=("gate_proj", "up_proj"))
+        names = ("gate_proj", "up_proj")
+        if tensor_parallel:
+            self.gate_up_proj = ColumnParallelLinear(dim, (hidden, hidden), bias=bias, lora_names=names)
+            self.down_proj = RowParallelLinear(hidden, dim, bias=bias)
+            self.hidden = self.down_proj.in_features
+        else:
+            self.gate_up_proj = LoRALinear(dim, (hidden, hidden), bias=bias, lora_names=names)
+            self.down_proj = LoRALinear(hidden, dim, bias=bias)
+            self.hidden = hidden
         self.act = ACT2FN[act]
         self.fused_act = act in _FUSED_ACTS
-        self.down_proj = LoRALinear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
         if self.fused_act and lora is None and gemm_kernels.use_gemm_act(x):
