@@ -47,6 +47,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
         step_log: str | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         self.engine = InprocEngine(
             EngineConfig(
@@ -61,6 +62,7 @@ class LLM:
                                             allowed_media_domains=tuple(allowed_media_domains),
                                             mm_encoder_attn_backend=mm_encoder_attn_backend),
                 enforce_eager=enforce_eager, step_log=step_log,
+                tensor_parallel_size=tensor_parallel_size,
             )
         )
         self._counter = 0

@@ -178,7 +178,7 @@ def test_module_triton_matches_torch(dtype):
     ]
     for s in seqs:
         blocks.allocate(s, len(s))
-    batch, _ = runner.prepare(seqs, [len(s) - s.num_computed for s in seqs], {})
+    batch, _, _ = runner.prepare(seqs, [len(s) - s.num_computed for s in seqs], {})
     meta = batch.attn
     assert meta.decode_block_tables.shape == (2, 16) and meta.decode_max_context == 13
     assert [p[1:] for p in meta.prefill_host] == [(11, 11), (13, 30), (3, 3)]

@@ -8,13 +8,17 @@ a group first sets `NVLINK_MULTICAST_OFF` in its environment: the GPU machines l
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
 NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+# A rank that died leaves the others in a collective: this long, and they fail instead of hanging.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=300)
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,13 @@ class TensorParallel:
 _current = TensorParallel()
 
 
+class Followers(Protocol):
+    """The other ranks of a tensor-parallel engine (valora/engine/tensor_parallel.py): `call` has each of them
+    run a method of its worker after every earlier call; objects that change device state tell them through it."""
+
+    def call(self, method: str, *args: Any) -> None: ...
+
+
 def tp() -> TensorParallel:
     """This process's tensor-parallel group (rank 0 of 1 unless `init_tensor_parallel` ran)."""
     return _current
@@ -53,7 +64,8 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: 
     global _current
     disable_nvlink_multicast()
     if world_size > 1:
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=COLLECTIVE_TIMEOUT)
         _current = TensorParallel(rank, world_size, dist.group.WORLD)
     else:
         _current = TensorParallel()
@@ -81,3 +93,10 @@ def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_current.world_size)]
     dist.all_gather(parts, x.contiguous(), group=_current.group)
     return torch.cat(parts, dim=dim)
+
+
+def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s `x` on every rank (the others pass a tensor of the same shape and dtype to fill), in place."""
+    if _current.enabled:
+        dist.broadcast(x, src, group=_current.group)
+    return x

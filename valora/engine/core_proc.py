@@ -169,7 +169,10 @@ def _core_main(config: EngineConfig, lora_modules: list[tuple[str, str]], max_in
         logger.exception("engine core failed to start")
         parent.send(("error", f"{type(e).__name__}: {e}"))
         raise SystemExit(1) from e
-    serve_core(host, address, parent)
+    try:
+        serve_core(host, address, parent)
+    finally:
+        host.engine.shutdown()  # its tensor-parallel workers, if any
 
 
 class CoreProcess:
@@ -186,8 +189,10 @@ class CoreProcess:
         if in_thread:
             self._worker = threading.Thread(target=_core_main, args=args, name="valora-core", daemon=True)
         else:
-            self._worker = multiprocessing.get_context("spawn").Process(target=_core_main, args=args,
-                                                                        name="valora-core", daemon=True)
+            # A daemonic process may not start children: a core with tensor-parallel workers is not one (it
+            # still ends when its parent does: the loop stops when the parent's pipe closes)
+            self._worker = multiprocessing.get_context("spawn").Process(
+                target=_core_main, args=args, name="valora-core", daemon=config.tensor_parallel_size == 1)
         self._worker.start()
         if not in_thread:
             child_conn.close()

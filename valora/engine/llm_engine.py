@@ -32,10 +32,11 @@ from valora.engine.request import EngineCoreOutput, EngineCoreRequest
 from valora.engine.scheduler import Scheduler
 from valora.engine.sequence import Sequence, SequenceStatus
 from valora.engine.structured_outputs import GrammarCompiler
+from valora.engine.tensor_parallel import Replicas
 from valora.heads import HeadParams, HeadSet, answer_all, load_heads
 from valora.lora.manager import LoRAManager
 from valora.lora.request import LoRARequest
-from valora.models.loader import iter_checkpoint
+from valora.models.loader import build_model
 from valora.models.registry import resolve_family
 from valora.multimodal.cache import EmbeddingCache
 from valora.multimodal.inputs import InputError, ProcessedPrompt
@@ -115,6 +116,10 @@ class LLMEngine:
             ckpt_dtype = getattr(torch, ckpt_dtype, None)
         self.dtype = resolve_dtype(config.dtype, ckpt_dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+        # Tensor parallelism: the other ranks' workers, and this process in their group (before the model is built:
+        # its layers take their shares of the weights from the group)
+        self.replicas = (Replicas(config, self.hf_config, self.dtype, self.device)
+                         if config.tensor_parallel_size > 1 else None)
         self.model = self._load_model(model_dir)
         self.model.vision_backend = config.multimodal.mm_encoder_attn_backend
         self.clock = time.time
@@ -143,7 +148,7 @@ class LLMEngine:
         cache_mb = config.multimodal.embed_cache_mb
         self.embed_cache = EmbeddingCache(cache_mb * 2**20) if cache_mb > 0 else None
         self.runner = ModelRunner(self.model, blocks, self.dtype, self.device, self.embed_cache,
-                                  max_blocks_per_seq=blocks.blocks_for(self.max_model_len))
+                                  max_blocks_per_seq=blocks.blocks_for(self.max_model_len), replicas=self.replicas)
         if self.device.type == "cuda":
             self.runner.enable_cuda_graphs(sc.max_num_seqs, config.lora.max_loras, capture=not config.enforce_eager)
         self.scheduler = Scheduler(sc, blocks, self.max_batched_tokens,
@@ -175,6 +180,9 @@ class LLMEngine:
         lora_config = LoRAConfig(lc.max_loras, lc.max_lora_rank, lc.max_cpu_loras, backend)
         self.lora_manager = LoRAManager(self.model, self.model.mapper, lora_config, self.dtype, self.device)
         self.switcher = ModeSwitcher(self.lora_manager)
+        if self.replicas is not None:
+            self.replicas.call("init_lora", lora_config, self.policy.merges)
+            self.lora_manager.replicas = self.replicas
         if self.policy.merges:
             self.switcher.reserve()  # before the KV cache takes the remaining memory
         self._merge_bytes: dict[str, int] = {}
@@ -185,15 +193,7 @@ class LLMEngine:
 
     def _load_model(self, model_dir: Path) -> torch.nn.Module:
         t0 = time.perf_counter()
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            with torch.device(self.device):
-                model = self.family.model_cls(self.hf_config)
-        finally:
-            torch.set_default_dtype(default)
-        model.load_weights(iter_checkpoint(model_dir))
-        model.eval()
+        model = build_model(self.family, self.hf_config, model_dir, self.dtype, self.device)
         logger.info("loaded %s weights in %.1f s", model_dir.name, time.perf_counter() - t0)
         return model
 
@@ -211,7 +211,7 @@ class LLMEngine:
         cc = self.config.cache
         tokens = min(self.max_batched_tokens, self.max_model_len)
         scratch = BlockManager(-(-tokens // cc.block_size), cc.block_size)
-        runner = ModelRunner(self.model, scratch, self.dtype, self.device)
+        runner = ModelRunner(self.model, scratch, self.dtype, self.device, replicas=self.replicas, name="profile")
         seq = Sequence(-1, "profile", 0, ProcessedPrompt([0] * tokens), SamplingParams(temperature=0), None, 0.0)
         scratch.allocate(seq, tokens)
         torch.cuda.synchronize()
@@ -220,6 +220,8 @@ class LLMEngine:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         del runner, scratch
+        if self.replicas is not None:
+            self.replicas.call("drop_runner", "profile")
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info()
         usable = int(total * cc.gpu_memory_utilization) - peak
@@ -375,6 +377,12 @@ class LLMEngine:
             generation_tokens=self.num_generation_tokens,
             step_costs={m: t.copy() for m, t in self.step_costs.items() if t.steps} if self.policy else {},
         )
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do on one device); the engine is unusable afterwards."""
+        if self.replicas is not None:
+            self.replicas.close()
+            self.replicas = None
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None

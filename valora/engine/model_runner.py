@@ -1,4 +1,10 @@
-"""Turns a scheduled step into one `ForwardBatch`, runs the model on it, and samples one token per sequence."""
+"""Turns a scheduled step into one `ForwardBatch`, runs the model on it, and samples one token per sequence.
+
+The batch is made on the host first (`StepInputs`: token ids, positions, attention ints, adapter slots, image rows)
+and copied to the device in a few copies. Under tensor parallelism the same `StepInputs` go to every other rank
+(`replicas`), which builds the same batch and runs its share of the model in step; this rank alone runs the vision
+pass and samples.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from valora.distributed.state import Followers
 from valora.engine.block_manager import BlockManager
 from valora.engine.sampler import sample_async
 from valora.engine.sequence import Sequence
 from valora.heads.params import HeadParams
 from valora.models.forward_batch import ForwardBatch, ImageInputs
 from valora.models.layers.attention import AttentionMeta
+from valora.models.layers.parallel import kv_heads_per_rank
 from valora.models.layers.uploads import upload
 from valora.multimodal.cache import EmbeddingCache
 
@@ -32,10 +40,65 @@ class RunInfo:
     capture_s: float = 0.0  # CUDA graphs captured for it
 
 
+@dataclass
+class StepInputs:
+    """One step's batch on the host, before its copies to the device."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [3, T] int64
+    attn_ints: np.ndarray  # int32: slot mapping, decode rows, prefill spans, decode lengths, block tables
+    attn_sizes: list[int]
+    prefills: list[tuple[int, int, int]]  # (q_start, q_len, context_len)
+    prefill_width: int
+    decode_width: int
+    logits_rows: list[int]
+    lora_slots: list[int]
+    merged_slot: int | None
+    image_rows: list[int] | None  # rows that take image embeddings
+
+    def to_device(self, device: torch.device, block_size: int) -> ForwardBatch:
+        """The batch, without its images' data (only the rows that take them: see `ModelRunner.prepare`). Copied
+        through pinned memory without waiting for the device (layers/uploads.py): preparing step n+1 must not
+        stall on step n's kernels."""
+        return ForwardBatch(
+            input_ids=upload(self.input_ids, device),
+            positions=upload(self.positions, device),
+            attn=self._attention_meta(device, block_size),
+            logits_rows=upload(np.asarray(self.logits_rows, dtype=np.int64), device),
+            images=None if self.image_rows is None else ImageInputs(
+                [], [], [], self.merged_slot, upload(np.asarray(self.image_rows, dtype=np.int64), device), [], []),
+            lora_slots=self.lora_slots,
+            merged_slot=self.merged_slot,
+        )
+
+    def _attention_meta(self, device: torch.device, block_size: int) -> AttentionMeta:
+        """All of the step's attention ints go to the device in one int32 copy; the fields are views of it."""
+        sp, bd = len(self.prefills), self.attn_sizes[1]
+        dev = upload(self.attn_ints, device)
+        slot_map, rows, q_starts, q_lens, ctx, d_ctx, p_tab, d_tab = dev.split(self.attn_sizes)
+        attn = AttentionMeta(slot_map.long(), block_size)
+        if sp:
+            attn.prefill_q_starts, attn.prefill_q_lens, attn.prefill_context_lens = q_starts, q_lens, ctx
+            attn.prefill_block_tables = p_tab.view(sp, self.prefill_width)
+            attn.prefill_host = tuple(self.prefills)
+            attn.prefill_max_q_len = max(q for _, q, _ in self.prefills)
+        if bd:
+            attn.decode_rows = rows.long()
+            attn.decode_context_lens = d_ctx
+            attn.decode_block_tables = d_tab.view(bd, self.decode_width)
+            o = self.attn_sizes[0] + bd + 3 * sp
+            attn.decode_max_context = int(self.attn_ints[o : o + bd].max())
+        return attn
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, blocks: BlockManager, dtype: torch.dtype, device: torch.device,
-                 embed_cache: EmbeddingCache | None = None, max_blocks_per_seq: int | None = None) -> None:
+                 embed_cache: EmbeddingCache | None = None, max_blocks_per_seq: int | None = None,
+                 replicas: Followers | None = None, name: str = "main") -> None:
         self.model, self.blocks, self.dtype, self.device = model, blocks, dtype, device
+        self.replicas, self.name = replicas, name
+        if replicas is not None:  # the other ranks make the same runner: their share of the same KV cache
+            replicas.call("make_runner", name, blocks.num_blocks, blocks.block_size, max_blocks_per_seq)
         # Width of the decode block tables: a constant (e.g. ceil(max_model_len / block_size)) gives every decode
         # batch of one size the same tensor shapes; None sizes them to the longest sequence of the step.
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -46,7 +109,7 @@ class ModelRunner:
         c = model.decoder_config
         # One block more than the block manager hands out: padding rows of a graph batch write their K/V there.
         self.pad_slot = blocks.num_blocks * blocks.block_size
-        shape = (self.pad_slot + blocks.block_size, c.num_kv_heads, c.head_dim)
+        shape = (self.pad_slot + blocks.block_size, kv_heads_per_rank(c.num_kv_heads), c.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(c.num_layers)
@@ -55,14 +118,16 @@ class ModelRunner:
     @staticmethod
     def kv_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
         c = model.decoder_config
-        return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
+        kv = kv_heads_per_rank(c.num_kv_heads)
+        return 2 * c.num_layers * block_size * kv * c.head_dim * torch.empty((), dtype=dtype).element_size()
 
     def prepare(
         self, seqs: Seq[Sequence], num_tokens: Seq[int], lora_slots: dict[str, int], merged_slot: int | None = None
-    ) -> tuple[ForwardBatch, list[tuple[Sequence, int]]]:
+    ) -> tuple[ForwardBatch, list[tuple[Sequence, int]], StepInputs]:
         """The batch of the next `num_tokens[i]` tokens of each sequence (its LoRA work not built yet: see
-        `forward`), and for each of its images the (sequence, image index) that owns it. Only sequences whose last
-        token is in the batch get a logits row: a chunk that ends inside a prompt samples nothing."""
+        `forward`), for each of its images the (sequence, image index) that owns it, and the batch's host form.
+        Only sequences whose last token is in the batch get a logits row: a chunk that ends inside a prompt samples
+        nothing."""
         ids: list[int] = []
         pos_chunks: list[torch.Tensor | int] = []  # a generated token's position is one int on every axis
         slot_mapping: list[int] = []
@@ -111,30 +176,19 @@ class ModelRunner:
                 img_spans.append((lo - item.offset, hi - item.offset))
                 img_cached.append(seq.image_embeds[k])
                 img_owner.append((seq, k))
-        attn = self._attention_meta(slot_mapping, prefills, pre_tables, dec_rows, dec_lens, dec_tables)
-        images = None
-        if img_data:
-            images = ImageInputs(img_data, img_tokens, img_slots, merged_slot,
-                                 self._upload(img_rows), img_cached, img_spans)
-        batch = ForwardBatch(
-            input_ids=self._upload(ids),
-            positions=self._position_tensor(pos_chunks, len(ids)),
-            attn=attn,
-            logits_rows=self._upload(logits_rows),
-            images=images,
-            lora_slots=lora_ids,
-            merged_slot=merged_slot,
-        )
-        return batch, img_owner
+        inputs = StepInputs(np.asarray(ids, dtype=np.int64), self._positions_array(pos_chunks, len(ids)),
+                            *self._attention_ints(slot_mapping, prefills, pre_tables, dec_rows, dec_lens, dec_tables),
+                            logits_rows, lora_ids, merged_slot, img_rows if img_data else None)
+        batch = inputs.to_device(self.device, self.blocks.block_size)
+        if batch.images is not None:
+            batch.images = ImageInputs(img_data, img_tokens, img_slots, merged_slot, batch.images.token_rows,
+                                       img_cached, img_spans)
+        return batch, img_owner, inputs
 
-    def _upload(self, values: list[int]) -> torch.Tensor:
-        """int64 values on the device without waiting for it (pinned memory, non-blocking: layers/uploads.py)."""
-        return upload(np.asarray(values, dtype=np.int64), self.device)
-
-    def _attention_meta(self, slot_mapping: list[int], prefills: list[tuple[int, int, int]],
+    def _attention_ints(self, slot_mapping: list[int], prefills: list[tuple[int, int, int]],
                         pre_tables: list[list[int]], dec_rows: list[int], dec_lens: list[int],
-                        dec_tables: list[list[int]]) -> AttentionMeta:
-        """All of the step's attention ints go to the device in one int32 copy; the fields are views of it."""
+                        dec_tables: list[list[int]]) -> tuple[np.ndarray, list[int], list, int, int]:
+        """The step's attention ints packed for one copy: (ints, their split sizes, prefills, table widths)."""
         t, sp, bd = len(slot_mapping), len(prefills), len(dec_rows)
         wp = max((len(b) for b in pre_tables), default=0)
         wd = max(max((len(b) for b in dec_tables), default=0), self.max_blocks_per_seq or 0)
@@ -152,23 +206,11 @@ class ModelRunner:
             for b in tables:
                 buf[o : o + len(b)] = b
                 o += w
-        dev = upload(buf, self.device)
-        slot_map, rows, q_starts, q_lens, ctx, d_ctx, p_tab, d_tab = dev.split(sizes)
-        attn = AttentionMeta(slot_map.long(), self.blocks.block_size)
-        if sp:
-            attn.prefill_q_starts, attn.prefill_q_lens, attn.prefill_context_lens = q_starts, q_lens, ctx
-            attn.prefill_block_tables = p_tab.view(sp, wp)
-            attn.prefill_host = tuple(prefills)
-            attn.prefill_max_q_len = max(q for _, q, _ in prefills)
-        if bd:
-            attn.decode_rows = rows.long()
-            attn.decode_context_lens = d_ctx
-            attn.decode_block_tables = d_tab.view(bd, wd)
-            attn.decode_max_context = max(dec_lens)
-        return attn
+        return buf, sizes, prefills, wp, wd
 
-    def _position_tensor(self, chunks: list[torch.Tensor | int], num_tokens: int) -> torch.Tensor:
-        """[3, T] positions on the device, in one copy."""
+    @staticmethod
+    def _positions_array(chunks: list[torch.Tensor | int], num_tokens: int) -> np.ndarray:
+        """[3, T] positions, for one copy."""
         pos = np.empty((3, num_tokens), dtype=np.int64)
         col = 0
         for c in chunks:
@@ -178,7 +220,7 @@ class ModelRunner:
             else:
                 pos[:, col : col + c.shape[1]] = c.numpy()
                 col += c.shape[1]
-        return upload(pos, self.device)
+        return pos
 
     @staticmethod
     def _positions(seq: Sequence, start: int, end: int) -> torch.Tensor:
@@ -202,6 +244,8 @@ class ModelRunner:
         from valora.engine.prefill_graphs import PrefillGraphs
         from valora.models.vision_graphs import VisionGraphs
 
+        if self.replicas is not None:  # every rank captures the same graphs, in the same order (collectives inside)
+            self.replicas.call("enable_cuda_graphs", self.name, max_num_seqs, max_loras, capture)
         self.model.vision_graphs = VisionGraphs(self.model, capture=capture)
         if self.max_blocks_per_seq is None:
             raise ValueError("CUDA graphs need a fixed block-table width (max_blocks_per_seq)")
@@ -239,6 +283,15 @@ class ModelRunner:
         vision = getattr(self.model, "vision_graphs", None)
         return sum(g.capture_seconds for g in (self.graphs, self.prefill_graphs, vision) if g is not None)
 
+    def logits(self, last: torch.Tensor, rows: list[int] | None) -> torch.Tensor | None:
+        """Logits of rows `rows` of the final hidden states (every row for None, none for an empty list); under
+        tensor parallelism every rank makes the same call (the LM head gathers the vocabulary)."""
+        if rows is None:
+            return self.model.compute_logits(last)
+        if not rows:
+            return None
+        return self.model.compute_logits(last.index_select(0, upload(np.asarray(rows, dtype=np.int64), last.device)))
+
     def run(self, seqs: Seq[Sequence], num_tokens: Seq[int], lora_slots: dict[str, int], stop_ids: Seq[set[int]],
             merged_slot: int | None = None) -> list[int | torch.Tensor | None]:
         """Compute the next `num_tokens[i]` tokens of each sequence. A sequence whose last token was among them gets
@@ -252,22 +305,23 @@ class ModelRunner:
                ) -> Callable[[], list[int | torch.Tensor | None]]:
         """`run` split in two: the step's device work is queued now, the returned function waits for its results.
         The host can post-process the previous step meanwhile."""
-        batch, image_owners = self.prepare(seqs, num_tokens, lora_slots, merged_slot)
+        batch, image_owners, inputs = self.prepare(seqs, num_tokens, lora_slots, merged_slot)
+        done = [i for i, (s, n) in enumerate(zip(seqs, num_tokens)) if s.num_computed + n == len(s)]  # rows of last
+        sampled = [(row, i) for row, i in enumerate(done) if not isinstance(seqs[i].params, HeadParams)]
+        rows = None if len(sampled) == len(seqs) else [row for row, _ in sampled]  # None: every row (the common step)
+        if self.replicas is not None:
+            self.replicas.call("step", self.name, inputs, rows)
         last = self.forward(batch).index_select(0, batch.logits_rows)
         if batch.images is not None:
             for (seq, k), emb in zip(image_owners, batch.images.cached):
                 if seq.image_embeds[k] is None and self.embed_cache is not None:
                     self.embed_cache.put((seq.prompt.images[k].content_hash, seq.vision_tag), emb)
                 seq.image_embeds[k] = emb
-        done = [i for i, (s, n) in enumerate(zip(seqs, num_tokens)) if s.num_computed + n == len(s)]  # rows of last
-        sampled = [(row, i) for row, i in enumerate(done) if not isinstance(seqs[i].params, HeadParams)]
-        if len(sampled) == len(seqs):  # every sequence decodes (the common step)
-            return sample_async(self.model.compute_logits(last), seqs, stop_ids).result
-        pending = None
-        if sampled:
-            rows = self._upload([row for row, _ in sampled])
-            pending = sample_async(self.model.compute_logits(last.index_select(0, rows)),
-                                   [seqs[i] for _, i in sampled], [stop_ids[i] for _, i in sampled])
+        logits = self.logits(last, rows)
+        if rows is None:
+            return sample_async(logits, seqs, stop_ids).result
+        pending = sample_async(logits, [seqs[i] for _, i in sampled], [stop_ids[i] for _, i in sampled]) \
+            if sampled else None
 
         @torch.inference_mode()
         def results() -> list[int | torch.Tensor | None]:

@@ -45,9 +45,32 @@ def check_engine_config(config: EngineConfig):
         if positions is not None and config.max_model_len > positions:
             raise UserError(f"max_model_len {config.max_model_len} is over the {positions} positions the model was "
                             f"built for (max_position_embeddings); use at most {positions}")
+    check_tensor_parallel(config, hf_config, device)
     if config.lora.backend != "auto" and config.lora.backend not in BACKENDS:
         raise UserError(f"unknown LoRA backend {config.lora.backend!r}; choose auto, {', '.join(sorted(BACKENDS))}")
     if config.scheduler.policy not in policy_classes():
         raise UserError(f"unknown scheduler {config.scheduler.policy!r}; choose one of "
                         f"{', '.join(policy_classes())}")
     return hf_config
+
+
+def check_tensor_parallel(config: EngineConfig, hf_config, device) -> None:
+    """The model must split evenly: query heads, KV heads (or ranks over KV heads) and the MLP's hidden units."""
+    n = config.tensor_parallel_size
+    if n < 1:
+        raise UserError(f"tensor_parallel_size must be at least 1, got {n}")
+    if n == 1:
+        return
+    text = getattr(hf_config, "text_config", hf_config)
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    if heads % n or (kv % n and n % kv) or text.intermediate_size % n:
+        raise UserError(f"tensor_parallel_size {n} does not divide the model: {heads} attention heads, {kv} KV heads "
+                        f"and {text.intermediate_size} MLP units must each split evenly (KV heads may also be fewer "
+                        "than the ranks, dividing them)")
+    if device.type == "cuda":
+        import torch
+
+        visible = torch.cuda.device_count() - (device.index or 0)
+        if n > visible:
+            raise UserError(f"tensor_parallel_size {n} needs {n} GPUs from {device}; {visible} are visible")

@@ -189,15 +189,15 @@ def load_adapter(
             continue
         # A conv LoRA on a patch embedding (stride = kernel) is a linear LoRA on flattened patches.
         a, b = (t.flatten(1) if t.dim() > 2 else t for t in (ab["A"], ab["B"]))
-        out = layer.out_slices[shard] if shard is not None else layer.out_features
+        out, width = layer.full_shape(shard)  # the whole layer's, even where this process holds a share of it
         r = a.shape[0]
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r:
             raise AdapterError(
                 f"adapter {name!r}: {module_name} has inconsistent A {tuple(a.shape)} / B {tuple(b.shape)}"
             )
-        if a.shape[1] != layer.in_features or b.shape[0] != out:
+        if a.shape[1] != width or b.shape[0] != out:
             raise AdapterError(
-                f"adapter {name!r}: {module_name} expects A [r, {layer.in_features}] and B [{out}, r] but has "
+                f"adapter {name!r}: {module_name} expects A [r, {width}] and B [{out}, r] but has "
                 f"A {tuple(a.shape)} and B {tuple(b.shape)}; was it trained for another base model?"
             )
         if r > max_rank:

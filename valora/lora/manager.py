@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from valora.config import LoRAConfig
+from valora.distributed.state import Followers
 from valora.lora.adapter import AdapterError, LoRAAdapter, load_adapter
 from valora.lora.ops import default_backend
 from valora.lora.request import LoRARequest
@@ -94,6 +95,7 @@ class LoRAManager:
         self._copied: dict[int, torch.cuda.Event] = {}  # prefetched slots: a step that uses one waits for its copy
         self._last_step_slots: set[int] = set()
         self.stats = LoRAStats()
+        self.replicas: Followers | None = None  # tensor parallelism: the other ranks, told of every slot change
 
     # -- registry ---------------------------------------------------------------------------------------
     def register(self, req: LoRARequest) -> None:
@@ -108,6 +110,8 @@ class LoRAManager:
                     )
                 return
         adapter = self._read(req)
+        if self.replicas is not None:
+            self.replicas.call("register", req)
         with self._lock:
             self.requests[req.lora_name] = req
             self.info[req.lora_name] = AdapterInfo(adapter.nbytes, frozenset(p for p, _ in adapter.weights),
@@ -120,6 +124,8 @@ class LoRAManager:
         with self._lock:
             if name not in self.requests:
                 raise AdapterError(f"adapter {name!r} is not loaded")
+            if self.replicas is not None:
+                self.replicas.call("unregister", name)
             del self.requests[name]
             self.info.pop(name, None)
             self.pinned.discard(name)
@@ -127,7 +133,7 @@ class LoRAManager:
             self.host.pop(name, None)
             slot = self.slot_lru.pop(name, None)
         if slot is not None:
-            self._clear_slot(slot)
+            self.clear_slot(slot)
         logger.info("adapter %s unloaded", name)
 
     def pin(self, name: str, pinned: bool = True) -> None:
@@ -267,14 +273,14 @@ class LoRAManager:
         adapters = [(self.adapter(name), slot) for name, slot in assignments]
         if self._copy_stream is None:
             for adapter, slot in adapters:
-                self._write_slot(adapter, slot)
+                self.write_slot(adapter, slot)
             return
         compute = torch.cuda.current_stream(self.device)
         if after_running:
             self._copy_stream.wait_stream(compute)
         with torch.cuda.stream(self._copy_stream):
             for adapter, slot in adapters:
-                self._write_slot(adapter, slot)
+                self.write_slot(adapter, slot)
             done = torch.cuda.Event()
             done.record(self._copy_stream)
         if after_running:
@@ -284,7 +290,13 @@ class LoRAManager:
         self._inflight = [(e, a) for e, a in self._inflight if not e.query()]
         self._inflight += [(done, a) for a, _ in adapters]
 
-    def _write_slot(self, adapter: LoRAAdapter, slot: int) -> None:
+    def write_slot(self, adapter: LoRAAdapter, slot: int) -> None:
+        """Copy `adapter` into `slot` of every layer (the other tensor-parallel ranks copy their shares)."""
+        if self.replicas is not None:
+            self.replicas.call("write_slot", adapter.name, slot)
+        previous = self.slots[slot]
+        if previous is not None and previous != adapter.name and self.slot_lru.get(previous) == slot:
+            del self.slot_lru[previous]  # a rank that follows the engine's writes learns of evictions here
         ranks: dict[str, list[int]] = {}
         for path, layer in self.layers.items():
             for shard in range(layer.num_slices):
@@ -302,7 +314,9 @@ class LoRAManager:
         self.stats.slot_loads += 1
         self.stats.slot_load_bytes += adapter.nbytes
 
-    def _clear_slot(self, slot: int) -> None:
+    def clear_slot(self, slot: int) -> None:
+        if self.replicas is not None:
+            self.replicas.call("clear_slot", slot)
         for layer in self.layers.values():
             for shard in range(layer.num_slices):
                 layer.set_slot(slot, shard, None, None)

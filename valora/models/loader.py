@@ -111,3 +111,17 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], 
     missing = sorted(set(params) - loaded)
     if missing:
         raise UserError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
+
+
+def build_model(family, hf_config, model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The family's model in `dtype` on `device` with the checkpoint's weights (under tensor parallelism, this
+    rank's share of them)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = family.model_cls(hf_config)
+    finally:
+        torch.set_default_dtype(default)
+    model.load_weights(iter_checkpoint(model_dir))
+    return model.eval()

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from valora.distributed.state import broadcast, tp
 from valora.lora.ops.batch import LoRABatch
 from valora.models.decoder import DecoderConfig, DecoderModel
 from valora.models.forward_batch import ForwardBatch, ImageInputs
@@ -171,10 +172,15 @@ class VisionLanguageModel(nn.Module):
         return torch.cat([emb[a:b] for emb, (a, b) in zip(images.cached, images.spans)])
 
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
-        """The LM's input rows of the batch: token embeddings, image embeddings at the image placeholders."""
+        """The LM's input rows of the batch: token embeddings, image embeddings at the image placeholders. Under
+        tensor parallelism the first rank alone runs the vision pass (it holds the images and their cache) and
+        broadcasts the embeddings' rows; the other ranks' `batch.images` carry only `token_rows`."""
         x = self.language_model.embed_tokens(batch.input_ids)
         if batch.images is not None:
-            x = x.index_copy(0, batch.images.token_rows, self.encode_images(batch.images).to(x.dtype))
+            rows = batch.images.token_rows
+            emb = (self.encode_images(batch.images).to(x.dtype) if tp().rank == 0
+                   else x.new_empty(rows.shape[0], x.shape[1]))
+            x = x.index_copy(0, rows, broadcast(emb))
         return x
 
     def forward(self, batch: ForwardBatch, kv_caches) -> torch.Tensor:

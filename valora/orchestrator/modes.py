@@ -68,6 +68,8 @@ class ModeSwitcher:
         ):
             return 0.0
         t0 = time.perf_counter()
+        if self.manager.replicas is not None:  # the other tensor-parallel ranks merge their shares
+            self.manager.replicas.call("switch", name, slot)
         layers = self.manager.layers
         if name is None:
             for layer in layers.values():

@@ -133,6 +133,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV cache block (default: 16)")
     g.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
                    help="KV cache blocks (default: sized from free memory)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model over N devices (GPUs from --device on, or N processes on the CPU): "
+                        "attention heads, MLP units and the vocabulary, adapters sharded alike (default: 1)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="GPU: run decode steps and vision passes eagerly instead of replaying CUDA graphs "
                         "(slower; for debugging)")
@@ -228,6 +231,7 @@ def engine_config(args: argparse.Namespace):
                if args.media_io_kwargs else {}),
             mm_encoder_attn_backend=args.mm_encoder_attn_backend),
         enforce_eager=args.enforce_eager, step_log=args.step_log,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

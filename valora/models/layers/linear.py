@@ -52,6 +52,10 @@ class LoRALinear(nn.Module):
     def num_slices(self) -> int:
         return len(self.out_slices)
 
+    def full_shape(self, shard: int | None) -> tuple[int, int]:
+        """(out, in) of one output slice (or all) of the whole layer: what an adapter's B and A are sized for."""
+        return (self.out_slices[shard] if shard is not None else self.out_features), self.in_features
+
     def slice_offset(self, shard: int) -> int:
         return sum(self.out_slices[:shard])
 

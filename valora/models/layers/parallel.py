@@ -42,6 +42,11 @@ def head_shard(group: TensorParallel, heads: int, head_dim: int) -> tuple[int, i
     return start * head_dim, count * head_dim
 
 
+def kv_heads_per_rank(num_kv_heads: int) -> int:
+    """KV heads whose cache this rank holds (all of them without tensor parallelism)."""
+    return head_shard(tp(), num_kv_heads, 1)[1]
+
+
 class ColumnParallelLinear(LoRALinear):
     """Output slice j of the full layer (`full_slices[j]` rows) is `shards[j]` = (first row, rows) here: those rows
     of W, b and B."""
@@ -59,6 +64,9 @@ class ColumnParallelLinear(LoRALinear):
             return tensor.narrow(0, *self.shards[shard])
         return torch.cat([t.narrow(0, *s) for t, s in zip(tensor.split(self.full_slices), self.shards)])
 
+    def full_shape(self, shard: int | None) -> tuple[int, int]:
+        return (self.full_slices[shard] if shard is not None else sum(self.full_slices)), self.in_features
+
     def load_weight(self, name: str, tensor: torch.Tensor, shard: int | None = None) -> None:
         super().load_weight(name, self._rows(tensor, shard), shard)
 
@@ -72,8 +80,12 @@ class RowParallelLinear(LoRALinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  shard: tuple[int, int] | None = None) -> None:
         self.tp = tp()
+        self.full_in = in_features
         self.shard = shard if shard is not None else self.tp.split(in_features, "an input width")
         super().__init__(self.shard[1], out_features, bias)
+
+    def full_shape(self, shard: int | None) -> tuple[int, int]:
+        return self.out_features, self.full_in
 
     def load_weight(self, name: str, tensor: torch.Tensor, shard: int | None = None) -> None:
         super().load_weight(name, tensor.narrow(1, *self.shard) if name == "weight" else tensor, shard)
