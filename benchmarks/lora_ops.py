@@ -183,7 +183,8 @@ def base_gemm_us(tokens, hidden, width, device, dtype, cache) -> float:
 def graph_meta(ids: list[int], device):
     """The metadata a CUDA-graph replay of this decode batch uses in the engine: sized for its batch bucket and
     its adapter bucket (max_num_seqs 128, max_loras 32, as benchmarks/engine_speed.py runs it)."""
-    from valora.engine.cuda_graphs import adapter_buckets, batch_buckets
+    from valora.engine.cuda_graphs import batch_buckets
+    from valora.engine.graph_lora import adapter_buckets
     from valora.lora.ops.meta import GraphLoRAMeta
 
     size = next(b for b in batch_buckets(MAX_NUM_SEQS) if b >= len(ids))

@@ -290,7 +290,7 @@ def profile_ttft(llm: LLM) -> dict:
     model = core.model
     phases = [(core.scheduler, "schedule", "schedule"), (core.runner, "prepare", "runner.prepare (batch)"),
               (model, "embed", "embed (tokens + images)"), (model, "prepare_vision", "vision prepare"),
-              (core.runner.prefill_graphs, "run", "prefill graph (fill + replay)"),
+              (core.runner.token_graphs, "run", "prefill graph (fill + replay)"),
               (model.language_model, "forward", "LM layers (eager launches)"), (model, "compute_logits", "lm_head"),
               (model_runner, "sample_async", "sampler (launch)"), (sampler.PendingSample, "result", "wait for tokens"),
               (core, "_collect", "collect"), (engine.output_processor, "process_outputs", "outputs (text)")]
@@ -308,18 +308,18 @@ def bench_ttft(workdir: Path, args) -> dict:
               embed_cache_mb=0, enable_prefix_caching=False)  # every request pays its whole prefill
     result: dict = {**run_info(), "start_s": time.perf_counter() - t, "runs": []}
     runner = llm.engine.core.runner
-    model, graphs, prefill_graphs = runner.model, runner.model.vision_graphs, runner.prefill_graphs
+    model, graphs, token_graphs = runner.model, runner.model.vision_graphs, runner.token_graphs
     # (on the CPU only SDPA: a request through the interpreted Triton kernels takes a minute and measures nothing)
     variants = [(b, True) for b in args.backends if b in GRAPH_BACKENDS and CUDA] + \
         [(b, False) for b in args.backends if b != "FLEX_ATTENTION" and (CUDA or b == "TORCH_SDPA")]
     profiled = profiled_variant(variants)
-    runs = [(*v, True) for v in variants] + ([(*profiled, False)] if prefill_graphs is not None else [])
+    runs = [(*v, True) for v in variants] + ([(*profiled, False)] if token_graphs is not None else [])
     for backend, use_graphs, lm_graphs in runs:
-        run = {"backend": backend, "graphs": use_graphs, "prefill_graphs": lm_graphs and prefill_graphs is not None}
+        run = {"backend": backend, "graphs": use_graphs, "prefill_graphs": lm_graphs and token_graphs is not None}
         try:
             model.vision_backend = backend
             model.vision_graphs = graphs if use_graphs else None
-            runner.prefill_graphs = prefill_graphs if lm_graphs else None
+            runner.token_graphs = token_graphs if lm_graphs else None
             ours_ttft(llm, repeats=2)  # warm-up: Triton compiles, the bucket's graph is captured
             run["ttft_ms"] = ours_ttft(llm) * 1e3
             data = images(llm, 1, 448)
@@ -332,8 +332,8 @@ def bench_ttft(workdir: Path, args) -> dict:
             traceback.print_exc()
         result["runs"].append(run)
         print(json.dumps(run), flush=True)
-    model.vision_backend, model.vision_graphs, runner.prefill_graphs = "auto", graphs, prefill_graphs
-    del llm, graphs, prefill_graphs, runner, model
+    model.vision_backend, model.vision_graphs, runner.token_graphs = "auto", graphs, token_graphs
+    del llm, graphs, token_graphs, runner, model
     _free()
     if not args.skip_hf and CUDA:
         from transformers import AutoModelForImageTextToText

@@ -9,7 +9,8 @@ import torch
 
 from tests.conftest import LM_LINEARS
 from valora import LLM, LoRARequest, SamplingParams
-from valora.engine.cuda_graphs import adapter_buckets, batch_buckets
+from valora.engine.cuda_graphs import batch_buckets
+from valora.engine.graph_lora import adapter_buckets
 from valora.testing.images import random_image
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -58,9 +59,9 @@ def test_static_batches_per_adapter_bucket_match_plain_steps(family, tiny_model,
             outs[static, bucket] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, loras,
                                                                                use_tqdm=False)]
             if static and bucket is not None:
-                assert bucket in runner.graphs.own
+                assert bucket in runner.graphs.lora.own
         if static:
-            assert set(runner.graphs.own) == {bucket for _, bucket in runs if bucket is not None}
+            assert set(runner.graphs.lora.own) == {bucket for _, bucket in runs if bucket is not None}
     for _, bucket in runs:
         assert outs[True, bucket] == outs[False, bucket]
 
@@ -104,5 +105,5 @@ def test_capture_budget_leaves_adapter_buckets_to_first_use(tiny_model) -> None:
     graphs = llm.engine.core.runner.graphs
     graphs.graphs.clear()
     graphs.capture_common(budget_s=0.0)
-    assert {(v.size, v.adapters) for v in graphs.graphs} == {(b, a) for b in graphs.buckets
+    assert {(v.size, v.lora.adapters) for v in graphs.graphs} == {(b, a) for b in graphs.buckets
                                                              for a in (0, min(b, 4))}

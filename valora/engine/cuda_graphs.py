@@ -1,13 +1,11 @@
 """Decode steps replayed from CUDA graphs, so a step costs its kernels and not Python or launch overhead.
 
-A graph is captured per batch-size bucket and per *variant*: how many distinct adapters the step's own-adapter
-tokens use (a bucket of its own: 1, 2, 4, ... up to the batch size or `max_loras`; 0 for a step without any),
-whether it has corrections for a merged adapter (mixture mode), and which layers serve merged weights. Every input
-lives in a static buffer that a replay refills: token ids, positions, KV slots, block tables and context lengths,
-and the LoRA metadata (`GraphLoRAMeta`: per-token slots, tokens grouped by adapter, exact tile maps), sized for its
-(batch, adapters) bucket, so the LoRA kernels launch the grid and use the tiles of the adapter count the step
-really has, not of the worst case (vLLM's `--specialize-active-lora`). A batch smaller than its bucket is padded
-with rows that attend to nothing, write their K/V to a slot no sequence owns and carry no adapter.
+A graph is captured per batch-size bucket and per LoRA variant (graph_lora.py: how many distinct adapters the
+step's own-adapter tokens use, as a bucket of its own, 1, 2, 4, ... up to the batch size or `max_loras`, 0 for a step
+without any; corrections for a merged adapter; which layers serve merged weights). Every input lives in a static
+buffer that a replay refills: token ids, positions, KV slots, block tables and context lengths, and the LoRA
+metadata. A batch smaller than its bucket is padded with rows that attend to nothing, write their K/V to a slot no
+sequence owns and carry no adapter.
 
 Start-up captures, with a progress bar, every batch size without adapters and with its largest adapter bucket
 (which serves any mix), then the smaller adapter buckets while the capture budget lasts; the rest are captured
@@ -17,30 +15,24 @@ so outputs do not depend on the order of capture.
 With `capture=False` (`--enforce-eager`) the same padded static batches run eagerly: a decode step then computes
 exactly the numbers its graph would (same shapes, same kernels, same LoRA tile configurations), so eager and
 graph outputs are equal token for token, and eager mode stays useful for debugging a graph.
-
-Weights, adapter stacks, ranks and scalings are read through pointers the graph keeps: loading an adapter writes
-into its slot of the stacks, and merging writes into the layer's shadow weights, so neither invalidates a graph.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from valora.lora.ops.batch import LoRABatch
-from valora.lora.ops.meta import GraphLoRAMeta
+from valora.engine.graph_lora import GraphLoRA, LoRAVariant, adapter_buckets
+from valora.models.cuda_graph import capture_graph
 from valora.models.forward_batch import ForwardBatch
 from valora.models.layers.attention import AttentionMeta
-from valora.models.layers.linear import LoRALinear
 
 logger = logging.getLogger(__name__)
 
-GRAPH_BACKENDS = ("atmm", "sgmv", "bgmv", "gather")  # LoRA backends whose launches depend on shapes only
 # Seconds of start-up capture after the graphs every deployment needs; the remaining adapter buckets are captured
 # when first used (the H100 captured 30 graphs in 12.8 s; the start-up target is under 30 s in all).
 CAPTURE_BUDGET_S = 15.0
@@ -57,19 +49,10 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_num_seqs})
 
 
-def adapter_buckets(size: int, max_loras: int) -> list[int]:
-    """Distinct-adapter counts with a graph at batch bucket `size`: powers of two below min(size, max_loras),
-    and that bound itself."""
-    top = min(size, max_loras)
-    return [1 << i for i in range(top.bit_length()) if 1 << i < top] + [top]
-
-
 @dataclass(frozen=True)
 class Variant:
     size: int  # batch bucket
-    adapters: int  # adapter bucket of the tokens that run their own adapter (0: none does)
-    correction: bool  # some token takes the merged adapter back out (mixture mode)
-    merged: tuple[bool, ...]  # per LoRA layer: serving merged weights
+    lora: LoRAVariant
 
 
 class CUDAGraphRunner:
@@ -78,10 +61,7 @@ class CUDAGraphRunner:
         self.model, self.kv_caches, self.device, self.capture = model, kv_caches, device, capture
         self.buckets = batch_buckets(max_num_seqs)
         self.block_size, self.pad_slot = block_size, pad_slot
-        self.lora_layers = [m for m in model.language_model.modules() if isinstance(m, LoRALinear)]
-        backends = {m.lora_backend for m in self.lora_layers if m.lora_a is not None}
-        self.lora_enabled = bool(backends)
-        self.lora_ok = backends <= set(GRAPH_BACKENDS)
+        self.lora = GraphLoRA(model, max_loras, device)
         n, opts = self.buckets[-1], dict(dtype=torch.int32, device=device)
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(3, n, dtype=torch.long, device=device)
@@ -89,9 +69,6 @@ class CUDAGraphRunner:
         self.rows = torch.arange(n, device=device)
         self.context_lens = torch.zeros(n, **opts)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, **opts)
-        self.max_loras = max_loras
-        self.own: dict[tuple[int, int], GraphLoRAMeta] = {}  # (batch bucket, adapter bucket), made at first use
-        self.correction = {b: GraphLoRAMeta(b, 1, device) for b in self.buckets}
         self.graphs: dict[Variant, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.capture_seconds = 0.0
@@ -102,36 +79,20 @@ class CUDAGraphRunner:
     def variant(self, batch: ForwardBatch) -> Variant:
         """The graph a decode-only `batch` runs in."""
         b = self.bucket(batch.input_ids.shape[0])
-        merged = batch.merged_slot
-        distinct = len({s for s in batch.lora_slots if s >= 0 and s != merged})
-        adapters = next(a for a in adapter_buckets(b, self.max_loras) if a >= distinct) if distinct else 0
-        return Variant(b, adapters, merged is not None and any(s != merged for s in batch.lora_slots),
-                       tuple(m.merged_slot is not None for m in self.lora_layers))
-
-    def own_meta(self, size: int, adapters: int) -> GraphLoRAMeta:
-        key = (size, adapters)
-        if key not in self.own:
-            self.own[key] = GraphLoRAMeta(size, adapters, self.device)
-        return self.own[key]
+        return Variant(b, self.lora.variant(b, batch))
 
     def usable(self, batch: ForwardBatch) -> bool:
         """A step can replay a graph when every sequence decodes one token, with no image, within the buckets."""
         a = batch.attn
-        slots = batch.lora_slots
         return (batch.images is None and not a.prefill_host and a.decode_rows is not None
-                and len(slots) <= self.buckets[-1]
-                and (self.lora_ok or (batch.merged_slot is None and all(s < 0 for s in slots))))
+                and len(batch.lora_slots) <= self.buckets[-1] and self.lora.usable(batch))
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states [T, hidden] of a decode-only `batch`."""
         t = batch.input_ids.shape[0]
         v = self.variant(batch)
-        merged = batch.merged_slot
         self._fill(batch, t, v.size)
-        if v.adapters:
-            self.own_meta(v.size, v.adapters).fill([s if s != merged else -1 for s in batch.lora_slots])
-        if v.correction:
-            self.correction[v.size].fill([merged if s != merged else -1 for s in batch.lora_slots])
+        self.lora.fill(v.size, v.lora, batch)
         if not self.capture:
             return self.model(self._static_batch(v), self.kv_caches)[:t]
         if v not in self.graphs:
@@ -159,30 +120,14 @@ class CUDAGraphRunner:
             decode_context_lens=self.context_lens[:b], decode_block_tables=self.block_tables[:b],
             decode_max_context=self.block_tables.shape[1] * self.block_size,
         )
-        lora = None
-        if v.adapters or v.correction:
-            lora = LoRABatch(self.own_meta(b, v.adapters).meta if v.adapters else None,
-                             self.correction[b].meta if v.correction else None)
         return ForwardBatch(input_ids=self.input_ids[:b], positions=self.positions[:, :b], attn=attn,
-                            logits_rows=self.rows[:b], lora=lora)
+                            logits_rows=self.rows[:b], lora=self.lora.batch(b, v.lora))
 
-    @torch.inference_mode()
     def _capture(self, v: Variant) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Capture one variant: two eager runs first (Triton compiles, cuBLAS picks its kernels), off the graph."""
         start = time.perf_counter()
         batch = self._static_batch(v)
-        forward: Callable[[], torch.Tensor] = lambda: self.model(batch, self.kv_caches)  # noqa: E731
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                forward()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = forward()
-        if self.pool is None:
-            self.pool = graph.pool()
+        graph, out = capture_graph(lambda: self.model(batch, self.kv_caches), self.device, self.pool)
+        self.pool = self.pool or graph.pool()
         seconds = time.perf_counter() - start
         self.capture_seconds += seconds
         logger.debug("captured a decode graph for %s in %.2f s", v, seconds)
@@ -195,26 +140,27 @@ class CUDAGraphRunner:
         if not self.capture:
             return
         start = time.perf_counter()
-        merged = tuple(False for _ in self.lora_layers)
-        lora = self.lora_enabled and self.lora_ok
+        unmerged = tuple(False for _ in self.lora.layers)
+        lora = self.lora.enabled and self.lora.capturable
+        max_loras = self.lora.max_loras
         sizes = list(reversed(self.buckets))
-        common = [Variant(b, a, False, merged) for b in sizes
-                  for a in ((0, adapter_buckets(b, self.max_loras)[-1]) if lora else (0,))]
-        extra = sorted((Variant(b, a, False, merged) for b in sizes if lora
-                        for a in adapter_buckets(b, self.max_loras)[:-1]), key=lambda v: (v.adapters, -v.size))
+        common = [Variant(b, LoRAVariant(a, False, unmerged)) for b in sizes
+                  for a in ((0, adapter_buckets(b, max_loras)[-1]) if lora else (0,))]
+        extra = sorted((Variant(b, LoRAVariant(a, False, unmerged)) for b in sizes if lora
+                        for a in adapter_buckets(b, max_loras)[:-1]), key=lambda v: (v.lora.adapters, -v.size))
         self.slot_mapping.fill_(self.pad_slot)  # nothing real yet: every row is padding
         bar = tqdm(total=len(common) + len(extra), desc="Capturing CUDA graphs", unit="graph", disable=None)
         for v in common + extra:
             if v in extra and time.perf_counter() - start > budget_s:
                 break
             if v not in self.graphs:
-                if v.adapters:
-                    self.own_meta(v.size, v.adapters).fill([])
+                if v.lora.adapters:
+                    self.lora.own_meta(v.size, v.lora.adapters).fill([])
                 self.graphs[v] = self._capture(v)
             bar.update()
         bar.close()
         left = sum(v not in self.graphs for v in common + extra)
         logger.info("captured %d decode CUDA graphs in %.1f s (batch sizes %s%s)%s", len(self.graphs),
                     time.perf_counter() - start, ",".join(map(str, self.buckets)),
-                    f"; up to {min(self.buckets[-1], self.max_loras)} adapters" if lora else "",
+                    f"; up to {min(self.buckets[-1], max_loras)} adapters" if lora else "",
                     f"; {left} more at first use" if left else "")

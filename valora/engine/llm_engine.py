@@ -150,7 +150,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, blocks, self.dtype, self.device, self.embed_cache,
                                   max_blocks_per_seq=blocks.blocks_for(self.max_model_len), replicas=self.replicas)
         if self.device.type == "cuda":
-            self.runner.enable_cuda_graphs(sc.max_num_seqs, config.lora.max_loras, capture=not config.enforce_eager)
+            self.runner.enable_cuda_graphs(sc.max_num_seqs, config.lora.max_loras, capture=not config.enforce_eager,
+                                           max_num_batched_tokens=self.max_batched_tokens)
         self.scheduler = Scheduler(sc, blocks, self.max_batched_tokens,
                                    config.lora.max_loras if config.enable_lora else None)
         self.requests: dict[str, Sequence] = {}  # unfinished ones

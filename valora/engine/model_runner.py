@@ -104,7 +104,7 @@ class ModelRunner:
         self.max_blocks_per_seq = max_blocks_per_seq
         self.embed_cache = embed_cache
         self.graphs = None  # CUDAGraphRunner, once `enable_cuda_graphs` ran
-        self.prefill_graphs = None  # PrefillGraphs, likewise
+        self.token_graphs = None  # TokenGraphs, likewise
         self.last_run = RunInfo()
         c = model.decoder_config
         # One block more than the block manager hands out: padding rows of a graph batch write their K/V there.
@@ -235,17 +235,19 @@ class ModelRunner:
         tail = torch.arange(tail_start + p.position_delta, end + p.position_delta).expand(3, -1)
         return torch.cat([head, tail], dim=1)
 
-    def enable_cuda_graphs(self, max_num_seqs: int, max_loras: int, capture: bool = True) -> None:
+    def enable_cuda_graphs(self, max_num_seqs: int, max_loras: int, capture: bool = True,
+                           max_num_batched_tokens: int = 2048) -> None:
         """Run decode steps on padded static batches, replayed from CUDA graphs (captured now for the common
-        variants, later for the others) or, with `capture=False`, eagerly with the same numerics; short prefill steps
-        without adapters (engine/prefill_graphs.py) and vision passes (models/vision_graphs.py) likewise, per
-        bucket, captured at first use."""
+        variants, later for the others) or, with `capture=False`, eagerly with the same numerics; steps with prefill
+        work, alone or mixed with decodes, up to the token budget (engine/token_graphs.py) and vision passes
+        (models/vision_graphs.py) likewise, per bucket, captured at first use."""
         from valora.engine.cuda_graphs import CUDAGraphRunner
-        from valora.engine.prefill_graphs import PrefillGraphs
+        from valora.engine.token_graphs import DEFAULT_MAX_TOKENS, TokenGraphs
         from valora.models.vision_graphs import VisionGraphs
 
         if self.replicas is not None:  # every rank captures the same graphs, in the same order (collectives inside)
-            self.replicas.call("enable_cuda_graphs", self.name, max_num_seqs, max_loras, capture)
+            self.replicas.call("enable_cuda_graphs", self.name, max_num_seqs, max_loras, capture,
+                               max_num_batched_tokens)
         self.model.vision_graphs = VisionGraphs(self.model, capture=capture)
         if self.max_blocks_per_seq is None:
             raise ValueError("CUDA graphs need a fixed block-table width (max_blocks_per_seq)")
@@ -254,34 +256,36 @@ class ModelRunner:
             block_size=self.blocks.block_size, pad_slot=self.pad_slot, max_loras=max_loras, device=self.device,
             capture=capture)
         self.graphs.capture_common()
-        self.prefill_graphs = PrefillGraphs(self.model, self.kv_caches, max_blocks_per_seq=self.max_blocks_per_seq,
-                                            block_size=self.blocks.block_size, pad_slot=self.pad_slot,
-                                            device=self.device, capture=capture)
+        self.token_graphs = TokenGraphs(
+            self.model, self.kv_caches, max_num_seqs=max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq,
+            block_size=self.blocks.block_size, pad_slot=self.pad_slot, max_loras=max_loras, device=self.device,
+            capture=capture, max_tokens=min(max_num_batched_tokens, DEFAULT_MAX_TOKENS))
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states of every row: replayed from a CUDA graph when the step is a plain decode step, or a
-        short prefill step without adapter work (its embeddings computed first). Records how it ran in `last_run`."""
+        step with prefill work within the token buckets (its embeddings computed first). Records how it ran in
+        `last_run`."""
         decode = self.graphs is not None and self.graphs.usable(batch)
-        prefill = not decode and self.prefill_graphs is not None and self.prefill_graphs.usable(batch)
+        tokens = not decode and self.token_graphs is not None and self.token_graphs.usable(batch)
         images = batch.images
         encoded = 0 if images is None else sum(n for n, e in zip(images.num_tokens, images.cached) if e is None)
         captured = self._capture_seconds()
         if decode:  # with `--enforce-eager` the same static batches, run eagerly (prefills likewise)
             out = self.graphs.run(batch)
-        elif prefill:
-            out = self.prefill_graphs.run(self.model.embed(batch), batch)
+        elif tokens:
+            out = self.token_graphs.run(self.model.embed(batch), batch)
         else:
             batch.build_lora()
             out = self.model(batch, self.kv_caches)
-        graph = (decode and self.graphs.capture) or (prefill and self.prefill_graphs.capture)
+        graph = (decode and self.graphs.capture) or (tokens and self.token_graphs.capture)
         self.last_run = RunInfo(graph, decode or not batch.attn.prefill_host, encoded,
                                 self._capture_seconds() - captured)
         return out
 
     def _capture_seconds(self) -> float:
-        """Seconds spent capturing CUDA graphs so far: decode, prefill and vision."""
+        """Seconds spent capturing CUDA graphs so far: decode, token-bucket and vision."""
         vision = getattr(self.model, "vision_graphs", None)
-        return sum(g.capture_seconds for g in (self.graphs, self.prefill_graphs, vision) if g is not None)
+        return sum(g.capture_seconds for g in (self.graphs, self.token_graphs, vision) if g is not None)
 
     def logits(self, last: torch.Tensor, rows: list[int] | None) -> torch.Tensor | None:
         """Logits of rows `rows` of the final hidden states (every row for None, none for an empty list); under

@@ -161,8 +161,9 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def enable_cuda_graphs(self, name: str, max_num_seqs: int, max_loras: int, capture: bool) -> None:
-        self.runners[name].enable_cuda_graphs(max_num_seqs, max_loras, capture)
+    def enable_cuda_graphs(self, name: str, max_num_seqs: int, max_loras: int, capture: bool,
+                           max_num_batched_tokens: int) -> None:
+        self.runners[name].enable_cuda_graphs(max_num_seqs, max_loras, capture, max_num_batched_tokens)
 
     @torch.inference_mode()
     def step(self, name: str, inputs: StepInputs, rows: list[int] | None) -> None:
