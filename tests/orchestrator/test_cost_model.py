@@ -211,3 +211,20 @@ def test_stops_a_mixture_that_does_not_pay():
     batch = ["a0"] * 28 + ["a1", "a2", "a3", "a4"]
     hots = run_decode(policy, batch, theta, 200, rng)
     assert hots[0] == "a0" and hots[-100:] == [None] * 100, hots
+
+
+def test_prices_admissions_on_the_path_steps_with_prefill_work_took(tmp_path):
+    """Steps that admit prompts replay token-bucket CUDA graphs where the engine has them: once such a step ran from a
+    graph, admissions are priced by the graph fit, not the eager one (its steps three times dearer)."""
+    rng = np.random.default_rng(6)
+    policy = recorded_policy(truth(), tmp_path, rng)
+    for _ in range(300):
+        w = random_step(rng)
+        policy.observe(StepRecord("unmerged", None, w.seqs, 0, measure(w, 3 * truth(), rng), 0.0, 0, w))
+    view = SchedulerView(waiting=[Seq(i, f"a{i}", num_computed=0, length=300) for i in range(4)],
+                         running=[Seq(10 + i, f"a{i % 16}") for i in range(32)], hot=None, now=0.0, max_num_seqs=64,
+                         max_batched_tokens=2048, adapter_bytes=SIZES.__getitem__, merge_bytes=lambda name: 13 << 30)
+    eager = policy.decide(view).costs[None]
+    w = random_step(rng)
+    policy.observe(StepRecord("unmerged", None, w.seqs, 0, measure(w, truth(), rng), 0.0, 0, w, graph=True))
+    assert policy.decide(view).costs[None] < 0.75 * eager

@@ -10,9 +10,9 @@ time is its roofline times a factor that depends on shapes, device and whether i
 the H100 the LoRA kernels cost about 3.4x their bytes over the bandwidth inside graphs, plus a fixed cost per
 launch, docs/benchmarks.md), and a model priced from rates alone almost never saw a reason to merge.
 
-One fit per path (`graph`: a step replayed from CUDA graphs, i.e. a decode step or a short prefill without adapter
-work; `eager`: everything else), because graphs
-remove the launch costs that dominate small LoRA passes. Each fit is least squares with non-negative coefficients,
+One fit per path (`graph`: a step replayed from CUDA graphs, i.e. a decode step or a step with prefill work within
+the token buckets, mixed with decodes or not; `eager`: everything else), because graphs remove the launch costs that
+dominate small LoRA passes. Each fit is least squares with non-negative coefficients,
 over a window of the most recent steps plus a seed: a table recorded on this device (`valora bench costs --fit`),
 or, without one, pseudo-steps priced from the measured copy bandwidth and matmul rate. Errors are relative (a 5 ms
 decode step counts as much as a 200 ms prefill), relative to the step's *predicted* time: weights taken from the

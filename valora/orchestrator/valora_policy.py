@@ -40,6 +40,7 @@ class ValoraPolicy(Policy):
         self.explore = explore
         self.seconds_per_merged_byte: float | None = None  # learned from measured switches
         self.decode_path = "eager"  # where the last decode-only step ran
+        self.prefill_path = "eager"  # where the last step with prefill work ran (token-bucket graphs or eagerly)
 
     def switch_cost(self, merged_bytes: int) -> float:
         per_byte = self.seconds_per_merged_byte or 2.0 / self.rates.bandwidth  # read W, write W'
@@ -70,7 +71,7 @@ class ValoraPolicy(Policy):
             tokens[s.lora_name] = tokens.get(s.lora_name, 0) + need
             attention += need * len(s)
             seats, budget, seqs = seats - 1, budget - need, seqs + 1
-        path = self.decode_path if seqs == len(view.running) else "eager"
+        path = self.decode_path if seqs == len(view.running) else self.prefill_path
         named = [a for a in tokens if a is not None]
         candidates = dict.fromkeys([None, view.hot, *sorted(named, key=lambda a: -tokens[a])[:3]])
         nbytes = {a: view.adapter_bytes(a) for a in {*named, view.hot} if a is not None}
@@ -100,4 +101,6 @@ class ValoraPolicy(Policy):
             return
         if record.decode:
             self.decode_path = record.path
+        else:
+            self.prefill_path = record.path
         self.costs.observe(record.path, record.work, record.compute_s)
