@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/valora demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check valora tests benchmarks

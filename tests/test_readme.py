@@ -19,7 +19,8 @@ from valora.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 NEEDS = re.compile(r"needs |minutes")  # what a line says when it cannot just run here
-RUN_HERE = ("valora bench sweep benchmarks/cpu_sweep.yaml", "valora bench report bench-results/cpu_sweep")
+RUN_HERE = ("valora bench sweep benchmarks/cpu_sweep.yaml --workloads vqa",
+            "valora bench report bench-results/cpu_sweep", "valora bench costs bench-results/cpu_sweep")
 
 
 def _split_comment(line: str) -> tuple[str, str]:
@@ -92,17 +93,20 @@ def test_each_command_works_or_says_what_it_needs(command, notes):
 
 
 def test_the_cpu_sweep_and_its_report_run_literally(tmp_path):
-    """`valora bench sweep benchmarks/cpu_sweep.yaml` then `valora bench report bench-results/cpu_sweep`, as the
-    README writes them, from a directory holding the config, with a home of their own (the model is built)."""
+    """`valora bench sweep benchmarks/cpu_sweep.yaml --workloads vqa`, then `valora bench report` and `valora bench
+    costs` on its results, as the README writes them, from a directory holding the config, with a home of their own
+    (the model is built)."""
     (tmp_path / "benchmarks").mkdir()
     shutil.copy(ROOT / "benchmarks" / "cpu_sweep.yaml", tmp_path / "benchmarks")
     env = {**os.environ, "HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    out = {}
     for command in RUN_HERE:
         assert any(c.startswith(command) for c, _ in COMMANDS)
         quiet = ["--no-progress"] if shlex.split(command)[2] == "sweep" else []
         argv = [sys.executable, "-m", "valora.cli", *shlex.split(command)[1:], *quiet]
         done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    out = done.stdout
-    assert (tmp_path / "bench-results" / "cpu_sweep" / "report.md").is_file() and "report.md" in out
-    assert "Traceback" not in done.stderr
+        assert "Traceback" not in done.stderr
+        out[shlex.split(command)[2]] = done.stdout
+    assert (tmp_path / "bench-results" / "cpu_sweep" / "report.md").is_file() and "report.md" in out["report"]
+    assert "predicted" in out["costs"], out["costs"]

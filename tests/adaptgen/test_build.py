@@ -143,4 +143,4 @@ def test_bad_task_file(tmp_path, capsys):
     bad = tmp_path / "tasks.yaml"
     bad.write_text("tasks: [{name: x, dataset: {kind: digits}, prompt: p, floor: 2}]")
     assert main(["adapters", "build", str(bad), "--base", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "floor must be a number in [0, 1]" in capsys.readouterr().out
+    assert "floor must be a number in [0, 1]" in capsys.readouterr().err

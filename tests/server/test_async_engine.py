@@ -61,6 +61,14 @@ def _prepared(engine: AsyncEngine, rid: str, prompt, params: SamplingParams, lor
     return Prepared(rid, *engine.input_processor.process(prompt), params, lora)
 
 
+async def _eventually(condition, timeout: float = 10.0) -> None:
+    """Wait for another front end's socket to deliver a broadcast (ordered per socket, not across sockets)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the broadcast never arrived"
+        await asyncio.sleep(0.01)
+
+
 async def _drain(engine: AsyncEngine, prepared: list[Prepared]):
     outputs = await engine.add(engine.admit(sum(p.num_sequences for p in prepared)), prepared, time.time())
     return [out async for _, out in outputs]
@@ -123,7 +131,8 @@ def test_two_front_ends_share_the_adapters_and_the_cap(setup, adapters):
     async def body(a, b):
         (fe_a, models_a), (fe_b, models_b) = a, b
         await fe_a.client.call("load_lora", "x", str(adapters["lora1"]))
-        assert models_a.adapters["x"] == models_b.adapters["x"]  # told before the load returned
+        assert "x" in models_a.adapters  # the caller is told before its call returns, the other front end soon after
+        await _eventually(lambda: models_b.adapters.get("x") == models_a.adapters["x"])
         params = SamplingParams(max_tokens=3000, ignore_eos=True)
         outputs = await fe_a.add(fe_a.admit(2), [_prepared(fe_a, "a1", "hello", params),
                                                  _prepared(fe_a, "a2", "hi", params, models_a.resolve("x"))],
@@ -133,7 +142,8 @@ def test_two_front_ends_share_the_adapters_and_the_cap(setup, adapters):
             await fe_b.add(admission, [_prepared(fe_b, "b1", "hello", params)], time.time())
         await aiter(outputs).aclose()
         await fe_b.client.call("unload_lora", "x")
-        assert "x" not in models_a.adapters
+        assert "x" not in models_b.adapters
+        await _eventually(lambda: "x" not in models_a.adapters)
 
     _run(setup, body, front_ends=2)
 

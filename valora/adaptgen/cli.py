@@ -45,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
     from valora.demo.artifacts import cache_dir
 
     path = SUITES / f"{args.tasks}.yaml" if (SUITES / f"{args.tasks}.yaml").is_file() else Path(args.tasks)
-    if args.base != "demo" and not (Path(args.base) / "config.json").is_file():
-        raise UserError(f"--base {args.base} is not a model directory (no config.json); pass one, or 'demo'")
     suite = load_suite(path).with_overrides(tasks=args.only.split(",") if args.only else None, steps=args.steps,
                                             rank=args.rank, floor=args.floor, seed=args.seed)
+    if args.base != "demo" and not (Path(args.base) / "config.json").is_file():
+        raise UserError(f"--base {args.base} is not a model directory (no config.json); pass one, or 'demo'")
     cache = args.cache_dir or args.out / ".work"
     # the demo base is trained once per machine (per --cache-dir), not once per --out
     base = demo_base(args.cache_dir or cache_dir()) if args.base == "demo" else Path(args.base)

@@ -54,9 +54,10 @@ class ValoraPolicy(Policy):
 
     def decide(self, view: SchedulerView) -> Decision:
         now = view.now
-        urgent = sorted((s for s in view.waiting if self._urgent(s, now)),
+        flagged = [self._urgent(s, now) for s in view.waiting]  # one pass: this runs every step over the queue
+        urgent = sorted((s for s, f in zip(view.waiting, flagged) if f),
                         key=lambda s: (s.deadline if s.deadline is not None else s.arrival_time + self.max_wait_s))
-        rest = [s for s in view.waiting if s not in set(urgent)]
+        rest = [s for s, f in zip(view.waiting, flagged) if not f]
         tokens: dict[str | None, int] = {}
         attention = 0
         for s in view.running:
