@@ -18,7 +18,7 @@ from valora.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("valora.generate_cli", "run an offline generation on a model directory"),
-    "serve": ("valora.server.cli", "start the OpenAI-compatible server for a model and its LoRA adapters"),
+    "serve": ("valora.serving.cli", "start the OpenAI-compatible server for a model and its LoRA adapters"),
     "demo": ("valora.demo.cli", "train a small vision model with LoRA adapters on digit images and serve it"),
     "adapters": ("valora.adaptgen.cli", "build LoRA adapters (and task heads) from vision tasks with accuracy floors"),
     "bench": ("valora.bench.cli", "trace-driven benchmark of the server under each scheduler: run, sweep, report"),

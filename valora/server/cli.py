@@ -7,11 +7,15 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from valora.config import MM_ENCODER_ATTN_BACKENDS
+from valora.config import MM_ENCODER_ATTN_BACKENDS, EngineConfig
 from valora.errors import UserError
 from valora.lora.request import check_adapter_name
 from valora.server.launch import port_number
+
+if TYPE_CHECKING:  # the app imports the engine: loaded when a server is configured, not for `--help`
+    from valora.server.app import ServerConfig
 
 logger = logging.getLogger("valora.server")
 
@@ -248,18 +252,12 @@ def check_paths(args: argparse.Namespace) -> None:
         check_adapter_dir(name, path, args.max_lora_rank)
 
 
-def run(args: argparse.Namespace) -> int:
-    from valora.engine.preflight import check_engine_config
+def server_config(args: argparse.Namespace) -> ServerConfig:
     from valora.server.app import ServerConfig
-    from valora.server.launch import ConnectionLimits, bind, serve
 
     if args.api_server_count < 1:
         raise UserError("--api-server-count must be at least 1")
-    engine_cfg = engine_config(args)
-    check_engine_config(engine_cfg)
-    check_paths(args)
-    sock = bind(args.host, args.port)
-    config = ServerConfig(
+    return ServerConfig(
         served_model_names=args.served_model_name or [args.model], lora_modules=args.lora_modules,
         api_key=args.api_key, lora_root=args.lora_root, allowed_local_media_path=args.allowed_local_media_path,
         max_body_bytes=args.max_request_body_bytes, max_queued_requests=args.max_queued_requests,
@@ -269,6 +267,24 @@ def run(args: argparse.Namespace) -> int:
         vllm_compatible_metrics=args.vllm_compatible_metrics,
         api_server_count=args.api_server_count,
     )
+
+
+def checked_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
+    """(EngineConfig, ServerConfig) of `valora serve`'s flags, every check that needs no weights done."""
+    from valora.engine.preflight import check_engine_config
+
+    config = server_config(args)
+    engine_cfg = engine_config(args)
+    check_engine_config(engine_cfg)
+    check_paths(args)
+    return engine_cfg, config
+
+
+def run(args: argparse.Namespace) -> int:
+    from valora.server.launch import ConnectionLimits, bind, serve
+
+    engine_cfg, config = checked_configs(args)
+    sock = bind(args.host, args.port)
     concurrency = args.limit_concurrency or args.max_num_seqs + args.max_queued_requests + 128
     limits = ConnectionLimits(args.timeout_keep_alive, args.timeout_request_header, args.timeout_request_body,
                               concurrency)
