@@ -68,15 +68,25 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(engine) -> list[float]:
-    """Wall time of every engine step until all requests finish (host and device, synchronised)."""
+def timed_steps(engine, sync: bool = True) -> list[float]:
+    """Wall time of every engine step until all requests finish (host and device). With `sync` the device is
+    synchronised around each step; without, only before the first and after the last, and a step's time is the
+    interval between successive returns of `step`: the period of the pipeline the engine keeps (asynchronous
+    scheduling launches a step while the previous one runs, which a synchronisation per step would undo)."""
     times = []
+    synchronize()
+    t = time.perf_counter()
     while engine.has_unfinished_requests():
-        synchronize()
-        t = time.perf_counter()
+        if sync:
+            synchronize()
+            t = time.perf_counter()
         engine.step()
-        synchronize()
-        times.append(time.perf_counter() - t)
+        if sync:
+            synchronize()
+        now = time.perf_counter()
+        times.append(now - t)
+        t = now
+    synchronize()
     return times
 
 

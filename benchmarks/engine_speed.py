@@ -125,18 +125,18 @@ def token_prompts(batch: int, length: int, seed: int = 0) -> list[dict]:
 
 
 # -- ours ------------------------------------------------------------------------------------------------------
-def steps_of(llm: LLM, prompts: list, loras: list, max_tokens: int) -> list[float]:
-    """Wall time of every engine step until all requests finish (host and device, synchronised)."""
+def steps_of(llm: LLM, prompts: list, loras: list, max_tokens: int, sync: bool = True) -> list[float]:
+    """Wall time of every engine step until all requests finish (`benchmarks.common.timed_steps`)."""
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i, (p, lr) in enumerate(zip(prompts, loras)):
         engine.add_request(f"r{i}-{time.monotonic_ns()}", p, params, lr)
-    return timed_steps(engine)
+    return timed_steps(engine, sync)
 
 
 def ours_decode(llm: LLM, batch: int, context: int, loras: list, steps: int) -> float:
     """Median decode step once every request is past its prefill (the last `steps` steps)."""
-    times = steps_of(llm, token_prompts(batch, context), loras, steps * 2)
+    times = steps_of(llm, token_prompts(batch, context), loras, steps * 2, sync=False)  # the pipeline's period
     tail = sorted(times[-steps:])
     return tail[len(tail) // 2]
 
@@ -296,7 +296,8 @@ def ours(args, model_dir: Path, adapter_dirs: list[Path], batches: list[int], pr
     t = time.perf_counter()
     llm = LLM(str(model_dir), enable_lora=True, max_loras=32, max_lora_rank=args.rank,
               max_model_len=max([*prefills, args.context + 2 * args.steps]) + 512, gpu_memory_utilization=0.85,
-              max_num_seqs=max(batches), enforce_eager=args.enforce_eager, device="cpu" if args.quick else "auto")
+              max_num_seqs=max(batches), enforce_eager=args.enforce_eager, device="cpu" if args.quick else "auto",
+              async_scheduling=args.async_scheduling)
     result["valora_start_s"] = time.perf_counter() - t
     graphs = llm.engine.core.runner.graphs
     if graphs is not None and graphs.capture:
@@ -431,6 +432,8 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-only", action="store_true", help="add transformers rows to an existing result")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                    help="the engine's asynchronous scheduling (default: on; off measures the synchronous loop)")
     ap.add_argument("--targets-only", action="store_true",
                     help="only the rows and profiles issue 18's targets read: batches 1 and 32, none or 32 adapters, "
                          "GPU idle at batch 32, start-up (no prefill, TTFT, host profile, parity)")
@@ -458,6 +461,7 @@ def main() -> None:
             PROMPT_IDS = (10, min(PROMPT_IDS[1], dims.vocab))
         result: dict = {"device_rates": measure_device(args.quick), "context": args.context, "rank": args.rank,
                         "dims": vars(dims), "lm_params": dims.lm_params, "enforce_eager": args.enforce_eager,
+                        "async_scheduling": args.async_scheduling,
                         "decode": [], "prefill": [], "ttft": {}}
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -97,6 +97,9 @@ class SchedulerConfig:
     policy: str = "valora"  # valora | slora | punica | dlora (see valora/orchestrator)
     max_wait_ms: float = 1000.0  # valora: a request waiting this long is admitted first
     enable_chunked_prefill: bool = True
+    # Schedule and launch step n+1 while step n runs, its new input tokens read on the device (vLLM's
+    # --async-scheduling); ends that a token decides are found one step late and the extra token dropped.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -46,6 +46,7 @@ class LLM:
         mm_encoder_attn_backend: str = "auto",
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
+        async_scheduling: bool = True,
         step_log: str | None = None,
         tensor_parallel_size: int = 1,
     ) -> None:
@@ -57,7 +58,8 @@ class LLM:
                 cache=CacheConfig(block_size, num_kv_blocks, gpu_memory_utilization, cpu_kv_cache_gb,
                                   enable_prefix_caching),
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, policy=scheduler,
-                                          max_wait_ms=max_wait_ms, enable_chunked_prefill=enable_chunked_prefill),
+                                          max_wait_ms=max_wait_ms, enable_chunked_prefill=enable_chunked_prefill,
+                                          async_scheduling=async_scheduling),
                 multimodal=MultiModalConfig(max_images_per_prompt=max_images_per_prompt, embed_cache_mb=embed_cache_mb,
                                             allowed_media_domains=tuple(allowed_media_domains),
                                             mm_encoder_attn_backend=mm_encoder_attn_backend),

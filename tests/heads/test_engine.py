@@ -123,3 +123,20 @@ def test_same_answers_from_chunks_and_from_a_cached_prefix(head_model, head_adap
         n = len(llm.engine.input_processor.process(p)[1].token_ids)
         assert [o.num_cached_tokens for o in outs] == [0, 0 if name == "whole" else (n - 1) // 4 * 4]
     torch.testing.assert_close(answers["chunks"], answers["whole"], atol=1e-5, rtol=1e-5)
+
+
+def test_asynchronous_scheduling_gives_the_same_answers(head_model, head_adapters) -> None:
+    """Heads end after their prefill, so they are never in a step launched ahead; the decoding rows beside them
+    are, with the same tokens as the synchronous loop."""
+    lora = LoRARequest("one", 1, str(head_adapters["one"]))
+    prompts = [f"what is this? {i}" for i in range(4)]
+    params = [HeadParams() if i % 2 else SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+              for i in range(4)]
+    outs = {}
+    for on in (False, True):
+        llm = LLM(str(head_model), enable_lora=True, max_loras=2, dtype="float32", device="cpu",
+                  async_scheduling=on)
+        results = llm.generate(prompts, params, [lora] * 4, use_tqdm=False)
+        outs[on] = [(o.outputs[0].token_ids, o.outputs[0].head.label if o.outputs[0].head else None) for o in results]
+    assert outs[True] == outs[False]
+    assert all(label is not None for _, label in outs[True][1::2])

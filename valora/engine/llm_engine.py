@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from valora.engine.model_runner import ModelRunner, RunInfo
 from valora.engine.preflight import check_engine_config
 from valora.engine.request import EngineCoreOutput, EngineCoreRequest
 from valora.engine.scheduler import Scheduler
-from valora.engine.sequence import Sequence, SequenceStatus
+from valora.engine.sequence import PENDING, Sequence, SequenceStatus
 from valora.engine.structured_outputs import GrammarCompiler
 from valora.engine.tensor_parallel import Replicas
 from valora.heads import HeadParams, HeadSet, answer_all, load_heads
@@ -51,11 +52,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class InFlight:
-    """A launched step: its sequences, the tokens each computes, their stop ids, the function that waits for its
-    results, and what the policy is told once they are in."""
+    """A launched step: its sequences, where each started and the tokens it computes, where in its output the
+    token it samples goes (None: it samples none), their stop ids, the function that waits for its results, and
+    what the policy is told once they are in."""
 
     seqs: list[Sequence]
+    starts: list[int]
     num_tokens: list[int]
+    outputs: list[int | None]
     stop_ids: list[frozenset[int]]
     results: Callable[[], list]
     hot: str | None
@@ -156,7 +160,11 @@ class LLMEngine:
                                    config.lora.max_loras if config.enable_lora else None)
         self.requests: dict[str, Sequence] = {}  # unfinished ones
         self._seq_ids = itertools.count()
-        self._inflight: InFlight | None = None  # the launched step whose results the next `step` collects
+        # Launched steps not collected yet, oldest first: one, or two while the next step was launched ahead of
+        # collecting the previous one (asynchronous scheduling).
+        self._inflight: deque[InFlight] = deque()
+        self._collected_at = 0.0  # when the last step was collected (the next one's device time starts there)
+        self.num_steps_ahead = 0  # steps launched before the previous one was collected
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.step_log = StepLog(config.step_log) if config.step_log else None
         self._unlogged: list[StepRecord] = []  # records the step log takes once the next step is launched
@@ -386,7 +394,7 @@ class LLMEngine:
             self.replicas = None
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work() or self._inflight is not None
+        return self.scheduler.has_work() or bool(self._inflight)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -436,26 +444,50 @@ class LLMEngine:
             self.remove_lora(name)
 
     def step(self) -> list[EngineCoreOutput]:
-        """One model step's new tokens. The launched step is collected from the device and the next one is
-        launched before its outputs are built, so the device never waits for the host's bookkeeping; text is
-        made from them elsewhere (the front end's output processor), never on this loop."""
+        """One model step's new tokens. The next step is launched before the outputs of the last one are built, so
+        the device never waits for the host's bookkeeping; text is made from them elsewhere (the front end's output
+        processor), never on this loop. With asynchronous scheduling (the default) the next step is even launched
+        before the last one is collected: its sequences' new input tokens are read on the device from the
+        sampler's output, and a sequence that the collected token ends (a stop token, say) is found one step late,
+        its extra token dropped. So the host schedules and prepares step n+1 while the device runs step n."""
         failed = self._fail_unloadable()
-        if self._inflight is None and not self._launch():  # an idle engine: nothing to collect yet
+        if not self._inflight and not self._launch():  # an idle engine: nothing to collect yet
             self._unload_drained()
             return failed
+        ahead = self._may_launch_ahead() and self._launch()
+        self.num_steps_ahead += ahead
         done = self._collect()
-        launched = self._launch()
+        launched = ahead or self._launch()
         if self.step_log is not None:  # while the device runs the step just launched
             self.step_log.write(self._unlogged)
             self._unlogged.clear()
-        outputs = failed + [self._output(s) for s in done]
+        outputs = failed + [self._output(s, t) for s, t in done]
         if not launched or self.draining:
             self._unload_drained()
         return outputs
 
+    def _may_launch_ahead(self) -> bool:
+        """Whether the next step may be scheduled before the one in flight is collected: asynchronous scheduling
+        is on, no sequence in flight follows a grammar (its next bitmask needs the token on the host), and no
+        other tensor-parallel rank needs the batch's token ids on its host."""
+        return (self.config.scheduler.async_scheduling and len(self._inflight) == 1 and self.runner.replicas is None
+                and not any(s.grammar is not None for s in self._inflight[0].seqs))
+
+    def _release_ending(self) -> None:
+        """Running sequences whose token in flight is surely their last (max_tokens or the context length reached)
+        give back their seat and blocks now, as they would at its collection: the next step, launched ahead, can
+        admit others in their place. Their computed blocks go to the prefix cache first; the step in flight still
+        writes their KV before any later step reuses a block (one stream)."""
+        for seq in [s for s in self.scheduler.running if s.output_ids and s.output_ids[-1] == PENDING]:
+            max_tokens = seq.params.max_tokens
+            if (max_tokens is not None and len(seq.output_ids) >= max_tokens) or len(seq) >= self.max_model_len:
+                self.blocks.cache_blocks(seq)
+                self.scheduler.remove(seq)
+
     def _launch(self) -> bool:
         """Schedule the next step and queue its device work; whether there was anything to run."""
         t0 = time.perf_counter()
+        self._release_ending()
         ready = self._adapters_ready()
         decision = self._decide()
         if decision.hot is not None and not ready.get(decision.hot, False):
@@ -484,44 +516,69 @@ class LLMEngine:
         if self.lora_manager is not None:  # fill free slots for the next requests in line, off the critical path
             upcoming = [s.lora_name for s in self.scheduler.waiting if s.lora_name and ready.get(s.lora_name)]
             self.lora_manager.prefetch(upcoming[: self.config.lora.max_loras])
-        self._inflight = InFlight(list(sched.seqs), list(sched.num_tokens), stop_ids, results, decision.hot, t0,
-                                  switch_s, merged_bytes, self.runner.last_run, loaded, decision.costs)
+        starts, outputs = self._advance(sched.seqs, sched.num_tokens)
+        self._inflight.append(InFlight(list(sched.seqs), starts, list(sched.num_tokens), outputs, stop_ids, results,
+                                       decision.hot, t0, switch_s, merged_bytes, self.runner.last_run, loaded,
+                                       decision.costs))
         return True
 
-    def _collect(self) -> list[Sequence]:
-        """Wait for the launched step's results and apply what the next schedule depends on: the progress of every
-        sequence (its full blocks go to the prefix cache), the new tokens, head answers, and the ends decided by
-        token alone (stop tokens, max_tokens, max_model_len). A sequence still inside its prompt got no token."""
-        step, self._inflight = self._inflight, None
+    def _advance(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[list[int], list[int | None]]:
+        """Move the launched step's sequences on as if it were done, so the next one can be scheduled before it
+        is: their tokens count as computed, and each that samples holds a PENDING token until it is collected.
+        Returns where each started and where its token goes."""
+        starts, outputs = [], []
+        for seq, n in zip(seqs, num_tokens):
+            starts.append(seq.num_computed)
+            self.num_prompt_tokens += max(0, min(seq.num_computed + n, seq.prompt_len) - seq.num_computed)
+            seq.num_computed += n
+            samples = seq.num_computed == len(seq) and not isinstance(seq.params, HeadParams)
+            if samples:
+                seq.output_ids.append(PENDING)
+            outputs.append(len(seq.output_ids) - 1 if samples else None)
+        return starts, outputs
+
+    def _collect(self) -> list[tuple[Sequence, int | None]]:
+        """Wait for the oldest launched step's results and apply them: the new tokens (in place of their PENDING
+        marks), head answers, and the ends decided by token alone (stop tokens, max_tokens, max_model_len); the
+        blocks each sequence has computed go to the prefix cache. A sequence that ends here while the next step,
+        launched ahead, computes one more token for it gives that token back (its mark, and its KV as computed).
+        Returns the sequences that got a token or an answer, with the token."""
+        step = self._inflight.popleft()
         tokens = step.results()
-        elapsed = time.perf_counter() - step.started
+        now_s = time.perf_counter()
+        elapsed = now_s - max(step.started, self._collected_at)  # device time: it may have waited for the last step
+        self._collected_at = now_s
         seqs = step.seqs
         if self.policy is not None:
             self._observe(step, elapsed)
         answers = self._answer_heads(seqs, tokens)
         now = self.clock()
         kept = []
-        for seq, n, token, stop in zip(seqs, step.num_tokens, tokens, step.stop_ids):
+        for seq, pos, token, stop in zip(seqs, step.outputs, tokens, step.stop_ids):
             if seq.finished:  # aborted while this step ran (a stop string, say): drop its token
                 continue
-            self.num_prompt_tokens += max(0, min(seq.num_computed + n, seq.prompt_len) - seq.num_computed)
-            seq.num_computed += n
-            self.blocks.cache_blocks(seq)
-            if seq.num_computed < len(seq):  # a chunk of its prompt
+            if pos is None and seq not in answers:  # a chunk of its prompt
+                self.blocks.cache_blocks(seq)
                 continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if seq in answers:  # answered by its head: done after the prefill
                 seq.head_output = answers[seq]
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, "stop"
+                token = None
             else:
-                seq.output_ids.append(token)
+                seq.output_ids[pos] = token
                 self.num_generation_tokens += 1
-                self._check_stop_token(seq, token, stop)
+                self._check_stop_token(seq, token, stop, pos + 1)
+                extra = len(seq.output_ids) - pos - 1  # the next step's mark, when it was launched ahead
+                if seq.finished and extra:
+                    del seq.output_ids[pos + 1 :]
+                    seq.num_computed -= extra
+            self.blocks.cache_blocks(seq)
             if seq.finished:
                 self.scheduler.remove(seq)
                 del self.requests[seq.request_id]
-            kept.append(seq)
+            kept.append((seq, token))
         return kept
 
     def _observe(self, step: InFlight, elapsed: float) -> None:
@@ -534,9 +591,9 @@ class LLMEngine:
         self.mode_seconds[mode.value] += elapsed
         tokens: dict[str | None, int] = {}
         attention = 0
-        for s, n in zip(seqs, step.num_tokens):
+        for s, start, n in zip(seqs, step.starts, step.num_tokens):
             tokens[s.lora_name] = tokens.get(s.lora_name, 0) + n
-            attention += n * (s.num_computed + n)
+            attention += n * (start + n)
         nbytes = {a: self._adapter_bytes(a) for a in {*tokens, step.hot} if a is not None}
         run = step.run
         record = StepRecord(mode.value, step.hot, len(seqs), sum(tokens.values()), elapsed, step.switch_s,
@@ -559,8 +616,9 @@ class LLMEngine:
         answers = answer_all([(self.heads[s.lora_name].heads[s.params.head], r) for s, r in asked])
         return {s: a for (s, _), a in zip(asked, answers)}
 
-    def _check_stop_token(self, seq: Sequence, token: int, stops: set[int]) -> None:
-        """Ends decided by the token alone (a structured output also ends when its grammar is complete)."""
+    def _check_stop_token(self, seq: Sequence, token: int, stops: set[int], count: int) -> None:
+        """Ends decided by the token alone, the `count`-th of its output (a structured output also ends when its
+        grammar is complete)."""
         p = seq.params
         reason: str | None = None
         if seq.grammar is not None and not seq.grammar.consume_token(token) and token not in stops:
@@ -571,15 +629,15 @@ class LLMEngine:
             reason, seq.stop_reason = "stop", (token if token in p.stop_token_ids else None)
         elif seq.grammar is not None and seq.grammar.is_stopped():
             reason = "stop"
-        elif p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+        elif p.max_tokens is not None and count >= p.max_tokens or seq.prompt_len + count >= self.max_model_len:
             reason = "length"
         if reason is not None:
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
     @staticmethod
-    def _output(seq: Sequence) -> EngineCoreOutput:
+    def _output(seq: Sequence, token: int | None) -> EngineCoreOutput:
         """What the collected step did to `seq`: its new token (or its head's answer) and its end, if any."""
-        new = [] if seq.head_output is not None else seq.output_ids[-1:]
+        new = [] if token is None else [token]
         logprobs = seq.logprobs[-1:] if seq.logprobs and new else None
         return EngineCoreOutput(seq.request_id, new, logprobs, seq.finish_reason, seq.stop_reason, seq.head_output,
                                 seq.first_scheduled_time, seq.first_token_time, seq.num_cached_tokens)

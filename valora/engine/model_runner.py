@@ -19,7 +19,7 @@ import torch
 from valora.distributed.state import Followers
 from valora.engine.block_manager import BlockManager
 from valora.engine.sampler import sample_async
-from valora.engine.sequence import Sequence
+from valora.engine.sequence import PENDING, Sequence
 from valora.heads.params import HeadParams
 from valora.models.forward_batch import ForwardBatch, ImageInputs
 from valora.models.layers.attention import AttentionMeta
@@ -106,6 +106,9 @@ class ModelRunner:
         self.graphs = None  # CUDAGraphRunner, once `enable_cuda_graphs` ran
         self.token_graphs = None  # TokenGraphs, likewise
         self.last_run = RunInfo()
+        # The last launched step's sampled tokens on the device, by sequence (tensor, row): a step launched before
+        # they reach the host reads its sequences' PENDING input tokens from there.
+        self.sampled: dict[Sequence, tuple[torch.Tensor, int]] = {}
         c = model.decoder_config
         # One block more than the block manager hands out: padding rows of a graph batch write their K/V there.
         self.pad_slot = blocks.num_blocks * blocks.block_size
@@ -127,7 +130,8 @@ class ModelRunner:
         """The batch of the next `num_tokens[i]` tokens of each sequence (its LoRA work not built yet: see
         `forward`), for each of its images the (sequence, image index) that owns it, and the batch's host form.
         Only sequences whose last token is in the batch get a logits row: a chunk that ends inside a prompt samples
-        nothing."""
+        nothing. A sequence's last token may be PENDING (sampled by the step still in flight, asynchronous
+        scheduling): its input id is copied from that step's sampler output on the device."""
         ids: list[int] = []
         pos_chunks: list[torch.Tensor | int] = []  # a generated token's position is one int on every axis
         slot_mapping: list[int] = []
@@ -140,10 +144,13 @@ class ModelRunner:
         logits_rows: list[int] = []
         lora_ids: list[int] = []
         img_data, img_tokens, img_slots, img_rows, img_spans, img_cached, img_owner = [], [], [], [], [], [], []
+        pending: list[tuple[int, Sequence]] = []  # (row, sequence) of input tokens still on the device
         for seq, n in zip(seqs, num_tokens):
             start, end = seq.num_computed, seq.num_computed + n
             row0 = len(ids)
             ids.extend(seq.token_range(start, end))
+            if ids[-1] == PENDING:
+                pending.append((len(ids) - 1, seq))
             p = seq.prompt
             if n == 1 and start >= seq.prompt_len:
                 pos_chunks.append(start + (p.position_delta if p.positions is not None else 0))
@@ -180,10 +187,23 @@ class ModelRunner:
                             *self._attention_ints(slot_mapping, prefills, pre_tables, dec_rows, dec_lens, dec_tables),
                             logits_rows, lora_ids, merged_slot, img_rows if img_data else None)
         batch = inputs.to_device(self.device, self.blocks.block_size)
+        if pending or PENDING in ids:
+            self._gather_pending(batch.input_ids, pending, ids.count(PENDING))
         if batch.images is not None:
             batch.images = ImageInputs(img_data, img_tokens, img_slots, merged_slot, batch.images.token_rows,
                                        img_cached, img_spans)
         return batch, img_owner, inputs
+
+    def _gather_pending(self, input_ids: torch.Tensor, pending: list[tuple[int, Sequence]], count: int) -> None:
+        """PENDING input ids (each a sequence's last token) from the in-flight step's sampled tokens, on the device."""
+        if len(pending) != count:
+            raise RuntimeError("a PENDING token inside a sequence: only its last token may be in flight")
+        sources = [self.sampled[seq] for _, seq in pending]
+        tokens = sources[0][0]
+        if any(t is not tokens for t, _ in sources):
+            raise RuntimeError("PENDING tokens from more than one step in flight")
+        rows = upload(np.asarray([[r for r, _ in pending], [i for _, i in sources]], dtype=np.int64), self.device)
+        input_ids.index_copy_(0, rows[0], tokens.index_select(0, rows[1]))
 
     def _attention_ints(self, slot_mapping: list[int], prefills: list[tuple[int, int, int]],
                         pre_tables: list[list[int]], dec_rows: list[int], dec_lens: list[int],
@@ -323,9 +343,12 @@ class ModelRunner:
                 seq.image_embeds[k] = emb
         logits = self.logits(last, rows)
         if rows is None:
-            return sample_async(logits, seqs, stop_ids).result
+            pending = sample_async(logits, seqs, stop_ids)
+            self.sampled = {seq: (pending.tokens, i) for i, seq in enumerate(seqs)}
+            return pending.result
         pending = sample_async(logits, [seqs[i] for _, i in sampled], [stop_ids[i] for _, i in sampled]) \
             if sampled else None
+        self.sampled = {seqs[i]: (pending.tokens, j) for j, (_, i) in enumerate(sampled)}
 
         @torch.inference_mode()
         def results() -> list[int | torch.Tensor | None]:

@@ -85,10 +85,12 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[int]]) -
 
 class PendingSample:
     """Tokens (and logprob values) on their way to the host: on a GPU the one copy is queued into pinned memory
-    and `result()` waits for it alone, so the host can work while the step runs."""
+    and `result()` waits for it alone, so the host can work while the step runs. `tokens` are the sampled ids on
+    the device, one per row, which the next step may read as its input before they reach the host."""
 
-    def __init__(self, packed: torch.Tensor | None, finish: Callable[[list], list[int]]) -> None:
-        self.finish, self.event = finish, None
+    def __init__(self, packed: torch.Tensor | None, finish: Callable[[list], list[int]],
+                 tokens: torch.Tensor | None = None) -> None:
+        self.finish, self.event, self.tokens = finish, None, tokens
         self.packed = packed
         if packed is not None and packed.is_cuda:
             self.packed = _staging(packed)
@@ -104,15 +106,19 @@ class PendingSample:
         return self.finish(self.packed.tolist())  # the one device->host copy (on a GPU: already done)
 
 
-_STAGING: dict[torch.dtype, torch.Tensor] = {}
+_STAGING: dict[torch.dtype, list] = {}  # per dtype: [two buffers, which one is next]
 
 
 def _staging(like: torch.Tensor) -> torch.Tensor:
-    """A pinned host buffer for `like`, reused step after step (one step's results are in flight at a time)."""
-    buf = _STAGING.get(like.dtype)
+    """A pinned host buffer for `like`, two reused in turn: with asynchronous scheduling the next step's results
+    are queued before the host has read the previous step's."""
+    bufs = _STAGING.setdefault(like.dtype, [[None, None], 0])
+    turn = bufs[1]
+    bufs[1] ^= 1
+    buf = bufs[0][turn]
     if buf is None or buf.numel() < like.numel():
         buf = torch.empty(max(like.numel(), 1024), dtype=like.dtype, pin_memory=True)
-        _STAGING[like.dtype] = buf
+        bufs[0][turn] = buf
     return buf[: like.numel()].view(like.shape)
 
 
@@ -213,7 +219,7 @@ def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[in
                                   torch.ones(len(penalized), 1, dtype=counts.dtype, device=device))
 
     if not want:
-        return PendingSample(tokens, lambda host: host)
+        return PendingSample(tokens, lambda host: host, tokens)
     lp, want_tokens = logits, tokens
     if len(want) < num_rows:
         rows = dev["want"].long()
@@ -224,7 +230,7 @@ def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[in
     if kmax:
         top = lp.topk(kmax)
         parts += [top.indices.double().flatten(), top.values.double().flatten()]
-    return PendingSample(torch.cat(parts), lambda host: _unpack(host, seqs, want, kmax))
+    return PendingSample(torch.cat(parts), lambda host: _unpack(host, seqs, want, kmax), tokens)
 
 
 def _pack_penalties(pack: _Pack, seqs: Seq[Sequence], rows: list[int], vocab: int) -> None:

@@ -13,6 +13,10 @@ from valora.multimodal.inputs import ProcessedPrompt
 from valora.outputs import HeadOutput
 from valora.sampling_params import SamplingParams
 
+# An output token sampled by a step still in flight (asynchronous scheduling): the next step, launched before the
+# host has it, reads it on the device from the sampler's output; the host writes it in when that step is collected.
+PENDING = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"

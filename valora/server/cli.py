@@ -126,6 +126,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="split prompts (image tokens included) across steps within --max-num-batched-tokens, "
                         "running decodes first, so new prompts never stall running streams for more than one "
                         "step's budget (default: on)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="schedule and launch each step while the previous one runs on the device, its new input "
+                        "tokens read there; outputs are the same (default: on)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV cache blocks of a prompt prefix already computed for the same adapter "
                         "(and images) (default: on)")
@@ -224,7 +227,8 @@ def engine_config(args: argparse.Namespace):
                           args.enable_prefix_caching),
         scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_queued_requests,
                                   policy=args.scheduler, max_wait_ms=args.max_wait_ms,
-                                  enable_chunked_prefill=args.enable_chunked_prefill),
+                                  enable_chunked_prefill=args.enable_chunked_prefill,
+                                  async_scheduling=args.async_scheduling),
         multimodal=MultiModalConfig(
             max_images_per_prompt=args.max_images_per_prompt, max_image_pixels=args.max_image_pixels,
             max_image_bytes=args.max_image_bytes, embed_cache_mb=args.image_cache_mb,

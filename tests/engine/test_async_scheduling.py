@@ -1,0 +1,84 @@
+"""Asynchronous scheduling (step n+1 launched before step n is collected, its new input tokens read on the device)
+gives exactly the outputs of the synchronous loop: greedy and seeded sampling, stop tokens and EOS found one step
+late, stop strings, max_tokens and the context length, min_tokens, penalties, logprobs, n > 1, adapters and images,
+chunked prefill, preemption, and structured outputs (which opt out while they are in flight); task heads:
+tests/heads/test_engine.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import LM_LINEARS
+from valora import LLM, LoRARequest, SamplingParams
+from valora.sampling_params import StructuredOutputsParams
+from valora.testing.images import random_image
+
+pytestmark = pytest.mark.families("qwen2_vl")
+
+
+def _completions(outputs) -> list:
+    """What must not change: tokens, text and ends exactly; logprobs to float rounding (a step launched ahead holds
+    the rows that end one step late, and another row count may round a logit's last bit differently)."""
+    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason,
+              [{t: round(v, 4) for t, v in d.items()} for d in c.logprobs] if c.logprobs else None)
+             for c in o.outputs] for o in outputs]
+
+
+def _run(model, prompts, params, loras=None, **kw) -> tuple[dict, object]:
+    outs = {}
+    for on in (False, True):
+        llm = LLM(str(model), enable_lora=True, max_loras=2, max_lora_rank=8, dtype="float32", device="cpu",
+                  async_scheduling=on, scheduler="slora", **kw)
+        outs[on] = _completions(llm.generate(prompts, params, loras, use_tqdm=False))
+        core = llm.engine.core
+        assert (core.num_steps_ahead > 0) == on
+        assert core.blocks.num_free == core.blocks.num_blocks and not core.requests  # nothing left behind
+    return outs, core
+
+
+def test_same_outputs_as_the_synchronous_loop(family, tiny_model, adapter_factory) -> None:
+    adapter = adapter_factory(tiny_model, r=8, target_modules=family.targets("lm", LM_LINEARS), seed=3)
+    lora = LoRARequest("ad", 1, str(adapter))
+    prompts, loras, params = [], [], []
+    for i in range(12):
+        text = "a red car parks near a tall building " * (1 + i % 3)
+        image = {"image": random_image(56, 56, seed=i)}
+        prompts.append({"prompt": f"{family.image_prompt} {text}", "multi_modal_data": image} if i % 3 == 0 else text)
+        loras.append(lora if i % 2 else None)
+    # Stop ids and strings that will hit: from the greedy tokens and text of each prompt.
+    probe = LLM(str(tiny_model), enable_lora=True, max_loras=2, max_lora_rank=8, dtype="float32", device="cpu",
+                max_model_len=48).generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                                           loras, use_tqdm=False)
+    for i, o in enumerate(probe):
+        ids, text = o.outputs[0].token_ids, o.outputs[0].text
+        params.append(SamplingParams(
+            temperature=0.9 if i % 4 == 1 else 0, seed=i, top_k=40, max_tokens=4 + 3 * (i % 5), n=2 if i == 5 else 1,
+            ignore_eos=i % 3 == 2, min_tokens=3 if i == 4 else 0, logprobs=2 if i % 5 == 0 else None,
+            presence_penalty=0.5 if i == 7 else 0.0, repetition_penalty=1.3 if i == 8 else 1.0,
+            stop_token_ids=[ids[min(len(ids) - 1, 1 + i % 3)]] if i % 4 in (0, 3) and ids else None,
+            stop=[text[len(text) // 2 : len(text) // 2 + 2]] if i in (2, 6) and text.strip() else None))
+    outs, _ = _run(tiny_model, prompts, params, loras, max_model_len=48)  # the longest prompts end by length
+    assert outs[True] == outs[False]
+    reasons = {c[2] for o in outs[False] for c in o}
+    assert {"length", "stop"} <= reasons
+
+
+def test_same_outputs_with_chunked_prefill_and_preemption(family, tiny_model) -> None:
+    prompts = ["describe the scene : a red car parks near a tall building " * (1 + i % 3) for i in range(8)]
+    params = [SamplingParams(temperature=0.8 if i % 2 else 0, seed=i, max_tokens=24, ignore_eos=True)
+              for i in range(8)]
+    outs, core = _run(tiny_model, prompts, params, block_size=8, num_kv_blocks=20, max_num_batched_tokens=40)
+    assert core.stats().num_preemptions > 0
+    assert outs[True] == outs[False]
+
+
+def test_structured_outputs_opt_out_while_in_flight(tiny_model) -> None:
+    """Rows that follow a grammar need their last token on the host for the next bitmask: steps holding one are
+    collected before the next is scheduled; the free rows beside them, and the steps after them, go ahead."""
+    choice = StructuredOutputsParams(choice=["cat", "dog", "a bird"])
+    prompts = [f"question {i}: which animal?" for i in range(6)]
+    params = [SamplingParams(temperature=0, max_tokens=8 + i, structured_outputs=choice if i < 2 else None,
+                             ignore_eos=True) for i in range(6)]
+    outs, _ = _run(tiny_model, prompts, params)
+    assert outs[True] == outs[False]
+    assert all(o[0][1] in ("cat", "dog", "a bird") for o in outs[True][:2])
