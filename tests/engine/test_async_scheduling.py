@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import LM_LINEARS
 from valora import LLM, LoRARequest, SamplingParams
+from valora.orchestrator.step_log import read_step_log
 from valora.sampling_params import StructuredOutputsParams
 from valora.testing.images import random_image
 
@@ -82,3 +83,18 @@ def test_structured_outputs_opt_out_while_in_flight(tiny_model) -> None:
     outs, _ = _run(tiny_model, prompts, params)
     assert outs[True] == outs[False]
     assert all(o[0][1] in ("cat", "dog", "a bird") for o in outs[True][:2])
+
+
+def test_a_step_launched_ahead_is_charged_its_own_switch(tiny_model, adapter_factory, tmp_path) -> None:
+    """A step launched ahead merges its adapter while the step before it is in flight: the policy's record of each
+    step holds its own switch (the cost model learns from the time left), not the next step's."""
+    adapter = adapter_factory(tiny_model, r=8, target_modules=LM_LINEARS, seed=5)
+    llm = LLM(str(tiny_model), enable_lora=True, max_loras=1, max_lora_rank=8, dtype="float32", device="cpu",
+              step_log=str(tmp_path / "steps.jsonl"))
+    lora = LoRARequest("ad", 1, str(adapter))
+    llm.generate([f"tell me about {i}" for i in range(4)],
+                 [SamplingParams(temperature=0, max_tokens=2 + 4 * i, ignore_eos=True) for i in range(4)],
+                 [None, None, lora, lora], use_tqdm=False)
+    records = read_step_log(tmp_path / "steps.jsonl")
+    assert llm.engine.core.num_steps_ahead and any(r.switch_s for r in records)
+    assert all(r.duration_s >= r.switch_s for r in records)

@@ -69,6 +69,10 @@ class InFlight:
     run: RunInfo
     slot_load_bytes: int
     costs: dict[str | None, float] | None
+    # Seconds moved into this step's measured time from the window of the step collected before it: a step
+    # launched ahead switches modes and captures graphs while that one is in flight (its one-off costs belong to
+    # it, not to the step whose collection waited for them); negative on the step that gave them.
+    carried_s: float = 0.0
 
 
 @dataclass
@@ -517,9 +521,12 @@ class LLMEngine:
             upcoming = [s.lora_name for s in self.scheduler.waiting if s.lora_name and ready.get(s.lora_name)]
             self.lora_manager.prefetch(upcoming[: self.config.lora.max_loras])
         starts, outputs = self._advance(sched.seqs, sched.num_tokens)
-        self._inflight.append(InFlight(list(sched.seqs), starts, list(sched.num_tokens), outputs, stop_ids, results,
-                                       decision.hot, t0, switch_s, merged_bytes, self.runner.last_run, loaded,
-                                       decision.costs))
+        step = InFlight(list(sched.seqs), starts, list(sched.num_tokens), outputs, stop_ids, results, decision.hot,
+                        t0, switch_s, merged_bytes, self.runner.last_run, loaded, decision.costs)
+        if self._inflight:  # launched ahead: its switch and captures ran inside the last step's window
+            step.carried_s = switch_s + step.run.capture_s
+            self._inflight[-1].carried_s -= step.carried_s
+        self._inflight.append(step)
         return True
 
     def _advance(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[list[int], list[int | None]]:
@@ -546,7 +553,8 @@ class LLMEngine:
         step = self._inflight.popleft()
         tokens = step.results()
         now_s = time.perf_counter()
-        elapsed = now_s - max(step.started, self._collected_at)  # device time: it may have waited for the last step
+        # Device time: it may have waited for the last step, and a step launched ahead did its one-off work inside it.
+        elapsed = max(now_s - max(step.started, self._collected_at) + step.carried_s, 0.0)
         self._collected_at = now_s
         seqs = step.seqs
         if self.policy is not None:
