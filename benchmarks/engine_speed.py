@@ -5,6 +5,7 @@ to its roofline, plus the GPU's idle time between decode steps and a kernel prof
     python -m benchmarks.engine_speed --workdir /tmp/speed            # everything (about 8 minutes on an H100)
     python -m benchmarks.engine_speed --skip-hf --batches 1,32        # ours only, fewer rows
     python -m benchmarks.engine_speed --targets-only                  # only what issue 18's targets read (below)
+    python -m benchmarks.engine_speed --targets-only --sync-rows      # ... and the same with async scheduling off
     python -m benchmarks.engine_speed --quick                         # the same on a tiny model on the CPU
 
 Targets (issue 18), in the JSON's `targets`: batch 1 without adapters <= 1.25x its roofline; batch 32 with 32
@@ -296,8 +297,8 @@ def ours(args, model_dir: Path, adapter_dirs: list[Path], batches: list[int], pr
     t = time.perf_counter()
     llm = LLM(str(model_dir), enable_lora=True, max_loras=32, max_lora_rank=args.rank,
               max_model_len=max([*prefills, args.context + 2 * args.steps]) + 512, gpu_memory_utilization=0.85,
-              max_num_seqs=max(batches), enforce_eager=args.enforce_eager, device="cpu" if args.quick else "auto",
-              async_scheduling=args.async_scheduling)
+              max_num_seqs=max(args.max_num_seqs, *batches), enforce_eager=args.enforce_eager,
+              device="cpu" if args.quick else "auto", async_scheduling=args.async_scheduling)
     result["valora_start_s"] = time.perf_counter() - t
     graphs = llm.engine.core.runner.graphs
     if graphs is not None and graphs.capture:
@@ -306,15 +307,7 @@ def ours(args, model_dir: Path, adapter_dirs: list[Path], batches: list[int], pr
     for lr in loras:
         llm.engine.core.add_lora(lr)
     steps_of(llm, token_prompts(4, 64), [None, loras[0], loras[1], None], 4)  # warm-up
-    for n in args.adapter_counts:
-        for b in batches:
-            mix = [loras[i % n] for i in range(b)] if n else [None] * b
-            ms = ours_decode(llm, b, args.context, mix, args.steps) * 1e3
-            row = {"batch": b, "adapters": n, "distinct_adapters": min(b, n), "valora_ms": ms,
-                   **decode_roofline(dev, dims, b, args.context + args.steps, min(b, n), args.rank)}
-            row["valora_over_roofline"] = ms / row["roofline_ms"]
-            result["decode"].append(row)
-            print(json.dumps(row), flush=True)
+    result["decode"] += decode_rows(args, llm, loras, batches, dev, dims)
     for tokens in prefills:
         ms = ours_prefill(llm, tokens) * 1e3
         row = {"tokens": tokens, "valora_ms": ms, **prefill_roofline(dev, dims, tokens)}
@@ -325,6 +318,12 @@ def ours(args, model_dir: Path, adapter_dirs: list[Path], batches: list[int], pr
     mixed = [loras[i % len(loras)] for i in range(b)]
     result[f"idle_b{b}_{min(b, len(loras))}_adapters"] = idle_and_profile(llm, b, args.context, mixed)
     result[f"idle_b{b}_no_adapter"] = idle_and_profile(llm, b, args.context, [None] * b)
+    if args.sync_rows and args.async_scheduling:  # the same engine and graphs, the synchronous loop
+        llm.engine.core.config.scheduler.async_scheduling = False  # read at every step; nothing is in flight now
+        result["synchronous"] = {"decode": decode_rows(args, llm, loras, batches, dev, dims),
+                                 f"idle_b{b}_{min(b, len(loras))}_adapters": idle_and_profile(
+                                     llm, b, args.context, mixed)}
+        llm.engine.core.config.scheduler.async_scheduling = True
     if not args.targets_only:
         result["ttft"]["valora_ms"] = ours_ttft(llm) * 1e3
         result["host_profile_b32_32_adapters"] = host_profile(llm, 32, args.context,
@@ -335,6 +334,22 @@ def ours(args, model_dir: Path, adapter_dirs: list[Path], batches: list[int], pr
         result["graphs"].update(captured=len(graphs.graphs), capture_s=graphs.capture_seconds)
     result["targets"] = targets(result)
     print(json.dumps({k: result.get(k) for k in ("ttft", "graphs", "graph_parity", "targets")}), flush=True)
+
+
+def decode_rows(args, llm: LLM, loras: list, batches: list[int], dev: dict, dims: Dims) -> list[dict]:
+    """Every (adapter count, batch) decode row next to its roofline."""
+    rows = []
+    for n in args.adapter_counts:
+        for b in batches:
+            mix = [loras[i % n] for i in range(b)] if n else [None] * b
+            ms = ours_decode(llm, b, args.context, mix, args.steps) * 1e3
+            row = {"batch": b, "adapters": n, "distinct_adapters": min(b, n), "valora_ms": ms,
+                   "async_scheduling": llm.engine.core.config.scheduler.async_scheduling,
+                   **decode_roofline(dev, dims, b, args.context + args.steps, min(b, n), args.rank)}
+            row["valora_over_roofline"] = ms / row["roofline_ms"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 def targets(result: dict) -> dict:
@@ -428,12 +443,18 @@ def main() -> None:
     ap.add_argument("--prefills", default="512,2048,8192")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=24, help="decode steps timed per row (default: 24)")
+    ap.add_argument("--max-num-seqs", type=int, default=128,
+                    help="the engine's (at least the largest batch): its graph buckets, so start-up captures what a "
+                         "default server does (default: 128)")
     ap.add_argument("--hf-steps", type=int, default=6)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-only", action="store_true", help="add transformers rows to an existing result")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                     help="the engine's asynchronous scheduling (default: on; off measures the synchronous loop)")
+    ap.add_argument("--sync-rows", action="store_true",
+                    help="then the decode rows and the idle profile at the largest batch again with asynchronous "
+                         "scheduling off, on the same engine (`synchronous` in the JSON)")
     ap.add_argument("--targets-only", action="store_true",
                     help="only the rows and profiles issue 18's targets read: batches 1 and 32, none or 32 adapters, "
                          "GPU idle at batch 32, start-up (no prefill, TTFT, host profile, parity)")
