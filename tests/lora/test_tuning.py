@@ -13,7 +13,7 @@ from valora.cli import build_parser
 from valora.lora.ops.configs import OPS, CallShape, Plan, Shape, TileConfig, heuristic, heuristic_plan
 from valora.lora.tuning import space
 from valora.lora.tuning.table import ConfigTable, _device_table, table_path
-from valora.lora.tuning.tuner import Problems, tune_call
+from valora.lora.tuning.tuner import Problems, tune, tune_call
 
 GRID = space.shapes()
 GATE_UP = space.LAYERS["gate_up"]
@@ -123,6 +123,18 @@ def test_tune_call_prefers_fused_and_keeps_the_previous_choice_when_faster() -> 
     assert len(prepared) == 6  # three rounds, each compiled before it is timed
 
 
+def test_tune_goes_smallest_first_and_starts_no_shape_past_the_time_limit() -> None:
+    class Device:  # every candidate takes the same time
+        measure = staticmethod(_measure_by(lambda candidate: 1.0))
+
+        def compile(self, shape, candidates) -> None:
+            pass
+
+    shapes = [CallShape(8, 2, 3584, 16, (3584,)), CallShape(1, 1, 3584, 16, (3584,))]
+    assert [r.shape.tokens for r in tune(shapes, Device(), 132)] == [1, 8]
+    assert tune(shapes, Device(), 132, time_limit_s=0.0) == []
+
+
 def test_problems_launch_every_kind_of_candidate() -> None:
     """The tuner's launches run (interpreter on the CPU): a fused plan, a split plan, each kernel alone."""
     shape = CallShape(5, 2, 32, 16, (24, 8))
@@ -166,6 +178,30 @@ def test_reads_tables_of_per_kernel_configs(tmp_path: Path) -> None:
     assert old.lookup(call).expand == heuristic("expand", call.op_shape("expand"))
 
 
+def test_plans_serve_the_token_counts_they_cover_and_updates_keep_the_rest() -> None:
+    """Decode shapes tuned into a per-kernel table: their plans serve calls up to twice their largest token count,
+    the per-kernel configs (or, without them, the heuristic) serve prefills; re-tuning replaces only its shapes."""
+    shrink, expand = TileConfig(64, 16, 128, 4, 3, 2), TileConfig(64, 128, 16, 4, 2)
+    fused = Plan(fused=TileConfig(16, 64, 128, 4, 3, split_n=16))
+    old = ConfigTable("GPU X", kernels={"shrink": [(Shape(2048, 4, 3584, 16), shrink)],
+                                        "expand": [(Shape(2048, 4, 16, 3584), expand)]},
+                      info={"timings_us": [{"op": "shrink", "shape": vars(Shape(2048, 4, 3584, 16))}]})
+    decode = [CallShape(t, 1, 3584, 16, (3584,)) for t in (1, 128)]
+    table = old.updated([(s, fused) for s in decode], [{"shape": s.to_dict(), "tuned": 5.0} for s in decode])
+    assert table.lookup(CallShape(64, 4, 3584, 16, (3584,))) == fused
+    assert table.lookup(CallShape(256, 4, 3584, 16, (3584,))) == fused
+    assert table.lookup(CallShape(4096, 4, 3584, 16, (3584,))) == Plan(shrink=shrink, expand=expand)
+    assert ConfigTable("GPU X", table.plans).lookup(CallShape(4096, 4, 3584, 16, (3584,))) is None
+    wide = CallShape(4096, 1, 3584, 64, GATE_UP[1])  # another layer's prefill plan: not for this layer's prefills
+    assert table.updated([(wide, fused)], []).lookup(CallShape(4096, 4, 3584, 16, (3584,))) == Plan(
+        shrink=shrink, expand=expand)
+    assert ConfigTable("GPU X", [(wide, fused)]).lookup(CallShape(4096, 4, 4096, 16, (4096,))) == fused  # no own
+    split = Plan(shrink=shrink, expand=expand)
+    again = table.updated([(decode[1], split)], [{"shape": decode[1].to_dict(), "tuned": 4.0}])
+    assert again.plans == [(decode[0], fused), (decode[1], split)] and again.kernels == old.kernels
+    assert [t.get("tuned") for t in again.info["timings_us"]] == [None, 5.0, 4.0]
+
+
 def test_missing_table_falls_back_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         assert _device_table("No Such GPU 1234") is None
@@ -180,7 +216,8 @@ def test_shipped_tables_load() -> None:
 
 
 def test_cli_registers_tune_kernels() -> None:
-    args = build_parser().parse_args(["tune-kernels", "--tokens", "1,32", "--layers", "qkv,down", "--check"])
-    assert args.tokens == (1, 32) and args.layers == ("qkv", "down") and args.check
+    args = build_parser().parse_args(["tune-kernels", "--tokens", "1,32", "--layers", "qkv,down", "--check",
+                                      "--time-limit", "110"])
+    assert args.tokens == (1, 32) and args.layers == ("qkv", "down") and args.check and args.time_limit == 110
     with pytest.raises(SystemExit):
         build_parser().parse_args(["tune-kernels", "--layers", "mlp"])

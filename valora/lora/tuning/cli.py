@@ -23,7 +23,9 @@ def _layers(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, help="table to write (default: the package's table for this GPU)")
+    parser.add_argument("--out", type=Path,
+                        help="table to write (default: the package's table for this GPU); the shapes tuned replace "
+                             "theirs in it, its other entries stay")
     parser.add_argument("--layers", type=_layers, default=tuple(space.LAYERS),
                         help=f"LoRA calls to tune (default: {','.join(space.LAYERS)}, Qwen2-VL-7B's)")
     parser.add_argument("--tokens", type=_ints, default=space.TOKENS, help="tokens carrying an adapter")
@@ -36,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="table whose choices the new one may not be slower than, shape by shape (default: the "
                              "table at --out, read before it is overwritten; none with --resume)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the shapes already tuned in --out and tune only the others (a run cut short)")
+                        help="tune only the shapes that --out has no plan for yet (a run cut short)")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="start no shape after this many seconds (smallest token counts go first; the table is "
+                             "written after every shape: --resume tunes the rest)")
     parser.add_argument("--check", action="store_true",
                         help="re-tune and compare with the existing table instead of writing one")
     parser.add_argument("--report", type=Path, help="write a JSON summary (with --check: the comparison) here")
@@ -58,21 +63,21 @@ def run(args: argparse.Namespace) -> int:
     props = torch.cuda.get_device_properties(device)
     path = args.out or table_path(props.name)
     grid = space.shapes(args.layers, args.tokens, args.segments, args.ranks)
-    kept: ConfigTable | None = None
-    if args.resume and path.exists():
-        kept = ConfigTable.load(path)
-        done = {shape for shape, _ in kept.plans}
+    existing = ConfigTable.load(path) if path.exists() else None
+    if existing is None or existing.device != props.name:
+        existing = ConfigTable(props.name)
+    if args.resume:
+        done = {shape for shape, _ in existing.plans}
         grid = [shape for shape in grid if shape not in done]
     previous_path = args.previous or (None if args.resume else path)
     previous = ConfigTable.load(previous_path) if previous_path is not None and previous_path.exists() else None
     if args.check and previous is None:
         raise UserError(f"--check compares with a table, and there is none at {previous_path}")
     problems = Problems(getattr(torch, args.dtype), device)
-    info = {"dtype": args.dtype, "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(), "sms": props.multi_processor_count,
-            "previous": str(previous_path) if previous is not None else None,
-            "timings_us": kept.info.get("timings_us", []) if kept is not None else []}
-    print(f"{len(grid)} call shapes to tune on {props.name}; previous table: {info['previous']}", flush=True)
+    existing.info.update(dtype=args.dtype, torch=torch.__version__, triton=triton.__version__,
+                         date=datetime.date.today().isoformat(), sms=props.multi_processor_count,
+                         previous=str(previous_path) if previous is not None else None)
+    print(f"{len(grid)} call shapes to tune on {props.name}; previous table: {existing.info['previous']}", flush=True)
 
     def timings(results: list[Result]) -> list[dict]:
         return [{"shape": r.shape.to_dict(), "tuned": round(r.us, 2), "heuristic": round(r.heuristic_us, 2),
@@ -80,13 +85,15 @@ def run(args: argparse.Namespace) -> int:
 
     def save(results: list[Result]) -> None:
         """Written after every shape, so an interrupted sweep still leaves a usable table (and --resume)."""
-        plans = (kept.plans if kept is not None else []) + [(r.shape, r.plan) for r in results]
-        ConfigTable(props.name, plans, info=dict(info, timings_us=info["timings_us"] + timings(results))).save(path)
+        existing.updated([(r.shape, r.plan) for r in results], timings(results)).save(path)
 
     results = tune(grid, problems, props.multi_processor_count, previous=previous, reps=args.reps,
-                   final_reps=args.final_reps,
+                   final_reps=args.final_reps, time_limit_s=args.time_limit,
                    progress=lambda items: tqdm(items, desc=f"tuning on {props.name}", unit="shape"),
                    on_result=(lambda results: None) if args.check else save)
+    if len(results) < len(grid):
+        print(f"time limit reached: {len(grid) - len(results)} of {len(grid)} shapes left; the same command with "
+              f"--resume{'' if args.previous else ' --previous OLD_TABLE'} tunes them", flush=True)
     gains = [r.heuristic_us / r.us for r in results]
     summary: dict = {"device": props.name, "shapes": len(results),
                      "geomean_gain_over_heuristic": float(torch.tensor(gains).log().mean().exp()) if gains else None,
@@ -94,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     compared = [r for r in results if r.previous_us is not None]
     if compared:
         ratios = sorted(r.previous_us / r.us for r in compared)
-        summary.update(previous=info["previous"], identical=sum(r.plan == r.previous for r in compared) / len(compared),
+        summary.update(previous=existing.info["previous"],
+                       identical=sum(r.plan == r.previous for r in compared) / len(compared),
                        median_previous_over_new=ratios[len(ratios) // 2], max_previous_over_new=ratios[-1])
         print(f"{summary['identical']:.0%} of {len(compared)} choices identical to the previous table's; where they "
               f"differ, the previous choice re-timed is at most {summary['max_previous_over_new']:.3f}x the new best "

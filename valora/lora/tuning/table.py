@@ -2,11 +2,16 @@
 
 A table maps measured call shapes to the fastest plan found by `valora tune-kernels` (fused kernel, or shrink and
 expand with their tiles and split-K chosen together). Lookup takes the nearest tuned shape (distance in log2 of
-each dimension); with no table for the GPU, `heuristic_plan` is used and that is logged once. Choices are cached
-per shape, so a step pays one dict lookup per call.
+each dimension) among plans tuned within a factor of two of the call's token count, on the call's own layer
+shape where the table has it: a plan tuned for decode (a fused kernel, say) says nothing about a prefill of 8192
+tokens, nor a gate/up plan about q/k/v. Past that range, or with no table for the GPU,
+`heuristic_plan` is used (the latter is logged once). Choices are cached per shape, so a step pays one dict lookup
+per call.
 
 Tables written before plans existed (format 1: one list of tuned shapes per kernel, `shrink` and `expand`) are
-still read: their plan for a call is the two kernels' nearest configs, as `atmm` ran them then.
+still read: their plan for a call is the two kernels' nearest configs, as `atmm` ran them then. A table can hold
+both, after part of the call grid was tuned into an older table (the decode shapes, say): plans serve the token
+counts they cover, the per-kernel configs the rest.
 """
 
 from __future__ import annotations
@@ -53,9 +58,14 @@ class ConfigTable:
     info: dict[str, Any] = field(default_factory=dict)  # versions, dtype, date, timings: provenance only
 
     def lookup(self, call: CallShape) -> Plan | None:
-        """The plan of the nearest tuned call shape (None: nothing tuned, the caller uses the heuristic)."""
-        if self.plans:
-            return min(self.plans, key=lambda e: call_distance(call, e[0]))[1]
+        """The plan of the nearest tuned call shape whose token count covers the call's (None: nothing covers it,
+        the caller uses the heuristic)."""
+        # The plans of the call's own layer shape, where it has some (another model's layers: all plans).
+        plans = [e for e in self.plans if (e[0].k, e[0].slices) == (call.k, call.slices)] or self.plans
+        if plans:
+            tokens = [s.tokens for s, _ in plans]
+            if min(tokens) <= 2 * call.tokens and call.tokens <= 2 * max(tokens):
+                return min(plans, key=lambda e: call_distance(call, e[0]))[1]
         if not any(self.kernels.values()):
             return None
         configs = {op: self._kernel(op, call.op_shape(op)) or heuristic(op, call.op_shape(op)) for op in OPS}
@@ -67,6 +77,15 @@ class ConfigTable:
             return None
         key = lambda s: (s.tokens, s.segments, s.k, s.n)  # noqa: E731
         return min(entries, key=lambda e: _log_distance(key(shape), key(e[0])))[1]
+
+    def updated(self, plans: list[tuple[CallShape, Plan]], timings: list[dict[str, Any]]) -> ConfigTable:
+        """This table with `plans` (and their `timings` in `info`) in place of its entries for the same shapes; its
+        other plans and an earlier format's per-kernel configs are kept."""
+        new = {shape for shape, _ in plans}
+        shapes = {json.dumps(s.to_dict(), sort_keys=True) for s in new}
+        kept = [t for t in self.info.get("timings_us", []) if json.dumps(t.get("shape"), sort_keys=True) not in shapes]
+        return ConfigTable(self.device, [e for e in self.plans if e[0] not in new] + plans, self.kernels,
+                           dict(self.info, timings_us=kept + timings))
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"device": self.device, "info": self.info,

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -138,11 +139,16 @@ def tune_call(shape: CallShape, measure: Measure, prepare: Prepare = lambda shap
 
 
 def tune(shapes: list[CallShape], problems: Problems, num_sms: int, *, previous: ConfigTable | None = None,
-         reps: int = 5, final_reps: int = 20, progress: Callable[[Iterable], Iterable] = iter,
+         reps: int = 5, final_reps: int = 20, time_limit_s: float | None = None,
+         progress: Callable[[Iterable], Iterable] = iter,
          on_result: Callable[[list[Result]], None] = lambda results: None) -> list[Result]:
-    """Tune every shape, smallest token counts first; `on_result` sees the results so far after each shape."""
+    """Tune every shape, smallest token counts first, starting none after `time_limit_s`; `on_result` sees the
+    results so far after each shape."""
     results: list[Result] = []
+    start = time.perf_counter()
     for shape in progress(sorted(shapes, key=lambda s: (s.tokens, s.segments, s.k, s.width, s.rank))):
+        if time_limit_s is not None and time.perf_counter() - start >= time_limit_s:
+            break
         before = previous.lookup(shape) if previous is not None else None
         final = tune_call(shape, problems.measure, problems.compile, previous=before, num_sms=num_sms, reps=reps,
                           final_reps=final_reps)
