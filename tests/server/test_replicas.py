@@ -141,11 +141,12 @@ def test_openai_requests_through_replicas(url, client, offline, adapters):
 
 
 def test_requests_land_where_their_adapter_is(url, adapters):
-    """Warm (each adapter asked for twice, one request at a time: where the first round put more than 4 adapters
-    on one replica, the second settles the ones it let go), then 64 requests, 4 at a time in a shuffled mix: the
-    router keeps each adapter on one replica, so nearly every request finds it loaded there; round robin would
-    find it about half the time (4 of 8 adapters held per replica)."""
+    """Warm: rounds of one request per adapter, one at a time, until a round finds every adapter where the router
+    sends it (the first rounds settle which adapters each replica keeps); then 64 requests, 4 at a time in a
+    shuffled mix: the router keeps each adapter on one replica, so nearly every request finds it loaded there;
+    round robin would find it about half the time (4 of 8 adapters held per replica)."""
     names = list(adapters)
+    name = "valora:adapter_affinity_requests_total"
 
     async def run(models: list[str], at_once: int) -> None:
         gate = asyncio.Semaphore(at_once)
@@ -157,24 +158,33 @@ def test_requests_land_where_their_adapter_is(url, adapters):
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
             await asyncio.gather(*(one(m) for m in models))
 
-    asyncio.run(run(names * 2, 1))
-    time.sleep(replicas.PUBLISH_S * 1.5)  # every replica has published since
-    before = metrics(url)
+    def settled() -> dict[str, float]:
+        time.sleep(replicas.PUBLISH_S * 1.5)  # every replica has published since the last request
+        return metrics(url)
+
+    def affinity(models: list[str], at_once: int) -> tuple[float, float]:
+        """(hits, misses) of these requests, from the replicas' counters."""
+        before = settled()
+        asyncio.run(run(models, at_once))
+        deadline = time.monotonic() + 30
+        while True:
+            after = settled()
+            hits, misses = (_total(after, name, f'resident="{r}"') - _total(before, name, f'resident="{r}"')
+                            for r in ("true", "false"))
+            if hits + misses >= len(models) or time.monotonic() > deadline:
+                return hits, misses
+    rounds = 1
+    while affinity(names, 1)[1]:
+        rounds += 1
+        assert rounds <= 5, "five rounds of one request per adapter never found every adapter resident"
     mix = names * 8
     random.Random(0).shuffle(mix)
-    asyncio.run(run(mix, 4))
-    name = "valora:adapter_affinity_requests_total"
-    deadline = time.monotonic() + 30
-    while True:
-        after = metrics(url)
-        hits = _total(after, name, 'resident="true"') - _total(before, name, 'resident="true"')
-        misses = _total(after, name, 'resident="false"') - _total(before, name, 'resident="false"')
-        if hits + misses >= len(mix) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    print(f"adapter affinity once warm: {hits:.0f} of {hits + misses:.0f} requests found their adapter loaded")
+    hits, misses = affinity(mix, 4)
+    print(f"adapter affinity once warm ({rounds} warm-up rounds): {hits:.0f} of {hits + misses:.0f} requests "
+          "found their adapter loaded")
     assert hits + misses == len(mix)
     assert hits >= 0.9 * len(mix)
+    after = metrics(url)
     served = by_replica(after, "valora:request_success_total", 'finished_reason="length"')
     assert len(served) == 2 and all(v > 0 for v in served.values())  # both replicas took part
 
