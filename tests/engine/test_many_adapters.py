@@ -34,6 +34,15 @@ def test_32_requests_over_20_adapters_with_4_slots(family, tiny_model, adapter_f
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     llm = LLM(str(tiny_model), enable_lora=True, max_loras=4, max_cpu_loras=6, max_lora_rank=16,
               dtype="float32", device="cpu", max_num_seqs=32)
+    core, stalls = llm.engine.core, []
+    step = core.step
+
+    def counted_step():
+        outputs = step()
+        stalls.append(core.stalled)
+        return outputs
+
+    core.step = counted_step
     together = llm.generate(prompts, params, loras, use_tqdm=False)
     stats = llm.engine.core.lora_manager.stats
     assert stats.slot_evictions > 0 and stats.host_evictions > 0  # the tiers really were exercised
@@ -42,3 +51,5 @@ def test_32_requests_over_20_adapters_with_4_slots(family, tiny_model, adapter_f
         assert out.outputs[0].token_ids == alone.outputs[0].token_ids
         assert out.outputs[0].finish_reason == "length"
     assert len(llm.engine.core.lora_manager.resident()) <= 4
+    # steps that found nothing to run wait for a reload, a few per load (it spun thousands of times a load)
+    assert sum(stalls) <= 2 * stats.background_loads + 8, (sum(stalls), stats.background_loads)

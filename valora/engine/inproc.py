@@ -25,6 +25,8 @@ from valora.multimodal.inputs import ProcessedPrompt
 from valora.outputs import RequestOutput
 from valora.sampling_params import SamplingParams
 
+_STALL_WAIT_S = 0.05  # longest a stalled step waits for a reload, so a caller's loop stays responsive
+
 
 class InprocEngine:
     def __init__(self, config: EngineConfig) -> None:
@@ -67,6 +69,8 @@ class InprocEngine:
         """One engine step's outputs: every request that got tokens, with its text so far."""
         processed = self.output_processor.process_outputs(self.core.step(), self.core.clock())
         self.core.abort_request(processed.reqs_to_abort)
+        if self.core.stalled:  # waiting for adapters to reload: don't spin the caller's loop meanwhile
+            self.core.wait_for_adapters(_STALL_WAIT_S)
         return processed.request_outputs
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:

@@ -167,6 +167,7 @@ class LLMEngine:
         # Launched steps not collected yet, oldest first: one, or two while the next step was launched ahead of
         # collecting the previous one (asynchronous scheduling).
         self._inflight: deque[InFlight] = deque()
+        self.stalled = False  # the last step launched nothing while requests wait (for an adapter's reload, say)
         self._collected_at = 0.0  # when the last step was collected (the next one's device time starts there)
         self.num_steps_ahead = 0  # steps launched before the previous one was collected
         self.num_prompt_tokens = self.num_generation_tokens = 0
@@ -400,6 +401,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or bool(self._inflight)
 
+    def wait_for_adapters(self, timeout_s: float) -> None:
+        """Block until an adapter reload in the background finishes (at most `timeout_s`): what a loop whose last
+        step was `stalled` should do instead of stepping again at once."""
+        if self.lora_manager is not None:
+            self.lora_manager.wait_for_loads(timeout_s)
+
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
 
@@ -455,7 +462,9 @@ class LLMEngine:
         sampler's output, and a sequence that the collected token ends (a stop token, say) is found one step late,
         its extra token dropped. So the host schedules and prepares step n+1 while the device runs step n."""
         failed = self._fail_unloadable()
+        self.stalled = False
         if not self._inflight and not self._launch():  # an idle engine: nothing to collect yet
+            self.stalled = self.scheduler.has_work()
             self._unload_drained()
             return failed
         ahead = self._may_launch_ahead() and self._launch()

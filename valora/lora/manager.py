@@ -19,7 +19,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -182,6 +182,13 @@ class LoRAManager:
                 self._insert_host(adapter)
                 self.stats.background_loads += 1
             self._pending.pop(req.lora_name, None)
+
+    def wait_for_loads(self, timeout_s: float) -> None:
+        """Block until one background reload finishes (or `timeout_s`): for a loop with nothing else to run."""
+        with self._lock:
+            pending = list(self._pending.values())
+        if pending:
+            wait(pending, timeout=timeout_s, return_when=FIRST_COMPLETED)
 
     def begin_step(self) -> None:
         with self._lock:
