@@ -19,8 +19,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/valora demo
 
+# Two workers, a test file each at a time (a module's server or Ray cluster stays on one worker): a third less wall
+# time on a 2-core box, where many tests wait on servers and subprocesses.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check valora tests benchmarks
