@@ -50,7 +50,7 @@ def test_static_batches_per_adapter_bucket_match_plain_steps(family, tiny_model,
     outs = {}
     for static in (False, True):
         llm = LLM(str(tiny_model), enable_lora=True, max_loras=4, max_lora_rank=16, lora_backend="atmm",
-                  max_num_seqs=8, scheduler="slora")
+                  max_num_seqs=8, scheduler="slora", num_kv_blocks=256)  # two engines in one process
         runner = llm.engine.core.runner
         if static:
             runner.enable_cuda_graphs(8, 4, capture=False)
@@ -85,8 +85,7 @@ def test_graph_replay_equals_eager(family, tiny_model, adapter_factory, schedule
     outs = {}
     for eager in (True, False):
         llm = LLM(str(tiny_model), enable_lora=True, max_loras=4, max_lora_rank=16, dtype="float32",
-                  device="cuda", max_num_seqs=16, scheduler=scheduler, enforce_eager=eager,
-                  gpu_memory_utilization=0.3)
+                  device="cuda", max_num_seqs=16, scheduler=scheduler, enforce_eager=eager, num_kv_blocks=256)
         assert llm.engine.core.runner.graphs.capture != eager
         outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, loras, use_tqdm=False)]
         assert (len(llm.engine.core.runner.graphs.graphs) > 0) != eager
@@ -101,7 +100,7 @@ def test_capture_budget_leaves_adapter_buckets_to_first_use(tiny_model) -> None:
     """Start-up captures every batch size without adapters and with the most adapters; with no budget left the
     smaller adapter buckets wait for a step that needs them."""
     llm = LLM(str(tiny_model), enable_lora=True, max_loras=4, max_lora_rank=16, dtype="float32", device="cuda",
-              max_num_seqs=8, gpu_memory_utilization=0.3)
+              max_num_seqs=8, num_kv_blocks=256)
     graphs = llm.engine.core.runner.graphs
     graphs.graphs.clear()
     graphs.capture_common(budget_s=0.0)
