@@ -66,9 +66,13 @@ class GrammarCompiler:
     def tokenizer(self):
         if self._tokenizer is None:
             llg = _llguidance()
+            eos = self.eos_token_ids or None
             try:
-                self._tokenizer = llg.hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size,
-                                                        eos_token=self.eos_token_ids or None)
+                try:
+                    self._tokenizer = llg.hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size, eos_token=eos)
+                except TypeError:  # llguidance 1.6 and older take one end token: the grammar's end allows that one
+                    self._tokenizer = llg.hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size,
+                                                            eos_token=eos[0] if eos else None)
             except ValueError as e:
                 raise InputError(f"structured outputs cannot use this tokenizer: {e}") from e
         return self._tokenizer
