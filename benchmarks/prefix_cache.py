@@ -84,7 +84,7 @@ def main() -> None:
     result = {
         "model": "tiny qwen2-vl (cpu)" if q else "qwen2-vl-7b shapes, random bf16",
         "system_tokens": system_tokens, "question_tokens": args.question_tokens, "adapters": num_adapters,
-        "rank": args.rank, "max_num_batched_tokens": llm.engine.max_batched_tokens,
+        "rank": args.rank, "max_num_batched_tokens": llm.engine.core.max_batched_tokens,
         "miss_ttft_ms": {"mean": statistics.fmean(miss), "p50": statistics.median(miss)},
         "hit_ttft_ms": {"mean": statistics.fmean(hit), "p50": statistics.median(hit)},
         "hit_over_miss_p50": statistics.median(hit) / statistics.median(miss),
