@@ -60,3 +60,16 @@ def gauge(metrics: dict[str, float], name: str) -> float:
 def series(metrics: dict[str, float], name: str) -> dict[str, float]:
     """All series of one metric: {label text: value}."""
     return {k[len(name):]: v for k, v in metrics.items() if k.startswith(name + "{")}
+
+
+async def stream_outcome(client: httpx.AsyncClient, body: dict) -> str:
+    """One streamed chat completion under load (issue 23): "ok" when it streams to [DONE] without an error event,
+    "busy" when it is refused with 503 and Retry-After before the stream starts; anything else fails."""
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1"
+            return "busy"
+        assert r.status_code == 200
+        lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines), lines
+        return "ok"

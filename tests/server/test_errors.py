@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.multimodal.media_server import MediaServer
-from tests.server.process import SERVED, gauge
+from tests.server.process import SERVED, gauge, stream_outcome
 from valora.multimodal.chat import image_data_url
 from valora.multimodal.video import video_data_url
 from valora.testing.images import random_image
@@ -297,18 +297,8 @@ def test_overload_is_refused_before_any_stream_starts(server):
 
     async def run() -> list[str]:
         async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=120) as client:
-            async def one() -> str:
-                body = chat(max_tokens=6, ignore_eos=True, stream=True)
-                async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                    if r.status_code == 503:
-                        assert r.headers["retry-after"] == "1"
-                        return "busy"
-                    assert r.status_code == 200
-                    lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
-                    assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines), lines
-                    return "ok"
-
-            return await asyncio.gather(*(one() for _ in range(16)))
+            body = chat(max_tokens=6, ignore_eos=True, stream=True)
+            return await asyncio.gather(*(stream_outcome(client, body) for _ in range(16)))
 
     results = asyncio.run(run())
     assert "ok" in results and "busy" in results, results
