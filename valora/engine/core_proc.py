@@ -153,7 +153,7 @@ def apply_log_setup(setup: LogSetup) -> None:
 
 
 def _core_main(config: EngineConfig, lora_modules: list[tuple[str, str]], max_in_flight: int | None, address: str,
-               parent: Connection, log: LogSetup | None) -> None:
+               parent: Connection, log: LogSetup | None, cpu_threads: int | None = None) -> None:
     """The child process (or thread): build the engine, load the served adapters, say ready, serve."""
     from tqdm.auto import tqdm
 
@@ -161,6 +161,10 @@ def _core_main(config: EngineConfig, lora_modules: list[tuple[str, str]], max_in
 
     if log is not None:
         apply_log_setup(log)
+    if cpu_threads is not None:
+        import torch
+
+        torch.set_num_threads(cpu_threads)
     try:
         host = CoreHost(LLMEngine(config), max_in_flight)
         for name, path in tqdm(lora_modules, desc="Loading adapters", unit="adapter", disable=None):
@@ -175,17 +179,33 @@ def _core_main(config: EngineConfig, lora_modules: list[tuple[str, str]], max_in
         host.engine.shutdown()  # its tensor-parallel workers, if any
 
 
+def core_cpu_threads(config: EngineConfig, front_ends: int) -> int | None:
+    """torch's intra-op threads for a core process on the CPU beside `front_ends` busy API-server processes: the
+    cores this process may use less one per front end (at least one), unless `OMP_NUM_THREADS` says; None (torch's
+    default) on a GPU, where the host's ops are small. torch's default takes every core, and its OpenMP workers
+    spin while they wait: beside front ends on few cores (2 on the test box) each model op's threads then fight the
+    front end's for the same cores, which halved `valora serve`'s throughput with the tiny model."""
+    if not str(config.device).startswith("cpu") or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - front_ends)
+
+
 class CoreProcess:
     """An engine core being started: its address, and once `wait_ready()` returned, its start-up `info`; `stop()`
     ends it. The caller may do its own start-up work (imports, the tokenizer) while the core loads. `in_thread`
-    runs the same loop on a daemon thread of this process instead of a child process."""
+    runs the same loop on a daemon thread of this process instead of a child process. `cpu_threads` sets the child
+    process's torch intra-op threads (see `core_cpu_threads`; not for a thread, which shares this process's)."""
 
     def __init__(self, config: EngineConfig, lora_modules: list[tuple[str, str]] | None = None,
-                 max_in_flight: int | None = None, in_thread: bool = False) -> None:
+                 max_in_flight: int | None = None, in_thread: bool = False, cpu_threads: int | None = None) -> None:
         self.address = f"ipc://{tempfile.gettempdir()}/valora-core-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._conn, child_conn = multiprocessing.Pipe()
         args = (config, list(lora_modules or []), max_in_flight, self.address, child_conn,
-                None if in_thread else log_setup())
+                None if in_thread else log_setup(), None if in_thread else cpu_threads)
         if in_thread:
             self._worker = threading.Thread(target=_core_main, args=args, name="valora-core", daemon=True)
         else:
