@@ -32,7 +32,10 @@ from valora.engine.ipc import decode, encode
 logger = logging.getLogger(__name__)
 
 _METHODS = frozenset({"load_lora", "unload_lora", "pin_lora", "stats", "adapters"})
-_IDLE_WAIT_MS = 5  # a step that could schedule nothing (adapters still loading, say) waits this long
+# A step that launched nothing while requests wait (adapters still loading, say) waits this long for a message.
+# Only then: a step without outputs is no sign of that (the first step launched from idle collects nothing, and a
+# step of prompt chunks samples nothing), and waiting after those delayed every burst of prompts.
+_IDLE_WAIT_MS = 5
 
 
 def serve_core(host: CoreHost, address: str, parent: Connection) -> None:
@@ -54,7 +57,8 @@ def serve_core(host: CoreHost, address: str, parent: Connection) -> None:
                 break  # "stop", or the parent is gone
             if sock in ready:
                 loop.receive()
-            idle_wait = None if loop.step() else (_IDLE_WAIT_MS if host.has_work() else None)
+            loop.step()
+            idle_wait = _IDLE_WAIT_MS if host.stalled() else None
     except Exception as e:
         logger.exception("engine core failed; front ends are told")
         loop.broadcast(("dead", f"the engine core stopped: {type(e).__name__}: {e}"))
@@ -121,10 +125,10 @@ class _CoreLoop:
         else:
             logger.warning("engine core: unknown message %r", kind)
 
-    def step(self) -> bool:
-        """One engine step, its outputs sent; whether it made any."""
+    def step(self) -> None:
+        """One engine step, its outputs sent."""
         if not self.host.has_work():
-            return True
+            return
         outputs = self.host.step()
         by_client: dict[bytes, list] = defaultdict(list)
         for out in outputs:
@@ -133,7 +137,6 @@ class _CoreLoop:
                 by_client[client].append(out)
         for client, outs in by_client.items():
             self.send(client, ("outputs", outs))
-        return bool(outputs)
 
 
 LogSetup = tuple[int, logging.Formatter | None]
