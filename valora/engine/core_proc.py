@@ -25,9 +25,10 @@ from multiprocessing.connection import Connection
 
 import zmq
 
-from valora.config import EngineConfig
+from valora.config import EngineConfig, resolve_device
 from valora.engine.core_host import CoreHost, CoreInfo
 from valora.engine.ipc import decode, encode
+from valora.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,11 @@ def core_cpu_threads(config: EngineConfig, front_ends: int) -> int | None:
     default) on a GPU, where the host's ops are small. torch's default takes every core, and its OpenMP workers
     spin while they wait: beside front ends on few cores (2 on the test box) each model op's threads then fight the
     front end's for the same cores, which halved `valora serve`'s throughput with the tiny model."""
-    if not str(config.device).startswith("cpu") or os.environ.get("OMP_NUM_THREADS"):
+    try:
+        on_cpu = resolve_device(config.device).type == "cpu"  # "auto" on a machine without CUDA included
+    except UserError:  # a device this machine lacks: the core says so when it starts
+        return None
+    if not on_cpu or os.environ.get("OMP_NUM_THREADS"):
         return None
     try:
         cores = len(os.sched_getaffinity(0))
