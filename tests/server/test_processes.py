@@ -3,6 +3,7 @@ front of it sharing its adapters, and a core that dies or cannot start is report
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import httpx
 import psutil
 
 from tests.server.process import SERVED
+from valora.config import EngineConfig
+from valora.engine.core_proc import CPU_CORE_NICE, core_cpu_threads
 
 
 def chat(model: str = SERVED) -> dict:
@@ -38,6 +41,7 @@ def test_a_killed_core_gives_503_and_failing_health(start_server):
     server = start_server(["--num-kv-blocks", "256"])
     assert httpx.post(f"{server.url}/v1/chat/completions", json=chat(), timeout=60).status_code == 200
     (core,) = _spawned(server.proc.pid)
+    assert core.nice() == min(19, psutil.Process(server.proc.pid).nice() + CPU_CORE_NICE)  # below its front end
     core.kill()
     deadline = time.monotonic() + 30
     while httpx.get(f"{server.url}/health", timeout=10).status_code != 503:
@@ -56,6 +60,17 @@ def test_serve_exits_non_zero_when_the_core_cannot_start(server_model, adapters,
     r = subprocess.run([sys.executable, "-m", "valora.cli", "serve", str(server_model), "--device", "cpu",
                         "--lora-modules", f"bad={bad}", "--port", "0"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "cannot start" in r.stderr, r.stderr[-2000:]
+
+
+def test_core_threads_on_the_cpu_leave_a_core_to_each_api_server(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)), raising=False)
+    assert core_cpu_threads(EngineConfig(model="m", device="cpu"), 1) == 7
+    assert core_cpu_threads(EngineConfig(model="m", device="cpu"), 3) == 5
+    assert core_cpu_threads(EngineConfig(model="m", device="cpu"), 8) == 1
+    assert core_cpu_threads(EngineConfig(model="m", device="cuda"), 1) is None  # a GPU core keeps torch's default
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert core_cpu_threads(EngineConfig(model="m", device="cpu"), 1) is None  # the user's setting wins
 
 
 def _spawned(pid: int) -> list[psutil.Process]:

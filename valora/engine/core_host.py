@@ -72,6 +72,10 @@ class CoreHost:
     def has_work(self) -> bool:
         return self.engine.has_unfinished_requests()
 
+    def stalled(self) -> bool:
+        """Whether the last step launched nothing while requests wait (for an adapter's reload, say)."""
+        return self.engine.stalled
+
     # -- adapters and stats ---------------------------------------------------------------------------------
     def load_lora(self, name: str, path: str) -> AdapterEvent:
         if name in self.engine.list_loras():

@@ -25,14 +25,18 @@ from multiprocessing.connection import Connection
 
 import zmq
 
-from valora.config import EngineConfig
+from valora.config import EngineConfig, resolve_device
 from valora.engine.core_host import CoreHost, CoreInfo
 from valora.engine.ipc import decode, encode
+from valora.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 _METHODS = frozenset({"load_lora", "unload_lora", "pin_lora", "stats", "adapters"})
-_IDLE_WAIT_MS = 5  # a step that could schedule nothing (adapters still loading, say) waits this long
+# A step that launched nothing while requests wait (adapters still loading, say) waits this long for a message.
+# Only then: a step without outputs is no sign of that (the first step launched from idle collects nothing, and a
+# step of prompt chunks samples nothing), and waiting after those delayed every burst of prompts.
+_IDLE_WAIT_MS = 5
 
 
 def serve_core(host: CoreHost, address: str, parent: Connection) -> None:
@@ -54,7 +58,8 @@ def serve_core(host: CoreHost, address: str, parent: Connection) -> None:
                 break  # "stop", or the parent is gone
             if sock in ready:
                 loop.receive()
-            idle_wait = None if loop.step() else (_IDLE_WAIT_MS if host.has_work() else None)
+            loop.step()
+            idle_wait = _IDLE_WAIT_MS if host.stalled() else None
     except Exception as e:
         logger.exception("engine core failed; front ends are told")
         loop.broadcast(("dead", f"the engine core stopped: {type(e).__name__}: {e}"))
@@ -121,10 +126,10 @@ class _CoreLoop:
         else:
             logger.warning("engine core: unknown message %r", kind)
 
-    def step(self) -> bool:
-        """One engine step, its outputs sent; whether it made any."""
+    def step(self) -> None:
+        """One engine step, its outputs sent."""
         if not self.host.has_work():
-            return True
+            return
         outputs = self.host.step()
         by_client: dict[bytes, list] = defaultdict(list)
         for out in outputs:
@@ -133,7 +138,6 @@ class _CoreLoop:
                 by_client[client].append(out)
         for client, outs in by_client.items():
             self.send(client, ("outputs", outs))
-        return bool(outputs)
 
 
 LogSetup = tuple[int, logging.Formatter | None]
@@ -153,7 +157,7 @@ def apply_log_setup(setup: LogSetup) -> None:
 
 
 def _core_main(config: EngineConfig, lora_modules: list[tuple[str, str]], max_in_flight: int | None, address: str,
-               parent: Connection, log: LogSetup | None) -> None:
+               parent: Connection, log: LogSetup | None, cpu_threads: int | None = None) -> None:
     """The child process (or thread): build the engine, load the served adapters, say ready, serve."""
     from tqdm.auto import tqdm
 
@@ -161,6 +165,12 @@ def _core_main(config: EngineConfig, lora_modules: list[tuple[str, str]], max_in
 
     if log is not None:
         apply_log_setup(log)
+    if cpu_threads is not None:  # a core process on the CPU, beside its front ends
+        import torch
+
+        torch.set_num_threads(cpu_threads)
+        with contextlib.suppress(OSError):
+            os.nice(CPU_CORE_NICE)
     try:
         host = CoreHost(LLMEngine(config), max_in_flight)
         for name, path in tqdm(lora_modules, desc="Loading adapters", unit="adapter", disable=None):
@@ -175,17 +185,46 @@ def _core_main(config: EngineConfig, lora_modules: list[tuple[str, str]], max_in
         host.engine.shutdown()  # its tensor-parallel workers, if any
 
 
+# A core process on the CPU runs at a lower priority than its front ends (nice 10: about a tenth of a contended
+# core's share against theirs; no effect while cores are spare). Its model steps use the same cores as the front
+# ends' request handling, and a step costs about the same however few sequences it holds: at equal priority the
+# core stepped as soon as one request had arrived, so a burst of 64 took ~300 steps of one or two prompts each (the
+# front end, starved, added them one by one), against ~15 steps when the front ends first hand over what they
+# have. Server CPU per request fell from ~11 ms to ~4.5 (text) on the 2-core box.
+CPU_CORE_NICE = 10
+
+
+def core_cpu_threads(config: EngineConfig, front_ends: int) -> int | None:
+    """torch's intra-op threads for a core process on the CPU beside `front_ends` busy API-server processes: the
+    cores this process may use less one per front end (at least one), unless `OMP_NUM_THREADS` says; None (torch's
+    default) on a GPU, where the host's ops are small. torch's default takes every core, and its OpenMP workers
+    spin while they wait: beside front ends on few cores (2 on the test box) each model op's threads then fight the
+    front end's for the same cores, which halved `valora serve`'s throughput with the tiny model."""
+    try:
+        on_cpu = resolve_device(config.device).type == "cpu"  # "auto" on a machine without CUDA included
+    except UserError:  # a device this machine lacks: the core says so when it starts
+        return None
+    if not on_cpu or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - front_ends)
+
+
 class CoreProcess:
     """An engine core being started: its address, and once `wait_ready()` returned, its start-up `info`; `stop()`
     ends it. The caller may do its own start-up work (imports, the tokenizer) while the core loads. `in_thread`
-    runs the same loop on a daemon thread of this process instead of a child process."""
+    runs the same loop on a daemon thread of this process instead of a child process. `cpu_threads` sets the child
+    process's torch intra-op threads (see `core_cpu_threads`; not for a thread, which shares this process's)."""
 
     def __init__(self, config: EngineConfig, lora_modules: list[tuple[str, str]] | None = None,
-                 max_in_flight: int | None = None, in_thread: bool = False) -> None:
+                 max_in_flight: int | None = None, in_thread: bool = False, cpu_threads: int | None = None) -> None:
         self.address = f"ipc://{tempfile.gettempdir()}/valora-core-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._conn, child_conn = multiprocessing.Pipe()
         args = (config, list(lora_modules or []), max_in_flight, self.address, child_conn,
-                None if in_thread else log_setup())
+                None if in_thread else log_setup(), None if in_thread else cpu_threads)
         if in_thread:
             self._worker = threading.Thread(target=_core_main, args=args, name="valora-core", daemon=True)
         else:

@@ -143,10 +143,23 @@ def bind(host: str, port: int) -> socket.socket:
 
 def start_core(engine: EngineConfig, config, in_thread: bool = False) -> CoreProcess:
     """The engine core for a server of `config` (a `ServerConfig`), starting (it loads the model and adapters
-    while the caller goes on: `wait_ready()` before using it)."""
-    from valora.engine.core_proc import CoreProcess
+    while the caller goes on: `wait_ready()` before using it). A core process on the CPU leaves a core to each
+    API server (`core_cpu_threads`)."""
+    from valora.engine.core_proc import CoreProcess, core_cpu_threads
 
-    return CoreProcess(engine, config.lora_modules, config.max_in_flight(engine), in_thread=in_thread)
+    return CoreProcess(engine, config.lora_modules, config.max_in_flight(engine), in_thread=in_thread,
+                       cpu_threads=core_cpu_threads(engine, config.api_server_count))
+
+
+def front_end_threads() -> None:
+    """An API-server process runs torch on one thread: its tensors are one request's (image pixels, positions),
+    requests run side by side on the event loop and its worker threads, and the cores are the engine core's. With
+    torch's default (a thread per core, spinning while it waits) every small op of every request woke workers
+    that competed with the core process for the same cores. `OMP_NUM_THREADS`, when set, is kept."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def serve(engine: EngineConfig, config, sock: socket.socket, limits: ConnectionLimits | None = None) -> int:
@@ -155,6 +168,8 @@ def serve(engine: EngineConfig, config, sock: socket.socket, limits: ConnectionL
     limits = limits or ConnectionLimits()
     core = start_core(engine, config)
     from valora.server.app import build_app  # imported while the core loads
+
+    front_end_threads()
 
     try:
         core.wait_ready()
@@ -212,6 +227,7 @@ def _api_server_main(engine: EngineConfig, config, core_address: str, core_info:
     from valora.server.app import build_app
 
     apply_log_setup(log)
+    front_end_threads()
     host, port = sock.getsockname()[:2]
     uvicorn.Server(_config(build_app(engine, core_address, core_info, config), host, port, limits)).run(
         sockets=[sock])
