@@ -144,9 +144,9 @@ class Scheduler:
             cached = len(prefix) * self.blocks.block_size
             need = len(seq) - cached
             n = min(need, budget) if self.chunked else need
-            end, enc = self._encoder_cut(seq, cached, cached + n, encoded)
+            end, enc = self._encoder_cut(seq, cached, cached + n, encoded, whole=not self.chunked)
             if end < cached + n and not self.chunked:
-                break  # its images would exceed the encoder budget, and it cannot be cut: the next step
+                break  # its images would exceed what is left of the encoder budget: whole, in a later step
             n = end - cached
             if n <= 0 or n > budget or not self.blocks.can_allocate(seq, cached + n, prefix):
                 break
@@ -165,10 +165,12 @@ class Scheduler:
                 adapters.add(seq.lora_name)
         return out
 
-    def _encoder_cut(self, seq: Sequence, start: int, end: int, encoded: int) -> tuple[int, int]:
+    def _encoder_cut(self, seq: Sequence, start: int, end: int, encoded: int,
+                     whole: bool = False) -> tuple[int, int]:
         """Where the chunk [start, end) of `seq` ends within the encoder budget, and the image tokens it then
         encodes, the step having charged `encoded` so far: it ends before the first image still to encode that
-        would exceed the budget, unless that image is the step's first encoder work."""
+        would exceed the budget, unless that image is the step's first encoder work. A `whole` prompt (no chunking)
+        either fits or ends at `start`; it always fits as the step's first encoder work."""
         images = seq.prompt.images
         if not images or start >= seq.prompt_len:
             return end, 0
@@ -178,9 +180,9 @@ class Scheduler:
             if hi <= start or lo >= end or not seq.needs_encoding(k, self.embed_cache):
                 continue
             n = images[k].num_tokens
-            if (self.max_encoder_tokens is not None and encoded + cost > 0
-                    and encoded + cost + n > self.max_encoder_tokens):
-                return max(lo, start), cost
+            first = encoded == 0 and (whole or cost == 0)  # the step's first encoder work always fits
+            if self.max_encoder_tokens is not None and not first and encoded + cost + n > self.max_encoder_tokens:
+                return (start, 0) if whole else (max(lo, start), cost)
             cost += n
         return end, cost
 
