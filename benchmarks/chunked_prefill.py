@@ -1,17 +1,21 @@
 """Chunked prefill under a burst of images (issue 16, acceptance 3): 32 streams are decoding when 32 image requests
 (448x448, 256 visual tokens each) arrive at once. Reported per configuration: the streams' inter-token latency in
 their steady state and during the burst (from its arrival until every image request has its first token), p99 over
-the burst against the steady median (target with chunking: <= 2x), and the image requests' time to first token.
+the burst against the steady median (target with chunking: <= 2x), the image requests' time to first token, and
+the images the vision tower encoded per step during the burst.
 
     python -m benchmarks.chunked_prefill --workdir /tmp/valora-bench      # H100: Qwen2-VL-7B shapes, random bf16
     python -m benchmarks.chunked_prefill --quick                          # CPU: a tiny Qwen2-VL, to check it runs
 
 Every configuration runs on one engine (one load, one set of CUDA graphs): between runs only the scheduler's token
-budget and chunking switch (`configure`), and each configuration runs a first, unrecorded burst (its token-bucket
-graphs are captured then). The steady state starts once every stream has its first token. Without chunking the
-budget is large enough for the whole burst in one step, as before issue 16. The time is the engine's own: the sum of
-`step()` durations, so the burst's prompt processing (chat template, image processor: on the caller's thread in
-`add_request`) is left out; it moves off the step loop with issue 16's input processor and is reported separately.
+budget, encoder budget and chunking switch (`configure`), and each configuration runs a first, unrecorded burst
+(its token-bucket graphs are captured then); the steady state starts once every stream has its first token. Each
+chunked token budget runs with every encoder budget of `--encoder-budgets`: `auto` is the engine's default (the token
+budget), `none` no encoder budget (a step's chunks may then start any number of images, as before the encoder
+budget), a number that many image tokens. Without chunking the budget is large enough for the whole burst in one
+step, as before issue 16. The time is the engine's own: the sum of `step()` durations, so the burst's prompt
+processing (chat template, image processor: on the caller's thread in `add_request`) is left out; it moves off the
+step loop with issue 16's input processor and is reported separately.
 """
 
 from __future__ import annotations
@@ -29,10 +33,24 @@ from valora import LLM, SamplingParams
 from valora.testing.images import random_image
 
 
-def configure(llm: LLM, chunked: bool, budget: int) -> None:
+def configure(llm: LLM, chunked: bool, budget: int, encoder_budget: int | None = None) -> None:
     engine = llm.engine
     engine.core.scheduler.chunked = chunked
     engine.core.scheduler.max_batched_tokens = engine.core.max_batched_tokens = budget
+    engine.core.scheduler.max_encoder_tokens = engine.core.max_encoder_tokens = encoder_budget
+
+
+def count_encoded_images(llm: LLM) -> list[int]:
+    """Images the vision tower encodes in each step from now on (cached embeddings excluded), one entry a step."""
+    runner, counts = llm.engine.core.runner, []
+    forward = runner.forward
+
+    def counting(batch):
+        counts.append(0 if batch.images is None else sum(c is None for c in batch.images.cached))
+        return forward(batch)
+
+    runner.forward = counting
+    return counts
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -46,8 +64,9 @@ def image_prompt(llm: LLM, seed: int, size: int) -> dict:
                                                          {"type": "text", "text": "Describe the image."}]}])
 
 
-def run_burst(llm: LLM, args, seed: int) -> dict:
-    """One configuration: streams to steady state, the burst, until every image request is done."""
+def run_burst(llm: LLM, args, seed: int, encoded_per_step: list[int]) -> dict:
+    """One configuration: streams to steady state, the burst, until every image request is done.
+    `encoded_per_step`: `count_encoded_images`'s list."""
     engine = llm.engine
     g = torch.Generator().manual_seed(seed)
     stream_ids = [f"s{seed}-{i}" for i in range(args.streams)]
@@ -81,6 +100,7 @@ def run_burst(llm: LLM, args, seed: int) -> dict:
     for _ in range(args.steady_steps):
         step()
     burst_at = clock
+    encoded_from = len(encoded_per_step)
     prompts = [image_prompt(llm, seed * 1000 + i, args.image_size) for i in range(args.images)]
     image_ids = [f"i{seed}-{i}" for i in range(args.images)]
     t = time.perf_counter()
@@ -90,6 +110,7 @@ def run_burst(llm: LLM, args, seed: int) -> dict:
     while len(first_token) < len(image_ids):
         step()
     burst_end = clock
+    encoded = encoded_per_step[encoded_from:]
     while any(engine.output_processor.requests.get(r) is not None for r in image_ids):
         step()
     engine.abort_request(stream_ids)
@@ -112,6 +133,8 @@ def run_burst(llm: LLM, args, seed: int) -> dict:
                          "max": max(burst) * 1e3},
         "burst_p99_over_steady_p50": percentile(burst, 0.99) / base,
         "burst_seconds": burst_end - burst_at,
+        "burst_steps": len(encoded),
+        "burst_images_per_step": {"max": max(encoded), "mean": statistics.fmean(encoded)},
         "image_ttft_ms": {"mean": statistics.fmean(ttft) * 1e3, "p50": statistics.median(ttft) * 1e3,
                           "p99": percentile(ttft, 0.99) * 1e3},
         "image_prompt_tokens": len(engine.input_processor.process(prompts[0])[1].token_ids),
@@ -125,6 +148,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a tiny model on the CPU, small counts")
     ap.add_argument("--budgets", default=None, help="chunked-prefill token budgets to run (default: 256,512,1024,2048;"
                                                      " quick: 16,48)")
+    ap.add_argument("--encoder-budgets", default="auto,none",
+                    help="encoder budgets to run with each chunked token budget: auto (the token budget, the "
+                         "engine's default), none, or a number of image tokens (default: auto,none)")
     ap.add_argument("--streams", type=int, default=None, help="running streams (default: 32; quick: 6)")
     ap.add_argument("--images", type=int, default=None, help="image requests in the burst (default: 32; quick: 6)")
     ap.add_argument("--image-size", type=int, default=448)
@@ -143,14 +169,19 @@ def main() -> None:
     llm = LLM(str(model_dir), max_model_len=whole, max_num_seqs=2 * max(args.streams, args.images),
               max_num_batched_tokens=whole, enable_chunked_prefill=False,
               **(dict(device="cpu", num_kv_blocks=1024) if q else dict(gpu_memory_utilization=0.8)))
+    encoded_per_step = count_encoded_images(llm)
     result: dict = {"model": "tiny qwen2-vl (cpu)" if q else "qwen2-vl-7b shapes, random bf16",
                     "streams": args.streams, "images": args.images, "image_size": args.image_size,
                     "stream_prompt_tokens": args.stream_prompt, "runs": []}
-    configs = [(False, whole)] + [(True, int(b)) for b in args.budgets.split(",")]
-    for seed, (chunked, budget) in enumerate(configs, start=1):
-        configure(llm, chunked, budget)
-        run_burst(llm, args, seed + 100)  # this budget's first use: its token-bucket graphs are captured here
-        row = {"chunked_prefill": chunked, "max_num_batched_tokens": budget, **run_burst(llm, args, seed)}
+    encoder = {"auto": lambda b: b, "none": lambda b: None}
+    configs = [(False, whole, None)] + [
+        (True, int(b), encoder[e](int(b)) if e in encoder else int(e))
+        for b in args.budgets.split(",") for e in args.encoder_budgets.split(",")]
+    for seed, (chunked, budget, encoder_budget) in enumerate(configs, start=1):
+        configure(llm, chunked, budget, encoder_budget)
+        run_burst(llm, args, seed + 100, encoded_per_step)  # first use: its token-bucket graphs are captured here
+        row = {"chunked_prefill": chunked, "max_num_batched_tokens": budget,
+               "max_num_encoder_input_tokens": encoder_budget, **run_burst(llm, args, seed, encoded_per_step)}
         result["runs"].append(row)
         print(json.dumps(row), flush=True)
     path = write_result(args.name or ("chunked_prefill_cpu_quick" if q else "chunked_prefill"), result)

@@ -89,7 +89,9 @@ class LoRAConfig:
 @dataclass
 class SchedulerConfig:
     """Continuous batching limits per step. With chunked prefill a prompt is split across steps within the token
-    budget, so the budget bounds every step's latency; without it a step must fit a whole prompt."""
+    budget, and its images' vision passes within the encoder budget (`max_num_encoder_input_tokens`: a chunk ends
+    before an image whose embeddings would exceed it), so the two bound every step's latency; without chunking a
+    step must fit a whole prompt. The encoder budget's default and why: `valora.engine.scheduler.Scheduler`."""
 
     max_num_seqs: int = 128
     max_num_batched_tokens: int | None = None  # default: 2048 with chunked prefill, else max(max_model_len, 2048)
@@ -97,6 +99,9 @@ class SchedulerConfig:
     policy: str = "valora"  # valora | slora | punica | dlora (see valora/orchestrator)
     max_wait_ms: float = 1000.0  # valora: a request waiting this long is admitted first
     enable_chunked_prefill: bool = True
+    # The encoder compute budget (vLLM's name): image tokens whose embeddings one step may compute (`Scheduler`).
+    # Default: max_num_batched_tokens with chunked prefill, none without (whole prompts, as before).
+    max_num_encoder_input_tokens: int | None = None
     # Schedule and launch step n+1 while step n runs, its new input tokens read on the device (vLLM's
     # --async-scheduling); ends that a token decides are found one step late and the extra token dropped.
     async_scheduling: bool = True
@@ -106,6 +111,8 @@ class SchedulerConfig:
             raise UserError("max_num_seqs must be at least 1")
         if self.max_wait_ms <= 0:
             raise UserError("max_wait_ms must be positive")
+        if self.max_num_encoder_input_tokens is not None and self.max_num_encoder_input_tokens < 1:
+            raise UserError("max_num_encoder_input_tokens must be at least 1")
 
 
 # Attention kernels of the vision towers (vLLM's names; models/layers/vit.py): auto = TRITON_ATTN on CUDA, else SDPA

@@ -174,14 +174,13 @@ class ModelRunner:
                 lo, hi = max(item.offset, start), min(item.offset + item.num_tokens, end)
                 if lo >= hi:  # not in this step's tokens
                     continue
-                if seq.image_embeds[k] is None and self.embed_cache is not None:
-                    seq.image_embeds[k] = self.embed_cache.get((item.content_hash, seq.vision_tag))
+                cached = seq.cached_embeds(k, self.embed_cache)  # None: encoded this step (the scheduler charged it)
                 img_data.append(item.data)
                 img_tokens.append(item.num_tokens)
                 img_slots.append(vision_slot)
                 img_rows.extend(range(row0 + lo - start, row0 + hi - start))
                 img_spans.append((lo - item.offset, hi - item.offset))
-                img_cached.append(seq.image_embeds[k])
+                img_cached.append(cached)
                 img_owner.append((seq, k))
         inputs = StepInputs(np.asarray(ids, dtype=np.int64), self._positions_array(pos_chunks, len(ids)),
                             *self._attention_ints(slot_mapping, prefills, pre_tables, dec_rows, dec_lens, dec_tables),
@@ -339,7 +338,7 @@ class ModelRunner:
         if batch.images is not None:
             for (seq, k), emb in zip(image_owners, batch.images.cached):
                 if seq.image_embeds[k] is None and self.embed_cache is not None:
-                    self.embed_cache.put((seq.prompt.images[k].content_hash, seq.vision_tag), emb)
+                    self.embed_cache.put(seq.image_key(k), emb)
                 seq.image_embeds[k] = emb
         logits = self.logits(last, rows)
         if rows is None:

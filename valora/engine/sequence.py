@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,6 +12,9 @@ from valora.heads.params import HeadParams
 from valora.multimodal.inputs import ProcessedPrompt
 from valora.outputs import HeadOutput
 from valora.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from valora.multimodal.cache import EmbeddingCache
 
 # An output token sampled by a step still in flight (asynchronous scheduling): the next step, launched before the
 # host has it, reads it on the device from the sampler's output; the host writes it in when that step is collected.
@@ -76,6 +79,22 @@ class Sequence:
         n = self.prompt_len
         head = self.prompt.token_ids[start:end] if start < n else []
         return head + self.output_ids[max(0, start - n) : max(0, end - n)]
+
+    def image_key(self, k: int) -> tuple[str, str | None]:
+        """Image `k`'s key in the embedding cache: its content, and the adapter when that changes embeddings."""
+        return self.prompt.images[k].content_hash, self.vision_tag
+
+    def needs_encoding(self, k: int, cache: EmbeddingCache | None) -> bool:
+        """Whether image `k` takes a vision pass when a step's tokens first reach its span: its embeddings are
+        neither kept here (an earlier chunk computed them; they survive preemption) nor in the embedding cache. The
+        scheduler charges the encoder budget for exactly these (`cached_embeds` is the runner's side of it)."""
+        return self.image_embeds[k] is None and (cache is None or self.image_key(k) not in cache)
+
+    def cached_embeds(self, k: int, cache: EmbeddingCache | None) -> torch.Tensor | None:
+        """Image `k`'s embeddings without a vision pass (kept here, else from the cache, then kept), or None."""
+        if self.image_embeds[k] is None and cache is not None:
+            self.image_embeds[k] = cache.get(self.image_key(k))
+        return self.image_embeds[k]
 
     @property
     def finished(self) -> bool:

@@ -20,6 +20,10 @@ class EmbeddingCache:
         self.entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
 
+    def __contains__(self, key: Hashable) -> bool:
+        """A look that neither counts as a hit or miss nor refreshes the entry (the scheduler's, planning a step)."""
+        return key in self.entries
+
     def get(self, key: Hashable) -> torch.Tensor | None:
         emb = self.entries.get(key)
         if emb is None:

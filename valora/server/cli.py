@@ -126,6 +126,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="split prompts (image tokens included) across steps within --max-num-batched-tokens, "
                         "running decodes first, so new prompts never stall running streams for more than one "
                         "step's budget (default: on)")
+    g.add_argument("--max-num-encoder-input-tokens", type=int, default=None, metavar="N",
+                   help="encoder compute budget: image tokens whose embeddings one step may compute; a chunk ends "
+                        "before an image over it, but a step always takes one (default: --max-num-batched-tokens "
+                        "with chunked prefill, else none)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="schedule and launch each step while the previous one runs on the device, its new input "
                         "tokens read there; outputs are the same (default: on)")
@@ -228,6 +232,7 @@ def engine_config(args: argparse.Namespace):
         scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_queued_requests,
                                   policy=args.scheduler, max_wait_ms=args.max_wait_ms,
                                   enable_chunked_prefill=args.enable_chunked_prefill,
+                                  max_num_encoder_input_tokens=args.max_num_encoder_input_tokens,
                                   async_scheduling=args.async_scheduling),
         multimodal=MultiModalConfig(
             max_images_per_prompt=args.max_images_per_prompt, max_image_pixels=args.max_image_pixels,
