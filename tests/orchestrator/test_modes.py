@@ -69,6 +69,28 @@ def test_thousand_switches_leave_weights_bit_identical(tiny_model, adapters):
     assert switcher.num_switches > 600
 
 
+@pytest.mark.families("qwen2_vl")
+def test_only_a_merge_waits_for_the_device(tiny_model, adapters, monkeypatch):
+    """Unmerging and re-merging the adapter the shadow weights hold flip pointers: they must not wait for the step
+    in flight (on a GPU a synchronize there drained the asynchronous pipeline every time the policy flipped)."""
+    llm = _llm(tiny_model)
+    engine = llm.engine.core
+    for i, name in enumerate(("A", "B")):
+        engine.add_lora(LoRARequest(name, i + 1, str(adapters[name])))
+    slots = engine.lora_manager.activate(["A", "B"])
+    switcher, manager = engine.switcher, engine.lora_manager
+    switcher.switch("A", slots["A"])
+    waits = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(device))
+    monkeypatch.setattr(manager, "device", torch.device("cuda"))  # only the wait is looked at: no CUDA work runs
+    for target in (None, "A", None, "A"):
+        switcher.switch(target, slots.get(target))
+    assert waits == [] and switcher.hot == "A"
+    monkeypatch.setattr(manager, "device", torch.device("cpu"))
+    switcher.switch("B", slots["B"])  # a merge (on the CPU here) rewrites the shadow weights
+    assert switcher.held == "B"
+
+
 @pytest.mark.parametrize("hot", ["A", "B"])
 def test_every_mode_matches_unmerged(family, tiny_model, adapters, hot):
     img = family.image_prompt

@@ -67,6 +67,15 @@ class ModeSwitcher:
             name is None or self._held == (name, slot, self.manager.slot_version[slot])
         ):
             return 0.0
+        held = None if name is None else (name, slot, self.manager.slot_version[slot])
+        # Only a merge writes weights; unmerging and re-merging what the shadow weights hold flip pointers on the
+        # host. Only a merge waits for the device, first for the step in flight (not the switch's time), then for
+        # its own kernels: a flip that waited drained the asynchronous pipeline for nothing, and charged the step
+        # in flight to the switch (6-7 ms a flip in the H100 sweep, where the policy flipped every step).
+        rewrites = held is not None and held != self._held
+        sync = rewrites and self.manager.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self.manager.device)
         t0 = time.perf_counter()
         if self.manager.replicas is not None:  # the other tensor-parallel ranks merge their shares
             self.manager.replicas.call("switch", name, slot)
@@ -76,18 +85,17 @@ class ModeSwitcher:
                 layer.merged_slot = None
         else:
             assert slot is not None
-            held = (name, slot, self.manager.slot_version[slot])
             ranks = self.manager.slot_ranks[slot]
             scale = self.manager.slot_scale[slot]
             for path, layer in layers.items():
                 if path not in ranks:
                     layer.merged_slot = None
-                elif held == self._held:
+                elif not rewrites:
                     layer.merged_slot = slot
                 else:
                     layer.merge(slot, ranks[path], scale)
             self._held = held
-        if self.manager.device.type == "cuda":
+        if sync:
             torch.cuda.synchronize(self.manager.device)
         elapsed = time.perf_counter() - t0
         self.hot, self.hot_slot = name, slot
