@@ -175,11 +175,13 @@ class Scheduler:
         if not images or start >= seq.prompt_len:
             return end, 0
         cost = 0
-        for k in sorted(range(len(images)), key=lambda i: images[i].offset):
-            lo, hi = images[k].offset, images[k].offset + images[k].num_tokens
-            if hi <= start or lo >= end or not seq.needs_encoding(k, self.embed_cache):
+        for k, image in enumerate(images):  # in prompt order
+            lo, hi = image.offset, image.offset + image.num_tokens
+            if lo >= end:
+                break
+            if hi <= start or not seq.needs_encoding(k, self.embed_cache):
                 continue
-            n = images[k].num_tokens
+            n = image.num_tokens
             first = encoded == 0 and (whole or cost == 0)  # the step's first encoder work always fits
             if self.max_encoder_tokens is not None and not first and encoded + cost + n > self.max_encoder_tokens:
                 return (start, 0) if whole else (max(lo, start), cost)

@@ -51,7 +51,7 @@ class ImageItem:
 @dataclass
 class ProcessedPrompt:
     token_ids: list[int]
-    images: list[ImageItem] = field(default_factory=list)
+    images: list[ImageItem] = field(default_factory=list)  # in prompt order (increasing offsets)
     positions: torch.Tensor | None = None  # [3, L] M-RoPE positions of the prompt; None = 0..L-1
     position_delta: int = 0  # a token at index i >= L sits at position i + delta
 
