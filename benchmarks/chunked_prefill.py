@@ -37,7 +37,7 @@ def configure(llm: LLM, chunked: bool, budget: int, encoder_budget: int | None =
     engine = llm.engine
     engine.core.scheduler.chunked = chunked
     engine.core.scheduler.max_batched_tokens = engine.core.max_batched_tokens = budget
-    engine.core.scheduler.max_encoder_tokens = engine.core.max_encoder_tokens = encoder_budget
+    engine.core.scheduler.max_encoder_tokens = encoder_budget
 
 
 def count_encoded_images(llm: LLM) -> list[int]:

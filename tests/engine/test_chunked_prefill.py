@@ -89,7 +89,7 @@ def test_encoder_budget_gives_the_same_tokens(family, tiny_model, adapter_factor
     prompts with an explicit budget likewise."""
     prompts, params, loras, num_images = _requests(family, tiny_model, adapter_factory)
     whole, _, engine = _run(tiny_model, prompts, params, loras, enable_chunked_prefill=False)
-    assert engine.core.max_encoder_tokens is None  # no budget without chunking unless one is set
+    assert engine.core.scheduler.max_encoder_tokens is None  # no budget without chunking unless one is set
     sizes = sorted(item.num_tokens for p in prompts for item in engine.input_processor.process(p)[1].images)
     for options in (dict(max_num_batched_tokens=16, max_num_encoder_input_tokens=1),
                     dict(max_num_batched_tokens=BUDGET, max_num_encoder_input_tokens=sizes[-1] + 1),
@@ -97,7 +97,7 @@ def test_encoder_budget_gives_the_same_tokens(family, tiny_model, adapter_factor
         out, embedded, engine = _run(tiny_model, prompts, params, loras, **options)
         assert out == whole, options
         assert embedded == num_images  # each image once
-        assert engine.core.max_encoder_tokens == options["max_num_encoder_input_tokens"]
+        assert engine.core.scheduler.max_encoder_tokens == options["max_num_encoder_input_tokens"]
         if options["max_num_encoder_input_tokens"] == 1:
             assert set(engine.passes) == {1}  # each vision pass one image: every one is over the budget
     out, embedded, engine = _run(tiny_model, prompts, params, loras, enable_chunked_prefill=False,
@@ -110,7 +110,7 @@ def test_encoder_budget_gives_the_same_tokens(family, tiny_model, adapter_factor
 def test_encoder_budget_defaults_to_the_token_budget(tiny_model):
     llm = LLM(str(tiny_model), dtype="float32", device="cpu", max_num_seqs=4, max_num_batched_tokens=96,
               num_kv_blocks=64)
-    assert llm.engine.core.max_encoder_tokens == llm.engine.core.scheduler.max_encoder_tokens == 96
+    assert llm.engine.core.scheduler.max_encoder_tokens == 96
 
 
 def test_encoder_budget_flag():
