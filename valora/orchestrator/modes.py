@@ -63,11 +63,9 @@ class ModeSwitcher:
 
     def switch(self, name: str | None, slot: int | None) -> float:
         """Serve `name` (resident in `slot`) merged, or nothing merged for None; returns the seconds it took."""
-        if name == self.hot and slot == self.hot_slot and (
-            name is None or self._held == (name, slot, self.manager.slot_version[slot])
-        ):
-            return 0.0
         held = None if name is None else (name, slot, self.manager.slot_version[slot])
+        if name == self.hot and slot == self.hot_slot and (name is None or held == self._held):
+            return 0.0
         # Only a merge writes weights; unmerging and re-merging what the shadow weights hold flip pointers on the
         # host. Only a merge waits for the device, first for the step in flight (not the switch's time), then for
         # its own kernels: a flip that waited drained the asynchronous pipeline for nothing, and charged the step
