@@ -8,7 +8,9 @@ hot adapter and the three adapters with the most tokens); merging a new adapter 
 (seconds per rewritten byte, learned from the switches so far) spread over `horizon_steps`; returning to unmerged
 and re-merging the adapter the shadow weights still hold are free. Candidates are compared at their prediction
 minus `explore` standard deviations, so a mode whose cost the steps seen so far leave open gets tried, and is
-then priced by what it measured.
+then priced by what it measured. The mode in place is kept unless another one's bound beats it by a `hysteresis`
+share of its cost: two modes priced alike (a small batch, where a mixture saves about what its extra pass costs)
+would otherwise trade places every step as each one's measurements narrow its deviation.
 
 Fairness: a waiting request whose wait reaches `max_wait_ms`, or whose deadline is near, is admitted first
 (earliest deadline first); after those come the hot adapter's requests, then everyone else in arrival order.
@@ -27,17 +29,20 @@ class ValoraPolicy(Policy):
     name = "valora"
     lora_backend = "atmm"
     merges = True
-    OPTIONS = ("max_wait_ms", "horizon_steps", "rates", "costs", "deadline_slack_ms", "explore")
+    OPTIONS = ("max_wait_ms", "horizon_steps", "rates", "costs", "deadline_slack_ms", "explore",
+               "hysteresis")
     DEFAULT_WEIGHT_BYTES = 2 << 30  # prices the seed when the engine gives no cost model
 
     def __init__(self, max_wait_ms: float = 1000.0, horizon_steps: int = 8, rates: DeviceRates | None = None,
-                 costs: StepCostModel | None = None, deadline_slack_ms: float = 100.0, explore: float = 1.0) -> None:
+                 costs: StepCostModel | None = None, deadline_slack_ms: float = 100.0, explore: float = 1.0,
+                 hysteresis: float = 0.05) -> None:
         self.max_wait_s = max_wait_ms / 1e3
         self.horizon = max(horizon_steps, 1)
         self.rates = rates or DeviceRates.measure(torch.device("cpu"))
         self.costs = costs or StepCostModel(CostTable.analytic(self.rates, self.DEFAULT_WEIGHT_BYTES))
         self.slack_s = deadline_slack_ms / 1e3
         self.explore = explore
+        self.hysteresis = hysteresis
         self.seconds_per_merged_byte: float | None = None  # learned from measured switches
         self.decode_path = "eager"  # where the last decode-only step ran
         self.prefill_path = "eager"  # where the last step with prefill work ran (token-bucket graphs or eagerly)
@@ -79,14 +84,15 @@ class ValoraPolicy(Policy):
         costs: dict[str | None, float] = {}
         priced = self.costs.price(path, [StepWork(tokens, seqs, h, nbytes, attention=attention) for h in candidates],
                                   versus=StepWork(tokens, seqs, view.hot, nbytes, attention=attention))
-        best, best_cost = None, float("inf")
+        bounds: dict[str | None, float] = {}
         for h, (cost, std) in zip(candidates, priced):
             if h is not None and h not in (view.hot, view.held):
                 cost += self.switch_cost(view.merge_bytes(h)) / self.horizon
             costs[h] = cost
-            bound = cost - self.explore * std  # optimism: a cost the steps so far leave open is worth a try
-            if bound < best_cost - 1e-12 or (bound <= best_cost + 1e-12 and h == view.hot):
-                best, best_cost = h, bound
+            bounds[h] = cost - self.explore * std  # optimism: a cost the steps so far leave open is worth a try
+        best = min(bounds, key=bounds.__getitem__)
+        if bounds[best] >= bounds[view.hot] - self.hysteresis * costs[view.hot]:
+            best = view.hot  # not worth a change of mode
         order = urgent + [s for s in rest if s.lora_name == best] + [s for s in rest if s.lora_name != best]
         return Decision(hot=best, admit_order=order, costs=costs)
 
