@@ -4,11 +4,11 @@ content hash, in one process, ours next to the Hugging Face image processor, per
     python -m benchmarks.preprocess            # every family, 1 thread and a pool of os.cpu_count() threads
     python -m benchmarks.preprocess --quick    # CPU check: fewer images, 1 and 2 threads
 
-"ours" is what the engine runs for an image: `load_image` (PIL decode, RGB), the family processor's
-`image_tensors` (PIL resize, then one table gather into the model's layout) and `content_hash` (the decoded RGB
-bytes). "hf" is what it ran before: PIL decode, the checkpoint's HF image processor (the PIL backend; also the
-torchvision one where torchvision is installed) and a blake2b hash of the float32 pixel tensors. Images are real
-photos (the bench workload's pictures, panned crops) encoded as JPEG quality 90. Processor settings are the real
+"ours" is what the engine runs for an image: `load_image` (PIL decode, RGB) and the family processor's
+`image_run`: PIL resize to the model's pixels, one table gather into the model's layout, and `content_hash` of
+the resized pixels. "hf" is what it ran before: PIL decode, the checkpoint's HF image processor (the PIL backend;
+also the torchvision one where torchvision is installed) and a blake2b hash of the float32 pixel tensors. Images are
+real photos (the bench workload's pictures, panned crops) encoded as JPEG quality 90. Processor settings are the real
 checkpoints': Qwen2-VL-7B's (min_pixels 3136, max_pixels 12845056), LLaVA-1.5's CLIP at 336 px, InternVL3's
 GotOcr2 at 448 px with up to 12 tiles. A thread pool runs the images; torch runs one intra-op thread per call.
 """
@@ -30,7 +30,6 @@ import torch
 from benchmarks.common import write_result
 from valora.config import MultiModalConfig
 from valora.multimodal.inputs import load_image
-from valora.multimodal.pixels import content_hash
 
 SETTINGS = {
     "qwen2_vl": ("Qwen2VLImageProcessorPil", {"min_pixels": 3136, "max_pixels": 12845056}, {}),
@@ -74,9 +73,7 @@ def ours(model_dir: Path):
     limits = MultiModalConfig()
 
     def run(data: bytes) -> str:
-        image = load_image(data, limits)
-        proc.image_tensors(image)
-        return content_hash(proc.hash_key, [image])
+        return proc.image_run(load_image(data, limits)).content_hash
 
     return run
 

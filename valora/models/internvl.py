@@ -241,7 +241,8 @@ class InternVLInputProcessor(ImagePromptProcessor):
             video.get("image_std", c.image_std))
         self.video_hash_key = json.dumps([type(self).__name__, "video", video], sort_keys=True).encode()
 
-    def image_tensors(self, image: Image.Image) -> dict[str, torch.Tensor]:
+    def image_pixels(self, image: Image.Image) -> torch.Tensor:
+        """[tiles, H, W, 3]: the grid's tiles row by row, then (with more than one) the whole image as one more."""
         (th, tw), rows, cols = self.tile, 1, 1
         if self.max_tiles > 1:
             cols, rows = tile_grid(image.height, image.width, th, tw, self.min_tiles, self.max_tiles)
@@ -249,7 +250,10 @@ class InternVLInputProcessor(ImagePromptProcessor):
         tiles = tiles.view(rows, th, cols, tw, 3).transpose(1, 2).reshape(rows * cols, th, tw, 3)
         if rows * cols > 1:
             tiles = torch.cat([tiles, as_tensor(resize(image, th, tw, self.resample))[None]])
-        return {"pixel_values": self.normalize(tiles.permute(0, 3, 1, 2), channel_dim=1)}
+        return tiles
+
+    def pixel_tensors(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.normalize(pixels.permute(0, 3, 1, 2), channel_dim=1)}
 
     def num_tokens(self, data: dict[str, torch.Tensor]) -> int:
         return data["pixel_values"].shape[0] * self.tile_tokens
@@ -259,9 +263,10 @@ class InternVLInputProcessor(ImagePromptProcessor):
         h, w = self.video_tile
         runs = []
         for frame in video.frames:
-            tile = as_tensor(resize(frame, h, w, self.video_resample))[None].permute(0, 3, 1, 2)
-            runs.append(Run(self.image_token_id, {"pixel_values": self.video_normalize(tile, channel_dim=1)},
-                            self.tile_tokens, content_hash(self.video_hash_key, [frame])))
+            tile = as_tensor(resize(frame, h, w, self.video_resample))
+            runs.append(Run(self.image_token_id,
+                            {"pixel_values": self.video_normalize(tile[None].permute(0, 3, 1, 2), channel_dim=1)},
+                            self.tile_tokens, content_hash(self.video_hash_key, tile)))
         return runs
 
     def video_text(self, runs: Sequence[Run]) -> str:

@@ -178,7 +178,7 @@ class LlavaInputProcessor(ImagePromptProcessor):
         long = int(size.shortest_edge * long / short)  # as HF's get_resize_output_image_size rounds it
         return (long, size.shortest_edge) if width <= height else (size.shortest_edge, long)
 
-    def image_tensors(self, image: Image.Image) -> dict[str, torch.Tensor]:
+    def image_pixels(self, image: Image.Image) -> torch.Tensor:
         c = self.config
         if self.pad_color is not None:
             image = pad_to_square(image, self.pad_color)
@@ -187,6 +187,9 @@ class LlavaInputProcessor(ImagePromptProcessor):
         pixels = as_tensor(image)
         if c.do_center_crop:
             pixels = center_crop(pixels, c.crop_size.height, c.crop_size.width)
+        return pixels
+
+    def pixel_tensors(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.normalize(pixels.permute(2, 0, 1)[None], channel_dim=1)}
 
     def num_tokens(self, data: dict[str, torch.Tensor]) -> int:

@@ -66,9 +66,9 @@ class Run:
 
 
 class ImagePromptProcessor:
-    """Subclasses name their placeholders and implement `image_tensors` and `num_tokens`; families that take videos
-    set `video_token` and implement `video_runs` (and `video_text` where frames carry text); M-RoPE families also
-    override `positions`."""
+    """Subclasses name their placeholders and implement `image_pixels`, `pixel_tensors` and `num_tokens`; families
+    that take videos set `video_token` and implement `video_runs` (and `video_text` where frames carry text); M-RoPE
+    families also override `positions`."""
 
     image_start = ""  # text the processor puts around each expanded run (InternVL's <img> ... </img>)
     image_end = ""
@@ -95,9 +95,18 @@ class ImagePromptProcessor:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def image_tensors(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        """What the checkpoint's image processor gives for this one RGB image, as the HF model takes it."""
+    def image_pixels(self, image: Image.Image) -> torch.Tensor:
+        """The uint8 pixels the model's tensors are made of: the RGB image resized, padded, cropped or tiled as the
+        checkpoint's image processor does ([..., H, W, 3]); the image's identity for the caches."""
         raise NotImplementedError
+
+    def pixel_tensors(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`image_pixels`' result rescaled, normalised and laid out as the HF model takes it."""
+        raise NotImplementedError
+
+    def image_tensors(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        """What the checkpoint's image processor gives for this one RGB image."""
+        return self.pixel_tensors(self.image_pixels(image))
 
     def num_tokens(self, data: dict[str, torch.Tensor]) -> int:
         """Placeholder tokens (= embeddings) of one image."""
@@ -121,8 +130,9 @@ class ImagePromptProcessor:
         return None, 0
 
     def image_run(self, image: Image.Image) -> Run:
-        data = self.image_tensors(image)
-        return Run(self.image_token_id, data, self.num_tokens(data), content_hash(self.hash_key, [image]))
+        pixels = self.image_pixels(image)
+        data = self.pixel_tensors(pixels)
+        return Run(self.image_token_id, data, self.num_tokens(data), content_hash(self.hash_key, pixels))
 
     def __call__(self, prompt: str | Sequence[int], images: Sequence[Image.Image],
                  videos: Sequence[Video] = ()) -> ProcessedPrompt:

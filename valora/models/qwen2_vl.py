@@ -266,12 +266,15 @@ class Qwen2VLInputProcessor(ImagePromptProcessor):
                                                      video["do_normalize"], video["image_mean"], video["image_std"])
         self.video_hash_key = json.dumps([type(self).__name__, "video", video], sort_keys=True).encode()
 
-    def image_tensors(self, image: Image.Image) -> dict[str, torch.Tensor]:
+    def image_pixels(self, image: Image.Image) -> torch.Tensor:
         if self.config.do_resize:
             h, w = smart_resize(image.height, image.width, self.patch * self.merge, self.min_pixels, self.max_pixels)
             image = resize(image, h, w, self.resample)
-        pixels, grid = self.patchify(as_tensor(image)[None], self.normalize)
-        return {"pixel_values": pixels, "image_grid_thw": grid}
+        return as_tensor(image)
+
+    def pixel_tensors(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        patches, grid = self.patchify(pixels[None], self.normalize)
+        return {"pixel_values": patches, "image_grid_thw": grid}
 
     def video_runs(self, video: Video) -> list[Run]:
         first = video.frames[0]
@@ -285,7 +288,7 @@ class Qwen2VLInputProcessor(ImagePromptProcessor):
             # It moves the video's positions, so it is part of what the prefix cache's block hashes must tell apart.
             key += data["second_per_grid_ts"].numpy().tobytes()
         tokens = int(grid.prod()) // self.merge**2
-        return [Run(self.video_token_id, data, tokens, content_hash(key, video.frames))]
+        return [Run(self.video_token_id, data, tokens, content_hash(key, frames))]
 
     def patchify(self, frames: torch.Tensor, normalize: PixelNormalizer) -> tuple[torch.Tensor, torch.Tensor]:
         """[F, H, W, 3] uint8 frames -> ([t*h*w, 3*T*p*p] float32 patches, [1, 3] grid (t, h, w)): the frames
