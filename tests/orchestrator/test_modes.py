@@ -85,10 +85,11 @@ def test_only_a_merge_waits_for_the_device(tiny_model, adapters, monkeypatch):
     monkeypatch.setattr(manager, "device", torch.device("cuda"))  # only the wait is looked at: no CUDA work runs
     for target in (None, "A", None, "A"):
         switcher.switch(target, slots.get(target))
+        assert not switcher.rewrote
     assert waits == [] and switcher.hot == "A"
     monkeypatch.setattr(manager, "device", torch.device("cpu"))
     switcher.switch("B", slots["B"])  # a merge (on the CPU here) rewrites the shadow weights
-    assert switcher.held == "B"
+    assert switcher.held == "B" and switcher.rewrote
 
 
 @pytest.mark.parametrize("hot", ["A", "B"])

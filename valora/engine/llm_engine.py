@@ -520,9 +520,8 @@ class LLMEngine:
         loaded = (self.lora_manager.stats.slot_load_bytes if self.lora_manager else 0) - loaded
         switch_s, merged_bytes = 0.0, 0
         if self.switcher is not None:  # merged bytes: only what the switch rewrote (re-merging the held one is free)
-            rewrites = decision.hot is not None and decision.hot != self.switcher.held
             switch_s = self.switcher.switch(decision.hot, slots.get(decision.hot))
-            merged_bytes = self._merge_bytes_of(decision.hot) if switch_s and rewrites else 0
+            merged_bytes = self._merge_bytes_of(decision.hot) if self.switcher.rewrote else 0
         scheduled_at = self.clock()
         for seq in sched.seqs:
             if seq.first_scheduled_time is None:

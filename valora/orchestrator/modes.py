@@ -44,6 +44,7 @@ class ModeSwitcher:
         self._held: tuple[str, int, int] | None = None  # (adapter, slot, slot version) the shadow weights hold
         self.num_switches = 0
         self.switch_seconds = 0.0
+        self.rewrote = False  # whether the last switch wrote the shadow weights (a merge, not a pointer flip)
 
     def reserve(self) -> None:
         layers = self.manager.layers.values()
@@ -64,6 +65,7 @@ class ModeSwitcher:
     def switch(self, name: str | None, slot: int | None) -> float:
         """Serve `name` (resident in `slot`) merged, or nothing merged for None; returns the seconds it took."""
         held = None if name is None else (name, slot, self.manager.slot_version[slot])
+        self.rewrote = False
         if name == self.hot and slot == self.hot_slot and (name is None or held == self._held):
             return 0.0
         # Only a merge writes weights; unmerging and re-merging what the shadow weights hold flip pointers on the
@@ -96,6 +98,7 @@ class ModeSwitcher:
         if sync:
             torch.cuda.synchronize(self.manager.device)
         elapsed = time.perf_counter() - t0
+        self.rewrote = rewrites
         self.hot, self.hot_slot = name, slot
         self.num_switches += 1
         self.switch_seconds += elapsed
