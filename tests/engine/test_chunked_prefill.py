@@ -96,7 +96,9 @@ def test_encoder_budget_gives_the_same_tokens(family, tiny_model, adapter_factor
                     dict(max_num_batched_tokens=64, max_num_encoder_input_tokens=sizes[0] + sizes[1])):
         out, embedded, engine = _run(tiny_model, prompts, params, loras, **options)
         assert out == whole, options
-        assert embedded == num_images  # each image once
+        # each image at most once; the same picture and embedding twice in one step once (three distinct pairs:
+        # image 0 under "vis", images 1 and 2 under the base embedding, which the LM-only adapter keeps)
+        assert 3 <= embedded <= num_images
         assert engine.core.scheduler.max_encoder_tokens == options["max_num_encoder_input_tokens"]
         if options["max_num_encoder_input_tokens"] == 1:
             assert set(engine.passes) == {1}  # each vision pass one image: every one is over the budget

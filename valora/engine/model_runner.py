@@ -144,6 +144,7 @@ class ModelRunner:
         logits_rows: list[int] = []
         lora_ids: list[int] = []
         img_data, img_tokens, img_slots, img_rows, img_spans, img_cached, img_owner = [], [], [], [], [], [], []
+        img_keys = []
         pending: list[tuple[int, Sequence]] = []  # (row, sequence) of input tokens still on the device
         for seq, n in zip(seqs, num_tokens):
             start, end = seq.num_computed, seq.num_computed + n
@@ -182,6 +183,7 @@ class ModelRunner:
                 img_spans.append((lo - item.offset, hi - item.offset))
                 img_cached.append(cached)
                 img_owner.append((seq, k))
+                img_keys.append(seq.image_key(k))
         inputs = StepInputs(np.asarray(ids, dtype=np.int64), self._positions_array(pos_chunks, len(ids)),
                             *self._attention_ints(slot_mapping, prefills, pre_tables, dec_rows, dec_lens, dec_tables),
                             logits_rows, lora_ids, merged_slot, img_rows if img_data else None)
@@ -190,7 +192,7 @@ class ModelRunner:
             self._gather_pending(batch.input_ids, pending, ids.count(PENDING))
         if batch.images is not None:
             batch.images = ImageInputs(img_data, img_tokens, img_slots, merged_slot, batch.images.token_rows,
-                                       img_cached, img_spans)
+                                       img_cached, img_spans, img_keys)
         return batch, img_owner, inputs
 
     def _gather_pending(self, input_ids: torch.Tensor, pending: list[tuple[int, Sequence]], count: int) -> None:
@@ -287,7 +289,7 @@ class ModelRunner:
         decode = self.graphs is not None and self.graphs.usable(batch)
         tokens = not decode and self.token_graphs is not None and self.token_graphs.usable(batch)
         images = batch.images
-        encoded = 0 if images is None else sum(n for n, e in zip(images.num_tokens, images.cached) if e is None)
+        encoded = 0 if images is None else sum(images.num_tokens[g[0]] for g in images.to_encode())
         captured = self._capture_seconds()
         if decode:  # with `--enforce-eager` the same static batches, run eagerly (prefills likewise)
             out = self.graphs.run(batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,17 @@ class ImageInputs:
     token_rows: torch.Tensor  # [sum of span lengths] rows of the batch that receive image embeddings
     cached: list[torch.Tensor | None]  # embeddings already computed (an earlier chunk, recompute after preemption)
     spans: list[tuple[int, int]]  # rows [start, end) of each image's embedding that this step's tokens take
+    keys: list[Hashable] = field(default_factory=list)  # each embedding's identity (content hash, vision adapter)
+
+    def to_encode(self) -> list[list[int]]:
+        """The images the vision pass still has to encode, grouped by embedding: the same picture sent by several
+        requests of one step (video frames, a shared reference image) is encoded once (without `keys`, each image
+        is its own group)."""
+        groups: dict[Hashable, list[int]] = {}
+        for i, emb in enumerate(self.cached):
+            if emb is None:
+                groups.setdefault(self.keys[i] if self.keys else i, []).append(i)
+        return list(groups.values())
 
 
 @dataclass

@@ -161,14 +161,16 @@ class VisionLanguageModel(nn.Module):
         return self.run_vision(vp)[: vp.out_rows]
 
     def encode_images(self, images: ImageInputs) -> torch.Tensor:
-        """The rows of this step's images (`spans`), whole images batched through one vision pass; cached ones are
-        reused."""
-        todo = [i for i, c in enumerate(images.cached) if c is None]
-        if todo:
+        """The rows of this step's images (`spans`), whole images batched through one vision pass, each distinct
+        one once; cached ones are reused."""
+        groups = images.to_encode()
+        if groups:
+            todo = [g[0] for g in groups]
             out = self.embed_images([images.data[i] for i in todo], [images.lora_slots[i] for i in todo],
                                     images.merged_slot)
-            for i, emb in zip(todo, out.split([images.num_tokens[i] for i in todo])):
-                images.cached[i] = emb
+            for group, emb in zip(groups, out.split([images.num_tokens[i] for i in todo])):
+                for i in group:
+                    images.cached[i] = emb
         return torch.cat([emb[a:b] for emb, (a, b) in zip(images.cached, images.spans)])
 
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
