@@ -153,6 +153,8 @@ def _step(sched: Scheduler, cache: EmbeddingCache | None) -> tuple[list, list[in
                 seq.image_embeds[k] = torch.zeros(item.num_tokens, 2)
                 if cache is not None:
                     cache.put(seq.image_key(k), seq.image_embeds[k])
+            if item.offset + item.num_tokens <= end:
+                seq.image_embeds[k] = None  # dropped once no later chunk takes its rows
         seq.num_computed = end
         sched.blocks.cache_blocks(seq)
         if end == len(seq):

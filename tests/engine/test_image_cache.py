@@ -62,3 +62,23 @@ def test_one_step_encodes_each_distinct_image_once(tiny_model, adapter_factory, 
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, loras, use_tqdm=False)]
     assert encoded == [4]
     assert together == one_at_a_time(tiny_llm(tiny_model, 0), prompts, loras)
+
+
+def test_a_sequence_drops_its_image_embeddings_once_its_prompt_is_computed(tiny_model):
+    """They are kept only while a later chunk still takes some of their rows, not for the whole decode."""
+    llm = LLM(str(tiny_model), dtype="float32", device="cpu", embed_cache_mb=0, max_num_seqs=2,
+              max_num_batched_tokens=4)
+    engine = llm.engine
+    engine.add_request("r", {"prompt": f"{IMG} describe it", "multi_modal_data": {"image": random_image(84, 112)}},
+                       SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    (seq,) = engine.core.scheduler.waiting
+    item = seq.prompt.images[0]
+    assert item.num_tokens > 4  # so the image's rows span several chunks
+    kept = []
+    while seq.num_computed < len(seq.prompt.token_ids):
+        engine.step()
+        inside = item.offset < seq.num_computed < item.offset + item.num_tokens
+        kept.append((inside, seq.image_embeds[0] is not None))
+    assert (True, True) in kept and all(inside == held for inside, held in kept)
+    engine.step()
+    assert seq.image_embeds == [None]

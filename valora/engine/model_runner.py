@@ -338,10 +338,13 @@ class ModelRunner:
             self.replicas.call("step", self.name, inputs, rows)
         last = self.forward(batch).index_select(0, batch.logits_rows)
         if batch.images is not None:
-            for (seq, k), emb in zip(image_owners, batch.images.cached):
+            for (seq, k), emb, (_, end) in zip(image_owners, batch.images.cached, batch.images.spans):
                 if seq.image_embeds[k] is None and self.embed_cache is not None:
                     self.embed_cache.put(seq.image_key(k), emb)
-                seq.image_embeds[k] = emb
+                # Kept while a later chunk still takes some of its rows, then dropped: device memory for the
+                # sequence's whole decode otherwise (a 6-frame video at 7B shapes holds 11 MB). A preempted
+                # sequence that recomputes its prompt finds it in the embedding cache or encodes it again.
+                seq.image_embeds[k] = emb if end < seq.prompt.images[k].num_tokens else None
         logits = self.logits(last, rows)
         if rows is None:
             pending = sample_async(logits, seqs, stop_ids)

@@ -44,7 +44,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | None = None  # the stop token id that ended it
     stop_ids: frozenset[int] = frozenset()  # token ids that end it (EOS unless ignored, and the params' stop ids)
-    image_embeds: list[torch.Tensor | None] = field(default_factory=list)  # kept across preemption
+    image_embeds: list[torch.Tensor | None] = field(default_factory=list)  # while chunks still take their rows
     num_preemptions: int = 0
     deadline: float | None = None  # absolute time by which the request should finish, if it has one
     # The adapter's registration, "name#version": a reload under the same name gets a new version, so KV blocks
@@ -86,8 +86,8 @@ class Sequence:
 
     def needs_encoding(self, k: int, cache: EmbeddingCache | None) -> bool:
         """Whether image `k` takes a vision pass when a step's tokens first reach its span: its embeddings are
-        neither kept here (an earlier chunk computed them; they survive preemption) nor in the embedding cache. The
-        scheduler charges the encoder budget for exactly these (`cached_embeds` is the runner's side of it)."""
+        neither kept here (an earlier chunk computed them) nor in the embedding cache. The scheduler charges the
+        encoder budget for exactly these (`cached_embeds` is the runner's side of it)."""
         return self.image_embeds[k] is None and (cache is None or self.image_key(k) not in cache)
 
     def cached_embeds(self, k: int, cache: EmbeddingCache | None) -> torch.Tensor | None:
