@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from valora.bench.costs import analyse, find_logs
+from valora.bench.costs import STALL_S, analyse, find_logs
 from valora.cli import main
 from valora.orchestrator.cost_model import FEATURES, CostTable, DeviceRates, StepCostModel, StepWork
 from valora.orchestrator.modes import step_mode
@@ -90,6 +90,29 @@ def test_report_prices_the_run_and_the_fit_recovers_the_device(tmp_path):
     coefficients = json.loads(table_path.read_text())["paths"]["graph"]["coefficients"]
     assert list(coefficients) == [f for f, _ in FEATURES]
     assert coefficients["lora_passes"] == pytest.approx(THETA[5], rel=0.15)
+
+
+def test_stalls_are_counted_by_cause_with_their_time(tmp_path):
+    """A capture, a merge and a step that is neither (a kernel compiled at first use) among ordinary steps: each
+    under its cause, with its time from the log's first step; the ordinary steps are no stall."""
+    records = write_log(tmp_path / "ordinary.steps.jsonl.gz", 300)
+    assert max(r.duration_s for r in records) < STALL_S
+    for i, (capture, switch, other) in {40: (2.0, 0.0, 0.1), 120: (0.0, 0.7, 0.05), 200: (0.0, 0.0, 3.0),
+                                        201: (0.05, 0.0, 0.4)}.items():
+        r = records[i]
+        r.capture_s, r.switch_s = capture, switch
+        r.duration_s = capture + switch + other
+    path = tmp_path / "stalled.steps.jsonl.gz"
+    StepLog(path).write(records)
+    text, summary = analyse([path], skip=200)
+    stalls = summary["logs"][path.name]["stalls"]
+    assert stalls["steps"] == 4 and stalls["seconds"] == pytest.approx(2.1 + 0.75 + 3.0 + 0.45)
+    assert {c.split(" (")[0]: v["steps"] for c, v in stalls["by_cause"].items()} == \
+        {"graph capture": 1, "mode switch": 1, "other": 2}
+    assert "| graph capture | 1 | 2.1 | 40.0 | 40.0 |" in text  # write_log's steps are a second apart
+    assert "| other (no capture or switch: compilation, the host) | 2 | 3.5 | 200.0 | 201.0 |" in text
+    longest = text[text.index("The longest:"):]
+    assert longest.index("| 200.0 | 3000 |") < longest.index("| 40.0 | 2100 |") < longest.index("| 120.0 | 750 |")
 
 
 def test_cli_reads_a_results_directory(tmp_path, capsys):

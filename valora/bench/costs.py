@@ -12,6 +12,11 @@ A log is what `valora serve --step-log PATH` wrote (a sweep writes one per serve
 
 Steps before `--skip` (the server's first steps: compilation, allocator growth, graph captures) are left out of
 every figure. The target (issue 19) is a prediction within 15% of the measured time.
+
+Each log also gets its *stalls*, every step included: steps of `STALL_S` or more, each of which holds up every
+running stream by as much, by cause (a graph capture or a mode switch taking most of it, or neither: kernels
+compiled at first use, the host), with when they happened, so a latency tail in a sweep point can be traced to its
+seconds.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from valora.orchestrator.step_log import read_step_log
 
 TARGET = 0.15
 LOG_GLOB = "*.steps*.jsonl*"
+STALL_S = 0.25  # a step this long holds every running stream up by that much: tens of decode steps
 
 
 def find_logs(paths: list[Path]) -> list[Path]:
@@ -95,6 +101,39 @@ def replay(records: list[StepRecord], seed: CostTable | None) -> np.ndarray:
     return out
 
 
+def stall_cause(r: StepRecord) -> str:
+    if r.capture_s >= r.duration_s / 2:
+        return "graph capture"
+    if r.switch_s >= r.duration_s / 2:
+        return "mode switch"
+    return "other (no capture or switch: compilation, the host)"
+
+
+def stalls(records: list[StepRecord], longest: int = 10) -> tuple[list[str], dict[str, Any]]:
+    """Markdown lines and numbers: the steps of `STALL_S` or more by cause, and the longest of them, with their time
+    from the log's first step."""
+    slow = [r for r in records if r.duration_s >= STALL_S]
+    lines = [f"Stalls (steps of {STALL_S * 1e3:.0f} ms or more, every step included): {len(slow)}, "
+             f"{sum(r.duration_s for r in slow):.1f} s.", ""]
+    if not slow:
+        return lines, {"steps": 0, "seconds": 0.0}
+    t0 = records[0].time
+    causes: dict[str, list[StepRecord]] = {}
+    for r in slow:
+        causes.setdefault(stall_cause(r), []).append(r)
+    lines += _table(["cause", "steps", "seconds", "first at s", "last at s"],
+                    [[c, str(len(rs)), f"{sum(r.duration_s for r in rs):.1f}", f"{rs[0].time - t0:.1f}",
+                      f"{rs[-1].time - t0:.1f}"] for c, rs in causes.items()])
+    lines += ["", "The longest:", ""]
+    lines += _table(["at s", "ms", "capture ms", "switch ms", "path", "mode", "seqs", "tokens"],
+                    [[f"{r.time - t0:.1f}", f"{r.duration_s * 1e3:.0f}", f"{r.capture_s * 1e3:.0f}",
+                      f"{r.switch_s * 1e3:.0f}", r.path, r.mode, str(r.num_seqs), str(r.num_tokens)]
+                     for r in sorted(slow, key=lambda r: -r.duration_s)[:longest]])
+    return lines + [""], {"steps": len(slow), "seconds": sum(r.duration_s for r in slow),
+                          "by_cause": {c: {"steps": len(rs), "seconds": sum(r.duration_s for r in rs)}
+                                       for c, rs in causes.items()}}
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
@@ -131,6 +170,8 @@ def analyse(logs: list[Path], skip: int = 200, seed: CostTable | None = None, fi
         modes = {m: sum(r.mode == m for r in kept) for m in ("unmerged", "merged", "mixture")}
         lines += _table(HEADER, rows)
         lines += ["", "Steps per mode: " + ", ".join(f"{m} {n}" for m, n in modes.items()) + ".", ""]
+        stall_lines, entry["stalls"] = stalls(records)
+        lines += stall_lines
         summary["logs"][log.name] = entry
     if everything:
         steps = [(r.path, r.work, r.compute_s) for r in everything]
