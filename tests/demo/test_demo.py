@@ -101,7 +101,14 @@ def test_demo_cold_then_warm(tmp_path):
     t0 = time.perf_counter()
     err_path = tmp_path / "warm.err"  # a file, not a pipe: nobody reads stderr while the server runs
     with err_path.open("w") as err_file:
-        warm = subprocess.Popen([*cmd, "--serve"], stdout=subprocess.PIPE, stderr=err_file, text=True)
+        # Started with SIGINT at its default: a suite run in the background of a non-interactive shell has it
+        # ignored (POSIX), children inherit that, and Python then installs no KeyboardInterrupt handler, so the
+        # Ctrl-C below would be lost (the server kept running until the test's timeout).
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            warm = subprocess.Popen([*cmd, "--serve"], stdout=subprocess.PIPE, stderr=err_file, text=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         try:
             out = []
             for line in warm.stdout:
