@@ -41,12 +41,13 @@ def configure(llm: LLM, chunked: bool, budget: int, encoder_budget: int | None =
 
 
 def count_encoded_images(llm: LLM) -> list[int]:
-    """Images the vision tower encodes in each step from now on (cached embeddings excluded), one entry a step."""
+    """Images the vision tower encodes in each step from now on (by the runner's own rule, `ImageInputs.to_encode`:
+    cached embeddings excluded, an image repeated in the step once), one entry a step."""
     runner, counts = llm.engine.core.runner, []
     forward = runner.forward
 
     def counting(batch):
-        counts.append(0 if batch.images is None else sum(c is None for c in batch.images.cached))
+        counts.append(0 if batch.images is None else len(batch.images.to_encode()))
         return forward(batch)
 
     runner.forward = counting
