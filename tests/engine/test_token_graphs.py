@@ -111,3 +111,18 @@ def test_token_graph_replay_equals_padded_eager(family, tiny_model, adapter_fact
         del llm
         torch.cuda.empty_cache()
     assert outs[False] == outs[True]
+
+
+@pytest.mark.families("qwen2_vl")
+def test_startup_captures_the_largest_adapter_bucket_first_then_every_unmerged_variant(tiny_model):
+    llm = LLM(str(tiny_model), enable_lora=True, max_loras=4, max_lora_rank=8, lora_backend="gather",
+              dtype="float32", device="cpu", max_num_seqs=3)
+    llm.engine.core.runner.enable_cuda_graphs(3, 4, capture=False, max_num_batched_tokens=MAX_TOKENS)
+    graphs = llm.engine.core.runner.token_graphs
+    order = [(v.tokens, v.decodes, v.lora.adapters) for v in graphs.startup_variants()]
+    assert order[:4] == [(128, True, 4), (96, True, 4), (64, True, 4), (32, True, 4)]
+    assert order[4:8] == [(128, False, 4), (96, False, 4), (64, False, 4), (32, False, 4)]
+    assert order[8] == (128, True, 0)
+    assert sorted(order) == sorted((b, d, a) for b in graphs.buckets for d in (True, False)
+                                   for a in (0, 1, 2, 4) if a <= b)
+    assert not any(v.lora.correction or any(v.lora.merged) for v in graphs.startup_variants())

@@ -143,7 +143,7 @@ def test_problems_launch_every_kind_of_candidate() -> None:
     cfg = TileConfig(16, 16, 16, 4, 2, split_k=2, split_n=3)
     for candidate in (Plan(fused=cfg), Plan(shrink=cfg, expand=TileConfig(16, 64, 16)), ("shrink", cfg),
                       ("expand", TileConfig(16, 64, 16))):
-        launch(candidate, False)
+        launch(candidate)
     assert problems.launcher(shape) is launch
 
 

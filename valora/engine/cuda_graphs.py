@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from valora.engine.graph_lora import GraphLoRA, LoRAVariant, adapter_buckets
+from valora.lora.ops.meta import LoRAMeta
 from valora.models.cuda_graph import capture_graph
 from valora.models.forward_batch import ForwardBatch
 from valora.models.layers.attention import AttentionMeta
@@ -101,6 +102,10 @@ class CUDAGraphRunner:
         graph.replay()
         return out[:t]
 
+    def lora_metas(self) -> list[LoRAMeta]:
+        """The LoRA metadata these graphs can read."""
+        return self.lora.metas(self.buckets)
+
     def _fill(self, batch: ForwardBatch, t: int, b: int) -> None:
         a = batch.attn
         self.input_ids[:t].copy_(batch.input_ids)
@@ -140,13 +145,12 @@ class CUDAGraphRunner:
         if not self.capture:
             return
         start = time.perf_counter()
-        unmerged = tuple(False for _ in self.lora.layers)
         lora = self.lora.enabled and self.lora.capturable
         max_loras = self.lora.max_loras
         sizes = list(reversed(self.buckets))
-        common = [Variant(b, LoRAVariant(a, False, unmerged)) for b in sizes
+        common = [Variant(b, self.lora.unmerged(a)) for b in sizes
                   for a in ((0, adapter_buckets(b, max_loras)[-1]) if lora else (0,))]
-        extra = sorted((Variant(b, LoRAVariant(a, False, unmerged)) for b in sizes if lora
+        extra = sorted((Variant(b, self.lora.unmerged(a)) for b in sizes if lora
                         for a in adapter_buckets(b, max_loras)[:-1]), key=lambda v: (v.lora.adapters, -v.size))
         self.slot_mapping.fill_(self.pad_slot)  # nothing real yet: every row is padding
         bar = tqdm(total=len(common) + len(extra), desc="Capturing CUDA graphs", unit="graph", disable=None)

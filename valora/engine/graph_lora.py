@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from valora.lora.ops.batch import LoRABatch
-from valora.lora.ops.meta import GraphLoRAMeta
+from valora.lora.ops.meta import GraphLoRAMeta, LoRAMeta
 from valora.models.forward_batch import ForwardBatch
 from valora.models.layers.linear import LoRALinear
 
@@ -63,6 +63,17 @@ class GraphLoRA:
         adapters = next(a for a in adapter_buckets(rows, self.max_loras) if a >= distinct) if distinct else 0
         return LoRAVariant(adapters, merged is not None and any(s != merged for s in batch.lora_slots),
                            self.merged_layers())
+
+    def metas(self, rows: list[int]) -> list[LoRAMeta]:
+        """Every LoRA metadata that graphs of these row counts can read (a correction's has the layout of the
+        one-adapter bucket's), none where no graph runs LoRA kernels."""
+        if not (self.enabled and self.capturable):
+            return []
+        return [self.own_meta(r, a).meta for r in rows for a in adapter_buckets(r, self.max_loras)]
+
+    def unmerged(self, adapters: int) -> LoRAVariant:
+        """The variant of a step whose tokens use `adapters` (a bucket) distinct adapters, nothing merged."""
+        return LoRAVariant(adapters, False, tuple(False for _ in self.layers))
 
     def merged_layers(self) -> tuple[bool, ...]:
         return tuple(m.merged_slot is not None for m in self.layers)

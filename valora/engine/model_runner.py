@@ -258,11 +258,13 @@ class ModelRunner:
 
     def enable_cuda_graphs(self, max_num_seqs: int, max_loras: int, capture: bool = True,
                            max_num_batched_tokens: int = 2048) -> None:
-        """Run decode steps on padded static batches, replayed from CUDA graphs (captured now for the common
-        variants, later for the others) or, with `capture=False`, eagerly with the same numerics; steps with prefill
-        work, alone or mixed with decodes, up to the token budget (engine/token_graphs.py) and vision passes
-        (models/vision_graphs.py) likewise, per bucket, captured at first use."""
+        """Run decode steps on padded static batches, replayed from CUDA graphs or, with `capture=False`, eagerly
+        with the same numerics; steps with prefill work, alone or mixed with decodes, up to the token budget
+        (engine/token_graphs.py), and vision passes (models/vision_graphs.py) likewise, per bucket. First the LoRA
+        kernels of every batch layout are built (engine/kernel_warmup.py), then the common decode and token-bucket
+        graphs captured, each within its start-up budget; the rest are captured at first use."""
         from valora.engine.cuda_graphs import CUDAGraphRunner
+        from valora.engine.kernel_warmup import compile_lora_kernels, eager_sizes
         from valora.engine.token_graphs import DEFAULT_MAX_TOKENS, TokenGraphs
         from valora.models.vision_graphs import VisionGraphs
 
@@ -276,11 +278,14 @@ class ModelRunner:
             self.model, self.kv_caches, max_num_seqs=max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq,
             block_size=self.blocks.block_size, pad_slot=self.pad_slot, max_loras=max_loras, device=self.device,
             capture=capture)
-        self.graphs.capture_common()
         self.token_graphs = TokenGraphs(
             self.model, self.kv_caches, max_num_seqs=max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq,
             block_size=self.blocks.block_size, pad_slot=self.pad_slot, max_loras=max_loras, device=self.device,
             capture=capture, max_tokens=min(max_num_batched_tokens, DEFAULT_MAX_TOKENS))
+        compile_lora_kernels(self.model, self.graphs.lora_metas() + self.token_graphs.lora_metas(),
+                             eager_sizes(max_num_batched_tokens, max_loras), self.device)
+        self.graphs.capture_common()
+        self.token_graphs.capture_common()
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states of every row: replayed from a CUDA graph when the step is a plain decode step, or a

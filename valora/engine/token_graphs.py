@@ -31,8 +31,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
-from valora.engine.graph_lora import GraphLoRA, LoRAVariant
+from valora.engine.graph_lora import GraphLoRA, LoRAVariant, adapter_buckets
+from valora.lora.ops.meta import LoRAMeta
 from valora.models.cuda_graph import capture_graph
 from valora.models.forward_batch import ForwardBatch
 from valora.models.layers.attention import AttentionMeta
@@ -43,6 +45,8 @@ MAX_SEQS = 8  # sequences with several tokens per graph step (the prefill attent
 # Steps up to this many tokens replay: the default budget of chunked prefill. An eager step of 2048 tokens with
 # adapters still spent longer launching than computing on the H100.
 DEFAULT_MAX_TOKENS = 2048
+# Seconds of start-up capture (capture_common); the rest are captured when a step first needs them.
+CAPTURE_BUDGET_S = 10.0
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -117,10 +121,54 @@ class TokenGraphs:
         self.graphs[v].replay()
         return self.hidden[:t]
 
+    def startup_variants(self) -> list[TokenVariant]:
+        """Every unmerged variant, in the order start-up captures them: each adapter tier in turn (the largest
+        adapter bucket, none, then the smaller buckets from the largest down; the end-to-end sweep's steps with
+        prefill work mostly had the largest), with decodes and then without, largest token bucket first (later
+        graphs fit in its memory pool)."""
+        lora = self.lora.enabled and self.lora.capturable
+
+        def tiers(b: int) -> list[int]:
+            buckets = adapter_buckets(b, self.lora.max_loras) if lora else []
+            return [*buckets[-1:], 0, *reversed(buckets[:-1])]
+
+        return [TokenVariant(b, decodes, self.lora.unmerged(tiers(b)[i]))
+                for i in range(len(tiers(self.buckets[-1]))) for decodes in (True, False)
+                for b in reversed(self.buckets) if i < len(tiers(b))]
+
+    def capture_common(self, budget_s: float = CAPTURE_BUDGET_S) -> None:
+        """Capture `startup_variants` while `budget_s` seconds last; the rest, and the mixture variants (they need
+        an adapter merged), are captured at first use, their kernels built by then (engine/kernel_warmup.py), so
+        such a capture costs its step about 0.1 s on the H100."""
+        if not self.capture:
+            return
+        start = time.perf_counter()
+        variants = self.startup_variants()
+        self.slot_mapping.fill_(self.pad_slot)  # nothing real yet: every row is padding, no sequence has queries
+        self.q_lens.zero_()
+        self.decode_context_lens.zero_()
+        bar = tqdm(total=len(variants), desc="Capturing token-bucket graphs", unit="graph", disable=None)
+        for v in variants:
+            if time.perf_counter() - start >= budget_s:
+                break
+            if v not in self.graphs:
+                if v.lora.adapters:
+                    self.lora.own_meta(v.tokens, v.lora.adapters).fill([])
+                self._capture(v, (), startup=True)
+            bar.update()
+        bar.close()
+        left = sum(v not in self.graphs for v in variants)
+        logger.info("captured %d token-bucket CUDA graphs in %.1f s (up to %d tokens)%s", len(self.graphs),
+                    time.perf_counter() - start, self.buckets[-1], f"; {left} more at first use" if left else "")
+
+    def lora_metas(self) -> list[LoRAMeta]:
+        """The LoRA metadata these graphs can read."""
+        return self.lora.metas(self.buckets)
+
     def _forward(self, v: TokenVariant, host: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
         return self.model.language_model(self.embeds[: v.tokens], self.kv_caches, self._static_batch(v, host))
 
-    def _capture(self, v: TokenVariant, host: tuple[tuple[int, int, int], ...]) -> None:
+    def _capture(self, v: TokenVariant, host: tuple[tuple[int, int, int], ...], startup: bool = False) -> None:
         start = time.perf_counter()
         b = v.tokens
         graph, _ = capture_graph(lambda: self.hidden[:b].copy_(self._forward(v, host)), self.device, self.pool)
@@ -128,9 +176,10 @@ class TokenGraphs:
         self.graphs[v] = graph
         seconds = time.perf_counter() - start
         self.capture_seconds += seconds
-        logger.info("captured a token graph for %d tokens%s, %d adapters%s in %.2f s (%d graphs, %.1f s in all)", b,
-                    " with decodes" if v.decodes else "", v.lora.adapters,
-                    ", mixture" if v.lora.correction else "", seconds, len(self.graphs), self.capture_seconds)
+        log = logger.debug if startup else logger.info  # at first use a capture delays a step: worth a line
+        log("captured a token graph for %d tokens%s, %d adapters%s in %.2f s (%d graphs, %.1f s in all)", b,
+            " with decodes" if v.decodes else "", v.lora.adapters, ", mixture" if v.lora.correction else "", seconds,
+            len(self.graphs), self.capture_seconds)
 
     def _fill(self, embeds: torch.Tensor, batch: ForwardBatch, t: int, v: TokenVariant) -> None:
         a = batch.attn

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from valora.lora.ops.configs import Plan, TileConfig
+from valora.lora.ops.jit import compiling
 from valora.lora.ops.meta import LoRAMeta
 
 MAX_SLICES = 3  # fused qkv is the widest projection a model fuses
@@ -237,7 +238,7 @@ def intermediate(meta: LoRAMeta, K: int, rows: int, cfg: TileConfig, device: tor
 
 
 def shrink(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, ranks: torch.Tensor, mid: torch.Tensor,
-           cfg: TileConfig, *, seg_grid: bool = False, warmup: bool = False) -> None:
+           cfg: TileConfig, *, seg_grid: bool = False) -> None:
     """mid[s, p, j*R + r] = x[token_order[p]] · A[slot][j*R + r] over split s of K, for every valid rank row
     (others left unwritten)."""
     K = x.shape[1]
@@ -251,15 +252,14 @@ def shrink(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, ranks: torch.
     )
     opts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SEG_GRID=seg_grid,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if warmup:
+    if compiling():
         _shrink_kernel.warmup(*args, grid=grid, **opts)
     else:
         _shrink_kernel[grid](*args, **opts)
 
 
 def expand(mid: torch.Tensor, meta: LoRAMeta, stack_b: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor,
-           slices: tuple[int, ...], out: torch.Tensor, cfg: TileConfig, *, seg_grid: bool = False,
-           warmup: bool = False) -> None:
+           slices: tuple[int, ...], out: torch.Tensor, cfg: TileConfig, *, seg_grid: bool = False) -> None:
     """out[token_order[p], slice j] += scaling[slot] * Σ_s mid[s, p, j*R : j*R + rank_j] @ B[slot][slice j, :rank_j]ᵀ
     (slice j's rows of B)."""
     tile_seg, tile_row, grid_m = _row_grid(meta, cfg.block_m, seg_grid)
@@ -272,7 +272,7 @@ def expand(mid: torch.Tensor, meta: LoRAMeta, stack_b: torch.Tensor, ranks: torc
     )
     opts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SEG_GRID=seg_grid,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if warmup:
+    if compiling():
         _expand_kernel.warmup(*args, grid=grid, **opts)
     else:
         _expand_kernel[grid](*args, **opts)
@@ -284,8 +284,7 @@ def chunk_columns(slices: tuple[int, ...], cfg: TileConfig) -> int:
 
 
 def fused(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch.Tensor, ranks: torch.Tensor,
-          scalings: torch.Tensor, slices: tuple[int, ...], out: torch.Tensor, cfg: TileConfig, *,
-          warmup: bool = False) -> None:
+          scalings: torch.Tensor, slices: tuple[int, ...], out: torch.Tensor, cfg: TileConfig) -> None:
     """out[token_order[p], slice j] += scaling[slot] * (x[token_order[p]] · A[slot][slice j, :rank_j]ᵀ) ·
     B[slot][slice j, :rank_j]ᵀ in one launch."""
     tile_seg, tile_row, grid_m = meta.tile_maps[cfg.block_m]
@@ -301,19 +300,18 @@ def fused(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch
     )
     opts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 BLOCK_R=max(16, triton.next_power_of_2(R)), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if warmup:
+    if compiling():
         _fused_kernel.warmup(*args, grid=grid, **opts)
     else:
         _fused_kernel[grid](*args, **opts)
 
 
 def run(plan: Plan, x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch.Tensor,
-        ranks: torch.Tensor, scalings: torch.Tensor, slices: tuple[int, ...], out: torch.Tensor, *,
-        warmup: bool = False) -> None:
+        ranks: torch.Tensor, scalings: torch.Tensor, slices: tuple[int, ...], out: torch.Tensor) -> None:
     """One LoRA call by `plan`: the fused kernel, or the shrink into the step's scratch then the expand."""
     if plan.fused is not None:
-        fused(x, meta, stack_a, stack_b, ranks, scalings, slices, out, plan.fused, warmup=warmup)
+        fused(x, meta, stack_a, stack_b, ranks, scalings, slices, out, plan.fused)
         return
     mid = intermediate(meta, x.shape[1], stack_a.shape[1], plan.shrink, x.device)
-    shrink(x, meta, stack_a, ranks, mid, plan.shrink, warmup=warmup)
-    expand(mid, meta, stack_b, ranks, scalings, slices, out, plan.expand, warmup=warmup)
+    shrink(x, meta, stack_a, ranks, mid, plan.shrink)
+    expand(mid, meta, stack_b, ranks, scalings, slices, out, plan.expand)

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from valora.lora.ops.jit import compiling
+
 try:
     import triton
     import triton.language as tl
@@ -47,12 +49,17 @@ def merge_into(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Ten
     """out = w + scale * b @ a; w, out [M, N], b [M, r], a [r, N] (row-major rows; views of larger stacks are fine)."""
     use_triton = triton is not None and (w.is_cuda or INTERPRET) and w.stride(1) == 1 and out.stride(1) == 1
     if not use_triton:
-        torch.addmm(w, b, a, alpha=scale, out=out)
+        if not compiling():
+            torch.addmm(w, b, a, alpha=scale, out=out)
         return
     m, n = w.shape
     r = a.shape[0]
     block_r = max(16, triton.next_power_of_2(r))
     block_m, block_n = (64, 128) if block_r <= 64 else (64, 64)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _merge_kernel[grid](w, b, a, out, m, n, r, float(scale), w.stride(0), b.stride(0), a.stride(0), out.stride(0),
-                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, UPCAST=INTERPRET, num_warps=4)
+    args = (w, b, a, out, m, n, r, float(scale), w.stride(0), b.stride(0), a.stride(0), out.stride(0))
+    opts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, UPCAST=INTERPRET, num_warps=4)
+    if compiling():
+        _merge_kernel.warmup(*args, grid=grid, **opts)
+    else:
+        _merge_kernel[grid](*args, **opts)

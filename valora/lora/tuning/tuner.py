@@ -15,17 +15,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from valora.lora.ops import kernels
 from valora.lora.ops.configs import CallShape, Plan, TileConfig, heuristic_plan
+from valora.lora.ops.jit import compile_only
 from valora.lora.ops.meta import LoRAMeta
 from valora.lora.tuning import space
 from valora.lora.tuning.table import ConfigTable
@@ -36,7 +34,7 @@ logger = logging.getLogger(__name__)
 Candidate = Plan | tuple[str, TileConfig]  # a whole call, or one kernel of the split path alone
 Measure = Callable[[CallShape, Candidate, int], float]
 Prepare = Callable[[CallShape, Iterable[Candidate]], None]
-Launch = Callable[[Candidate, bool], None]
+Launch = Callable[[Candidate], None]
 
 
 @dataclass(frozen=True)
@@ -81,32 +79,29 @@ class Problems:
         scalings = torch.ones(shape.segments, dtype=torch.float32, device=self.device)
         mid = rand(1, shape.tokens, rows, dtype=torch.float32)  # the expand alone reads one partial sum
 
-        def launch(candidate: Candidate, warmup: bool) -> None:
+        def launch(candidate: Candidate) -> None:
             if isinstance(candidate, Plan):
-                kernels.run(candidate, x, meta, stack_a, stack_b, ranks, scalings, shape.slices, out, warmup=warmup)
+                kernels.run(candidate, x, meta, stack_a, stack_b, ranks, scalings, shape.slices, out)
             elif candidate[0] == "shrink":
                 buf = kernels.intermediate(meta, shape.k, rows, candidate[1], self.device)
-                kernels.shrink(x, meta, stack_a, ranks, buf, candidate[1], warmup=warmup)
+                kernels.shrink(x, meta, stack_a, ranks, buf, candidate[1])
             else:
-                kernels.expand(mid, meta, stack_b, ranks, scalings, shape.slices, out, candidate[1], warmup=warmup)
+                kernels.expand(mid, meta, stack_b, ranks, scalings, shape.slices, out, candidate[1])
 
         return launch
 
     def compile(self, shape: CallShape, candidates: Iterable[Candidate]) -> None:
         """Compile every candidate in parallel, where this Triton can (timing then finds them built)."""
         launch = self.launcher(shape)
-        mode = getattr(triton, "AsyncCompileMode", None)
-        if mode is None:
-            return
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 4) as pool, mode(pool, ignore_errors=True):
+        with compile_only(ignore_errors=True):
             for candidate in candidates:
                 with contextlib.suppress(Exception):  # a candidate that cannot compile is skipped when timed
-                    launch(candidate, True)
+                    launch(candidate)
 
     def measure(self, shape: CallShape, candidate: Candidate, reps: int) -> float:
         launch = self.launcher(shape)
         try:
-            return gpu_time_us(lambda: launch(candidate, False), reps=reps, warmup=1, device=self.device)
+            return gpu_time_us(lambda: launch(candidate), reps=reps, warmup=1, device=self.device)
         except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: never the fastest
             logger.debug("%s failed for %s: %s", candidate, shape, err)
             return math.inf

@@ -115,17 +115,34 @@ class LoRALinear(nn.Module):
         if not any(ranks):
             self.merged_slot = None
             return
-        assert self.lora_a is not None and self.lora_b is not None
         self.reserve_merged()
-        rmax = self.max_rank
         for j, r in enumerate(ranks):
-            rows = slice(self.slice_offset(j), self.slice_offset(j) + self.out_slices[j])
+            rows = self._slice_rows(j)
             if r == 0:
                 self.merged_weight[rows].copy_(self.weight[rows])
             else:
-                b, a = self.lora_b[slot, rows, :r], self.lora_a[slot, j * rmax : j * rmax + r]
-                merge_into(self.merged_weight[rows], self.weight[rows], b, a, scale)
+                merge_into(self.merged_weight[rows], self.weight[rows], *self._merge_factors(slot, j, r), scale)
         self.merged_slot = slot
+
+    def compile_merges(self) -> None:
+        """Under `lora.ops.jit.compile_only()`: build the merge kernel for every rank an adapter of this layer can
+        have (the kernel is specialised by the rank's tile), so the first switch to merged mode does not compile.
+        Nothing to build where no shadow weights were reserved: the scheduler never merges."""
+        if self.merged_weight is None or self.lora_b is None:
+            return
+        for j in range(self.num_slices):
+            rows = self._slice_rows(j)
+            for r in range(1, self.max_rank + 1):
+                merge_into(self.merged_weight[rows], self.weight[rows], *self._merge_factors(0, j, r), 1.0)
+
+    def _slice_rows(self, j: int) -> slice:
+        return slice(self.slice_offset(j), self.slice_offset(j) + self.out_slices[j])
+
+    def _merge_factors(self, slot: int, j: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """B [out_j, r] and A [r, in] of slice j of the adapter in `slot`, up to rank r."""
+        assert self.lora_a is not None and self.lora_b is not None
+        rmax = self.max_rank
+        return self.lora_b[slot, self._slice_rows(j), :r], self.lora_a[slot, j * rmax : j * rmax + r]
 
     @property
     def active_weight(self) -> torch.Tensor:
