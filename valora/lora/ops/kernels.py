@@ -234,6 +234,8 @@ def num_splits(K: int, cfg: TileConfig) -> int:
 def intermediate(meta: LoRAMeta, K: int, rows: int, cfg: TileConfig, device: torch.device) -> torch.Tensor:
     """The fp32 [splits, tokens, rows] buffer between shrink and expand, from the step's shared scratch."""
     shape = (num_splits(K, cfg), meta.num_lora_tokens, rows)
+    if compiling():  # a throwaway buffer: a graph's metadata keeps its scratch, sized by what its capture runs
+        return torch.empty(shape, dtype=torch.float32, device=device)
     return meta.scratch(shape[0] * shape[1] * shape[2], torch.float32, device).view(shape)
 
 
