@@ -221,3 +221,22 @@ def test_cli_registers_tune_kernels() -> None:
     assert args.tokens == (1, 32) and args.layers == ("qkv", "down") and args.check and args.time_limit == 110
     with pytest.raises(SystemExit):
         build_parser().parse_args(["tune-kernels", "--layers", "mlp"])
+
+
+def test_a_table_serves_the_element_size_it_was_tuned_for(monkeypatch) -> None:
+    """A bf16 table's tiles may not fit shared memory with fp32 activations (seen on the H100: 320 KB asked for):
+    fp16 and bf16 calls take its plan, fp32 calls the heuristic."""
+    from valora.lora.tuning import table as tables
+
+    call = CallShape(32, 4, 3584, 64, (18944, 18944))
+    plan = Plan(fused=TileConfig(64, 256, 256, 8, 4, split_n=8))
+    monkeypatch.setattr(tables, "_device_table", lambda name: ConfigTable(name, [(call, plan)],
+                                                                         info={"dtype": "bfloat16"}))
+    monkeypatch.setattr(tables, "_device_key", lambda device: ("GPU X", 132))
+    tables._choose.cache_clear()
+    try:
+        assert tables.choose(call, torch.device("cpu"), torch.bfloat16) == plan
+        assert tables.choose(call, torch.device("cpu"), torch.float16) == plan
+        assert tables.choose(call, torch.device("cpu"), torch.float32) == heuristic_plan(call, 132)
+    finally:
+        tables._choose.cache_clear()

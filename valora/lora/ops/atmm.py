@@ -16,4 +16,4 @@ def lora_atmm(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: t
               scalings: torch.Tensor, slices: tuple[int, ...], out: torch.Tensor) -> None:
     kernels.check_layout(x, stack_a, stack_b, out, slices)
     call = CallShape(meta.num_lora_tokens, meta.num_segments, x.shape[1], stack_b.shape[2], slices)
-    kernels.run(choose(call, x.device), x, meta, stack_a, stack_b, ranks, scalings, slices, out)
+    kernels.run(choose(call, x.device, x.dtype), x, meta, stack_a, stack_b, ranks, scalings, slices, out)

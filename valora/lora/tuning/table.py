@@ -57,6 +57,11 @@ class ConfigTable:
     kernels: dict[str, list[tuple[Shape, TileConfig]]] = field(default_factory=dict)  # format 1 only
     info: dict[str, Any] = field(default_factory=dict)  # versions, dtype, date, timings: provenance only
 
+    @property
+    def element_size(self) -> int:
+        """Bytes per activation element of the dtype the table was tuned for (bf16 where it does not say)."""
+        return getattr(torch, self.info.get("dtype", "bfloat16")).itemsize
+
     def lookup(self, call: CallShape) -> Plan | None:
         """The plan of the nearest tuned call shape whose token count covers the call's (None: nothing covers it,
         the caller uses the heuristic)."""
@@ -134,20 +139,26 @@ def _device_key(device: torch.device) -> tuple[str, int]:
 
 
 @functools.lru_cache(maxsize=8192)
-def _choose(call: CallShape, device_name: str, num_sms: int) -> Plan:
-    table = _device_table(device_name) if _override is _UNSET else _override
+def _choose(call: CallShape, device_name: str, num_sms: int, element_size: int) -> Plan:
+    if _override is _UNSET:
+        table = _device_table(device_name)
+        table = table if table is not None and table.element_size == element_size else None
+    else:
+        table = _override  # what the caller asked for, whatever the dtype
     tuned = table.lookup(call) if table is not None else None
     return tuned if tuned is not None else heuristic_plan(call, num_sms)
 
 
-def choose(call: CallShape, device: torch.device) -> Plan:
-    """The plan `atmm` runs `call` by on `device`."""
-    return _choose(call, *_device_key(device))
+def choose(call: CallShape, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Plan:
+    """The plan `atmm` runs `call` by on `device` for activations of `dtype`: the table's where it was tuned for
+    elements of that size (a tile that fits shared memory in bf16 may not in fp32), else the heuristic's."""
+    return _choose(call, *_device_key(device), dtype.itemsize)
 
 
 @contextmanager
 def use_table(table: ConfigTable | None) -> Iterator[None]:
-    """Within the block, look configs up in `table` (None: the heuristic) instead of the device's own table."""
+    """Within the block, look configs up in `table` (None: the heuristic) instead of the device's own table, for
+    activations of any dtype."""
     global _override
     saved, _override = _override, table
     _choose.cache_clear()
