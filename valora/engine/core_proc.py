@@ -161,6 +161,7 @@ def _core_main(config: EngineConfig, lora_modules: list[tuple[str, str]], max_in
     """The child process (or thread): build the engine, load the served adapters, say ready, serve."""
     from tqdm.auto import tqdm
 
+    from valora.engine.host_pauses import freeze_startup_heap
     from valora.engine.llm_engine import LLMEngine
 
     if log is not None:
@@ -175,6 +176,7 @@ def _core_main(config: EngineConfig, lora_modules: list[tuple[str, str]], max_in
         host = CoreHost(LLMEngine(config), max_in_flight)
         for name, path in tqdm(lora_modules, desc="Loading adapters", unit="adapter", disable=None):
             host.load_lora(name, path)
+        freeze_startup_heap()  # a process of its own: what start-up built lives as long as it does
     except Exception as e:  # a model or adapter that cannot be served: the launcher says why and exits non-zero
         logger.exception("engine core failed to start")
         parent.send(("error", f"{type(e).__name__}: {e}"))

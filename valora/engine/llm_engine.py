@@ -26,6 +26,7 @@ import torch
 from valora.config import EngineConfig, LoRAConfig, resolve_device, resolve_dtype
 from valora.engine.block_manager import BlockManager
 from valora.engine.errors import AdapterNotLoadedError
+from valora.engine.host_pauses import HostPauses
 from valora.engine.input_processor import eos_token_ids
 from valora.engine.model_runner import ModelRunner, RunInfo
 from valora.engine.preflight import check_engine_config
@@ -177,6 +178,7 @@ class LLMEngine:
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.step_log = StepLog(config.step_log) if config.step_log else None
         self._unlogged: list[StepRecord] = []  # records the step log takes once the next step is launched
+        self.pauses = HostPauses(self.device)
         logger.info(
             "engine ready: %s (%s) on %s in %s, KV cache %d blocks x %d tokens, max_model_len %d",
             model_dir.name, self.family.name, self.device, str(self.dtype).removeprefix("torch."),
@@ -620,6 +622,7 @@ class LLMEngine:
                             step.merged_bytes, StepWork(tokens, len(seqs), step.hot, nbytes, run.image_tokens,
                                                         step.slot_load_bytes, attention),
                             run.graph, run.decode, run.capture_s, costs=step.costs, time=time.time())
+        record.gc_s, record.alloc_retries = self.pauses.take(elapsed)
         record.predicted_s = self.policy.predict(record)
         if record.predicted_s is not None:
             self.step_costs[mode.value].add(record.predicted_s, record.compute_s)

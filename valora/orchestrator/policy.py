@@ -67,6 +67,8 @@ class StepRecord:
     predicted_s: float | None = None  # the policy's cost model for this step, before it saw it
     costs: dict[str | None, float] | None = None  # the decision's predicted cost per hot adapter weighed
     time: float = 0.0  # wall clock when its results came in
+    gc_s: float = 0.0  # the host in garbage collections since the step before (engine/host_pauses.py)
+    alloc_retries: int = 0  # CUDA caching-allocator retries (free the cache, malloc again) since the last slow step
 
     @property
     def path(self) -> str:
@@ -74,12 +76,14 @@ class StepRecord:
 
     @property
     def compute_s(self) -> float:
-        """The step itself: what a cost model predicts (switches and captures are one-off costs)."""
-        return max(self.duration_s - self.switch_s - self.capture_s, 0.0)
+        """The step itself: what a cost model predicts (switches and captures are one-off costs, collections the
+        host's)."""
+        return max(self.duration_s - self.switch_s - self.capture_s - self.gc_s, 0.0)
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("time", "mode", "hot", "num_seqs", "num_tokens", "duration_s", "switch_s",
-                                             "merged_bytes", "graph", "decode", "capture_s", "predicted_s")}
+                                             "merged_bytes", "graph", "decode", "capture_s", "predicted_s", "gc_s",
+                                             "alloc_retries")}
         d["work"] = self.work.to_json() if self.work is not None else None
         d["costs"] = {k or "": v for k, v in self.costs.items()} if self.costs is not None else None
         return d
