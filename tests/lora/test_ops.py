@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from cases import Case, assert_matches, make_case
@@ -10,7 +12,6 @@ from valora.lora.ops import BACKENDS, LoRAMeta, default_backend, lora_matmul
 from valora.lora.ops.batch import LoRABatch
 from valora.lora.ops.configs import CallShape, Plan, TileConfig
 from valora.lora.ops.meta import GraphLoRAMeta
-from valora.lora.tuning.table import ConfigTable, use_table
 
 # Padded rows and columns are loaded (as 16-byte vectors) and then dropped with `where`; the interpreter warns
 # when the NaN garbage placed there by the tests meets arithmetic on its way out.
@@ -94,8 +95,9 @@ def plan_id(plan: Plan) -> str:
 
 
 def forced(plan: Plan):
-    """Every call runs by `plan`, whatever its shape: a table with one entry."""
-    return use_table(ConfigTable("test", [(CallShape(1, 1, 1, 1, (1,)), plan)]))
+    """Every atmm call runs by `plan`, whatever its shape (a table's nearest entry would not: it covers only calls
+    of about its token count and rank)."""
+    return mock.patch("valora.lora.ops.atmm.choose", lambda call, device, dtype: plan)
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=plan_id)
@@ -290,3 +292,36 @@ def test_gather_in_chunks_matches_reference(monkeypatch) -> None:
     case = make_case(23, 40, (36, 9, 17), [[16, 0, 5, 9], [3, 16, 0, 1], [0, 7, 16, 12]], 16, DTYPES[0], DEVICE,
                      seed=13)
     assert_matches(case, case.run("gather"))
+
+
+def test_a_plan_the_gpu_cannot_launch_falls_back_to_the_heuristic(monkeypatch) -> None:
+    """A table plan that asks for more shared memory than the GPU has (Triton raises OutOfResources as the kernel
+    loads, before it runs) is replaced by the heuristic's for its shape, at once and for later calls; the result is
+    the reference's."""
+    from triton.runtime.errors import OutOfResources
+
+    from valora.lora.ops import kernels
+    from valora.lora.ops.configs import heuristic_plan
+    from valora.lora.tuning import table as tables
+
+    greedy = Plan(fused=TileConfig(64, 64, 16, 4, 2, split_n=2))
+    run, launched = kernels.run, []
+
+    def guarded(plan, *args):
+        launched.append(plan)
+        if plan == greedy:
+            raise OutOfResources(327680, 232448, "shared memory")
+        return run(plan, *args)
+
+    monkeypatch.setattr(kernels, "run", guarded)
+    case = make_case(27, 96, (24, 40), [[16, 3, 9], [5, 0, 16]], 16, DTYPES[0], DEVICE, seed=7)
+    call = CallShape(27, 2, 96, 16, (24, 40))
+    try:
+        with tables.use_table(tables.ConfigTable("test", [(call, greedy)])):
+            assert_matches(case, case.run("atmm"))
+            assert_matches(case, case.run("atmm"))
+        fallback = launched[1]
+        assert launched == [greedy, fallback, fallback] and fallback.fused != greedy.fused
+        assert any(fallback == heuristic_plan(shape, 132) for shape, *_ in tables._unfit)
+    finally:
+        tables._unfit.clear()

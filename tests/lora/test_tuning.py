@@ -179,8 +179,9 @@ def test_reads_tables_of_per_kernel_configs(tmp_path: Path) -> None:
 
 
 def test_plans_serve_the_token_counts_they_cover_and_updates_keep_the_rest() -> None:
-    """Decode shapes tuned into a per-kernel table: their plans serve calls up to twice their largest token count,
-    the per-kernel configs (or, without them, the heuristic) serve prefills; re-tuning replaces only its shapes."""
+    """Decode shapes tuned into a per-kernel table: their plans serve calls up to twice their largest token count
+    and stacks within twice their rank, the per-kernel configs (or, without them, the heuristic) serve prefills;
+    re-tuning replaces only its shapes."""
     shrink, expand = TileConfig(64, 16, 128, 4, 3, 2), TileConfig(64, 128, 16, 4, 2)
     fused = Plan(fused=TileConfig(16, 64, 128, 4, 3, split_n=16))
     old = ConfigTable("GPU X", kernels={"shrink": [(Shape(2048, 4, 3584, 16), shrink)],
@@ -195,7 +196,9 @@ def test_plans_serve_the_token_counts_they_cover_and_updates_keep_the_rest() -> 
     wide = CallShape(4096, 1, 3584, 64, GATE_UP[1])  # another layer's prefill plan: not for this layer's prefills
     assert table.updated([(wide, fused)], []).lookup(CallShape(4096, 4, 3584, 16, (3584,))) == Plan(
         shrink=shrink, expand=expand)
-    assert ConfigTable("GPU X", [(wide, fused)]).lookup(CallShape(4096, 4, 4096, 16, (4096,))) == fused  # no own
+    assert ConfigTable("GPU X", [(wide, fused)]).lookup(CallShape(4096, 4, 4096, 64, (4096,))) == fused  # no own
+    assert ConfigTable("GPU X", [(wide, fused)]).lookup(CallShape(4096, 4, 4096, 32, (4096,))) == fused
+    assert ConfigTable("GPU X", [(wide, fused)]).lookup(CallShape(4096, 4, 4096, 16, (4096,))) is None  # rank 64
     split = Plan(shrink=shrink, expand=expand)
     again = table.updated([(decode[1], split)], [{"shape": decode[1].to_dict(), "tuned": 4.0}])
     assert again.plans == [(decode[0], fused), (decode[1], split)] and again.kernels == old.kernels

@@ -63,10 +63,13 @@ class ConfigTable:
         return getattr(torch, self.info.get("dtype", "bfloat16")).itemsize
 
     def lookup(self, call: CallShape) -> Plan | None:
-        """The plan of the nearest tuned call shape whose token count covers the call's (None: nothing covers it,
-        the caller uses the heuristic)."""
-        # The plans of the call's own layer shape, where it has some (another model's layers: all plans).
+        """The plan of the nearest tuned call shape whose token count and stack rank cover the call's (None:
+        nothing covers it, the caller uses the heuristic)."""
+        # The plans of the call's own layer shape, where it has some (another model's layers: all plans), tuned for
+        # a stack rank within a factor of two: the rank sets the fused kernel's register tile and the split path's
+        # intermediate, so a rank-16 plan says nothing about a rank-64 stack.
         plans = [e for e in self.plans if (e[0].k, e[0].slices) == (call.k, call.slices)] or self.plans
+        plans = [e for e in plans if e[0].rank <= 2 * call.rank and call.rank <= 2 * e[0].rank]
         if plans:
             tokens = [s.tokens for s, _ in plans]
             if min(tokens) <= 2 * call.tokens and call.tokens <= 2 * max(tokens):
@@ -149,10 +152,27 @@ def _choose(call: CallShape, device_name: str, num_sms: int, element_size: int) 
     return tuned if tuned is not None else heuristic_plan(call, num_sms)
 
 
+_unfit: set[tuple] = set()  # (call, device name, element size) whose table plan this GPU could not launch
+
+
 def choose(call: CallShape, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Plan:
     """The plan `atmm` runs `call` by on `device` for activations of `dtype`: the table's where it was tuned for
     elements of that size (a tile that fits shared memory in bf16 may not in fp32), else the heuristic's."""
-    return _choose(call, *_device_key(device), dtype.itemsize)
+    name, num_sms = _device_key(device)
+    if (call, name, dtype.itemsize) in _unfit:
+        return heuristic_plan(call, num_sms)
+    return _choose(call, name, num_sms, dtype.itemsize)
+
+
+def reject(call: CallShape, device: torch.device, dtype: torch.dtype, reason: Exception) -> Plan:
+    """The plan for `call` once the one `choose` gave could not be launched (a table plan nearest to an untuned
+    shape can ask for more shared memory than the GPU has): the heuristic's, from now on."""
+    name, num_sms = _device_key(device)
+    if (call, name, dtype.itemsize) not in _unfit:
+        _unfit.add((call, name, dtype.itemsize))
+        logger.warning("the tuned LoRA plan for %s cannot run on %s (%s); using the heuristic plan for this shape",
+                       call, name, reason)
+    return heuristic_plan(call, num_sms)
 
 
 @contextmanager
