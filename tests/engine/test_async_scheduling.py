@@ -1,8 +1,8 @@
 """Asynchronous scheduling (step n+1 launched before step n is collected, its new input tokens read on the device)
 gives exactly the outputs of the synchronous loop: greedy and seeded sampling, stop tokens and EOS found one step
 late, stop strings, max_tokens and the context length, min_tokens, penalties, logprobs, n > 1, adapters and images,
-chunked prefill, preemption, and structured outputs (which opt out while they are in flight); task heads:
-tests/heads/test_engine.py."""
+chunked prefill, preemption, and structured outputs (their sampler deferred until the grammars advance); task
+heads: tests/heads/test_engine.py."""
 
 from __future__ import annotations
 
@@ -73,16 +73,35 @@ def test_same_outputs_with_chunked_prefill_and_preemption(family, tiny_model) ->
     assert outs[True] == outs[False]
 
 
-def test_structured_outputs_opt_out_while_in_flight(tiny_model) -> None:
-    """Rows that follow a grammar need their last token on the host for the next bitmask: steps holding one are
-    collected before the next is scheduled; the free rows beside them, and the steps after them, go ahead."""
+def test_structured_outputs_go_ahead_with_their_sampler_deferred(tiny_model, monkeypatch) -> None:
+    """Rows that follow a grammar need their last token on the host for the next bitmask: a step holding one is
+    launched ahead with only its model pass queued, its sampler queued once the step before is collected (the
+    grammars advanced). Tokens equal the synchronous loop's, greedy and seeded, free rows beside constrained ones,
+    and grammars that end while the next step is in flight (the choice's rows finish early)."""
+    from valora.engine.model_runner import ModelRunner
+
+    deferred = []
+    launch = ModelRunner.launch
+
+    def recorded(self, *args, defer_sampling=False, **kw):
+        deferred.append(defer_sampling)
+        return launch(self, *args, defer_sampling=defer_sampling, **kw)
+
+    monkeypatch.setattr(ModelRunner, "launch", recorded)
     choice = StructuredOutputsParams(choice=["cat", "dog", "a bird"])
+    regex = StructuredOutputsParams(regex=r"(yes|no), [a-z]{2,6}\.")
     prompts = [f"question {i}: which animal?" for i in range(6)]
-    params = [SamplingParams(temperature=0, max_tokens=8 + i, structured_outputs=choice if i < 2 else None,
-                             ignore_eos=True) for i in range(6)]
+    params = [SamplingParams(temperature=0, max_tokens=12, structured_outputs=choice),
+              SamplingParams(temperature=0.9, seed=5, max_tokens=14, structured_outputs=choice),
+              SamplingParams(temperature=0, max_tokens=16, structured_outputs=regex),
+              SamplingParams(temperature=0.8, seed=7, max_tokens=16, structured_outputs=regex),
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0.7, seed=3, max_tokens=9, ignore_eos=True)]
     outs, _ = _run(tiny_model, prompts, params)
     assert outs[True] == outs[False]
     assert all(o[0][1] in ("cat", "dog", "a bird") for o in outs[True][:2])
+    assert all(o[0][1].startswith(("yes, ", "no, ")) for o in outs[True][2:4])
+    assert any(deferred)  # the constrained steps went ahead
 
 
 def test_a_step_launched_ahead_is_charged_its_own_switch(tiny_model, adapter_factory, tmp_path) -> None:

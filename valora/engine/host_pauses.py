@@ -6,9 +6,10 @@ req/s with no graph capture and no mode switch in them. Two known causes fit: a 
 (the core holds the model's modules, the graphs, the block tables and every request's state), and a caching
 allocator that cannot serve a block, frees its whole cache (synchronising the device, one cudaFree per segment) and
 retries. The engine core process moves its start-up objects out of the collector's reach (`freeze_startup_heap`,
-as vLLM's engine core does), and each step record says how long the collector ran and how many allocator retries
-happened since the step before, so a stall's cause is read from the step log (`valora bench costs`) instead of
-guessed.
+as vLLM's engine core does), and each step record says how long the collector ran between the step's launch and
+its collection and how many allocator retries happened since the last slow step, so a stall's cause is read from
+the step log (`valora bench costs`) instead of guessed. Both are diagnostics: the cost model still learns a
+step's whole time, as the device saw it.
 """
 
 from __future__ import annotations
@@ -49,24 +50,28 @@ gc.callbacks.append(_Collections.on_gc)
 
 
 class HostPauses:
-    """Seconds spent in garbage collections, and CUDA allocator retries, since the last `take`."""
+    """Seconds spent in garbage collections within a step's window, and CUDA allocator retries since the last slow
+    step."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._gc_seen = _Collections.seconds
         self._retries = self._alloc_retries()
+
+    @staticmethod
+    def mark() -> float:
+        """The process's collection seconds so far: taken when a step is launched."""
+        return _Collections.seconds
 
     def _alloc_retries(self) -> int:
         if self.device.type != "cuda":
             return 0
         return int(torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0))
 
-    def take(self, step_s: float) -> tuple[float, int]:
-        """(collection seconds, allocator retries) since the last call; retries are read after slow steps only,
-        so a retry is counted at the first slow step after it, which is the step it slowed."""
-        gc_s, self._gc_seen = _Collections.seconds - self._gc_seen, _Collections.seconds
+    def take(self, mark: float, step_s: float) -> tuple[float, int]:
+        """(collection seconds since `mark`, allocator retries) for a step of `step_s` collected now; retries are
+        read after slow steps only, so a retry is counted at the first slow step after it, the step it slowed."""
         retries = 0
         if step_s >= SLOW_STEP_S:
             now = self._alloc_retries()
             retries, self._retries = now - self._retries, now
-        return gc_s, retries
+        return _Collections.seconds - mark, retries

@@ -74,6 +74,7 @@ class InFlight:
     # launched ahead switches modes and captures graphs while that one is in flight (its one-off costs belong to
     # it, not to the step whose collection waited for them); negative on the step that gave them.
     carried_s: float = 0.0
+    gc_mark: float = 0.0  # the process's collection seconds when the step's scheduling began
 
 
 @dataclass
@@ -476,6 +477,7 @@ class LLMEngine:
         ahead = self._may_launch_ahead() and self._launch()
         self.num_steps_ahead += ahead
         done = self._collect()
+        self.runner.finish_sampling()  # a step launched ahead with grammars: its masks can be computed now
         launched = ahead or self._launch()
         if self.step_log is not None:  # while the device runs the step just launched
             self.step_log.write(self._unlogged)
@@ -487,10 +489,10 @@ class LLMEngine:
 
     def _may_launch_ahead(self) -> bool:
         """Whether the next step may be scheduled before the one in flight is collected: asynchronous scheduling
-        is on, no sequence in flight follows a grammar (its next bitmask needs the token on the host), and no
-        other tensor-parallel rank needs the batch's token ids on its host."""
-        return (self.config.scheduler.async_scheduling and len(self._inflight) == 1 and self.runner.replicas is None
-                and not any(s.grammar is not None for s in self._inflight[0].seqs))
+        is on and no other tensor-parallel rank needs the batch's token ids on its host. A step with sequences
+        that follow a grammar is launched with its sampler deferred (their next bitmask needs the token in
+        flight on the host): `step` queues the sampler once that token is collected."""
+        return self.config.scheduler.async_scheduling and len(self._inflight) == 1 and self.runner.replicas is None
 
     def _release_ending(self) -> None:
         """Running sequences whose token in flight is surely their last (max_tokens or the context length reached)
@@ -505,7 +507,7 @@ class LLMEngine:
 
     def _launch(self) -> bool:
         """Schedule the next step and queue its device work; whether there was anything to run."""
-        t0 = time.perf_counter()
+        t0, gc_mark = time.perf_counter(), HostPauses.mark()
         self._release_ending()
         ready = self._adapters_ready()
         decision = self._decide()
@@ -530,13 +532,15 @@ class LLMEngine:
                 seq.first_scheduled_time = scheduled_at  # queue time ends here, before this step's prefill
                 seq.num_cached_tokens = seq.num_computed  # what the prefix cache gave it
         stop_ids = [s.stop_ids for s in sched.seqs]
-        results = self.runner.launch(sched.seqs, sched.num_tokens, slots, stop_ids, slots.get(decision.hot))
+        defer = bool(self._inflight) and any(s.grammar is not None for s in sched.seqs)
+        results = self.runner.launch(sched.seqs, sched.num_tokens, slots, stop_ids, slots.get(decision.hot),
+                                     defer_sampling=defer)
         if self.lora_manager is not None:  # fill free slots for the next requests in line, off the critical path
             upcoming = [s.lora_name for s in self.scheduler.waiting if s.lora_name and ready.get(s.lora_name)]
             self.lora_manager.prefetch(upcoming[: self.config.lora.max_loras])
         starts, outputs = self._advance(sched.seqs, sched.num_tokens)
         step = InFlight(list(sched.seqs), starts, list(sched.num_tokens), outputs, stop_ids, results, decision.hot,
-                        t0, switch_s, merged_bytes, self.runner.last_run, loaded, decision.costs)
+                        t0, switch_s, merged_bytes, self.runner.last_run, loaded, decision.costs, gc_mark=gc_mark)
         if self._inflight:  # launched ahead: its switch and captures ran inside the last step's window
             step.carried_s = switch_s + step.run.capture_s
             self._inflight[-1].carried_s -= step.carried_s
@@ -622,7 +626,7 @@ class LLMEngine:
                             step.merged_bytes, StepWork(tokens, len(seqs), step.hot, nbytes, run.image_tokens,
                                                         step.slot_load_bytes, attention),
                             run.graph, run.decode, run.capture_s, costs=step.costs, time=time.time())
-        record.gc_s, record.alloc_retries = self.pauses.take(elapsed)
+        record.gc_s, record.alloc_retries = self.pauses.take(step.gc_mark, elapsed)
         record.predicted_s = self.policy.predict(record)
         if record.predicted_s is not None:
             self.step_costs[mode.value].add(record.predicted_s, record.compute_s)

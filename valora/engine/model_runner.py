@@ -109,6 +109,7 @@ class ModelRunner:
         # The last launched step's sampled tokens on the device, by sequence (tensor, row): a step launched before
         # they reach the host reads its sequences' PENDING input tokens from there.
         self.sampled: dict[Sequence, tuple[torch.Tensor, int]] = {}
+        self._deferred: Callable[[], None] | None = None  # the sampler of a step launched with defer_sampling
         c = model.decoder_config
         # One block more than the block manager hands out: padding rows of a graph batch write their K/V there.
         self.pad_slot = blocks.num_blocks * blocks.block_size
@@ -331,10 +332,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, seqs: Seq[Sequence], num_tokens: Seq[int], lora_slots: dict[str, int],
-               stop_ids: Seq[set[int]], merged_slot: int | None = None
+               stop_ids: Seq[set[int]], merged_slot: int | None = None, defer_sampling: bool = False
                ) -> Callable[[], list[int | torch.Tensor | None]]:
         """`run` split in two: the step's device work is queued now, the returned function waits for its results.
-        The host can post-process the previous step meanwhile."""
+        The host can post-process the previous step meanwhile. With `defer_sampling` only the model's pass is
+        queued: the sampler waits for `finish_sampling`, which the engine calls once the step before is collected
+        and its tokens advanced the grammars that this step's masks come from; the pass runs meanwhile."""
         batch, image_owners, inputs = self.prepare(seqs, num_tokens, lora_slots, merged_slot)
         done = [i for i, (s, n) in enumerate(zip(seqs, num_tokens)) if s.num_computed + n == len(s)]  # rows of last
         sampled = [(row, i) for row, i in enumerate(done) if not isinstance(seqs[i].params, HeadParams)]
@@ -351,21 +354,42 @@ class ModelRunner:
                 # sequence that recomputes its prompt finds it in the embedding cache or encodes it again.
                 seq.image_embeds[k] = emb if end < seq.prompt.images[k].num_tokens else None
         logits = self.logits(last, rows)
-        if rows is None:
-            pending = sample_async(logits, seqs, stop_ids)
-            self.sampled = {seq: (pending.tokens, i) for i, seq in enumerate(seqs)}
-            return pending.result
-        pending = sample_async(logits, [seqs[i] for _, i in sampled], [stop_ids[i] for _, i in sampled]) \
-            if sampled else None
-        self.sampled = {seqs[i]: (pending.tokens, j) for j, (_, i) in enumerate(sampled)}
+        rows_of = [i for _, i in sampled]  # the sequences the sampler takes, in its row order
+        pending: list = []
+
+        def sample() -> None:
+            if rows_of:
+                p = sample_async(logits, [seqs[i] for i in rows_of], [stop_ids[i] for i in rows_of])
+                self.sampled = {seqs[i]: (p.tokens, j) for j, i in enumerate(rows_of)}
+                pending.append(p)
+            else:
+                self.sampled = {}
+                pending.append(None)
+
+        if defer_sampling:
+            self._deferred = sample
+        else:
+            sample()
+            if rows is None:  # the common step: its tokens are the sampler's result
+                return pending[0].result
 
         @torch.inference_mode()
         def results() -> list[int | torch.Tensor | None]:
+            if not pending:  # collected before the engine queued its sampler (never in the engine's own order)
+                self._deferred = None
+                sample()
             out: list[int | torch.Tensor | None] = [None] * len(seqs)
             for row, i in enumerate(done):
                 out[i] = last[row]
-            for (_, i), token in zip(sampled, pending.result() if pending is not None else []):
+            for i, token in zip(rows_of, pending[0].result() if pending[0] is not None else []):
                 out[i] = token
             return out
 
         return results
+
+    @torch.inference_mode()
+    def finish_sampling(self) -> None:
+        """Queue the sampler of the step launched with `defer_sampling`, if it is still waiting."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            deferred()

@@ -138,7 +138,8 @@ def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[in
     by_k = [i for i in sampled if 0 < params[i].top_k < vocab]  # top-k (and maybe top-p): `topk` of the widest
     by_p = [i for i in sampled if params[i].top_p < 1.0 and not 0 < params[i].top_k < vocab]  # top-p only: a sort
     penalized = [i for i, p in enumerate(params) if p.penalized]
-    guided = [i for i, s in enumerate(seqs) if s.grammar is not None]
+    # (a sequence that ended after its step was launched, as one deferred sampler can see, has no mask to follow)
+    guided = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.finished]
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     kmax = min(vocab, max((params[i].logprobs for i in want), default=0))
     masked: list[int] = []  # flat indices row * V + token of the stop ids held back by min_tokens

@@ -67,7 +67,7 @@ class StepRecord:
     predicted_s: float | None = None  # the policy's cost model for this step, before it saw it
     costs: dict[str | None, float] | None = None  # the decision's predicted cost per hot adapter weighed
     time: float = 0.0  # wall clock when its results came in
-    gc_s: float = 0.0  # the host in garbage collections since the step before (engine/host_pauses.py)
+    gc_s: float = 0.0  # the host in garbage collections between launch and collection (engine/host_pauses.py)
     alloc_retries: int = 0  # CUDA caching-allocator retries (free the cache, malloc again) since the last slow step
 
     @property
@@ -76,9 +76,8 @@ class StepRecord:
 
     @property
     def compute_s(self) -> float:
-        """The step itself: what a cost model predicts (switches and captures are one-off costs, collections the
-        host's)."""
-        return max(self.duration_s - self.switch_s - self.capture_s - self.gc_s, 0.0)
+        """The step itself: what a cost model predicts (switches and captures are one-off costs)."""
+        return max(self.duration_s - self.switch_s - self.capture_s, 0.0)
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("time", "mode", "hot", "num_seqs", "num_tokens", "duration_s", "switch_s",
