@@ -114,7 +114,7 @@ def test_stalls_are_counted_by_cause_with_their_time(tmp_path):
     assert "| graph capture | 1 | 2.1 | 40.0 | 40.0 |" in text  # write_log's steps are a second apart
     assert "| garbage collection | 1 | 1.0 | 150.0 | 150.0 |" in text
     assert "| other (none of these: compilation, the host) | 2 | 3.5 | 200.0 | 201.0 |" in text
-    assert "| 160.0 | 1200 | 0 | 0 | 0 | 2 |" in text
+    assert "| 160.0 | 1200 | 0 | 0 | 0 | 0 | 2 |" in text
     longest = text[text.index("The longest:"):]
     assert longest.index("| 200.0 | 3000 |") < longest.index("| 40.0 | 2100 |") < longest.index("| 120.0 | 750 |")
 

@@ -27,7 +27,7 @@ def test_collections_within_a_step_are_counted_and_retries_are_zero_without_cuda
 def test_a_step_record_keeps_its_pauses_through_the_log():
     from valora.orchestrator.policy import StepRecord
 
-    r = StepRecord("unmerged", None, 2, 2, 1.5, 0.0, gc_s=0.4, alloc_retries=3, capture_s=0.1)
+    r = StepRecord("unmerged", None, 2, 2, 1.5, 0.0, gc_s=0.4, alloc_retries=3, capture_s=0.1, launch_s=0.2)
     back = StepRecord.from_json(r.to_json())
-    assert (back.gc_s, back.alloc_retries) == (0.4, 3)
+    assert (back.gc_s, back.alloc_retries, back.launch_s) == (0.4, 3, 0.2)
     assert back.compute_s == pytest.approx(1.4)  # a capture is no part of the step's own work

@@ -129,11 +129,11 @@ def stalls(records: list[StepRecord], longest: int = 10) -> tuple[list[str], dic
                     [[c, str(len(rs)), f"{sum(r.duration_s for r in rs):.1f}", f"{rs[0].time - t0:.1f}",
                       f"{rs[-1].time - t0:.1f}"] for c, rs in causes.items()])
     lines += ["", "The longest:", ""]
-    lines += _table(["at s", "ms", "capture ms", "switch ms", "gc ms", "alloc retries", "path", "mode", "seqs",
-                     "tokens"],
-                    [[f"{r.time - t0:.1f}", f"{r.duration_s * 1e3:.0f}", f"{r.capture_s * 1e3:.0f}",
-                      f"{r.switch_s * 1e3:.0f}", f"{r.gc_s * 1e3:.0f}", str(r.alloc_retries), r.path, r.mode,
-                      str(r.num_seqs), str(r.num_tokens)]
+    lines += _table(["at s", "ms", "launch ms", "capture ms", "switch ms", "gc ms", "alloc retries", "path", "mode",
+                     "seqs", "tokens"],
+                    [[f"{r.time - t0:.1f}", f"{r.duration_s * 1e3:.0f}", f"{r.launch_s * 1e3:.0f}",
+                      f"{r.capture_s * 1e3:.0f}", f"{r.switch_s * 1e3:.0f}", f"{r.gc_s * 1e3:.0f}",
+                      str(r.alloc_retries), r.path, r.mode, str(r.num_seqs), str(r.num_tokens)]
                      for r in sorted(slow, key=lambda r: -r.duration_s)[:longest]])
     return lines + [""], {"steps": len(slow), "seconds": sum(r.duration_s for r in slow),
                           "by_cause": {c: {"steps": len(rs), "seconds": sum(r.duration_s for r in rs)}

@@ -75,6 +75,7 @@ class InFlight:
     # it, not to the step whose collection waited for them); negative on the step that gave them.
     carried_s: float = 0.0
     gc_mark: float = 0.0  # the process's collection seconds when the step's scheduling began
+    launch_s: float = 0.0  # the host's time to schedule, prepare and queue the step (switch and captures included)
 
 
 @dataclass
@@ -540,7 +541,8 @@ class LLMEngine:
             self.lora_manager.prefetch(upcoming[: self.config.lora.max_loras])
         starts, outputs = self._advance(sched.seqs, sched.num_tokens)
         step = InFlight(list(sched.seqs), starts, list(sched.num_tokens), outputs, stop_ids, results, decision.hot,
-                        t0, switch_s, merged_bytes, self.runner.last_run, loaded, decision.costs, gc_mark=gc_mark)
+                        t0, switch_s, merged_bytes, self.runner.last_run, loaded, decision.costs, gc_mark=gc_mark,
+                        launch_s=time.perf_counter() - t0)
         if self._inflight:  # launched ahead: its switch and captures ran inside the last step's window
             step.carried_s = switch_s + step.run.capture_s
             self._inflight[-1].carried_s -= step.carried_s
@@ -627,6 +629,7 @@ class LLMEngine:
                                                         step.slot_load_bytes, attention),
                             run.graph, run.decode, run.capture_s, costs=step.costs, time=time.time())
         record.gc_s, record.alloc_retries = self.pauses.take(step.gc_mark, elapsed)
+        record.launch_s = step.launch_s
         record.predicted_s = self.policy.predict(record)
         if record.predicted_s is not None:
             self.step_costs[mode.value].add(record.predicted_s, record.compute_s)
