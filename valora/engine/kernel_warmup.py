@@ -8,10 +8,11 @@ on the H100 the end-to-end sweep's `valora` server spent 46 s of its first two m
 mostly compiling (docs/benchmarks.md, run 3). The shapes a step can have are known at start-up: the decode graphs'
 (batch bucket, adapter bucket) pairs, the token graphs' (token bucket, adapter bucket) pairs, each with its
 one-adapter correction metadata (mixture mode), and the eager steps' exact layouts, which this samples a quarter
-octave apart in tokens and in adapters. The merge kernel is
-built for every rank where the scheduler may merge. The metadata is made by the same classes a step uses
-(`GraphLoRAMeta` for graphs, `LoRAMeta.build` eagerly), so the pointers have the alignment a step's have, and
-each layer shape is compiled through its own layer's `add_lora`: what is built is what a step will look up.
+octave apart in tokens and in adapters. The merge kernel is built for every rank where the scheduler may merge.
+The metadata is made by the same classes a step uses (`GraphLoRAMeta` for graphs, `LoRAMeta.build` eagerly), so
+the pointers have the alignment a step's have, and each layer shape is compiled through its own layer's
+`add_lora`: what is built is what a step will look up. On the H100 this took 17 s on a fresh machine and 2.5 s
+with Triton's disk cache (584 layouts, Qwen2-VL-7B shapes, 16 adapter slots).
 """
 
 from __future__ import annotations
