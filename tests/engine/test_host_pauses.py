@@ -31,3 +31,25 @@ def test_a_step_record_keeps_its_pauses_through_the_log():
     back = StepRecord.from_json(r.to_json())
     assert (back.gc_s, back.alloc_retries, back.launch_s) == (0.4, 3, 0.2)
     assert back.compute_s == pytest.approx(1.4)  # a capture is no part of the step's own work
+
+
+@pytest.mark.families("qwen2_vl")
+def test_a_step_records_the_callers_time_while_it_was_in_flight(tiny_model):
+    """What the engine's caller does between two `step` calls (the core loop receives requests and sends outputs)
+    runs while a step is in flight: that step's record says how long."""
+    import time
+
+    from valora import LLM, SamplingParams
+
+    llm = LLM(str(tiny_model), dtype="float32", device="cpu", scheduler="slora", enable_lora=True, max_loras=2,
+              max_lora_rank=8)
+    engine, records = llm.engine, []
+    observe = engine.core.policy.observe
+    engine.core.policy.observe = lambda r: records.append(r) or observe(r)
+    engine.add_request("a", "a prompt of a few words", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    engine.step()
+    time.sleep(0.2)  # the caller busy elsewhere, a step in flight
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert max(r.outside_s for r in records) >= 0.2 and min(r.outside_s for r in records) < 0.1
+    assert all(0 < r.launch_s < r.duration_s + 0.1 for r in records)

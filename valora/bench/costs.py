@@ -110,6 +110,8 @@ def stall_cause(r: StepRecord) -> str:
         return "garbage collection"
     if r.alloc_retries:
         return "CUDA allocator retry"
+    if r.outside_s >= r.duration_s / 2:
+        return "the core loop (requests in, outputs out)"
     return "other (none of these: compilation, the host)"
 
 
@@ -129,9 +131,10 @@ def stalls(records: list[StepRecord], longest: int = 10) -> tuple[list[str], dic
                     [[c, str(len(rs)), f"{sum(r.duration_s for r in rs):.1f}", f"{rs[0].time - t0:.1f}",
                       f"{rs[-1].time - t0:.1f}"] for c, rs in causes.items()])
     lines += ["", "The longest:", ""]
-    lines += _table(["at s", "ms", "launch ms", "capture ms", "switch ms", "gc ms", "alloc retries", "path", "mode",
-                     "seqs", "tokens"],
+    lines += _table(["at s", "ms", "launch ms", "outside ms", "capture ms", "switch ms", "gc ms", "alloc retries",
+                     "path", "mode", "seqs", "tokens"],
                     [[f"{r.time - t0:.1f}", f"{r.duration_s * 1e3:.0f}", f"{r.launch_s * 1e3:.0f}",
+                      f"{r.outside_s * 1e3:.0f}",
                       f"{r.capture_s * 1e3:.0f}", f"{r.switch_s * 1e3:.0f}", f"{r.gc_s * 1e3:.0f}",
                       str(r.alloc_retries), r.path, r.mode, str(r.num_seqs), str(r.num_tokens)]
                      for r in sorted(slow, key=lambda r: -r.duration_s)[:longest]])

@@ -76,6 +76,7 @@ class InFlight:
     carried_s: float = 0.0
     gc_mark: float = 0.0  # the process's collection seconds when the step's scheduling began
     launch_s: float = 0.0  # the host's time to schedule, prepare and queue the step (switch and captures included)
+    outside_mark: float = 0.0  # the engine's time outside `step` so far, when it was launched
 
 
 @dataclass
@@ -176,6 +177,8 @@ class LLMEngine:
         self._inflight: deque[InFlight] = deque()
         self.stalled = False  # the last step launched nothing while requests wait (for an adapter's reload, say)
         self._collected_at = 0.0  # when the last step was collected (the next one's device time starts there)
+        self._left_at = 0.0  # when `step` last returned
+        self._outside_s = 0.0  # seconds spent outside `step` while a step was in flight, so far
         self.num_steps_ahead = 0  # steps launched before the previous one was collected
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.step_log = StepLog(config.step_log) if config.step_log else None
@@ -469,6 +472,15 @@ class LLMEngine:
         before the last one is collected: its sequences' new input tokens are read on the device from the
         sampler's output, and a sequence that the collected token ends (a stop token, say) is found one step late,
         its extra token dropped. So the host schedules and prepares step n+1 while the device runs step n."""
+        entered = time.perf_counter()
+        if self._inflight:  # the caller's time since the last call (requests in, outputs out) ran inside a step
+            self._outside_s += entered - self._left_at
+        try:
+            return self._step()
+        finally:
+            self._left_at = time.perf_counter()
+
+    def _step(self) -> list[EngineCoreOutput]:
         failed = self._fail_unloadable()
         self.stalled = False
         if not self._inflight and not self._launch():  # an idle engine: nothing to collect yet
@@ -542,7 +554,7 @@ class LLMEngine:
         starts, outputs = self._advance(sched.seqs, sched.num_tokens)
         step = InFlight(list(sched.seqs), starts, list(sched.num_tokens), outputs, stop_ids, results, decision.hot,
                         t0, switch_s, merged_bytes, self.runner.last_run, loaded, decision.costs, gc_mark=gc_mark,
-                        launch_s=time.perf_counter() - t0)
+                        launch_s=time.perf_counter() - t0, outside_mark=self._outside_s)
         if self._inflight:  # launched ahead: its switch and captures ran inside the last step's window
             step.carried_s = switch_s + step.run.capture_s
             self._inflight[-1].carried_s -= step.carried_s
@@ -629,7 +641,7 @@ class LLMEngine:
                                                         step.slot_load_bytes, attention),
                             run.graph, run.decode, run.capture_s, costs=step.costs, time=time.time())
         record.gc_s, record.alloc_retries = self.pauses.take(step.gc_mark, elapsed)
-        record.launch_s = step.launch_s
+        record.launch_s, record.outside_s = step.launch_s, self._outside_s - step.outside_mark
         record.predicted_s = self.policy.predict(record)
         if record.predicted_s is not None:
             self.step_costs[mode.value].add(record.predicted_s, record.compute_s)
