@@ -108,5 +108,7 @@ def test_the_cpu_sweep_and_its_report_run_literally(tmp_path):
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         assert "Traceback" not in done.stderr
         out[shlex.split(command)[2]] = done.stdout
+        if shlex.split(command)[2] == "sweep":  # the sweep writes its step costs beside its report
+            assert "Stalls" in (tmp_path / "bench-results" / "cpu_sweep" / "costs.md").read_text()
     assert (tmp_path / "bench-results" / "cpu_sweep" / "report.md").is_file() and "report.md" in out["report"]
     assert "predicted" in out["costs"], out["costs"]

@@ -161,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bench_command == "simulate":
         return simulate(args)
     from valora.bench.console import failures, render
+    from valora.bench.costs import write_costs
     from valora.bench.report import write_report
     from valora.bench.results import load_points
     from valora.bench.server import served_adapters
@@ -204,6 +205,9 @@ def run(args: argparse.Namespace) -> int:
     if not points:
         return code
     logger.info("report: %s", write_report(out))
+    costs = write_costs(out)
+    if costs is not None:  # where the steps' time went, stalls included (`valora bench costs`)
+        logger.info("step costs: %s", costs)
     print(render(points, config.slo))
     failed, measured, _ = failures(points)
     if code == 0 and measured and failed / measured > args.max_failure_ratio:
@@ -215,14 +219,11 @@ def run(args: argparse.Namespace) -> int:
 def _costs(args: argparse.Namespace) -> int:
     import json
 
-    from valora.bench.costs import analyse, find_logs
+    from valora.bench.costs import analyse, find_logs, run_info
     from valora.orchestrator.cost_model import CostTable
 
-    device, info = args.device, {}
-    for d in (p for p in args.logs if (p / "run.json").exists()):
-        run = json.loads((d / "run.json").read_text())["runs"][-1]
-        device = device or run["device"]
-        info = {"commit": run["commit"], "started": run["started"], "source": str(d)}
+    recorded, info = run_info(args.logs)
+    device = args.device or recorded
     text, summary = analyse(find_logs(args.logs), args.skip, CostTable.load(args.table) if args.table else None,
                             args.fit, device or "unknown", info)
     if args.out is not None:

@@ -201,3 +201,27 @@ def analyse(logs: list[Path], skip: int = 200, seed: CostTable | None = None, fi
             fit_out.write_text(json.dumps(table, indent=1) + "\n")
             lines += ["", f"Table written to `{fit_out}` for device {device!r}."]
     return "\n".join(lines) + "\n", summary
+
+
+def run_info(dirs: list[Path]) -> tuple[str | None, dict[str, Any]]:
+    """(device, provenance) of the last run recorded in these results directories' `run.json`."""
+    device, info = None, {}
+    for d in (p for p in dirs if (p / "run.json").exists()):
+        run = json.loads((d / "run.json").read_text())["runs"][-1]
+        device = run["device"]
+        info = {"commit": run["commit"], "started": run["started"], "source": str(d)}
+    return device, info
+
+
+def write_costs(results: Path, skip: int = 200) -> Path | None:
+    """`costs.md` and `costs.json` of a sweep's results directory from its step logs (None: it has none), as
+    `valora bench costs DIR --out DIR/costs.md` writes them."""
+    logs = sorted((results / "logs").glob(LOG_GLOB))
+    if not logs:
+        return None
+    device, info = run_info([results])
+    text, summary = analyse(logs, skip, device=device or "unknown", info=info)
+    out = results / "costs.md"
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    return out
