@@ -22,7 +22,7 @@ def test_token_buckets_pad_a_prompt_by_little():
     assert token_buckets(1024)[:9] == [32, 64, 96, 128, 160, 192, 224, 256, 320]
     assert token_buckets(1024)[-3:] == [768, 896, 1024]
     assert token_buckets(100) == [32, 64, 96, 128]
-    assert token_buckets(2049)[-2:] == [2048, 2080]  # a whole budget with decodes keeps a padding row
+    assert token_buckets(2049)[-2:] == [2048, 2080]  # a whole budget keeps a padding row
     assert all(b - a <= 128 for a, b in zip(token_buckets(4096), token_buckets(4096)[1:]))
 
 
@@ -44,19 +44,20 @@ def _groups(family, model_dir, adapter_factory):
 
 
 def _run(model_dir, groups, static: bool, policy=None, **options):
-    """Each group's tokens, and per group the variants the token graphs served."""
+    """Each group's tokens, and per group the (variant, whether the step had decodes) the token graphs served."""
     llm = LLM(str(model_dir), enable_lora=True, max_loras=2, max_lora_rank=8, lora_backend="gather",
               dtype="float32", device="cpu", max_num_seqs=3, enable_prefix_caching=False, embed_cache_mb=0, **options)
     core = llm.engine.core
     if policy is not None:
         core.policy = policy
     runner = core.runner
-    served: list[TokenVariant] = []
+    served: list[tuple[TokenVariant, bool]] = []
     if static:
         runner.enable_cuda_graphs(3, 2, capture=False, max_num_batched_tokens=MAX_TOKENS)  # decode steps too
         graphs = runner.token_graphs
         run = graphs.run
-        graphs.run = lambda embeds, batch: served.append(graphs.variant(batch)) or run(embeds, batch)
+        graphs.run = lambda embeds, batch: served.append(
+            (graphs.variant(batch), batch.attn.decode_rows is not None)) or run(embeds, batch)
     tokens, variants = [], []
     for prompts, loras, lengths in groups:
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
@@ -73,12 +74,12 @@ def test_padded_steps_give_the_tokens_of_plain_steps(family, tiny_model, adapter
     plain, _ = _run(tiny_model, groups, static=False, **options)
     padded, served = _run(tiny_model, groups, static=True, **options)
     assert padded == plain
-    mixed = [v for v in served[0] if v.decodes]
+    mixed = [v for v, decodes in served[0] if decodes]
     assert mixed and any(v.lora.adapters for v in mixed)  # decodes beside a prompt (or a chunk) with adapters
     if chunk:  # every step within the budget: all served, the long prompt's chunks too
-        assert max(v.tokens for group in served for v in group) == 32 and served[1]
-    else:  # three prompts with two adapters at once; the long prompt's step runs eagerly
-        assert any(not v.decodes and v.lora.adapters == 2 for v in served[0]) and not served[1]
+        assert max(v.tokens for group in served for v, _ in group) == 32 and served[1]
+    else:  # three prompts with two adapters at once, no decodes yet (the same graph); the long prompt runs eagerly
+        assert any(not decodes and v.lora.adapters == 2 for v, decodes in served[0]) and not served[1]
 
 
 @pytest.mark.families("qwen2_vl")
@@ -88,7 +89,7 @@ def test_padded_mixture_steps_give_the_tokens_of_plain_steps(family, tiny_model,
     plain, _ = _run(tiny_model, groups, static=False, policy=FixedHot("a"), max_num_batched_tokens=8)
     padded, served = _run(tiny_model, groups, static=True, policy=FixedHot("a"), max_num_batched_tokens=8)
     assert padded == plain
-    assert any(v.decodes and v.lora.correction and any(v.lora.merged) for v in served[0])
+    assert any(decodes and v.lora.correction and any(v.lora.merged) for v, decodes in served[0])
 
 
 @needs_cuda
@@ -107,7 +108,7 @@ def test_token_graph_replay_equals_padded_eager(family, tiny_model, adapter_fact
             params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
             outs[eager].append([o.outputs[0].token_ids for o in llm.generate(prompts, params, loras, use_tqdm=False)])
         graphs = llm.engine.core.runner.token_graphs.graphs
-        assert (any(v.decodes and v.lora.adapters for v in graphs) and len(graphs) >= 3) != eager
+        assert (any(v.lora.adapters for v in graphs) and len(graphs) >= 3) != eager
         del llm
         torch.cuda.empty_cache()
     assert outs[False] == outs[True]
@@ -119,10 +120,9 @@ def test_startup_captures_the_largest_adapter_bucket_first_then_every_unmerged_v
               dtype="float32", device="cpu", max_num_seqs=3)
     llm.engine.core.runner.enable_cuda_graphs(3, 4, capture=False, max_num_batched_tokens=MAX_TOKENS)
     graphs = llm.engine.core.runner.token_graphs
-    order = [(v.tokens, v.decodes, v.lora.adapters) for v in graphs.startup_variants()]
-    assert order[:4] == [(128, True, 4), (96, True, 4), (64, True, 4), (32, True, 4)]
-    assert order[4:8] == [(128, False, 4), (96, False, 4), (64, False, 4), (32, False, 4)]
-    assert order[8] == (128, True, 0)
-    assert sorted(order) == sorted((b, d, a) for b in graphs.buckets for d in (True, False)
-                                   for a in (0, 1, 2, 4) if a <= b)
+    order = [(v.tokens, v.lora.adapters) for v in graphs.startup_variants()]
+    assert order[:4] == [(128, 4), (96, 4), (64, 4), (32, 4)]
+    assert order[4:8] == [(128, 0), (96, 0), (64, 0), (32, 0)]
+    assert order[8] == (128, 2)
+    assert sorted(order) == sorted((b, a) for b in graphs.buckets for a in (0, 1, 2, 4) if a <= b)
     assert not any(v.lora.correction or any(v.lora.merged) for v in graphs.startup_variants())

@@ -7,19 +7,22 @@ linear; on the H100 host (~60 us a launch) a 7B step with adapters spent 43-124 
 a fraction of that (docs/benchmarks.md). Under chunked prefill at saturation about half of all steps mix decodes
 with a chunk, so they, not the decode steps, set the throughput.
 
-A step is replayed here when it has at most `MAX_SEQS` sequences with several tokens and, decodes included, fits
-the largest bucket. Its input embeddings (token and image rows; the vision pass replays its own graphs) are computed
-eagerly into a static buffer, then one replay runs every LM layer on static buffers padded to a token bucket
-(`token_buckets`): positions, KV slots (padding rows write theirs to the runner's pad slot, which no sequence reads),
-per prefill sequence its query start, query length, context length and block table (padding entries have no
-queries; the prefill attention grid is sized by the bucket), per decode its row, context length and block table,
-and the LoRA metadata (graph_lora.py). The decode part has an entry for every sequence the scheduler may run
-(`max_num_seqs`, so its split-KV grid is one shape); entries past the step's decodes have no keys and write their
-zero output to a padding row, so a graph with decodes always has one. Padding rows belong to no sequence, so no real
-row ever reads them.
+A step is replayed here when it has at most `MAX_SEQS` sequences with several tokens and, decodes and a padding
+row included, fits the largest bucket. Its input embeddings (token and image rows; the vision pass replays its own
+graphs) are computed eagerly into a static buffer, then one replay runs every LM layer on static buffers padded to
+a token bucket (`token_buckets`): positions, KV slots (padding rows write theirs to the runner's pad slot, which no
+sequence reads), per prefill sequence its query start, query length, context length and block table (padding
+entries have no queries; the prefill attention grid is sized by the bucket), per decode its row, context length
+and block table, and the LoRA metadata (graph_lora.py). The decode part has an entry for every sequence the
+scheduler may run (`max_num_seqs`, so its split-KV grid is one shape); entries past the step's decodes have no keys
+and write their zero output to a padding row, so every graph has one. A step without decodes runs the same graph,
+all its decode entries padding (their kernel exits at once): one graph per bucket serves both kinds of step, half
+the graphs to capture and keep of one per bucket for each kind. Padding rows belong to no sequence, so no real row
+ever reads them.
 
-A graph is kept per (bucket, with or without decodes, LoRA variant), captured the first time a step needs it; all
-share one memory pool and copy their output into one static buffer, so their memory is that of the largest one.
+A graph is kept per (bucket, LoRA variant); start-up captures the common ones, the rest are captured the first time
+a step needs them; all share one memory pool and copy their output into one static buffer, so their memory is that
+of the largest one.
 
 With `capture=False` (`--enforce-eager`) the same padded batches run eagerly: the numbers a graph computes.
 """
@@ -62,7 +65,6 @@ def token_buckets(max_tokens: int) -> list[int]:
 @dataclass(frozen=True)
 class TokenVariant:
     tokens: int  # token bucket
-    decodes: bool  # the step has single-token decodes besides its prefills
     lora: LoRAVariant
 
 
@@ -72,7 +74,7 @@ class TokenGraphs:
                  max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
         self.model, self.kv_caches, self.device, self.capture = model, kv_caches, device, capture
         self.block_size, self.pad_slot = block_size, pad_slot
-        self.buckets = token_buckets(max_tokens + 1)  # + 1: a whole budget of tokens with decodes, and a pad row
+        self.buckets = token_buckets(max_tokens + 1)  # + 1: a whole budget of tokens, and the padding row
         self.lora = GraphLoRA(model, max_loras, device)
         n, embed = self.buckets[-1], model.language_model.embed_tokens.weight
         ints = dict(dtype=torch.int32, device=device)
@@ -96,17 +98,15 @@ class TokenGraphs:
         return next(b for b in self.buckets if b >= tokens)
 
     def usable(self, batch: ForwardBatch) -> bool:
-        """Some sequence runs several tokens, at most MAX_SEQS do, the whole step fits the buckets (a padding row
-        included when it has decodes), and its LoRA work can be captured."""
+        """Some sequence runs several tokens, at most MAX_SEQS do, the whole step and a padding row fit the
+        buckets, and its LoRA work can be captured."""
         a = batch.attn
-        return (0 < len(a.prefill_host) <= MAX_SEQS
-                and batch.input_ids.shape[0] + (a.decode_rows is not None) <= self.buckets[-1]
+        return (0 < len(a.prefill_host) <= MAX_SEQS and batch.input_ids.shape[0] + 1 <= self.buckets[-1]
                 and self.lora.usable(batch))
 
     def variant(self, batch: ForwardBatch) -> TokenVariant:
-        decodes = batch.attn.decode_rows is not None
-        b = self.bucket(batch.input_ids.shape[0] + decodes)
-        return TokenVariant(b, decodes, self.lora.variant(b, batch))
+        b = self.bucket(batch.input_ids.shape[0] + 1)
+        return TokenVariant(b, self.lora.variant(b, batch))
 
     def run(self, embeds: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states [T, hidden] of a `usable` batch whose LM input rows are `embeds`."""
@@ -124,17 +124,15 @@ class TokenGraphs:
     def startup_variants(self) -> list[TokenVariant]:
         """Every unmerged variant, in the order start-up captures them: each adapter tier in turn (the largest
         adapter bucket, none, then the smaller buckets from the largest down; the end-to-end sweep's steps with
-        prefill work mostly had the largest), with decodes and then without, largest token bucket first (later
-        graphs fit in its memory pool)."""
+        prefill work mostly had the largest), largest token bucket first (later graphs fit in its memory pool)."""
         lora = self.lora.enabled and self.lora.capturable
 
         def tiers(b: int) -> list[int]:
             buckets = adapter_buckets(b, self.lora.max_loras) if lora else []
             return [*buckets[-1:], 0, *reversed(buckets[:-1])]
 
-        return [TokenVariant(b, decodes, self.lora.unmerged(tiers(b)[i]))
-                for i in range(len(tiers(self.buckets[-1]))) for decodes in (True, False)
-                for b in reversed(self.buckets) if i < len(tiers(b))]
+        return [TokenVariant(b, self.lora.unmerged(tiers(b)[i]))
+                for i in range(len(tiers(self.buckets[-1]))) for b in reversed(self.buckets) if i < len(tiers(b))]
 
     def capture_common(self, budget_s: float = CAPTURE_BUDGET_S) -> None:
         """Capture `startup_variants` while `budget_s` seconds last; the rest, and the mixture variants (they need
@@ -177,9 +175,8 @@ class TokenGraphs:
         seconds = time.perf_counter() - start
         self.capture_seconds += seconds
         log = logger.debug if startup else logger.info  # at first use a capture delays a step: worth a line
-        log("captured a token graph for %d tokens%s, %d adapters%s in %.2f s (%d graphs, %.1f s in all)", b,
-            " with decodes" if v.decodes else "", v.lora.adapters, ", mixture" if v.lora.correction else "", seconds,
-            len(self.graphs), self.capture_seconds)
+        log("captured a token graph for %d tokens, %d adapters%s in %.2f s (%d graphs, %.1f s in all)", b,
+            v.lora.adapters, ", mixture" if v.lora.correction else "", seconds, len(self.graphs), self.capture_seconds)
 
     def _fill(self, embeds: torch.Tensor, batch: ForwardBatch, t: int, v: TokenVariant) -> None:
         a = batch.attn
@@ -193,13 +190,14 @@ class TokenGraphs:
         self.q_lens[s:].zero_()  # padding entries: no queries
         self.context_lens[:s].copy_(a.prefill_context_lens)
         self.block_tables[:s, :w].copy_(a.prefill_block_tables)
-        if v.decodes:
-            d, w = a.decode_block_tables.shape
+        d = 0 if a.decode_rows is None else a.decode_block_tables.shape[0]
+        if d:
+            w = a.decode_block_tables.shape[1]
             self.decode_rows[:d].copy_(a.decode_rows)
-            self.decode_rows[d:].fill_(t)  # padding entries: no keys, their zeros go to the first padding row
             self.decode_context_lens[:d].copy_(a.decode_context_lens)
-            self.decode_context_lens[d:].zero_()
             self.decode_block_tables[:d, :w].copy_(a.decode_block_tables)
+        self.decode_rows[d:].fill_(t)  # padding entries: no keys, their zeros go to the first padding row
+        self.decode_context_lens[d:].zero_()
 
     def _static_batch(self, v: TokenVariant, host: tuple[tuple[int, int, int], ...]) -> ForwardBatch:
         """The variant's batch over the static buffers. `host` (the step's own prefills) is read only by the
@@ -208,11 +206,9 @@ class TokenGraphs:
         attn = AttentionMeta(
             slot_mapping=self.slot_mapping[:b], block_size=self.block_size, prefill_q_starts=self.q_starts,
             prefill_q_lens=self.q_lens, prefill_context_lens=self.context_lens, prefill_block_tables=self.block_tables,
-            prefill_host=host, prefill_max_q_len=b,
+            prefill_host=host, prefill_max_q_len=b, decode_rows=self.decode_rows,
+            decode_context_lens=self.decode_context_lens, decode_block_tables=self.decode_block_tables,
+            decode_max_context=self.decode_block_tables.shape[1] * self.block_size,
         )
-        if v.decodes:
-            attn.decode_rows, attn.decode_context_lens = self.decode_rows, self.decode_context_lens
-            attn.decode_block_tables = self.decode_block_tables
-            attn.decode_max_context = self.decode_block_tables.shape[1] * self.block_size
         return ForwardBatch(input_ids=self.input_ids[:b], positions=self.positions[:, :b], attn=attn,
                             logits_rows=self.input_ids[:0], lora=self.lora.batch(b, v.lora))
