@@ -63,24 +63,37 @@ def compile_lora_kernels(model: torch.nn.Module, graph_metas: Iterable[LoRAMeta]
     start = time.perf_counter()
     graph_metas, eager = list(graph_metas), sorted(set(eager))
     bar = tqdm(total=len(graph_metas) + len(eager), desc="Compiling LoRA kernels", unit="layout", disable=None)
-    with torch.no_grad(), compile_only():
+    failed: list[str] = []
+    # A configuration that cannot be built is left to its first use, which fails or falls back as it did before
+    # (lora/ops/atmm.py): the warm-up only moves work earlier, it never stops a server from starting.
+    with torch.no_grad(), compile_only(ignore_errors=True):
         for layer in layers.values():
-            layer.compile_merges()
+            _attempt(layer.compile_merges, failed)
         for meta in graph_metas:
-            _compile(layers.values(), meta, device)
+            _compile(layers.values(), meta, device, failed)
             bar.update()
         for tokens, adapters in eager:
-            _compile(layers.values(), LoRAMeta.build([t % adapters for t in range(tokens)], device), device)
+            _compile(layers.values(), LoRAMeta.build([t % adapters for t in range(tokens)], device), device, failed)
             bar.update()
     bar.close()
     logger.info("compiled the LoRA kernels of %d layer shapes for %d batch layouts in %.1f s", len(layers),
                 len(graph_metas) + len(eager), time.perf_counter() - start)
+    if failed:
+        logger.warning("%d LoRA kernel configurations could not be built ahead (the first: %s); they are built, or "
+                       "fall back, at first use", len(failed), failed[0])
     return len(graph_metas) + len(eager)
 
 
-def _compile(layers: Iterable[LoRALinear], meta: LoRAMeta, device: torch.device) -> None:
+def _compile(layers: Iterable[LoRALinear], meta: LoRAMeta, device: torch.device, failed: list[str]) -> None:
     """Every layer's own-adapter call on `meta` (a correction is the same call on a one-adapter layout)."""
     for layer in layers:
         x = torch.empty(meta.num_tokens, layer.in_features, dtype=layer.weight.dtype, device=device)
         y = torch.empty(meta.num_tokens, layer.out_features, dtype=layer.weight.dtype, device=device)
-        layer.add_lora(x, y, LoRABatch(meta))
+        _attempt(lambda layer=layer, x=x, y=y: layer.add_lora(x, y, LoRABatch(meta)), failed)
+
+
+def _attempt(build, failed: list[str]) -> None:
+    try:
+        build()
+    except Exception as e:  # noqa: BLE001 - see compile_lora_kernels
+        failed.append(f"{type(e).__name__}: {e}")
