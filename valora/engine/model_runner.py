@@ -376,7 +376,8 @@ class ModelRunner:
         @torch.inference_mode()
         def results() -> list[int | torch.Tensor | None]:
             if not pending:  # collected before the engine queued its sampler (never in the engine's own order)
-                self._deferred = None
+                if self._deferred is sample:
+                    self._deferred = None
                 sample()
             out: list[int | torch.Tensor | None] = [None] * len(seqs)
             for row, i in enumerate(done):
