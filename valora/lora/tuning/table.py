@@ -60,7 +60,7 @@ class ConfigTable:
     @property
     def element_size(self) -> int:
         """Bytes per activation element of the dtype the table was tuned for (bf16 where it does not say)."""
-        return getattr(torch, self.info.get("dtype", "bfloat16")).itemsize
+        return getattr(torch, str(self.info.get("dtype", "bfloat16")).removeprefix("torch.")).itemsize
 
     def lookup(self, call: CallShape) -> Plan | None:
         """The plan of the nearest tuned call shape whose token count and stack rank cover the call's (None:
