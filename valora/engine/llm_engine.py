@@ -252,13 +252,7 @@ class LLMEngine:
             image = Image.new("RGB", (size, size), (127, 127, 127))
             prompt = inputs.chat_prompt([{"role": "user", "content": [
                 {"type": "image_pil", "image_pil": image}, {"type": "text", "text": "warm-up"}]}], MediaSources())
-            _, processed = inputs.process(prompt)
-            tokens = len(processed.token_ids)
-            scratch = BlockManager(-(-tokens // self.blocks.block_size), self.blocks.block_size)
-            runner = ModelRunner(self.model, scratch, self.dtype, self.device, name="warm-up")
-            seq = Sequence(-1, "warm-up", 0, processed, SamplingParams(temperature=0), None, 0.0)
-            scratch.allocate(seq, tokens)
-            runner.run([seq], [tokens], {}, [set()])
+            self._run_scratch(inputs.process(prompt)[1], "warm-up")
         except Exception as e:  # noqa: BLE001 - a warm-up must never stop a server that can serve
             logger.warning("the vision warm-up failed (%s: %s); the first image request pays for it instead",
                            type(e).__name__, e)
@@ -266,22 +260,27 @@ class LLMEngine:
         logger.info("warmed the vision pass with a %dx%d image in %.1f s", size, size, time.perf_counter() - start)
         return True
 
+    def _run_scratch(self, prompt: ProcessedPrompt, name: str) -> None:
+        """`prompt`'s prefill once, on scratch blocks and a runner of their own (on every tensor-parallel rank),
+        both gone on return: start-up's measuring and warming runs, which leave the engine's cache untouched."""
+        block_size = self.config.cache.block_size
+        tokens = len(prompt.token_ids)
+        scratch = BlockManager(-(-tokens // block_size), block_size)
+        runner = ModelRunner(self.model, scratch, self.dtype, self.device, replicas=self.replicas, name=name)
+        seq = Sequence(-1, name, 0, prompt, SamplingParams(temperature=0), None, 0.0)
+        scratch.allocate(seq, tokens)
+        runner.run([seq], [tokens], {}, [set()])
+        if self.replicas is not None:
+            self.replicas.call("drop_runner", name)
+
     def _profile_kv_blocks(self, per_block: int) -> int:
         """Run the largest step once on a scratch cache; what the peak leaves under the target is KV cache."""
         cc = self.config.cache
-        tokens = min(self.max_batched_tokens, self.max_model_len)
-        scratch = BlockManager(-(-tokens // cc.block_size), cc.block_size)
-        runner = ModelRunner(self.model, scratch, self.dtype, self.device, replicas=self.replicas, name="profile")
-        seq = Sequence(-1, "profile", 0, ProcessedPrompt([0] * tokens), SamplingParams(temperature=0), None, 0.0)
-        scratch.allocate(seq, tokens)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        runner.run([seq], [tokens], {}, [set()])
+        self._run_scratch(ProcessedPrompt([0] * min(self.max_batched_tokens, self.max_model_len)), "profile")
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        del runner, scratch
-        if self.replicas is not None:
-            self.replicas.call("drop_runner", "profile")
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info()
         usable = int(total * cc.gpu_memory_utilization) - peak
