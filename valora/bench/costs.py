@@ -14,9 +14,9 @@ Steps before `--skip` (the server's first steps: compilation, allocator growth, 
 every figure. The target (issue 19) is a prediction within 15% of the measured time.
 
 Each log also gets its *stalls*, every step included: steps of `STALL_S` or more, each of which holds up every
-running stream by as much, by cause (a graph capture or a mode switch taking most of it, or neither: kernels
-compiled at first use, the host), with when they happened, so a latency tail in a sweep point can be traced to its
-seconds.
+running stream by as much, by cause (`stall_cause`: a graph capture, a mode switch, a garbage collection, an
+allocator retry or the core loop outside the engine, or none of these: kernels compiled at first use, the host),
+with when they happened, so a latency tail in a sweep point can be traced to its seconds.
 """
 
 from __future__ import annotations
