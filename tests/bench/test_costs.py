@@ -93,9 +93,9 @@ def test_report_prices_the_run_and_the_fit_recovers_the_device(tmp_path):
 
 
 def test_stalls_are_counted_by_cause_with_their_time(tmp_path):
-    """A capture, a merge, a garbage collection, an allocator retry, the core loop busy outside the engine and two
-    steps that are none of these (a kernel compiled at first use) among ordinary steps: each under its cause, with
-    its time from the log's first step (the fields survive the log); the ordinary steps are no stall."""
+    """A capture, a merge, a Triton compile, a garbage collection, an allocator retry, the core loop busy outside
+    the engine and two steps that are none of these among ordinary steps: each under its cause, with its time from
+    the log's first step (the fields survive the log); the ordinary steps are no stall."""
     records = write_log(tmp_path / "ordinary.steps.jsonl.gz", 300)
     assert max(r.duration_s for r in records) < STALL_S
     for i, (capture, switch, gc_s, retries, other) in {
@@ -105,18 +105,20 @@ def test_stalls_are_counted_by_cause_with_their_time(tmp_path):
         r.capture_s, r.switch_s, r.gc_s, r.alloc_retries = capture, switch, gc_s, retries
         r.duration_s = capture + switch + gc_s + other
     records[170].outside_s = records[170].duration_s = 0.8  # the core loop busy with requests meanwhile
+    records[180].compile_s, records[180].duration_s = 1.4, 1.5  # a kernel built at first use
     path = tmp_path / "stalled.steps.jsonl.gz"
     StepLog(path).write(records)
     text, summary = analyse([path], skip=200)
     stalls = summary["logs"][path.name]["stalls"]
-    assert stalls["steps"] == 7 and stalls["seconds"] == pytest.approx(2.1 + 0.75 + 1.0 + 1.2 + 0.8 + 3.0 + 0.46)
+    assert stalls["steps"] == 8 and stalls["seconds"] == pytest.approx(2.1 + 0.75 + 1.0 + 1.2 + 0.8 + 1.5 + 3.0 + 0.46)
     assert {c.split(" (")[0]: v["steps"] for c, v in stalls["by_cause"].items()} == \
         {"graph capture": 1, "mode switch": 1, "garbage collection": 1, "CUDA allocator retry": 1, "the core loop": 1,
-         "other": 2}
+         "Triton compile": 1, "other": 2}
     assert "| graph capture | 1 | 2.1 | 40.0 | 40.0 |" in text  # write_log's steps are a second apart
     assert "| garbage collection | 1 | 1.0 | 150.0 | 150.0 |" in text
-    assert "| other (none of these: compilation, the host) | 2 | 3.5 | 200.0 | 201.0 |" in text
-    assert "| 160.0 | 1200 | 0 | 0 | 0 | 0 | 0 | 2 |" in text
+    assert "| 180.0 | 1500 | 0 | 0 | 0 | 0 | 1400 | 0 | 0 |" in text
+    assert "| other (none of these: the host) | 2 | 3.5 | 200.0 | 201.0 |" in text
+    assert "| 160.0 | 1200 | 0 | 0 | 0 | 0 | 0 | 0 | 2 |" in text
     longest = text[text.index("The longest:"):]
     assert longest.index("| 200.0 | 3000 |") < longest.index("| 40.0 | 2100 |") < longest.index("| 120.0 | 750 |")
 

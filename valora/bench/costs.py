@@ -14,8 +14,8 @@ Steps before `--skip` (the server's first steps: compilation, allocator growth, 
 every figure. The target (issue 19) is a prediction within 15% of the measured time.
 
 Each log also gets its *stalls*, every step included: steps of `STALL_S` or more, each of which holds up every
-running stream by as much, by cause (`stall_cause`: a graph capture, a mode switch, a garbage collection, an
-allocator retry or the core loop outside the engine, or none of these: kernels compiled at first use, the host),
+running stream by as much, by cause (`stall_cause`: a graph capture, a mode switch, a Triton kernel compiled at
+first use, a garbage collection, an allocator retry or the core loop outside the engine, or none of these: the host),
 with when they happened, so a latency tail in a sweep point can be traced to its seconds.
 """
 
@@ -106,13 +106,15 @@ def stall_cause(r: StepRecord) -> str:
         return "graph capture"
     if r.switch_s >= r.duration_s / 2:
         return "mode switch"
+    if r.compile_s >= r.duration_s / 2:
+        return "Triton compile"
     if r.gc_s >= r.duration_s / 2:
         return "garbage collection"
     if r.alloc_retries:
         return "CUDA allocator retry"
     if r.outside_s >= r.duration_s / 2:
         return "the core loop (requests in, outputs out)"
-    return "other (none of these: compilation, the host)"
+    return "other (none of these: the host)"
 
 
 def stalls(records: list[StepRecord], longest: int = 10) -> tuple[list[str], dict[str, Any]]:
@@ -131,11 +133,11 @@ def stalls(records: list[StepRecord], longest: int = 10) -> tuple[list[str], dic
                     [[c, str(len(rs)), f"{sum(r.duration_s for r in rs):.1f}", f"{rs[0].time - t0:.1f}",
                       f"{rs[-1].time - t0:.1f}"] for c, rs in causes.items()])
     lines += ["", "The longest:", ""]
-    lines += _table(["at s", "ms", "launch ms", "outside ms", "capture ms", "switch ms", "gc ms", "alloc retries",
-                     "path", "mode", "seqs", "tokens"],
-                    [[f"{r.time - t0:.1f}", f"{r.duration_s * 1e3:.0f}", f"{r.launch_s * 1e3:.0f}",
-                      f"{r.outside_s * 1e3:.0f}",
-                      f"{r.capture_s * 1e3:.0f}", f"{r.switch_s * 1e3:.0f}", f"{r.gc_s * 1e3:.0f}",
+    lines += _table(["at s", "ms", "launch ms", "outside ms", "capture ms", "switch ms", "compile ms", "gc ms",
+                     "alloc retries", "path", "mode", "seqs", "tokens"],
+                    [[f"{r.time - t0:.1f}",
+                      *(f"{s * 1e3:.0f}" for s in (r.duration_s, r.launch_s, r.outside_s, r.capture_s, r.switch_s,
+                                                    r.compile_s, r.gc_s)),
                       str(r.alloc_retries), r.path, r.mode, str(r.num_seqs), str(r.num_tokens)]
                      for r in sorted(slow, key=lambda r: -r.duration_s)[:longest]])
     return lines + [""], {"steps": len(slow), "seconds": sum(r.duration_s for r in slow),

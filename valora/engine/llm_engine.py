@@ -77,7 +77,7 @@ class InFlight:
     # launched ahead switches modes and captures graphs while that one is in flight (its one-off costs belong to
     # it, not to the step whose collection waited for them); negative on the step that gave them.
     carried_s: float = 0.0
-    gc_mark: float = 0.0  # the process's collection seconds when the step's scheduling began
+    pause_mark: tuple[float, float] = (0.0, 0.0)  # the process's collection, compilation seconds at its launch
     launch_s: float = 0.0  # the host's time to schedule, prepare and queue the step (switch and captures included)
     outside_mark: float = 0.0  # the engine's time outside `step` so far, when it was launched
 
@@ -554,7 +554,7 @@ class LLMEngine:
 
     def _launch(self) -> bool:
         """Schedule the next step and queue its device work; whether there was anything to run."""
-        t0, gc_mark = time.perf_counter(), HostPauses.mark()
+        t0, pause_mark = time.perf_counter(), HostPauses.mark()
         self._release_ending()
         ready = self._adapters_ready()
         decision = self._decide()
@@ -587,7 +587,7 @@ class LLMEngine:
             self.lora_manager.prefetch(upcoming[: self.config.lora.max_loras])
         starts, outputs = self._advance(sched.seqs, sched.num_tokens)
         step = InFlight(list(sched.seqs), starts, list(sched.num_tokens), outputs, stop_ids, results, decision.hot,
-                        t0, switch_s, merged_bytes, self.runner.last_run, loaded, decision.costs, gc_mark=gc_mark,
+                        t0, switch_s, merged_bytes, self.runner.last_run, loaded, decision.costs, pause_mark=pause_mark,
                         launch_s=time.perf_counter() - t0, outside_mark=self._outside_s)
         if self._inflight:  # launched ahead: its switch and captures ran inside the last step's window
             step.carried_s = switch_s + step.run.capture_s
@@ -674,7 +674,7 @@ class LLMEngine:
                             step.merged_bytes, StepWork(tokens, len(seqs), step.hot, nbytes, run.image_tokens,
                                                         step.slot_load_bytes, attention),
                             run.graph, run.decode, run.capture_s, costs=step.costs, time=time.time())
-        record.gc_s, record.alloc_retries = self.pauses.take(step.gc_mark, elapsed)
+        record.gc_s, record.compile_s, record.alloc_retries = self.pauses.take(step.pause_mark, elapsed)
         record.launch_s, record.outside_s = step.launch_s, self._outside_s - step.outside_mark
         record.predicted_s = self.policy.predict(record)
         if record.predicted_s is not None:

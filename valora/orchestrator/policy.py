@@ -68,6 +68,7 @@ class StepRecord:
     costs: dict[str | None, float] | None = None  # the decision's predicted cost per hot adapter weighed
     time: float = 0.0  # wall clock when its results came in
     gc_s: float = 0.0  # the host in garbage collections between launch and collection (engine/host_pauses.py)
+    compile_s: float = 0.0  # the host building Triton kernels at first use, likewise
     alloc_retries: int = 0  # CUDA caching-allocator retries (free the cache, malloc again) since the last slow step
     launch_s: float = 0.0  # the host scheduling, preparing and queueing it (a stall here is the host's, not the GPU's)
     outside_s: float = 0.0  # the engine's caller (the core loop: requests in, outputs out) while the step was in flight
@@ -84,7 +85,7 @@ class StepRecord:
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("time", "mode", "hot", "num_seqs", "num_tokens", "duration_s", "switch_s",
                                              "merged_bytes", "graph", "decode", "capture_s", "predicted_s", "gc_s",
-                                             "alloc_retries", "launch_s", "outside_s")}
+                                             "compile_s", "alloc_retries", "launch_s", "outside_s")}
         d["work"] = self.work.to_json() if self.work is not None else None
         d["costs"] = {k or "": v for k, v in self.costs.items()} if self.costs is not None else None
         return d
