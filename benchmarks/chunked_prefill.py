@@ -12,7 +12,8 @@ budget, encoder budget and chunking switch (`configure`), and each configuration
 (its token-bucket graphs are captured then); the steady state starts once every stream has its first token. Each
 chunked token budget runs with every encoder budget of `--encoder-budgets`: `auto` is the engine's default (the token
 budget), `none` no encoder budget (a step's chunks may then start any number of images, as before the encoder
-budget), a number that many image tokens. Without chunking the budget is large enough for the whole burst in one
+budget), a number that many image tokens, `shared` the default encoder budget with images charging the token budget
+too (`--encoder-in-token-budget`: a step encodes or prefills within the one budget). Without chunking the budget is large enough for the whole burst in one
 step, as before issue 16. The time is the engine's own: the sum of `step()` durations, so the burst's prompt
 processing (chat template, image processor: on the caller's thread in `add_request`) is left out; it moves off the
 step loop with issue 16's input processor and is reported separately.
@@ -33,11 +34,12 @@ from valora import LLM, SamplingParams
 from valora.testing.images import random_image
 
 
-def configure(llm: LLM, chunked: bool, budget: int, encoder_budget: int | None = None) -> None:
+def configure(llm: LLM, chunked: bool, budget: int, encoder_budget: int | None = None, shared: bool = False) -> None:
     engine = llm.engine
     engine.core.scheduler.chunked = chunked
     engine.core.scheduler.max_batched_tokens = engine.core.max_batched_tokens = budget
     engine.core.scheduler.max_encoder_tokens = encoder_budget
+    engine.core.scheduler.encoder_in_token_budget = shared
 
 
 def count_encoded_images(llm: LLM) -> list[int]:
@@ -151,7 +153,8 @@ def main() -> None:
                                                      " quick: 16,48)")
     ap.add_argument("--encoder-budgets", default="auto,none",
                     help="encoder budgets to run with each chunked token budget: auto (the token budget, the "
-                         "engine's default), none, or a number of image tokens (default: auto,none)")
+                         "engine's default), none, a number of image tokens, or shared (auto, images charging the "
+                         "token budget too) (default: auto,none)")
     ap.add_argument("--streams", type=int, default=None, help="running streams (default: 32; quick: 6)")
     ap.add_argument("--images", type=int, default=None, help="image requests in the burst (default: 32; quick: 6)")
     ap.add_argument("--image-size", type=int, default=448)
@@ -174,15 +177,16 @@ def main() -> None:
     result: dict = {"model": "tiny qwen2-vl (cpu)" if q else "qwen2-vl-7b shapes, random bf16",
                     "streams": args.streams, "images": args.images, "image_size": args.image_size,
                     "stream_prompt_tokens": args.stream_prompt, "runs": []}
-    encoder = {"auto": lambda b: b, "none": lambda b: None}
-    configs = [(False, whole, None)] + [
-        (True, int(b), encoder[e](int(b)) if e in encoder else int(e))
+    encoder = {"auto": lambda b: b, "shared": lambda b: b, "none": lambda b: None}
+    configs = [(False, whole, None, False)] + [
+        (True, int(b), encoder[e](int(b)) if e in encoder else int(e), e == "shared")
         for b in args.budgets.split(",") for e in args.encoder_budgets.split(",")]
-    for seed, (chunked, budget, encoder_budget) in enumerate(configs, start=1):
-        configure(llm, chunked, budget, encoder_budget)
+    for seed, (chunked, budget, encoder_budget, shared) in enumerate(configs, start=1):
+        configure(llm, chunked, budget, encoder_budget, shared)
         run_burst(llm, args, seed + 100, encoded_per_step)  # first use: its token-bucket graphs are captured here
         row = {"chunked_prefill": chunked, "max_num_batched_tokens": budget,
-               "max_num_encoder_input_tokens": encoder_budget, **run_burst(llm, args, seed, encoded_per_step)}
+               "max_num_encoder_input_tokens": encoder_budget, "encoder_in_token_budget": shared,
+               **run_burst(llm, args, seed, encoded_per_step)}
         result["runs"].append(row)
         print(json.dumps(row), flush=True)
     path = write_result(args.name or ("chunked_prefill_cpu_quick" if q else "chunked_prefill"), result)

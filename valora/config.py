@@ -102,6 +102,10 @@ class SchedulerConfig:
     # The encoder compute budget (vLLM's name): image tokens whose embeddings one step may compute (`Scheduler`).
     # Default: max_num_batched_tokens with chunked prefill, none without (whole prompts, as before).
     max_num_encoder_input_tokens: int | None = None
+    # With chunked prefill, a step's vision work charges the token budget too (an image its LM tokens), so the one
+    # budget bounds a step's whole work: the running streams' inter-token tail under an image burst, for about a
+    # step more of an image's time to first token (`Scheduler`).
+    encoder_in_token_budget: bool = False
     # Schedule and launch step n+1 while step n runs, its new input tokens read on the device (vLLM's
     # --async-scheduling); ends that a token decides are found one step late and the extra token dropped.
     async_scheduling: bool = True

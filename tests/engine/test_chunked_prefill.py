@@ -166,9 +166,11 @@ def _step(sched: Scheduler, cache: EmbeddingCache | None) -> tuple[list, list[in
 
 
 def _burst(encoder_budget: int | None, cache: EmbeddingCache | None = None, chunked: bool = True,
-           with_charges: bool = False):
-    """4 running text streams, then 10 image prompts at once (one to three images of 6 to 24 tokens, some repeated)."""
-    sched = Scheduler(SchedulerConfig(max_num_seqs=16, enable_chunked_prefill=chunked), BlockManager(256, 4),
+           with_charges: bool = False, shared: bool = False, outs: list | None = None):
+    """4 running text streams, then 10 image prompts at once (one to three images of 6 to 24 tokens, some repeated);
+    `outs` collects every step's scheduler output."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=16, enable_chunked_prefill=chunked, encoder_in_token_budget=shared),
+                      BlockManager(256, 4),
                       max_batched_tokens=48 if chunked else 1024, max_loras=None, max_encoder_tokens=encoder_budget,
                       embed_cache=cache)
     streams = [_prompt(i, [5]) for i in range(4)]
@@ -188,6 +190,8 @@ def _burst(encoder_budget: int | None, cache: EmbeddingCache | None = None, chun
         assert all(s in out.seqs for s in streams)  # the running streams decode every step
         steps.append(encoded)
         charged.append([c for c in out.encoder_tokens if c])
+        if outs is not None:
+            outs.append(out)
         assert len(steps) < 100
     return (steps, charged) if with_charges else steps
 
@@ -221,6 +225,40 @@ def test_image_over_the_encoder_budget_is_scheduled():
         out, encoded = _step(sched, None)
         assert encoded == []
     assert big.output_ids == [1]
+
+
+def test_encoder_in_the_token_budget_bounds_each_step():
+    """Images charging the token budget: a step's tokens plus the image tokens it encodes stay within the 48-token
+    budget, except a step whose only prompt work is one image (its chunk then just reaches the image's span, the
+    rest following in later steps); every image is still encoded once and every prompt finishes."""
+    for encoder_budget in (None, 16, 48):
+        outs: list = []
+        steps = _burst(encoder_budget, shared=True, outs=outs)
+        assert sum(len(e) for e in steps) == 15
+        for out in outs:
+            prompt_tokens = sum(n for n, seq in zip(out.num_tokens, out.seqs) if seq.prompt_len > 5)
+            work = sum(out.num_tokens) + sum(out.encoder_tokens)
+            charged = [c for c in out.encoder_tokens if c]
+            alone = len(charged) == 1 and prompt_tokens <= 24  # one image, with what reaches it and no other prompt
+            assert work <= 48 or alone, (encoder_budget, out.num_tokens, out.encoder_tokens)
+        separate: list = []
+        _burst(encoder_budget, outs=separate)  # without it, image work comes on top of a full token budget
+        assert max(sum(o.num_tokens) + sum(o.encoder_tokens) for o in separate) > 48
+
+
+def test_encoder_in_token_budget_gives_the_same_tokens_and_flag(family, tiny_model, adapter_factory):
+    from valora.server.cli import add_arguments, engine_config
+
+    prompts, params, loras, _ = _requests(family, tiny_model, adapter_factory)
+    whole, _, _ = _run(tiny_model, prompts, params, loras, enable_chunked_prefill=False)
+    for budget in (BUDGET, 16):
+        out, _, engine = _run(tiny_model, prompts, params, loras, max_num_batched_tokens=budget,
+                              encoder_in_token_budget=True)
+        assert out == whole and engine.core.scheduler.encoder_in_token_budget
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert not engine_config(p.parse_args(["m"])).scheduler.encoder_in_token_budget
+    assert engine_config(p.parse_args(["m", "--encoder-in-token-budget"])).scheduler.encoder_in_token_budget
 
 
 def test_whole_prompts_with_an_encoder_budget():

@@ -130,6 +130,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="encoder compute budget: image tokens whose embeddings one step may compute; a chunk ends "
                         "before an image over it, but a step always takes one (default: --max-num-batched-tokens "
                         "with chunked prefill, else none)")
+    g.add_argument("--encoder-in-token-budget", action="store_true",
+                   help="with chunked prefill, an image's vision pass also charges --max-num-batched-tokens (its "
+                        "LM tokens' worth), so a step encodes or prefills within the one budget: a lower inter-token "
+                        "tail for running streams under image bursts, about a step more of an image's TTFT")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="schedule and launch each step while the previous one runs on the device, its new input "
                         "tokens read there; outputs are the same (default: on)")
@@ -233,6 +237,7 @@ def engine_config(args: argparse.Namespace):
                                   policy=args.scheduler, max_wait_ms=args.max_wait_ms,
                                   enable_chunked_prefill=args.enable_chunked_prefill,
                                   max_num_encoder_input_tokens=args.max_num_encoder_input_tokens,
+                                  encoder_in_token_budget=args.encoder_in_token_budget,
                                   async_scheduling=args.async_scheduling),
         multimodal=MultiModalConfig(
             max_images_per_prompt=args.max_images_per_prompt, max_image_pixels=args.max_image_pixels,
