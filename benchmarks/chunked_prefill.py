@@ -8,15 +8,15 @@ the images the vision tower encoded per step during the burst.
     python -m benchmarks.chunked_prefill --quick                          # CPU: a tiny Qwen2-VL, to check it runs
 
 Every configuration runs on one engine (one load, one set of CUDA graphs): between runs only the scheduler's token
-budget, encoder budget and chunking switch (`configure`), and each configuration runs a first, unrecorded burst
-(its token-bucket graphs are captured then); the steady state starts once every stream has its first token. Each
-chunked token budget runs with every encoder budget of `--encoder-budgets`: `auto` is the engine's default (the token
+budget, encoder budget and chunking switch (`configure`), and each configuration runs a first, unrecorded burst (its
+token-bucket graphs are captured then); the steady state starts once every stream has its first token. Each chunked
+token budget runs with every encoder budget of `--encoder-budgets`: `auto` is the engine's default (the token
 budget), `none` no encoder budget (a step's chunks may then start any number of images, as before the encoder
 budget), a number that many image tokens, `shared` the default encoder budget with images charging the token budget
-too (`--encoder-in-token-budget`: a step encodes or prefills within the one budget). Without chunking the budget is large enough for the whole burst in one
-step, as before issue 16. The time is the engine's own: the sum of `step()` durations, so the burst's prompt
-processing (chat template, image processor: on the caller's thread in `add_request`) is left out; it moves off the
-step loop with issue 16's input processor and is reported separately.
+too (`--encoder-in-token-budget`: a step encodes or prefills within the one budget). Without chunking the budget is
+large enough for the whole burst in one step, as before issue 16. The time is the engine's own: the sum of `step()`
+durations, so the burst's prompt processing (chat template, image processor: on the caller's thread in
+`add_request`) is left out; it moves off the step loop with issue 16's input processor and is reported separately.
 """
 
 from __future__ import annotations
