@@ -7,23 +7,25 @@ within 10% of the free one.
 The loop is timed as a whole (no synchronisation between steps), so the host's mask work overlaps the device's step
 as it does in serving.
 
-    python -m benchmarks.structured_outputs --workdir /tmp/valora-so          # GPU; results JSON in benchmarks/results
+    python -m benchmarks.structured_outputs --workdir /tmp/valora-bench       # GPU; results JSON in benchmarks/results
     python -m benchmarks.structured_outputs --quick                           # CPU check: tiny model, small batch
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sysconfig
 import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
-from benchmarks.common import QWEN2_VL_7B, write_result
+from benchmarks.common import build_checkpoint, write_result
 from valora import LLM, SamplingParams
 from valora.sampling_params import StructuredOutputsParams
-from valora.testing.checkpoints import build_model
+from valora.testing.checkpoints import build_tokenizer
 
 DETECTIONS = {  # never complete within the measured steps (minItems), so every constrained row runs throughout
     "type": "array",
@@ -54,18 +56,21 @@ def corpus(limit_bytes: int):
             return
 
 
-def build(workdir: Path, quick: bool, vocab: int) -> Path:
-    model = workdir / (f"tiny-{vocab}" if quick else f"qwen2-vl-7b-random-{vocab}")
-    if not (model / "config.json").exists():
+def build(workdir: Path, quick: bool, vocab: int) -> tuple[Path, Path]:
+    """The benchmarks' shared checkpoint (`build_checkpoint`: one 16 GB build serves every GPU benchmark given the
+    same --workdir) and a tokenizer of `vocab` tokens beside it. Both tokenizers put the family's special tokens
+    first, so the checkpoint's image, end and padding ids hold for either."""
+    model, _ = build_checkpoint(workdir, 0, 8, quick=quick)
+    tokenizer = workdir / f"tokenizer-{vocab}"
+    if not (tokenizer / "tokenizer.json").exists():
         t = time.perf_counter()
-        text = corpus(vocab * 1000)
-        if quick:
-            build_model("qwen2_vl", model, initializer_range=0.05, tokenizer_vocab=vocab, corpus=text)
-        else:
-            build_model("qwen2_vl", model, large=True, dtype=torch.bfloat16, device="cuda", max_pixels=448 * 448,
-                        tokenizer_vocab=vocab, corpus=text, **QWEN2_VL_7B)
-        print(f"checkpoint and a tokenizer of {vocab} tokens written in {time.perf_counter() - t:.0f} s", flush=True)
-    return model
+        tok = build_tokenizer("qwen2_vl", tokenizer, vocab_size=vocab, corpus=corpus(vocab * 1000))
+        print(f"a tokenizer of {len(tok)} tokens trained in {time.perf_counter() - t:.0f} s", flush=True)
+    size = json.loads((model / "config.json").read_text())
+    size = size.get("vocab_size") or size["text_config"]["vocab_size"]
+    if len(AutoTokenizer.from_pretrained(tokenizer)) > size:
+        raise SystemExit(f"--tokenizer-vocab {vocab} is over the checkpoint's {size} embeddings")
+    return model, tokenizer
 
 
 def decode(llm: LLM, batch: int, constrained: int, steps: int, prompt_len: int) -> dict:
@@ -109,23 +114,25 @@ def decode(llm: LLM, batch: int, constrained: int, steps: int, prompt_len: int) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/valora-structured-outputs"))
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/valora-bench"),
+                    help="where the checkpoint and tokenizer are built on first use (shared with the other benchmarks)")
     ap.add_argument("--quick", action="store_true", help="CPU check: tiny model, batch 8, 12 steps")
     ap.add_argument("--batch", type=int, default=None, help="default: 32 (8 with --quick)")
     ap.add_argument("--steps", type=int, default=None, help="decode steps timed (default: 128, 12 with --quick)")
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--tokenizer-vocab", type=int, default=None, help="default: 65536 (2048 with --quick)")
+    ap.add_argument("--tokenizer-vocab", type=int, default=None, help="default: 65536 (512 with --quick)")
     args = ap.parse_args()
     quick = args.quick
     batch = args.batch or (8 if quick else 32)
     steps = args.steps or (12 if quick else 128)
-    vocab = args.tokenizer_vocab or (2048 if quick else 65536)
-    model = build(args.workdir, quick, vocab)
+    vocab = args.tokenizer_vocab or (512 if quick else 65536)
+    model, tokenizer = build(args.workdir, quick, vocab)
     if quick:
         torch.set_num_threads(1)  # a tiny model: one thread beats a pool contended by neighbours
-        llm = LLM(str(model), dtype="float32", device="cpu", max_num_seqs=batch)
+        llm = LLM(str(model), tokenizer=str(tokenizer), dtype="float32", device="cpu", max_num_seqs=batch)
     else:
-        llm = LLM(str(model), max_model_len=4096, gpu_memory_utilization=0.5, max_num_seqs=64)
+        llm = LLM(str(model), tokenizer=str(tokenizer), max_model_len=4096, gpu_memory_utilization=0.5,
+                  max_num_seqs=64)
     decode(llm, batch, batch, 2, args.prompt_len)  # warm-up: graphs, allocator, the grammar's compilation
     rows = {}
     for name, constrained in (("free", 0), ("mixed", batch // 2), ("constrained", batch)):
