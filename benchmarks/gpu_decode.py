@@ -60,7 +60,7 @@ def summarize(out: Path, walls: dict[str, dict]) -> dict:
     if speed:
         row = lambda r: {k: r[k] for k in ("batch", "distinct_adapters", "valora_ms", "roofline_ms",  # noqa: E731
                                             "valora_over_roofline")}
-        idle = lambda d: {k: (d.get(k) or {}).get("idle_share_of_step") for k in d if k.startswith("idle_")}  # noqa: E731
+        idle = lambda d: {k: (d.get(k) or {}).get("idle_share") for k in d if k.startswith("idle_")}  # noqa: E731
         summary["engine_speed"] = {
             "device": speed.get("device"), "commit": speed.get("commit"),
             "async": [row(r) for r in speed["decode"]], "async_idle": idle(speed),
