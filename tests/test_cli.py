@@ -58,6 +58,7 @@ def _cases(model, adapter, tmp, busy_port):
         (["serve", model, "--lora-modules", f"a={model}"], "no adapter_config.json"),
         (["serve", model, "--lora-root", "/nonexistent"], "not a directory"),
         (["serve", model, "--dtype", "float8"], "unknown dtype"),
+        (["serve", model, "--encoder-in-token-budget", "--no-enable-chunked-prefill"], "needs chunked prefill"),
         (["serve", model, "--scheduler", "fifo"], "invalid choice"),
         (["serve", str(tmp / "nowhere")], "does not exist"),
         (["serve", str(tmp)], "no config.json"),

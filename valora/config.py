@@ -117,6 +117,9 @@ class SchedulerConfig:
             raise UserError("max_wait_ms must be positive")
         if self.max_num_encoder_input_tokens is not None and self.max_num_encoder_input_tokens < 1:
             raise UserError("max_num_encoder_input_tokens must be at least 1")
+        if self.encoder_in_token_budget and not self.enable_chunked_prefill:
+            raise UserError("--encoder-in-token-budget needs chunked prefill (a whole prompt is never cut to fit the "
+                            "budget); drop --no-enable-chunked-prefill or the flag")
 
 
 # Attention kernels of the vision towers (vLLM's names; models/layers/vit.py): auto = TRITON_ATTN on CUDA, else SDPA
