@@ -196,6 +196,35 @@ def test_module_triton_matches_torch(dtype):
     torch.testing.assert_close(outs["triton"], outs["torch"], atol=TOL[dtype] * 2, rtol=TOL[dtype] * 2)
 
 
+def test_attention_ints_start_16_byte_aligned():
+    """Whatever a step's token, decode and prefill counts, every attention view the kernels take starts on a 16-byte
+    boundary of the step's one upload (Triton builds a kernel variant per pointer alignment) and holds its values."""
+    model = SimpleNamespace(decoder_config=SimpleNamespace(num_kv_heads=2, head_dim=D, num_layers=1))
+    for steps in ([(5, 0, 0)], [(5, 0, 0), (3, 3, 1)], [(7, 2, 0), (4, 4, 2), (9, 9, 1)],
+                  [(2, 2, 3), (3, 0, 0), (6, 6, 1), (1, 0, 0), (11, 5, 0)]):
+        blocks = BlockManager(num_blocks=64, block_size=4)
+        runner = ModelRunner(model, blocks, torch.float32, torch.device("cpu"))
+        seqs = [_seq(i, n, computed, outputs) for i, (n, computed, outputs) in enumerate(steps)]
+        for seq in seqs:
+            blocks.allocate(seq, len(seq))
+        meta = runner.prepare(seqs, [len(s) - s.num_computed for s in seqs], {})[0].attn
+        views = [meta.prefill_q_starts, meta.prefill_q_lens, meta.prefill_context_lens, meta.prefill_block_tables,
+                 meta.decode_context_lens, meta.decode_block_tables]
+        for v in (v for v in views if v is not None):
+            assert (v.data_ptr() - v.untyped_storage().data_ptr()) % 16 == 0, steps
+        decodes = [s for s in seqs if len(s) - s.num_computed == 1 and s.num_computed > 0]  # the runner's rule
+        prefills = [s for s in seqs if s not in decodes]
+        if decodes:
+            assert meta.decode_context_lens.tolist() == [len(s) for s in decodes]
+            assert [row[: len(s.block_table)] for row, s in zip(meta.decode_block_tables.tolist(), decodes)] == \
+                [s.block_table for s in decodes]
+        if prefills:
+            assert meta.prefill_q_lens.tolist() == [len(s) - s.num_computed for s in prefills]
+            assert meta.prefill_context_lens.tolist() == [len(s) for s in prefills]
+            assert [row[: len(s.block_table)] for row, s in zip(meta.prefill_block_tables.tolist(), prefills)] == \
+                [s.block_table for s in prefills]
+
+
 def test_head_dim_not_a_power_of_two():
     """D = 24 runs as a masked 32-wide tile, in both kernels."""
     d, h, kvh, bs = 24, 6, 2, 4

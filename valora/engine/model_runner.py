@@ -40,6 +40,22 @@ class RunInfo:
     capture_s: float = 0.0  # CUDA graphs captured for it
 
 
+ALIGN_INTS = 4  # int32s in 16 bytes: the pointer alignment Triton specialises its kernels on
+
+
+def segment_offsets(sizes: list[int]) -> list[int]:
+    """Where each segment of a step's packed attention ints starts, each at a multiple of 16 bytes, then the total.
+    Packed end to end, a view's alignment would follow the step's sizes (tokens, decodes, prefills), and Triton
+    builds a kernel variant per combination of its pointer arguments' alignments (four for the prefill kernel):
+    an eager step could meet a new combination at first use, long after start-up, and wait for its compile
+    (0.5-2 s). Aligned, one variant serves every step, as with LoRAMeta's maps."""
+    offsets, o = [], 0
+    for n in sizes:
+        offsets.append(o)
+        o += -(-n // ALIGN_INTS) * ALIGN_INTS
+    return offsets + [o]
+
+
 @dataclass
 class StepInputs:
     """One step's batch on the host, before its copies to the device."""
@@ -72,10 +88,13 @@ class StepInputs:
         )
 
     def _attention_meta(self, device: torch.device, block_size: int) -> AttentionMeta:
-        """All of the step's attention ints go to the device in one int32 copy; the fields are views of it."""
+        """All of the step's attention ints go to the device in one int32 copy; the fields are views of it, each
+        starting 16-byte aligned (`segment_offsets`)."""
         sp, bd = len(self.prefills), self.attn_sizes[1]
         dev = upload(self.attn_ints, device)
-        slot_map, rows, q_starts, q_lens, ctx, d_ctx, p_tab, d_tab = dev.split(self.attn_sizes)
+        offsets = segment_offsets(self.attn_sizes)
+        slot_map, rows, q_starts, q_lens, ctx, d_ctx, p_tab, d_tab = (
+            dev[o : o + n] for o, n in zip(offsets, self.attn_sizes))
         attn = AttentionMeta(slot_map.long(), block_size)
         if sp:
             attn.prefill_q_starts, attn.prefill_q_lens, attn.prefill_context_lens = q_starts, q_lens, ctx
@@ -86,8 +105,7 @@ class StepInputs:
             attn.decode_rows = rows.long()
             attn.decode_context_lens = d_ctx
             attn.decode_block_tables = d_tab.view(bd, self.decode_width)
-            o = self.attn_sizes[0] + bd + 3 * sp
-            attn.decode_max_context = int(self.attn_ints[o : o + bd].max())
+            attn.decode_max_context = int(self.attn_ints[offsets[5] : offsets[5] + bd].max())
         return attn
 
 
@@ -215,16 +233,12 @@ class ModelRunner:
         wp = max((len(b) for b in pre_tables), default=0)
         wd = max(max((len(b) for b in dec_tables), default=0), self.max_blocks_per_seq or 0)
         sizes = [t, bd, sp, sp, sp, bd, sp * wp, bd * wd]
-        buf = np.zeros(sum(sizes), dtype=np.int32)
-        buf[:t] = slot_mapping
-        o = t + bd
-        buf[t:o] = dec_rows
-        if sp:
-            buf[o : o + 3 * sp] = np.asarray(prefills, dtype=np.int32).T.reshape(-1)
-        o += 3 * sp
-        buf[o : o + bd] = dec_lens
-        o += bd
-        for tables, w in ((pre_tables, wp), (dec_tables, wd)):
+        offsets = segment_offsets(sizes)
+        buf = np.zeros(offsets[-1], dtype=np.int32)
+        spans = (slot_mapping, dec_rows, *(zip(*prefills) if sp else ((), (), ())), dec_lens)
+        for o, values in zip(offsets, spans):
+            buf[o : o + len(values)] = values
+        for tables, w, o in ((pre_tables, wp, offsets[6]), (dec_tables, wd, offsets[7])):
             for b in tables:
                 buf[o : o + len(b)] = b
                 o += w
