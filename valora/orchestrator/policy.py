@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Protocol
 
 from valora.orchestrator.cost_model import StepWork
@@ -83,9 +83,7 @@ class StepRecord:
         return max(self.duration_s - self.switch_s - self.capture_s, 0.0)
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("time", "mode", "hot", "num_seqs", "num_tokens", "duration_s", "switch_s",
-                                             "merged_bytes", "graph", "decode", "capture_s", "predicted_s", "gc_s",
-                                             "compile_s", "alloc_retries", "launch_s", "outside_s")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("work", "costs")}
         d["work"] = self.work.to_json() if self.work is not None else None
         d["costs"] = {k or "": v for k, v in self.costs.items()} if self.costs is not None else None
         return d
