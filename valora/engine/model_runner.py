@@ -22,6 +22,7 @@ from valora.engine.sampler import sample_async
 from valora.engine.sequence import PENDING, Sequence
 from valora.heads.params import HeadParams
 from valora.models.forward_batch import ForwardBatch, ImageInputs
+from valora.models.layers.aligned import ALIGN_BYTES
 from valora.models.layers.attention import AttentionMeta
 from valora.models.layers.parallel import kv_heads_per_rank
 from valora.models.layers.uploads import upload
@@ -40,7 +41,7 @@ class RunInfo:
     capture_s: float = 0.0  # CUDA graphs captured for it
 
 
-ALIGN_INTS = 4  # int32s in 16 bytes: the pointer alignment Triton specialises its kernels on
+ALIGN_INTS = ALIGN_BYTES // 4  # int32s in 16 bytes: the pointer alignment Triton specialises its kernels on
 
 
 def segment_offsets(sizes: list[int]) -> list[int]:
