@@ -4,11 +4,17 @@ The pass is memory-bound (rank r is small): each program streams one tile of W i
 that tile (computed on tensor cores in fp32), and streams the tile of W' out, so a switch costs about the time
 to read and write the targeted weights once. cuBLAS `addmm` with k = r reaches well under half the bandwidth on
 these shapes, so on CUDA the Triton kernel is used; elsewhere `torch.addmm` computes the same thing.
+
+A fused projection (qkv: three slices, gate/up: two) is one launch: the row tiles of all its slices form one grid
+and each program finds its slice, its rank and its rows of A. A switch of Qwen2-VL-7B's all-linear adapter is 112
+launches instead of 196, and the host work around each is a handful of integers (the switch was host-bound: a
+k/v slice's tile pass takes about a microsecond of GPU time, less than its launch).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -20,20 +26,29 @@ try:
 except ImportError:  # pragma: no cover - triton is an optional dependency on CPU
     triton = None
 
+MAX_SLICES = 3  # q/k/v; gate/up is two and every other layer one
+
 
 if triton is not None:
 
-    @triton.jit
-    def _merge_kernel(w_ptr, b_ptr, a_ptr, out_ptr, M, N, R, scale,
-                      stride_w, stride_b, stride_a, stride_out,
+    @triton.jit(do_not_specialize=["r0", "r1", "r2", "end0", "end1", "tiles0", "tiles1"])
+    def _merge_kernel(w_ptr, b_ptr, a_ptr, out_ptr, N, scale, stride_w, stride_b, stride_a, stride_out,
+                      r0, r1, r2, end0, end1, end2, tiles0, tiles1, rmax,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        # which slice this row tile belongs to: tiles0 / tiles1 are the cumulative tile counts of slices 0 and 1
+        j = (pid_m >= tiles0).to(tl.int32) + (pid_m >= tiles1).to(tl.int32)
+        start = tl.where(j == 0, 0, tl.where(j == 1, end0, end1))
+        end = tl.where(j == 0, end0, tl.where(j == 1, end1, end2))
+        r = tl.where(j == 0, r0, tl.where(j == 1, r1, r2))
+        tile = pid_m - tl.where(j == 0, 0, tl.where(j == 1, tiles0, tiles1))
+        rm = start + tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rr = tl.arange(0, BLOCK_R)
-        mm, mn, mr = rm < M, rn < N, rr < R
+        mm, mn, mr = rm < end, rn < N, rr < r
         b = tl.load(b_ptr + rm[:, None] * stride_b + rr[None, :], mask=mm[:, None] & mr[None, :], other=0.0)
-        a = tl.load(a_ptr + rr[:, None] * stride_a + rn[None, :], mask=mr[:, None] & mn[None, :], other=0.0)
+        a = tl.load(a_ptr + (j * rmax + rr)[:, None] * stride_a + rn[None, :], mask=mr[:, None] & mn[None, :],
+                    other=0.0)
         w = tl.load(w_ptr + rm[:, None] * stride_w + rn[None, :], mask=mm[:, None] & mn[None, :], other=0.0)
         if UPCAST:  # the interpreter's bf16 dot is wrong; fp32 operands are exact there
             b, a = b.to(tl.float32), a.to(tl.float32)
@@ -45,19 +60,39 @@ if triton is not None:
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def merge_into(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float) -> None:
-    """out = w + scale * b @ a; w, out [M, N], b [M, r], a [r, N] (row-major rows; views of larger stacks are fine)."""
+def merge_block_r(rank: int) -> int:
+    """The kernel's rank tile for a layer's largest rank: the one compile-time specialisation a merge has."""
+    return max(16, 1 << max(rank - 1, 0).bit_length())
+
+
+def merge_into(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float,
+               ranks: Sequence[int], slices: Sequence[int], rmax: int) -> None:
+    """out = w + scale·B_j·A_j for each row slice j of w (sizes `slices`, at most three): w, out [M, N] with
+    M = sum(slices); b [M, >= max rank], slice j reading its first ranks[j] columns; a [len(slices)·rmax, N], slice
+    j's A in rows j·rmax .. j·rmax + ranks[j]. A slice of rank 0 is copied. Views of larger stacks are fine."""
+    if len(slices) > MAX_SLICES or len(ranks) != len(slices):
+        raise ValueError(f"one rank per slice, at most {MAX_SLICES} slices")
     use_triton = triton is not None and (w.is_cuda or INTERPRET) and w.stride(1) == 1 and out.stride(1) == 1
     if not use_triton:
         if not compiling():
-            torch.addmm(w, b, a, alpha=scale, out=out)
+            start = 0
+            for j, (rows, r) in enumerate(zip(slices, ranks)):
+                dst, src = out[start : start + rows], w[start : start + rows]
+                if r:
+                    torch.addmm(src, b[start : start + rows, :r], a[j * rmax : j * rmax + r], alpha=scale, out=dst)
+                else:
+                    dst.copy_(src)
+                start += rows
         return
-    m, n = w.shape
-    r = a.shape[0]
-    block_r = max(16, triton.next_power_of_2(r))
+    block_r = merge_block_r(max(ranks))
     block_m, block_n = (64, 128) if block_r <= 64 else (64, 64)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    args = (w, b, a, out, m, n, r, float(scale), w.stride(0), b.stride(0), a.stride(0), out.stride(0))
+    ends = [sum(slices[: j + 1]) for j in range(len(slices))]
+    tiles = [sum(triton.cdiv(s, block_m) for s in slices[: j + 1]) for j in range(len(slices))]
+    pad = MAX_SLICES - len(slices)
+    rs, ends, tiles = list(ranks) + [0] * pad, ends + [ends[-1]] * pad, tiles + [tiles[-1]] * pad
+    grid = (tiles[-1], triton.cdiv(w.shape[1], block_n))
+    args = (w, b, a, out, w.shape[1], float(scale), w.stride(0), b.stride(0), a.stride(0), out.stride(0),
+            *rs, *ends, tiles[0], tiles[1], rmax)
     opts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, UPCAST=INTERPRET, num_warps=4)
     if compiling():
         _merge_kernel.warmup(*args, grid=grid, **opts)

@@ -17,7 +17,7 @@ from torch import nn
 
 from valora.lora.ops import lora_matmul
 from valora.lora.ops.batch import LoRABatch
-from valora.lora.ops.merge import merge_into
+from valora.lora.ops.merge import merge_block_r, merge_into
 from valora.models.layers.aligned import aligned_empty
 
 
@@ -111,38 +111,28 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self, slot: int, ranks: Sequence[int], scale: float) -> None:
         """Compute W' = W + scale·B·A for `slot` (per-slice ranks given from the host, so no device sync) and
-        serve from it. A layer the adapter does not target stays on W and needs no corrections."""
+        serve from it, all slices in one launch. A layer the adapter does not target stays on W and needs no
+        corrections."""
         if not any(ranks):
             self.merged_slot = None
             return
         self.reserve_merged()
-        for j, r in enumerate(ranks):
-            rows = self._slice_rows(j)
-            if r == 0:
-                self.merged_weight[rows].copy_(self.weight[rows])
-            else:
-                merge_into(self.merged_weight[rows], self.weight[rows], *self._merge_factors(slot, j, r), scale)
+        self._merge_into_shadow(slot, ranks, scale)
         self.merged_slot = slot
 
     def compile_merges(self) -> None:
-        """Under `lora.ops.jit.compile_only()`: build the merge kernel for every rank an adapter of this layer can
-        have (the kernel is specialised by the rank's tile), so the first switch to merged mode does not compile.
-        Nothing to build where no shadow weights were reserved: the scheduler never merges."""
+        """Under `lora.ops.jit.compile_only()`: build the merge kernel for every rank tile an adapter of this layer
+        can need (the kernel's one specialisation), so the first switch to merged mode does not compile. Nothing
+        to build where no shadow weights were reserved: the scheduler never merges."""
         if self.merged_weight is None or self.lora_b is None:
             return
-        for j in range(self.num_slices):
-            rows = self._slice_rows(j)
-            for r in range(1, self.max_rank + 1):
-                merge_into(self.merged_weight[rows], self.weight[rows], *self._merge_factors(0, j, r), 1.0)
+        for block_r in sorted({merge_block_r(r) for r in range(1, self.max_rank + 1)}):
+            self._merge_into_shadow(0, [min(block_r, self.max_rank)] * self.num_slices, 1.0)
 
-    def _slice_rows(self, j: int) -> slice:
-        return slice(self.slice_offset(j), self.slice_offset(j) + self.out_slices[j])
-
-    def _merge_factors(self, slot: int, j: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """B [out_j, r] and A [r, in] of slice j of the adapter in `slot`, up to rank r."""
-        assert self.lora_a is not None and self.lora_b is not None
-        rmax = self.max_rank
-        return self.lora_b[slot, self._slice_rows(j), :r], self.lora_a[slot, j * rmax : j * rmax + r]
+    def _merge_into_shadow(self, slot: int, ranks: Sequence[int], scale: float) -> None:
+        assert self.lora_a is not None and self.lora_b is not None and self.merged_weight is not None
+        merge_into(self.merged_weight, self.weight, self.lora_b[slot], self.lora_a[slot], scale, ranks,
+                   self.out_slices, self.max_rank)
 
     @property
     def active_weight(self) -> torch.Tensor:
