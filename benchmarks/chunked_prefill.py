@@ -31,6 +31,7 @@ import torch
 
 from benchmarks.common import build_checkpoint, write_result
 from valora import LLM, SamplingParams
+from valora.orchestrator.step_log import read_step_log
 from valora.testing.images import random_image
 
 
@@ -56,6 +57,10 @@ def count_encoded_images(llm: LLM) -> list[int]:
     return counts
 
 
+SLOWEST_FIELDS = ("duration_s", "graph", "decode", "num_seqs", "num_tokens", "capture_s", "compile_s", "gc_s",
+                  "alloc_retries", "launch_s", "outside_s")
+
+
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
@@ -67,9 +72,9 @@ def image_prompt(llm: LLM, seed: int, size: int) -> dict:
                                                          {"type": "text", "text": "Describe the image."}]}])
 
 
-def run_burst(llm: LLM, args, seed: int, encoded_per_step: list[int]) -> dict:
+def run_burst(llm: LLM, args, seed: int, encoded_per_step: list[int], step_log: Path) -> dict:
     """One configuration: streams to steady state, the burst, until every image request is done.
-    `encoded_per_step`: `count_encoded_images`'s list."""
+    `encoded_per_step`: `count_encoded_images`'s list; `step_log`: the engine's (`StepRecord`s)."""
     engine = llm.engine
     g = torch.Generator().manual_seed(seed)
     stream_ids = [f"s{seed}-{i}" for i in range(args.streams)]
@@ -103,7 +108,7 @@ def run_burst(llm: LLM, args, seed: int, encoded_per_step: list[int]) -> dict:
     for _ in range(args.steady_steps):
         step()
     burst_at = clock
-    encoded_from = len(encoded_per_step)
+    encoded_from, records_from = len(encoded_per_step), len(read_step_log(step_log))
     prompts = [image_prompt(llm, seed * 1000 + i, args.image_size) for i in range(args.images)]
     image_ids = [f"i{seed}-{i}" for i in range(args.images)]
     t = time.perf_counter()
@@ -114,11 +119,14 @@ def run_burst(llm: LLM, args, seed: int, encoded_per_step: list[int]) -> dict:
         step()
     burst_end = clock
     encoded = encoded_per_step[encoded_from:]
+    records_to = records_from + len(encoded)
     while any(engine.output_processor.requests.get(r) is not None for r in image_ids):
         step()
     engine.abort_request(stream_ids)
     while engine.has_unfinished_requests():
         engine.step()
+    # the caller's own time while a step was in flight (adding the burst's requests) is not the step's
+    slowest = max(read_step_log(step_log)[records_from:records_to], key=lambda r: r.duration_s - r.outside_s)
 
     steady, burst = [], []
     for times in token_times.values():
@@ -142,6 +150,9 @@ def run_burst(llm: LLM, args, seed: int, encoded_per_step: list[int]) -> dict:
                           "p99": percentile(ttft, 0.99) * 1e3},
         "image_prompt_tokens": len(engine.input_processor.process(prompts[0])[1].token_ids),
         "burst_add_request_s_excluded": add_s,
+        # the burst's longest step, and what it did: its p99 inter-token latency is often this one step
+        "burst_slowest_step": {**{f: getattr(slowest, f) for f in SLOWEST_FIELDS},
+                               "image_tokens": slowest.work.image_tokens if slowest.work else None},
     }
 
 
@@ -170,8 +181,9 @@ def main() -> None:
     args.steady_steps = args.steady_steps or (8 if q else 32)
     whole = 4096 if q else 16384  # without chunking: the whole burst in one step
     model_dir, _ = build_checkpoint(args.workdir, 0, 8, quick=q)
+    step_log = args.workdir / "chunked_prefill.steps.jsonl"
     llm = LLM(str(model_dir), max_model_len=whole, max_num_seqs=2 * max(args.streams, args.images),
-              max_num_batched_tokens=whole, enable_chunked_prefill=False,
+              max_num_batched_tokens=whole, enable_chunked_prefill=False, step_log=str(step_log),
               **(dict(device="cpu", num_kv_blocks=1024) if q else dict(gpu_memory_utilization=0.8)))
     encoded_per_step = count_encoded_images(llm)
     result: dict = {"model": "tiny qwen2-vl (cpu)" if q else "qwen2-vl-7b shapes, random bf16",
@@ -183,10 +195,10 @@ def main() -> None:
         for b in args.budgets.split(",") for e in args.encoder_budgets.split(",")]
     for seed, (chunked, budget, encoder_budget, shared) in enumerate(configs, start=1):
         configure(llm, chunked, budget, encoder_budget, shared)
-        run_burst(llm, args, seed + 100, encoded_per_step)  # first use: its token-bucket graphs are captured here
+        run_burst(llm, args, seed + 100, encoded_per_step, step_log)  # first use: its token-bucket graphs captured
         row = {"chunked_prefill": chunked, "max_num_batched_tokens": budget,
                "max_num_encoder_input_tokens": encoder_budget, "encoder_in_token_budget": shared,
-               **run_burst(llm, args, seed, encoded_per_step)}
+               **run_burst(llm, args, seed, encoded_per_step, step_log)}
         result["runs"].append(row)
         print(json.dumps(row), flush=True)
     path = write_result(args.name or ("chunked_prefill_cpu_quick" if q else "chunked_prefill"), result)

@@ -165,5 +165,5 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     multimodal: MultiModalConfig = field(default_factory=MultiModalConfig)
     enforce_eager: bool = False  # GPU: run decode steps and vision passes eagerly (same numerics), not from graphs
-    step_log: str | None = None  # write one JSON line per step here (`.gz`: compressed); needs enable_lora
+    step_log: str | None = None  # write one JSON line per step here (`.gz`: compressed)
     tensor_parallel_size: int = 1  # devices (processes) the model is split over; docs/distributed.md

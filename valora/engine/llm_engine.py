@@ -209,7 +209,7 @@ class LLMEngine:
             backend = self.policy.lora_backend  # each baseline runs the kernel its system used
         lora_config = LoRAConfig(lc.max_loras, lc.max_lora_rank, lc.max_cpu_loras, backend)
         self.lora_manager = LoRAManager(self.model, self.model.mapper, lora_config, self.dtype, self.device)
-        self.switcher = ModeSwitcher(self.lora_manager)
+        self.switcher = ModeSwitcher(self.lora_manager, graphs=not self.config.enforce_eager)
         if self.replicas is not None:
             self.replicas.call("init_lora", lora_config, self.policy.merges)
             self.lora_manager.replicas = self.replicas
@@ -623,8 +623,7 @@ class LLMEngine:
         elapsed = max(now_s - max(step.started, self._collected_at) + step.carried_s, 0.0)
         self._collected_at = now_s
         seqs = step.seqs
-        if self.policy is not None:
-            self._observe(step, elapsed)
+        self._observe(step, elapsed)
         answers = self._answer_heads(seqs, tokens)
         now = self.clock()
         kept = []
@@ -657,12 +656,9 @@ class LLMEngine:
 
     def _observe(self, step: InFlight, elapsed: float) -> None:
         """The collected step's record (before its sequences advance): counted per mode, priced by the policy's
-        cost model before the policy learns from it, logged."""
+        cost model before the policy learns from it (with LoRA), logged."""
         seqs = step.seqs
         mode = step_mode(step.hot, (s.lora_name for s in seqs))
-        self.last_mode = mode
-        self.mode_steps[mode.value] += 1
-        self.mode_seconds[mode.value] += elapsed
         tokens: dict[str | None, int] = {}
         attention = 0
         for s, start, n in zip(seqs, step.starts, step.num_tokens):
@@ -676,11 +672,16 @@ class LLMEngine:
                             run.graph, run.decode, run.capture_s, costs=step.costs, time=time.time())
         record.gc_s, record.compile_s, record.alloc_retries = self.pauses.take(step.pause_mark, elapsed)
         record.launch_s, record.outside_s = step.launch_s, self._outside_s - step.outside_mark
+        if self.step_log is not None:
+            self._unlogged.append(record)
+        if self.policy is None:
+            return
+        self.last_mode = mode
+        self.mode_steps[mode.value] += 1
+        self.mode_seconds[mode.value] += elapsed
         record.predicted_s = self.policy.predict(record)
         if record.predicted_s is not None:
             self.step_costs[mode.value].add(record.predicted_s, record.compute_s)
-        if self.step_log is not None:
-            self._unlogged.append(record)
         self.policy.observe(record)
 
     def _answer_heads(self, seqs: list[Sequence], results: list) -> dict[Sequence, HeadOutput]:
