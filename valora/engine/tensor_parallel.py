@@ -132,7 +132,7 @@ class Worker:
 
     def init_lora(self, lora: LoRAConfig, reserve_merged: bool) -> None:
         self.manager = LoRAManager(self.model, self.model.mapper, lora, self.dtype, self.device)
-        self.switcher = ModeSwitcher(self.manager)
+        self.switcher = ModeSwitcher(self.manager, graphs=not self.config.enforce_eager)
         if reserve_merged:
             self.switcher.reserve()
 
