@@ -1,6 +1,7 @@
 """Mode switch on the GPU: Qwen2-VL-7B shapes (28 layers; q,k,v,o,gate,up,down targeted; rank 64; bf16).
 
-Times merged <-> unmerged and a hot-adapter change through the engine's own ModeSwitcher, next to the memory
+Times merged <-> unmerged and a hot-adapter change through the engine's own ModeSwitcher (a merge replays its
+captured graph on CUDA; `eager` is the same merge issued from Python, launch by launch), next to the memory
 roofline of the bytes a switch must move (read W, write W' for every targeted layer, at the measured copy
 bandwidth), and next to the in-place add-then-subtract that dLoRA and peft use, with the drift it leaves. After
 `--switches` more switches (merge A, unmerge, merge B, ...), the checkpoint weights must equal their copy from before
@@ -97,6 +98,11 @@ def measure(targets: tuple[str, ...], bandwidth: float, device: torch.device, dt
             unmerge.append(timed(lambda: switcher.switch(None, None)))
             remerge.append(timed(lambda: switcher.switch("A", slots["A"])))  # A still held: free
             change.append(timed(lambda: switcher.switch("B", slots["B"])))
+        switcher.graphs, eager = False, []  # the same merges issued from Python, launch by launch
+        for _ in range(repeats):
+            switcher.switch("B", slots["B"])
+            eager.append(timed(lambda: switcher.switch("A", slots["A"])))
+        switcher.graphs = device.type == "cuda"
         cycle = (("A", slots["A"]), (None, None), ("B", slots["B"]))
         t = time.perf_counter()
         for i in range(switches):
@@ -116,7 +122,8 @@ def measure(targets: tuple[str, ...], bandwidth: float, device: torch.device, dt
             "roofline_ms": roofline * 1e3,
             "merge_ms": ms(merge), "unmerge_ms": ms(unmerge), "remerge_held_ms": ms(remerge),
             "hot_change_ms": ms(change), "merge_vs_roofline": ms(merge) / (roofline * 1e3),
-            "switches": 4 * repeats + switches + 3, "extra_switches_s": switches_s,
+            "merge_eager_ms": ms(eager), "merge_graphs": switcher.graphs,
+            "switches": 6 * repeats + switches + 3, "extra_switches_s": switches_s,
             "weights_bit_identical_after_switches": exact,
             "inplace_add_sub_ms": inplace, "inplace_drift_fraction_after_20": drift,
         }
@@ -170,11 +177,12 @@ def main() -> None:
                             switches=args.switches)
     path = write_result(args.name, rows)
     print(f"written {path}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
-    print(f"{'targets':16s} {'merge':>8s} {'unmerge':>8s} {'re-merge':>9s} {'A->B':>8s} {'roofline':>9s} "
+    print(f"{'targets':16s} {'merge':>8s} {'eager':>8s} {'unmerge':>8s} {'re-merge':>9s} {'A->B':>8s} {'roofline':>9s} "
           f"{'in-place pair':>13s} {'drift@20':>9s} exact after")
     for key in args.targets:
         r = rows[key]
-        print(f"{key:16s} {r['merge_ms']:8.2f} {r['unmerge_ms']:8.3f} {r['remerge_held_ms']:9.3f} "
+        print(f"{key:16s} {r['merge_ms']:8.2f} {r['merge_eager_ms']:8.2f} {r['unmerge_ms']:8.3f} "
+              f"{r['remerge_held_ms']:9.3f} "
               f"{r['hot_change_ms']:8.2f} {r['roofline_ms']:9.2f} {r['inplace_add_sub_ms']:13.2f} "
               f"{r['inplace_drift_fraction_after_20']:9.4f} {r['weights_bit_identical_after_switches']} "
               f"({r['switches']} switches)")
