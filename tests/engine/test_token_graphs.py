@@ -44,20 +44,22 @@ def _groups(family, model_dir, adapter_factory):
 
 
 def _run(model_dir, groups, static: bool, policy=None, **options):
-    """Each group's tokens, and per group the (variant, whether the step had decodes) the token graphs served."""
+    """Each group's tokens, and per group the (variant, whether the step had decodes, whether no sequence ran
+    several tokens) the token graphs served."""
     llm = LLM(str(model_dir), enable_lora=True, max_loras=2, max_lora_rank=8, lora_backend="gather",
               dtype="float32", device="cpu", max_num_seqs=3, enable_prefix_caching=False, embed_cache_mb=0, **options)
     core = llm.engine.core
     if policy is not None:
         core.policy = policy
     runner = core.runner
-    served: list[tuple[TokenVariant, bool]] = []
+    served: list[tuple[TokenVariant, bool, bool]] = []
     if static:
         runner.enable_cuda_graphs(3, 2, capture=False, max_num_batched_tokens=MAX_TOKENS)  # decode steps too
         graphs = runner.token_graphs
         run = graphs.run
         graphs.run = lambda embeds, batch: served.append(
-            (graphs.variant(batch), batch.attn.decode_rows is not None)) or run(embeds, batch)
+            (graphs.variant(batch), batch.attn.decode_rows is not None, not batch.attn.prefill_host)
+        ) or run(embeds, batch)
     tokens, variants = [], []
     for prompts, loras, lengths in groups:
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
@@ -74,12 +76,12 @@ def test_padded_steps_give_the_tokens_of_plain_steps(family, tiny_model, adapter
     plain, _ = _run(tiny_model, groups, static=False, **options)
     padded, served = _run(tiny_model, groups, static=True, **options)
     assert padded == plain
-    mixed = [v for v, decodes in served[0] if decodes]
+    mixed = [v for v, decodes, _ in served[0] if decodes]
     assert mixed and any(v.lora.adapters for v in mixed)  # decodes beside a prompt (or a chunk) with adapters
     if chunk:  # every step within the budget: all served, the long prompt's chunks too
-        assert max(v.tokens for group in served for v, _ in group) == 32 and served[1]
+        assert max(v.tokens for group in served for v, _, _ in group) == 32 and served[1]
     else:  # three prompts with two adapters at once, no decodes yet (the same graph); the long prompt runs eagerly
-        assert any(not decodes and v.lora.adapters == 2 for v, decodes in served[0]) and not served[1]
+        assert any(not decodes and v.lora.adapters == 2 for v, decodes, _ in served[0]) and not served[1]
 
 
 @pytest.mark.families("qwen2_vl")
@@ -89,7 +91,24 @@ def test_padded_mixture_steps_give_the_tokens_of_plain_steps(family, tiny_model,
     plain, _ = _run(tiny_model, groups, static=False, policy=FixedHot("a"), max_num_batched_tokens=8)
     padded, served = _run(tiny_model, groups, static=True, policy=FixedHot("a"), max_num_batched_tokens=8)
     assert padded == plain
-    assert any(decodes and v.lora.correction and any(v.lora.merged) for v, decodes in served[0])
+    assert any(decodes and v.lora.correction and any(v.lora.merged) for v, decodes, _ in served[0])
+
+
+@pytest.mark.families("qwen2_vl")
+def test_a_step_whose_prompt_work_is_one_image_token_is_padded_too(family, tiny_model, adapter_factory):
+    """An image's vision pass charging the token budget (16): the first step takes the other prompt's 7 tokens and
+    the text before the image, which does not fit beside them; the next one a decode and the single token that
+    reaches the image, whose pass takes the rest of the budget: single tokens only, but with an image row, which
+    the decode graphs (token ids in, no image rows) cannot take."""
+    a = LoRARequest("a", 1, str(adapter_factory(tiny_model, r=8, target_modules=family.targets("lm"), seed=3)))
+    prompts = ["a short one", {"prompt": f"hi {family.image_prompt} what is it ?",
+                               "multi_modal_data": {"image": random_image(112, 112, seed=1)}}]
+    groups = [(prompts, [a, None], [8, 4])]
+    options = dict(max_num_batched_tokens=16, encoder_in_token_budget=True)
+    plain, _ = _run(tiny_model, groups, static=False, **options)
+    padded, served = _run(tiny_model, groups, static=True, **options)
+    assert padded == plain
+    assert any(decodes and single for _, decodes, single in served[0])
 
 
 @needs_cuda

@@ -7,18 +7,18 @@ linear; on the H100 host (~60 us a launch) a 7B step with adapters spent 43-124 
 a fraction of that (docs/benchmarks.md). Under chunked prefill at saturation about half of all steps mix decodes
 with a chunk, so they, not the decode steps, set the throughput.
 
-A step is replayed here when it has at most `MAX_SEQS` sequences with several tokens and, decodes and a padding
-row included, fits the largest bucket. Its input embeddings (token and image rows; the vision pass replays its own
-graphs) are computed eagerly into a static buffer, then one replay runs every LM layer on static buffers padded to
-a token bucket (`token_buckets`): positions, KV slots (padding rows write theirs to the runner's pad slot, which no
-sequence reads), per prefill sequence its query start, query length, context length and block table (padding
-entries have no queries; the prefill attention grid is sized by the bucket), per decode its row, context length
-and block table, and the LoRA metadata (graph_lora.py). The decode part has an entry for every sequence the
-scheduler may run (`max_num_seqs`, so its split-KV grid is one shape); entries past the step's decodes have no keys
-and write their zero output to a padding row, so every graph has one. A step without decodes runs the same graph,
-all its decode entries padding (their kernel exits at once): one graph per bucket serves both kinds of step, half
-the graphs to capture and keep of one per bucket for each kind. Padding rows belong to no sequence, so no real row
-ever reads them.
+A step is replayed here when it has at most `MAX_SEQS` sequences with several tokens (at least one, or image rows)
+and, decodes and a padding row included, fits the largest bucket. Its input embeddings (token and image rows; the
+vision pass replays its own graphs) are computed eagerly into a static buffer, then one replay runs every LM layer
+on static buffers padded to a token bucket (`token_buckets`): positions, KV slots (padding rows write theirs to the
+runner's pad slot, which no sequence reads), per prefill sequence its query start, query length, context length and
+block table (padding entries have no queries; the prefill attention grid is sized by the bucket), per decode its
+row, context length and block table, and the LoRA metadata (graph_lora.py). The decode part has an entry for every
+sequence the scheduler may run (`max_num_seqs`, so its split-KV grid is one shape); entries past the step's decodes
+have no keys and write their zero output to a padding row, so every graph has one. A step without decodes runs the
+same graph, all its decode entries padding (their kernel exits at once): one graph per bucket serves both kinds of
+step, half the graphs to capture and keep of one per bucket for each kind. Padding rows belong to no sequence, so no
+real row ever reads them.
 
 A graph is kept per (bucket, LoRA variant); start-up captures the common ones, the rest are captured the first time
 a step needs them; all share one memory pool and copy their output into one static buffer, so their memory is that
@@ -99,9 +99,13 @@ class TokenGraphs:
 
     def usable(self, batch: ForwardBatch) -> bool:
         """Some sequence runs several tokens, at most MAX_SEQS do, the whole step and a padding row fit the
-        buckets, and its LoRA work can be captured."""
+        buckets, and its LoRA work can be captured. A step of single tokens qualifies when it has image rows (a
+        prompt's chunk cut to the one token that reaches an image, the rest decodes: what an image's vision pass
+        charging the token budget makes): the decode graphs embed token ids only, and eagerly the host spent
+        30-36 ms launching each such step on the H100, five times a whole decode step."""
         a = batch.attn
-        return (0 < len(a.prefill_host) <= MAX_SEQS and batch.input_ids.shape[0] + 1 <= self.buckets[-1]
+        several = len(a.prefill_host) > 0 or batch.images is not None
+        return (several and len(a.prefill_host) <= MAX_SEQS and batch.input_ids.shape[0] + 1 <= self.buckets[-1]
                 and self.lora.usable(batch))
 
     def variant(self, batch: ForwardBatch) -> TokenVariant:
@@ -180,16 +184,17 @@ class TokenGraphs:
 
     def _fill(self, embeds: torch.Tensor, batch: ForwardBatch, t: int, v: TokenVariant) -> None:
         a = batch.attn
-        s, w = a.prefill_block_tables.shape
+        s = len(a.prefill_host)
         self.embeds[:t].copy_(embeds)
         self.positions[:, :t].copy_(batch.positions if batch.positions.dim() == 2 else batch.positions.expand(3, -1))
         self.slot_mapping[:t].copy_(a.slot_mapping)
         self.slot_mapping[t : v.tokens].fill_(self.pad_slot)
-        self.q_starts[:s].copy_(a.prefill_q_starts)
-        self.q_lens[:s].copy_(a.prefill_q_lens)
+        if s:
+            self.q_starts[:s].copy_(a.prefill_q_starts)
+            self.q_lens[:s].copy_(a.prefill_q_lens)
+            self.context_lens[:s].copy_(a.prefill_context_lens)
+            self.block_tables[:s, : a.prefill_block_tables.shape[1]].copy_(a.prefill_block_tables)
         self.q_lens[s:].zero_()  # padding entries: no queries
-        self.context_lens[:s].copy_(a.prefill_context_lens)
-        self.block_tables[:s, :w].copy_(a.prefill_block_tables)
         d = 0 if a.decode_rows is None else a.decode_block_tables.shape[0]
         if d:
             w = a.decode_block_tables.shape[1]
