@@ -94,6 +94,8 @@ class ModeSwitcher:
         else:
             assert slot is not None
             graph = self._merge_graph(slot) if rewrites else None
+            if graph is not None:  # first: the device merges while the host points the layers at the result
+                graph.replay()
             ranks = self.manager.slot_ranks[slot]
             scale = self.manager.slot_scale[slot]
             for path, layer in layers.items():
@@ -103,8 +105,6 @@ class ModeSwitcher:
                     layer.merged_slot = slot if any(ranks[path]) else None
                 else:
                     layer.merge(slot, ranks[path], scale)
-            if graph is not None:
-                graph.replay()
             self._held = held
         if sync:
             torch.cuda.synchronize(self.manager.device)
