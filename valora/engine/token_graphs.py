@@ -98,14 +98,15 @@ class TokenGraphs:
         return next(b for b in self.buckets if b >= tokens)
 
     def usable(self, batch: ForwardBatch) -> bool:
-        """Some sequence runs several tokens, at most MAX_SEQS do, the whole step and a padding row fit the
-        buckets, and its LoRA work can be captured. A step of single tokens qualifies when it has image rows (a
-        prompt's chunk cut to the one token that reaches an image, the rest decodes: what an image's vision pass
-        charging the token budget makes): the decode graphs embed token ids only, and eagerly the host spent
-        30-36 ms launching each such step on the H100, five times a whole decode step."""
+        """The step has prompt work the decode graphs cannot take (some sequence runs several tokens, or some row
+        is an image's), at most MAX_SEQS sequences run several tokens, the whole step and a padding row fit the
+        buckets, and its LoRA work can be captured. Image rows alone qualify: a prompt's chunk cut to the one token
+        that reaches its image beside decodes (what an image's vision pass charging the token budget makes), which
+        the decode graphs cannot take (token ids in) and which eagerly cost the host 30-36 ms of launches on the
+        H100, five times a whole decode step."""
         a = batch.attn
-        several = len(a.prefill_host) > 0 or batch.images is not None
-        return (several and len(a.prefill_host) <= MAX_SEQS and batch.input_ids.shape[0] + 1 <= self.buckets[-1]
+        prompt_work = len(a.prefill_host) > 0 or batch.images is not None
+        return (prompt_work and len(a.prefill_host) <= MAX_SEQS and batch.input_ids.shape[0] + 1 <= self.buckets[-1]
                 and self.lora.usable(batch))
 
     def variant(self, batch: ForwardBatch) -> TokenVariant:
