@@ -194,12 +194,18 @@ def test_requests_land_where_their_adapter_is(url, adapters):
     assert len(served) == 2 and all(v > 0 for v in served.values())  # both replicas took part
 
 
+COMPLETION_TOKENS = 160
+
+
 def test_a_replica_lost_mid_run_loses_no_request_that_had_not_started(url, offline, adapters):
     """Eight non-streaming completions over all adapters (so over both replicas) and two streams; once the streams
     are under way one replica is killed. Every completion is answered, those of the lost replica by the other one;
-    a stream either finishes or ends with an error event; the replica is replaced and serves again."""
+    a stream either finishes or ends with an error event; the replica is replaced and serves again. The completions
+    are long enough (COMPLETION_TOKENS) to be still running once the streams have started: with 24 tokens a full
+    suite run once saw nothing retried, the killed replica's completions having finished, it seems, before the
+    kill."""
     requests = [(name, f"request {i} about a red car") for i, name in enumerate(adapters)]
-    want = offline.complete(requests, max_tokens=24)
+    want = offline.complete(requests, max_tokens=COMPLETION_TOKENS)
     before = metrics(url)
     engines = sorted(by_replica(before, "valora:num_requests_running"))
     assert len(engines) == 2
@@ -209,7 +215,7 @@ def test_a_replica_lost_mid_run_loses_no_request_that_had_not_started(url, offli
 
     async def complete(model: str, prompt: str) -> str:
         async with client() as c:
-            got = await c.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0,
+            got = await c.completions.create(model=model, prompt=prompt, max_tokens=COMPLETION_TOKENS, temperature=0,
                                               extra_body={"ignore_eos": True})
         return got.choices[0].text
 
