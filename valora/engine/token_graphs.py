@@ -99,11 +99,10 @@ class TokenGraphs:
 
     def usable(self, batch: ForwardBatch) -> bool:
         """The step has prompt work the decode graphs cannot take (some sequence runs several tokens, or some row
-        is an image's), at most MAX_SEQS sequences run several tokens, the whole step and a padding row fit the
-        buckets, and its LoRA work can be captured. Image rows alone qualify: a prompt's chunk cut to the one token
-        that reaches its image beside decodes (what an image's vision pass charging the token budget makes), which
-        the decode graphs cannot take (token ids in) and which eagerly cost the host 30-36 ms of launches on the
-        H100, five times a whole decode step."""
+        is an image's: the decode graphs take token ids only), at most MAX_SEQS sequences run several tokens, the
+        whole step and a padding row fit the buckets, and its LoRA work can be captured. Image rows alone come from
+        a prompt's chunk cut to the one token that reaches its image (an image's vision pass charging the token
+        budget); eagerly such a step cost the host 30-36 ms of launches on the H100, five times a decode step."""
         a = batch.attn
         prompt_work = len(a.prefill_host) > 0 or batch.images is not None
         return (prompt_work and len(a.prefill_host) <= MAX_SEQS and batch.input_ids.shape[0] + 1 <= self.buckets[-1]
