@@ -116,7 +116,7 @@ def test_one_gpu_simulation_matches_the_measured_sweep(costs):
     """The calibration check of docs/benchmarks.md: on one GPU, the simulated goodput within 15% of the measured
     one at every swept rate within the SLO, and the simulated capacity between the highest swept rate within the
     SLO and the next one."""
-    sweep = Sweep.load(RESULTS / "e2e")
+    sweep = Sweep.load(RESULTS / "e2e_slice1")
     prompts = fit_prompt_model(sweep)
     assert prompts.tokens_per_word == pytest.approx(1.2, abs=0.05)
     rows = check_one_gpu(costs, prompts, sweep)
@@ -132,7 +132,7 @@ def test_one_gpu_simulation_matches_the_measured_sweep(costs):
 
 
 def test_measured_moments_of_a_point():
-    sweep = Sweep.load(RESULTS / "e2e")
+    sweep = Sweep.load(RESULTS / "e2e_slice1")
     by_rate = {p.key.rate: Moments.measured(p) for p in sweep.points}
     assert by_rate[4].steps_per_s == pytest.approx(84.4, abs=0.5)
     assert by_rate[16].mean_batch == pytest.approx(60.9, abs=0.5)

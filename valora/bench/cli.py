@@ -112,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"),
                    help="measured one-GPU results: engine_speed, engine_smoke, lora_ops JSON (default: %(default)s)")
     p.add_argument("--sweep", type=Path, default=None,
-                   help="the measured one-GPU sweep to calibrate on and check against (default: RESULTS/e2e)")
+                   help="the measured one-GPU sweep to calibrate on and check against (default: RESULTS/e2e_slice1, "
+                        "the slice the committed study used)")
     p.add_argument("--out", type=Path, default=Path("bench-results/simulate"),
                    help="where the JSON and the plot go (default: %(default)s; docs/benchmarks.md's run used "
                         "benchmarks/results)")
@@ -143,7 +144,7 @@ def simulate(args: argparse.Namespace) -> int:
         gpus=tuple(args.gpus), routers=tuple(args.routers), load_rate=args.load_rate,
         workload=ClusterWorkload(mix=args.mix, skew=args.skew, adapters_per_gpu=args.adapters_per_gpu,
                                  duration_s=args.duration, warmup_s=args.warmup, seed=args.seed))
-    sweep = args.sweep or args.results / "e2e"
+    sweep = args.sweep or args.results / "e2e_slice1"
     needed = [args.results / f"{name}_h100.json" for name in ("engine_speed", "engine_smoke", "lora_ops")]
     missing = [p for p in [*needed, sweep / "run.json"] if not p.is_file()]
     if missing:
