@@ -4,13 +4,14 @@ Cost (`cost_model.StepCostModel`): a step's seconds are a linear model of its wo
 pass its launches, the adapters and bytes it reads and the token-bytes it computes), fitted online to the
 engine's own steps, per path (CUDA graph or eager), and seeded by a table recorded on this device or by its
 measured rates. Each step the policy prices the coming batch unmerged and with each candidate merged (the current
-hot adapter and the three adapters with the most tokens); merging a new adapter adds the measured switch cost
-(seconds per rewritten byte, learned from the switches so far) spread over `horizon_steps`; returning to unmerged
-and re-merging the adapter the shadow weights still hold are free. Candidates are compared at their prediction
-minus `explore` standard deviations, so a mode whose cost the steps seen so far leave open gets tried, and is
-then priced by what it measured. The mode in place is kept unless another one's bound beats it by a `hysteresis`
-share of its cost: two modes priced alike (a small batch, where a mixture saves about what its extra pass costs)
-would otherwise trade places every step as each one's measurements narrow its deviation.
+hot adapter and the three adapters with the most tokens) over `horizon_steps`: this step, then decodes of the batch
+it leaves (a step that admits prompts is one of prefill work and many of decoding); merging a new adapter adds the
+measured switch cost (seconds per rewritten byte, learned from the switches so far) spread over the same steps;
+returning to unmerged and re-merging the adapter the shadow weights still hold are free. Candidates are compared
+at their prediction minus `explore` standard deviations, so a mode whose cost the steps seen so far leave open gets
+tried, and is then priced by what it measured. The mode in place is kept unless another one's bound beats it by a
+`hysteresis` share of its cost: two modes priced alike (a small batch, where a mixture saves about what its extra
+pass costs) would otherwise trade places every step as each one's measurements narrow its deviation.
 
 Fairness: a waiting request whose wait reaches `max_wait_ms`, or whose deadline is near, is admitted first
 (earliest deadline first); after those come the hot adapter's requests, then everyone else in arrival order.
@@ -64,10 +65,13 @@ class ValoraPolicy(Policy):
                         key=lambda s: (s.deadline if s.deadline is not None else s.arrival_time + self.max_wait_s))
         rest = [s for s, f in zip(view.waiting, flagged) if not f]
         tokens: dict[str | None, int] = {}
-        attention = 0
+        decodes: dict[str | None, int] = {}  # the steps after this one: every sequence decodes a token
+        attention = context = 0
         for s in view.running:
             tokens[s.lora_name] = tokens.get(s.lora_name, 0) + 1
+            decodes[s.lora_name] = decodes.get(s.lora_name, 0) + 1
             attention += len(s)
+        context = attention
         seats, budget = view.max_num_seqs - len(view.running), view.max_batched_tokens - len(view.running)
         seqs = len(view.running)
         for s in urgent + rest:  # who would be admitted, approximately (KV blocks are the scheduler's business)
@@ -75,15 +79,23 @@ class ValoraPolicy(Policy):
             if seats <= 0 or need > budget:
                 break
             tokens[s.lora_name] = tokens.get(s.lora_name, 0) + need
+            decodes[s.lora_name] = decodes.get(s.lora_name, 0) + 1
             attention += need * len(s)
+            context += len(s)
             seats, budget, seqs = seats - 1, budget - need, seqs + 1
-        path = self.decode_path if seqs == len(view.running) else self.prefill_path
         named = [a for a in tokens if a is not None]
         candidates = dict.fromkeys([None, view.hot, *sorted(named, key=lambda a: -tokens[a])[:3]])
         nbytes = {a: view.adapter_bytes(a) for a in {*named, view.hot} if a is not None}
+        priced = self._price(self.decode_path, decodes, seqs, context, candidates, nbytes, view.hot)
+        if seqs != len(view.running):
+            # A mode is chosen for `horizon` steps, the switch into it spread over them: this one, with its prompt
+            # work, and the decodes after it. A mixture that pays only for one prefill step, and then costs the
+            # decodes its extra pass, is no reason to merge (on the H100 such merges, undone at the next decode,
+            # made 600 switches in 45 s of VQA at 24 req/s).
+            now = self._price(self.prefill_path, tokens, seqs, attention, candidates, nbytes, view.hot)
+            priced = [((c0 + (self.horizon - 1) * c1) / self.horizon, (s0 + (self.horizon - 1) * s1) / self.horizon)
+                      for (c0, s0), (c1, s1) in zip(now, priced)]
         costs: dict[str | None, float] = {}
-        priced = self.costs.price(path, [StepWork(tokens, seqs, h, nbytes, attention=attention) for h in candidates],
-                                  versus=StepWork(tokens, seqs, view.hot, nbytes, attention=attention))
         bounds: dict[str | None, float] = {}
         for h, (cost, std) in zip(candidates, priced):
             if h is not None and h not in (view.hot, view.held):
@@ -95,6 +107,13 @@ class ValoraPolicy(Policy):
             best = view.hot  # not worth a change of mode
         order = urgent + [s for s in rest if s.lora_name == best] + [s for s in rest if s.lora_name != best]
         return Decision(hot=best, admit_order=order, costs=costs)
+
+    def _price(self, path: str, tokens: dict[str | None, int], seqs: int, attention: int,
+               candidates: dict[str | None, None], nbytes: dict[str, int], hot: str | None
+               ) -> list[tuple[float, float]]:
+        """(seconds, deviation against the mode in place) of one step's work under each candidate hot adapter."""
+        return self.costs.price(path, [StepWork(tokens, seqs, h, nbytes, attention=attention) for h in candidates],
+                                versus=StepWork(tokens, seqs, hot, nbytes, attention=attention))
 
     def predict(self, record: StepRecord) -> float | None:
         return self.costs.predict(record.path, record.work) if record.work is not None else None
