@@ -100,3 +100,30 @@ def test_a_prompt_in_progress_may_preempt_a_newer_decode_already_in_the_step():
     out = sched.schedule()  # the stream decodes first, then the prompt needs 2 blocks where 1 is free
     assert out.seqs == [prompt] and out.num_tokens == [7] and out.preempted == [stream]
     assert stream.block_table == [] and sched.waiting[0] is stream and len(prompt.block_table) == 4
+
+
+def test_prompts_per_step_capped_where_the_graphs_need_it():
+    """With `max_prompt_seqs` (the token-bucket graphs' limit, set by the engine when it captures them) a step
+    takes at most that many sequences with prompt work, in progress or new; decodes are never held back."""
+    sched = Scheduler(SchedulerConfig(), BlockManager(64, 4), max_batched_tokens=64, max_loras=None,
+                      max_prompt_seqs=2)
+    streams = [_seq(i, 1) for i in range(3)]  # one-token prompts: decoding from their second step
+    for s in streams:
+        sched.add(s)
+    _step(sched)
+    _step(sched)
+    prompts = [_seq(10 + i, 12) for i in range(5)]
+    for s in prompts:
+        sched.add(s)
+    out = _step(sched)
+    assert out.seqs == streams + prompts[:2] and out.num_tokens == [1, 1, 1, 12, 12]
+    out = _step(sched)
+    assert out.seqs == streams + prompts[:2] + prompts[2:4] and out.num_tokens == [1] * 5 + [12, 12]
+    # Chunked to the budget, a prompt in progress counts too: with a cap of one, the next prompt waits for it to
+    # finish though the budget has room.
+    sched = Scheduler(SchedulerConfig(), BlockManager(64, 4), max_batched_tokens=20, max_loras=None,
+                      max_prompt_seqs=1)
+    for i in range(3):
+        sched.add(_seq(20 + i, 30))
+    chunks = [[(s.seq_id, n) for s, n in zip(out.seqs, out.num_tokens)] for out in (_step(sched) for _ in range(3))]
+    assert chunks == [[(20, 20)], [(20, 10)], [(20, 1), (21, 19)]]

@@ -172,9 +172,11 @@ class LLMEngine:
         # The encoder compute budget: by default the token budget with chunked prefill (Scheduler says why), none
         # without (whole prompts, as before) unless set.
         max_encoder_tokens = sc.max_num_encoder_input_tokens or (self.max_batched_tokens if chunked else None)
+        graphs = self.runner.token_graphs
         self.scheduler = Scheduler(sc, blocks, self.max_batched_tokens,
                                    config.lora.max_loras if config.enable_lora else None,
-                                   max_encoder_tokens=max_encoder_tokens, embed_cache=self.embed_cache)
+                                   max_encoder_tokens=max_encoder_tokens, embed_cache=self.embed_cache,
+                                   max_prompt_seqs=graphs.max_seqs if graphs is not None and graphs.capture else None)
         self.requests: dict[str, Sequence] = {}  # unfinished ones
         self._seq_ids = itertools.count()
         # Launched steps not collected yet, oldest first: one, or two while the next step was launched ahead of

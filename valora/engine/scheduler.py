@@ -74,9 +74,15 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_batched_tokens: int,
                  max_loras: int | None, max_encoder_tokens: int | None = None,
-                 embed_cache: EmbeddingCache | None = None) -> None:
+                 embed_cache: EmbeddingCache | None = None, max_prompt_seqs: int | None = None) -> None:
         self.config, self.blocks = config, blocks
         self.max_batched_tokens = max_batched_tokens
+        # Sequences with prompt work in one step, at most (None: any): the token-bucket CUDA graphs take a step with
+        # up to that many. An image burst under an encoder budget admitted all 32 prompts in one step, each for the
+        # few tokens before its image, and that step ran eagerly: 33 ms of host launches on the H100, during which
+        # the running streams got nothing. The prompts past the cap start a step later, as they would anyway: one
+        # image's vision pass a step is what the budget allows.
+        self.max_prompt_seqs = max_prompt_seqs
         self.max_encoder_tokens = max_encoder_tokens  # None: no encoder budget
         self.embed_cache = embed_cache  # the runner's: images found there need no vision pass
         self.max_loras = max_loras
@@ -113,12 +119,17 @@ class Scheduler:
         budget = self.max_batched_tokens
         encoded = 0  # encoder tokens this step has charged
         prefilling = False  # whether a prompt has taken tokens this step (decodes are no prompt work)
+        prompts = 0  # sequences with prompt work in the step
+        cap = self.max_prompt_seqs if self.max_prompt_seqs is not None else self.config.max_num_seqs
         adapters = {decision.hot} if decision.hot is not None else set()
         runnable = [s for s in self.running if s not in decision.paused and ready(s)]
         runnable.sort(key=lambda s: len(s) - s.num_computed > 1)  # decodes first; otherwise oldest first
         for seq in runnable:
             if seq not in self.running:  # preempted for an older one
                 continue
+            several = len(seq) - seq.num_computed > 1  # a prompt (or a recompute) in progress, not a decode
+            if several and prompts >= cap:
+                continue  # past the cap: it waits a step (decodes are sorted first, so none is held back)
             n = min(len(seq) - seq.num_computed, budget)
             enc = 0
             if n > 0:
@@ -138,6 +149,7 @@ class Scheduler:
                 self._preempt(self.running.pop(), out)
                 break
             prefilling = prefilling or seq.num_computed < seq.prompt_len
+            prompts += several
             self.blocks.allocate(seq, end)
             out.add(seq, n, enc)
             budget -= n + self._charged(enc)
@@ -148,7 +160,7 @@ class Scheduler:
             return out
         order = list(self.waiting) if decision.admit_order is None else decision.admit_order
         for seq in order:
-            if len(self.running) >= self.config.max_num_seqs or budget <= 0:
+            if len(self.running) >= self.config.max_num_seqs or budget <= 0 or prompts >= cap:
                 break
             if not ready(seq) or not self._has_slot(seq, adapters):
                 continue  # its adapter is loading, or would need a slot this step does not have: keep scanning
@@ -174,6 +186,7 @@ class Scheduler:
             budget -= n + self._charged(enc)
             encoded += enc
             prefilling = True
+            prompts += 1
             if seq.lora_name is not None:
                 adapters.add(seq.lora_name)
         return out

@@ -94,6 +94,8 @@ class TokenGraphs:
         self.pool = None
         self.capture_seconds = 0.0
 
+    max_seqs = MAX_SEQS  # sequences with prompt work a step may have (the engine's scheduler keeps to it)
+
     def bucket(self, tokens: int) -> int:
         return next(b for b in self.buckets if b >= tokens)
 
