@@ -69,6 +69,8 @@ class TokenVariant:
 
 
 class TokenGraphs:
+    max_seqs = MAX_SEQS  # sequences with prompt work a step may have (the engine's scheduler keeps to it)
+
     def __init__(self, model: torch.nn.Module, kv_caches: list, *, max_num_seqs: int, max_blocks_per_seq: int,
                  block_size: int, pad_slot: int, max_loras: int, device: torch.device, capture: bool = True,
                  max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
@@ -93,8 +95,6 @@ class TokenGraphs:
         self.graphs: dict[TokenVariant, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.capture_seconds = 0.0
-
-    max_seqs = MAX_SEQS  # sequences with prompt work a step may have (the engine's scheduler keeps to it)
 
     def bucket(self, tokens: int) -> int:
         return next(b for b in self.buckets if b >= tokens)

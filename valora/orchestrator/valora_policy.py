@@ -66,7 +66,7 @@ class ValoraPolicy(Policy):
         rest = [s for s, f in zip(view.waiting, flagged) if not f]
         tokens: dict[str | None, int] = {}
         decodes: dict[str | None, int] = {}  # the steps after this one: every sequence decodes a token
-        attention = context = 0
+        attention = 0
         for s in view.running:
             tokens[s.lora_name] = tokens.get(s.lora_name, 0) + 1
             decodes[s.lora_name] = decodes.get(s.lora_name, 0) + 1
