@@ -103,27 +103,32 @@ def test_a_prompt_in_progress_may_preempt_a_newer_decode_already_in_the_step():
 
 
 def test_prompts_per_step_capped_where_the_graphs_need_it():
-    """With `max_prompt_seqs` (the token-bucket graphs' limit, set by the engine when it captures them) a step
-    takes at most that many sequences with prompt work, in progress or new; decodes are never held back."""
-    sched = Scheduler(SchedulerConfig(), BlockManager(64, 4), max_batched_tokens=64, max_loras=None,
-                      max_prompt_seqs=2)
-    streams = [_seq(i, 1) for i in range(3)]  # one-token prompts: decoding from their second step
-    for s in streams:
-        sched.add(s)
+    """With `max_prompt_seqs` (the token-bucket graphs' limit, set by the engine when it captures them) a step that
+    decodes takes at most that many sequences with prompt work, in progress or new; decodes are never held back,
+    and a step without decodes (no stream to stall) takes every prompt that fits."""
+    def scheduler(budget: int, cap: int) -> Scheduler:
+        return Scheduler(SchedulerConfig(), BlockManager(64, 4), max_batched_tokens=budget, max_loras=None,
+                         max_prompt_seqs=cap)
+
+    def steps(sched: Scheduler, n: int) -> list[list[tuple[int, int]]]:
+        return [[(s.seq_id, k) for s, k in zip(out.seqs, out.num_tokens)] for out in (_step(sched) for _ in range(n))]
+
+    sched = scheduler(64, 2)
+    for i in range(5):
+        sched.add(_seq(10 + i, 4))
+    assert steps(sched, 1) == [[(10 + i, 4) for i in range(5)]]  # nothing decodes yet: all of them
+    sched = scheduler(64, 2)
+    sched.add(_seq(0, 1))  # a one-token prompt: decoding from its second step
     _step(sched)
-    _step(sched)
-    prompts = [_seq(10 + i, 12) for i in range(5)]
-    for s in prompts:
-        sched.add(s)
-    out = _step(sched)
-    assert out.seqs == streams + prompts[:2] and out.num_tokens == [1, 1, 1, 12, 12]
-    out = _step(sched)
-    assert out.seqs == streams + prompts[:2] + prompts[2:4] and out.num_tokens == [1] * 5 + [12, 12]
+    for i in range(5):
+        sched.add(_seq(10 + i, 4))
+    assert steps(sched, 3) == [[(0, 1), (10, 4), (11, 4)], [(0, 1), (10, 1), (11, 1), (12, 4), (13, 4)],
+                               [(0, 1), (10, 1), (11, 1), (12, 1), (13, 1), (14, 4)]]
     # Chunked to the budget, a prompt in progress counts too: with a cap of one, the next prompt waits for it to
     # finish though the budget has room.
-    sched = Scheduler(SchedulerConfig(), BlockManager(64, 4), max_batched_tokens=20, max_loras=None,
-                      max_prompt_seqs=1)
-    for i in range(3):
+    sched = scheduler(21, 1)
+    sched.add(_seq(0, 1))
+    _step(sched)
+    for i in range(2):
         sched.add(_seq(20 + i, 30))
-    chunks = [[(s.seq_id, n) for s, n in zip(out.seqs, out.num_tokens)] for out in (_step(sched) for _ in range(3))]
-    assert chunks == [[(20, 20)], [(20, 10)], [(20, 1), (21, 19)]]
+    assert steps(sched, 3) == [[(0, 1), (20, 20)], [(0, 1), (20, 10)], [(0, 1), (20, 1), (21, 19)]]

@@ -77,11 +77,12 @@ class Scheduler:
                  embed_cache: EmbeddingCache | None = None, max_prompt_seqs: int | None = None) -> None:
         self.config, self.blocks = config, blocks
         self.max_batched_tokens = max_batched_tokens
-        # Sequences with prompt work in one step, at most (None: any): the token-bucket CUDA graphs take a step with
-        # up to that many. An image burst under an encoder budget admitted all 32 prompts in one step, each for the
-        # few tokens before its image, and that step ran eagerly: 33 ms of host launches on the H100, during which
-        # the running streams got nothing. The prompts past the cap start a step later, as they would anyway: one
-        # image's vision pass a step is what the budget allows.
+        # Sequences with prompt work in a step that also decodes, at most (None: any): the token-bucket CUDA graphs
+        # take a step with up to that many. An image burst under an encoder budget admitted all 32 prompts in one
+        # step, each for the few tokens before its image, and that step ran eagerly: 33 ms of host launches on the
+        # H100, during which the running streams got nothing. The prompts past the cap start a step later (one
+        # image's vision pass a step is all that budget allows anyway). A step with no decodes stalls no stream, so
+        # it takes every prompt that fits, as one large eager step if need be (a batch of short prompts at start).
         self.max_prompt_seqs = max_prompt_seqs
         self.max_encoder_tokens = max_encoder_tokens  # None: no encoder budget
         self.embed_cache = embed_cache  # the runner's: images found there need no vision pass
@@ -119,8 +120,7 @@ class Scheduler:
         budget = self.max_batched_tokens
         encoded = 0  # encoder tokens this step has charged
         prefilling = False  # whether a prompt has taken tokens this step (decodes are no prompt work)
-        prompts = 0  # sequences with prompt work in the step
-        cap = self.max_prompt_seqs if self.max_prompt_seqs is not None else self.config.max_num_seqs
+        prompts = decodes = 0  # sequences with prompt work in the step, and decoding ones
         adapters = {decision.hot} if decision.hot is not None else set()
         runnable = [s for s in self.running if s not in decision.paused and ready(s)]
         runnable.sort(key=lambda s: len(s) - s.num_computed > 1)  # decodes first; otherwise oldest first
@@ -128,8 +128,8 @@ class Scheduler:
             if seq not in self.running:  # preempted for an older one
                 continue
             several = len(seq) - seq.num_computed > 1  # a prompt (or a recompute) in progress, not a decode
-            if several and prompts >= cap:
-                continue  # past the cap: it waits a step (decodes are sorted first, so none is held back)
+            if several and self._capped(prompts, decodes):
+                continue  # it waits a step (decodes are sorted first, so none is held back)
             n = min(len(seq) - seq.num_computed, budget)
             enc = 0
             if n > 0:
@@ -150,6 +150,7 @@ class Scheduler:
                 break
             prefilling = prefilling or seq.num_computed < seq.prompt_len
             prompts += several
+            decodes += not several
             self.blocks.allocate(seq, end)
             out.add(seq, n, enc)
             budget -= n + self._charged(enc)
@@ -160,7 +161,7 @@ class Scheduler:
             return out
         order = list(self.waiting) if decision.admit_order is None else decision.admit_order
         for seq in order:
-            if len(self.running) >= self.config.max_num_seqs or budget <= 0 or prompts >= cap:
+            if len(self.running) >= self.config.max_num_seqs or budget <= 0 or self._capped(prompts, decodes):
                 break
             if not ready(seq) or not self._has_slot(seq, adapters):
                 continue  # its adapter is loading, or would need a slot this step does not have: keep scanning
@@ -190,6 +191,10 @@ class Scheduler:
             if seq.lora_name is not None:
                 adapters.add(seq.lora_name)
         return out
+
+    def _capped(self, prompts: int, decodes: int) -> bool:
+        """Whether a step with `decodes` decoding sequences has as many with prompt work as it may."""
+        return self.max_prompt_seqs is not None and decodes > 0 and prompts >= self.max_prompt_seqs
 
     def _charged(self, encoder_tokens: int) -> int:
         """What encoding `encoder_tokens` image tokens costs the token budget."""
