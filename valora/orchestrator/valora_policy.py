@@ -65,13 +65,11 @@ class ValoraPolicy(Policy):
                         key=lambda s: (s.deadline if s.deadline is not None else s.arrival_time + self.max_wait_s))
         rest = [s for s, f in zip(view.waiting, flagged) if not f]
         tokens: dict[str | None, int] = {}
-        decodes: dict[str | None, int] = {}  # the steps after this one: every sequence decodes a token
         attention = 0
         for s in view.running:
             tokens[s.lora_name] = tokens.get(s.lora_name, 0) + 1
-            decodes[s.lora_name] = decodes.get(s.lora_name, 0) + 1
             attention += len(s)
-        context = attention
+        decodes, context = dict(tokens), attention  # the steps after this one: every sequence decodes a token
         seats, budget = view.max_num_seqs - len(view.running), view.max_batched_tokens - len(view.running)
         seqs = len(view.running)
         for s in urgent + rest:  # who would be admitted, approximately (KV blocks are the scheduler's business)
