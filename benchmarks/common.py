@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -96,3 +97,30 @@ def write_result(name: str, payload: dict) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps({**run_info(), **payload}, indent=2))
     return path
+
+
+def graph_time_us(fn, reps: int, trials: int = 10) -> float:
+    """Median time of one `fn()` inside a CUDA graph holding `reps` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compile the Triton kernels and settle the allocator before capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / reps)
+    del graph
+    return statistics.median(times)

@@ -22,12 +22,11 @@ Two times per case, both medians over CUDA-event measurements after a warm-up:
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import QWEN2_VL_7B, write_result
+from benchmarks.common import QWEN2_VL_7B, graph_time_us, write_result
 
 HIDDEN = QWEN2_VL_7B["hidden_size"]
 INTER = QWEN2_VL_7B["intermediate_size"]
@@ -37,33 +36,6 @@ SECTIONS = (16, 24, 24)
 THETA = 1e6
 EPS = 1e-6
 TOKENS = (1, 32, 128, 8192)
-
-
-def graph_time_us(fn, reps: int, trials: int = 10) -> float:
-    """Median time of one `fn()` inside a CUDA graph holding `reps` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # compile the Triton kernels and settle the allocator before capture
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / reps)
-    del graph
-    return statistics.median(times)
 
 
 def max_diff(a, b) -> float:

@@ -17,10 +17,11 @@ the H100 it did not: docs/benchmarks.md). Results: benchmarks/results/lora_overl
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import graph_time_us, write_result
 from valora.lora.ops import kernels, lora_matmul
 from valora.lora.ops.configs import TileConfig
 from valora.lora.ops.meta import LoRAMeta
@@ -92,29 +93,11 @@ class Layers:
         return torch.cat([p["y"].float().flatten() for p in self.linears])
 
 
-def per_layer_us(layers: Layers, variant: str, reps: int, count: int) -> float:
-    """Microseconds per decoder layer of one replay of the variant's graph (warm, back to back)."""
-    layers.step(variant)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        layers.step(variant)
-    for _ in range(5):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps / count
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--layers", type=int, default=8, help="decoder layers per graph (their weights exceed L2)")
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=50, help="timed replays of each variant's graph (the median is kept)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("lora_overlap needs a CUDA GPU")
@@ -122,7 +105,8 @@ def main() -> None:
     rows = []
     for tokens in args.tokens:
         layers = Layers(tokens, args.layers, device)
-        us = {v: per_layer_us(layers, v, args.reps, args.layers) for v in ("base", "tuned", "split", "overlap")}
+        us = {v: graph_time_us(functools.partial(layers.step, v), reps=1, trials=args.reps) / args.layers
+              for v in ("base", "tuned", "split", "overlap")}
         outputs = {}
         for v in ("split", "overlap"):
             layers.step(v)
