@@ -184,3 +184,11 @@ def test_base_url_gives_the_same_report(config, results, tmp_path):
     assert all(r["images"] == (6 if r["task"] == "action" else 1) for r in records)
     assert rows[0]["ok"] == len(records)
     assert (out / "plots" / "fig14_latency.png").exists() and "| peer | 3 |" in (out / "report.md").read_text()
+
+
+def test_budget_reserves_a_server_start(config, tmp_path):
+    """A budget with room for a point but not for the server's start before it starts no server: exit 75, no log."""
+    spec = config.workloads[0]
+    out = tmp_path / "results"
+    assert run_sweep(config, out, progress=False, budget_s=spec.warmup_s + spec.duration_s + 31) == 75
+    assert not (out / "logs").exists() and not (out / "points").exists()
