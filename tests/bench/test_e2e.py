@@ -11,12 +11,13 @@ checked against the server's own counters, and the request list against a fresh 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from valora.bench.results import MODES
+from valora.bench.results import MODES, PointKey
 from valora.bench.server import ServerProcess
 from valora.bench.sweep import SweepConfig, run_sweep
 from valora.cli import main
@@ -55,7 +56,7 @@ def config(bench_model, tmp_path_factory) -> SweepConfig:
 @pytest.fixture(scope="module")
 def results(config, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "results"
-    assert run_sweep(config, out, progress=False) == 0
+    assert run_sweep(config, out, progress=False, all_rates=True) == 0  # every point, even a saturated one
     assert main(["bench", "report", str(out)]) == 0
     return out
 
@@ -192,3 +193,19 @@ def test_budget_reserves_a_server_start(config, tmp_path):
     out = tmp_path / "results"
     assert run_sweep(config, out, progress=False, budget_s=spec.warmup_s + spec.duration_s + 31) == 75
     assert not (out / "logs").exists() and not (out / "points").exists()
+
+
+def test_rates_above_a_missed_slo_are_skipped(config, tmp_path):
+    """A policy that missed the SLO at 2 req/s is not run at 5 (nothing left: exit 0, no server started);
+    `all_rates` runs it anyway (here stopped by the budget before its server starts)."""
+    out = tmp_path / "results"
+    (out / "points").mkdir(parents=True)
+    rows = []
+    for policy in ("valora", "dlora"):
+        key = PointKey("vqa", "hot0.8", policy, 2.0)
+        (out / "points" / f"{key.stem}.json").write_text("{}")
+        rows.append({**asdict(key), "slo_attainment": 0.25})
+    (out / "summary.json").write_text(json.dumps({"points": rows}))
+    assert run_sweep(config, out, workloads=("vqa",), progress=False) == 0
+    assert not (out / "logs").exists()
+    assert run_sweep(config, out, workloads=("vqa",), progress=False, all_rates=True, budget_s=1.0) == 75

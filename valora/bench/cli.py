@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, default=None, metavar="S",
                    help="start no point that could end after S seconds of this call; exit status 75 means points "
                         "are left: run the same command again (finished points are skipped)")
+    p.add_argument("--all-rates", action="store_true",
+                   help="also run the rates above one where a policy already missed the SLO (skipped by default: "
+                        "saturated points are the slowest, and cannot raise its highest rate within the SLO)")
     _add_outcome(p)
 
     text = "replay one workload point against a server that is already running (--base-url)"
@@ -201,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or DEFAULT_ROOT / f"run-{args.mix}-r{args.rate:g}"
         policies, workloads, skews, budget = None, None, None, None
     keys = {key for key, _, _ in plan(config, policies, workloads, skews)}
-    code = run_sweep(config, out, policies, workloads, progress=not args.no_progress, budget_s=budget, skews=skews)
+    code = run_sweep(config, out, policies, workloads, progress=not args.no_progress, budget_s=budget, skews=skews,
+                     all_rates=getattr(args, "all_rates", False))
     points = [p for p in load_points(out) if p.key in keys] if (out / "points").is_dir() else []
     if not points:
         return code

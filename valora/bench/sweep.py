@@ -13,6 +13,7 @@ import datetime
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import signal
@@ -278,14 +279,21 @@ def plan(config: SweepConfig, policies: tuple[str, ...] | None = None, workloads
 
 def run_sweep(config: SweepConfig, out: Path, policies: tuple[str, ...] | None = None,
               workloads: tuple[str, ...] | None = None, progress: bool = True, budget_s: float | None = None,
-              skews: tuple[str, ...] | None = None) -> int:
-    """Run the points not yet in `out`. Returns 0 when none is left, 75 when `budget_s` (seconds for this call)
-    left no room for the next point, 130 when interrupted (Ctrl-C or SIGTERM); finished points stay either way."""
+              skews: tuple[str, ...] | None = None, all_rates: bool = False) -> int:
+    """Run the points not yet in `out`, except, unless `all_rates`, those at a rate above one where their policy
+    already missed the SLO under the same workload and skew (saturated: the slowest points, and ones that cannot
+    change its highest rate within the SLO). Returns 0 when none is left, 75 when `budget_s` (seconds for this
+    call) left no room for the next point, 130 when interrupted (Ctrl-C or SIGTERM); finished points stay."""
     from tqdm import tqdm
 
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    todo = [p for p in plan(config, policies, workloads, skews) if not is_done(out, p[0])]
+
+    def saturated(key: PointKey) -> bool:
+        return not all_rates and key.rate > missed_slo(out, config.slo).get((key.workload, key.skew, key.policy),
+                                                                             math.inf)
+
+    todo = [p for p in plan(config, policies, workloads, skews) if not is_done(out, p[0]) and not saturated(p[0])]
     if not todo:
         return 0
     run_json = out / "run.json"
@@ -317,6 +325,10 @@ def run_sweep(config: SweepConfig, out: Path, policies: tuple[str, ...] | None =
                 _warm_up(url, config, list(dict.fromkeys(spec for _, spec, _ in points)), names)
                 server_s = time.monotonic() - started
                 for key, spec, skew in points:
+                    if saturated(key):  # a lower rate of this call missed the SLO
+                        logger.info("%s skipped: %s missed the SLO at a lower rate", key.stem, key.policy)
+                        bar.update()
+                        continue
                     if over_budget(spec):
                         return 75
                     bar.set_description(key.stem)
@@ -331,6 +343,17 @@ def run_sweep(config: SweepConfig, out: Path, policies: tuple[str, ...] | None =
         signal.signal(signal.SIGTERM, previous)
         bar.close()
     return 0
+
+
+def missed_slo(out: Path, slo: SLO) -> dict[tuple[str, str, str], float]:
+    """The lowest rate at which each (workload, skew, policy) of `out`'s summary missed the SLO."""
+    path = out / "summary.json"
+    lowest: dict[tuple[str, str, str], float] = {}
+    for r in json.loads(path.read_text())["points"] if path.exists() else []:
+        if r["slo_attainment"] is None or r["slo_attainment"] < slo.attainment:
+            k = (r["workload"], r["skew"], r["policy"])
+            lowest[k] = min(lowest.get(k, math.inf), r["rate"])
+    return lowest
 
 
 def _interrupt(signum, frame) -> None:
