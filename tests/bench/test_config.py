@@ -7,7 +7,7 @@ from pathlib import Path
 
 from benchmarks.common import QWEN2_VL_7B
 from valora.bench.server import AdapterSpec, ModelSpec
-from valora.bench.sweep import SweepConfig, plan
+from valora.bench.sweep import SweepConfig, plan, warm_up_plan
 
 E2E = Path(__file__).parents[2] / "benchmarks" / "e2e_sweep.yaml"
 
@@ -70,3 +70,16 @@ def test_model_and_adapters_built_once(tmp_path):
     assert (many["lora118"] / "adapter_model.safetensors").read_bytes() == \
         (many["lora002"] / "adapter_model.safetensors").read_bytes()
     assert '"r": 4' in (many["lora118"] / "adapter_config.json").read_text()
+
+
+def test_warm_up_replays_each_skew_the_points_use():
+    """A server warms up at the top rate under every skew its points use (a skew is what makes a policy merge, and
+    a mode's first use builds its graphs), then at the lowest rate over uniform adapters."""
+    config = SweepConfig.load(E2E)
+    vqa = config.workloads[0]
+    top, low = max(vqa.rates), min(vqa.rates)
+    points = [p for p in plan(config, ("valora",), ("vqa",)) if p[0].rate in (top, low)]
+    assert warm_up_plan(points) == [(vqa, top, "zipf:1.0"), (vqa, top, "hot:0.8"), (vqa, low, "uniform")]
+    uniform = plan(config, ("slora",), ("scale-a1",))
+    spec = uniform[0][1]
+    assert warm_up_plan(uniform) == [(spec, max(spec.rates), "uniform"), (spec, min(spec.rates), "uniform")]

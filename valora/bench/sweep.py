@@ -19,7 +19,7 @@ import platform
 import signal
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ POLICIES = ("valora", "slora", "punica", "dlora")
 # What `--budget-s` reserves for a server's start and warm-up until this call has measured one (the H100 with the
 # 7B sweep: about 100 s; reserving none started a server that then had no time left for a point)
 SERVER_START_S = 120.0
+WARMUP_DRAIN_S = 20.0  # seconds a warm-up load may run past its arrivals
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class ServerSpec:
     schedulers: tuple[str, ...] = POLICIES
     args: tuple[str, ...] = ()  # further `valora serve` flags
     startup_timeout_s: float = 1800.0
-    warmup_s: float = 10.0  # per server start, replaying each of its workloads at its highest rate (not recorded)
+    warmup_s: float = 10.0  # per server start and warm-up load (`warm_up_plan`), not recorded
     step_log: bool = True  # each server started writes logs/<server>.<n>.steps.jsonl.gz (`valora bench costs`)
     base_url: str | None = None
     name: str = "external"
@@ -248,20 +249,35 @@ async def run_point(base_url: str, workload: Workload, config: SweepConfig, api_
     return records, samples
 
 
-def _warm_up(base_url: str, config: SweepConfig, specs: list[WorkloadSpec], adapters: tuple[str, ...]) -> None:
-    """Each workload at its highest rate, then at its lowest, over uniform adapters, unrecorded: first-call
-    compilation, adapter loads, allocator growth and the graphs of both large and small batches happen here, not in
-    the first point (on the H100 a first point at 8 req/s after a warm-up at 40 alone missed the SLO that the same
-    point met after a point at 6). Fails loudly if the server answers nothing."""
+def warm_up_plan(points: list[tuple[PointKey, WorkloadSpec, str]]) -> list[tuple[WorkloadSpec, float, str]]:
+    """What a server replays before its points, unrecorded: each workload at its highest rate under each skew its
+    points use (a skewed load is what makes a policy merge, and a mode's first use builds its graphs: on the H100
+    one such capture stalled every stream for 0.26 s inside a measured point), then at its lowest rate over uniform
+    adapters (a first point at 8 req/s after a warm-up at 40 alone missed the SLO that the same point met after a
+    point at 6)."""
+    skews: dict[WorkloadSpec, list[str]] = {}
+    for _, spec, skew in points:
+        skews.setdefault(spec, [])
+        if skew not in skews[spec]:
+            skews[spec].append(skew)
+    return [(spec, rate, skew) for spec, used in skews.items()
+            for rate, skew in dict.fromkeys([*((max(spec.rates), s) for s in used), (min(spec.rates), "uniform")])]
+
+
+def _warm_up(base_url: str, config: SweepConfig, points: list[tuple[PointKey, WorkloadSpec, str]],
+             adapters: tuple[str, ...]) -> None:
+    """`warm_up_plan`, `server.warmup_s` seconds each; fails loudly if the server answers nothing (first-call
+    compilation, adapter loads and allocator growth also happen here, not in the first point)."""
     if config.server.warmup_s <= 0:
         return
-    for spec in specs:
-        for rate in dict.fromkeys((max(spec.rates), min(spec.rates))):
-            w = spec.workload(rate, "uniform", adapters, config.seed + 7919, config.server.warmup_s, 0.0)
-            records, _ = asyncio.run(run_point(base_url, w, config, config.server.api_key, progress=False))
-            if not any(r.ok for r in records):
-                errors = {r.error for r in records if r.error}
-                raise RuntimeError(f"no warm-up request of {spec.name} succeeded: {sorted(errors)[:3]}")
+    # A load above the policy's capacity leaves a queue: what is left after this is aborted, not waited for
+    brief = replace(config, drain_timeout_s=min(config.drain_timeout_s, WARMUP_DRAIN_S))
+    for spec, rate, skew in warm_up_plan(points):
+        w = spec.workload(rate, skew, adapters, config.seed + 7919, config.server.warmup_s, 0.0)
+        records, _ = asyncio.run(run_point(base_url, w, brief, config.server.api_key, progress=False))
+        if not any(r.ok for r in records):
+            errors = {r.error for r in records if r.error}
+            raise RuntimeError(f"no warm-up request of {spec.name} succeeded: {sorted(errors)[:3]}")
 
 
 def plan(config: SweepConfig, policies: tuple[str, ...] | None = None, workloads: tuple[str, ...] | None = None,
@@ -322,7 +338,7 @@ def run_sweep(config: SweepConfig, out: Path, policies: tuple[str, ...] | None =
             started = time.monotonic()
             with _server(config, policy, variant, adapters, out) as url:
                 names = tuple(adapters) or tuple(served_adapters(url, config.server.api_key))
-                _warm_up(url, config, list(dict.fromkeys(spec for _, spec, _ in points)), names)
+                _warm_up(url, config, points, names)
                 server_s = time.monotonic() - started
                 for key, spec, skew in points:
                     if saturated(key):  # a lower rate of this call missed the SLO
