@@ -5,8 +5,9 @@ content hash, in one process, ours next to the Hugging Face image processor, per
     python -m benchmarks.preprocess --quick    # CPU check: fewer images, 1 and 2 threads
 
 "ours" is what the engine runs for an image: `load_image` (PIL decode, RGB) and the family processor's
-`image_run`: PIL resize to the model's pixels, one table gather into the model's layout, and `content_hash` of
-the resized pixels. "hf" is what it ran before: PIL decode, the checkpoint's HF image processor (the PIL backend;
+`image_run`: PIL resize to the model's pixels, one uint8 copy into the model's layout (since 2026-12-07 the table
+gather that rescales and normalises them runs on the model's device, `upload_pixels`), and `content_hash` of the
+resized pixels. "hf" is what it ran before: PIL decode, the checkpoint's HF image processor (the PIL backend;
 also the torchvision one where torchvision is installed) and a blake2b hash of the float32 pixel tensors. Images are
 real photos (the bench workload's pictures, panned crops) encoded as JPEG quality 90. Processor settings are the real
 checkpoints': Qwen2-VL-7B's (min_pixels 3136, max_pixels 12845056), LLaVA-1.5's CLIP at 336 px, InternVL3's

@@ -52,6 +52,7 @@ from valora import LLM  # noqa: E402
 from valora.models.layers import gemm_kernels  # noqa: E402
 from valora.models.layers.vit import VisionSpans  # noqa: E402
 from valora.models.vision_graphs import VisionGraphs  # noqa: E402
+from valora.multimodal.pixels import hf_tensors  # noqa: E402
 from valora.testing.checkpoints import build_model  # noqa: E402
 from valora.testing.images import random_image  # noqa: E402
 
@@ -136,7 +137,7 @@ def pass_flops(model, data) -> float:
 
 def hf_features(hf, family: str, data: list[dict]) -> torch.Tensor:
     """transformers' image features of the same pixel tensors, [tokens, hidden]."""
-    pixels = torch.cat([d["pixel_values"] for d in data]).to(DEVICE, hf.dtype)
+    pixels = torch.cat([hf_tensors(d)["pixel_values"] for d in data]).to(DEVICE, hf.dtype)
     kwargs = {"pixel_values": pixels}
     if family.startswith("qwen"):
         kwargs["image_grid_thw"] = torch.cat([d["image_grid_thw"].view(1, 3) for d in data]).to(DEVICE)

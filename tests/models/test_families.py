@@ -17,6 +17,7 @@ from valora.errors import UserError
 from valora.lora.adapter import load_adapter
 from valora.models.layers.linear import LoRALinear
 from valora.models.registry import resolve_family
+from valora.multimodal.pixels import hf_tensors
 from valora.testing.images import random_image
 
 
@@ -68,7 +69,7 @@ def test_prompt_matches_the_hf_processor(llm, family, tiny_model, sizes):
     ours = llm.engine.input_processor.process({"prompt": text, "multi_modal_data": {"image": images}})[1]
     hf = _hf_processor(family, tiny_model, llm.engine.core.hf_config)(text=[text], images=images, return_tensors="pt")
     assert ours.token_ids == hf["input_ids"][0].tolist()
-    assert torch.equal(torch.cat([i.data["pixel_values"] for i in ours.images]), hf["pixel_values"])
+    assert torch.equal(torch.cat([hf_tensors(i.data)["pixel_values"] for i in ours.images]), hf["pixel_values"])
     if ours.positions is None:
         return
     model = AutoModelForImageTextToText.from_pretrained(tiny_model)

@@ -14,6 +14,7 @@ from PIL import Image
 from valora.config import MultiModalConfig
 from valora.models.registry import resolve_family
 from valora.multimodal.inputs import load_image
+from valora.multimodal.pixels import hf_tensors
 from valora.testing.families import FAMILIES
 from valora.testing.images import random_image
 
@@ -79,8 +80,8 @@ def case(request, model_factory, tmp_path_factory):
 def _assert_same(family, ours, reference, image: Image.Image) -> None:
     expected = reference(images=[image], return_tensors="pt", **CALL_KWARGS.get(family.name, {}))
     got = ours.image_tensors(load_image(image, MultiModalConfig()))
-    assert got["pixel_values"].dtype == torch.float32
-    assert torch.equal(got["pixel_values"], expected["pixel_values"])
+    assert got["pixel_values"].dtype == torch.uint8  # the model's device looks its values up (`upload_pixels`)
+    assert torch.equal(hf_tensors(got)["pixel_values"], expected["pixel_values"])
     if "image_grid_thw" in expected:
         assert torch.equal(got["image_grid_thw"], expected["image_grid_thw"])
 

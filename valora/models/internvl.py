@@ -169,9 +169,8 @@ class InternVLForConditionalGeneration(VisionLanguageModel):
 
     def prepare_vision(self, data, slots, merged_slot, backend, pad) -> VisionPass:
         tower, dev = self.model.vision_tower, self.lm_head.weight.device
-        pixels = [d["pixel_values"] for d in data]
-        vp = fixed_size_pass(tower, pixels, tower.seq, tower.head_dim, backend, pad, dev)
-        n = sum(p.shape[0] for p in pixels)
+        vp = fixed_size_pass(tower, data, tower.seq, tower.head_dim, backend, pad, dev)
+        n = sum(d["pixel_values"].shape[0] for d in data)
         vp.out_rows = n * self.tile_tokens
         if slots is not None:
             tiles = [d["pixel_values"].shape[0] for d in data]
@@ -253,7 +252,7 @@ class InternVLInputProcessor(ImagePromptProcessor):
         return tiles
 
     def pixel_tensors(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.normalize(pixels.permute(0, 3, 1, 2), channel_dim=1)}
+        return self.normalize.tensors("pixel_values", pixels.permute(0, 3, 1, 2))
 
     def num_tokens(self, data: dict[str, torch.Tensor]) -> int:
         return data["pixel_values"].shape[0] * self.tile_tokens
@@ -265,7 +264,7 @@ class InternVLInputProcessor(ImagePromptProcessor):
         for frame in video.frames:
             tile = as_tensor(resize(frame, h, w, self.video_resample))
             runs.append(Run(self.image_token_id,
-                            {"pixel_values": self.video_normalize(tile[None].permute(0, 3, 1, 2), channel_dim=1)},
+                            self.video_normalize.tensors("pixel_values", tile[None].permute(0, 3, 1, 2)),
                             self.tile_tokens, content_hash(self.video_hash_key, tile)))
         return runs
 

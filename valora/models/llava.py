@@ -135,9 +135,8 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
 
     def prepare_vision(self, data, slots, merged_slot, backend, pad) -> VisionPass:
         tower, dev = self.model.vision_tower, self.lm_head.weight.device
-        pixels = [d["pixel_values"] for d in data]
-        vp = fixed_size_pass(tower, pixels, tower.num_positions, tower.head_dim, backend, pad, dev)
-        n, seq = sum(p.shape[0] for p in pixels), tower.num_positions
+        vp = fixed_size_pass(tower, data, tower.num_positions, tower.head_dim, backend, pad, dev)
+        n, seq = sum(d["pixel_values"].shape[0] for d in data), tower.num_positions
         tokens = seq if self.keep_cls else seq - 1
         vp.out_rows = n * tokens
         if slots is not None:
@@ -190,7 +189,7 @@ class LlavaInputProcessor(ImagePromptProcessor):
         return pixels
 
     def pixel_tensors(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.normalize(pixels.permute(2, 0, 1)[None], channel_dim=1)}
+        return self.normalize.tensors("pixel_values", pixels.permute(2, 0, 1)[None])
 
     def num_tokens(self, data: dict[str, torch.Tensor]) -> int:
         h, w = data["pixel_values"].shape[-2:]

@@ -101,11 +101,13 @@ class ImagePromptProcessor:
         raise NotImplementedError
 
     def pixel_tensors(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`image_pixels`' result rescaled, normalised and laid out as the HF model takes it."""
+        """`image_pixels`' result laid out as the HF model takes it, still uint8, with the table that rescales and
+        normalises it on the model's device (`PixelNormalizer.tensors`)."""
         raise NotImplementedError
 
     def image_tensors(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        """What the checkpoint's image processor gives for this one RGB image."""
+        """What the checkpoint's image processor gives for this one RGB image, its pixels uint8 beside their table
+        (`multimodal.pixels.hf_tensors` gives the processor's float32)."""
         return self.pixel_tensors(self.image_pixels(image))
 
     def num_tokens(self, data: dict[str, torch.Tensor]) -> int:

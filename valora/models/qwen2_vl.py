@@ -26,13 +26,13 @@ from valora.models.layers.linear import LoRALinear
 from valora.models.layers.mlp import MLP
 from valora.models.layers.norm import LayerNorm
 from valora.models.layers.rotary import Rope, make_rope
-from valora.models.layers.uploads import upload, upload_rows
+from valora.models.layers.uploads import upload, upload_pixels
 from valora.models.layers.vit import VisionSpans, vit_attention
 from valora.models.loader import WeightMapper
 from valora.models.processing import ImagePromptProcessor, Run, video_settings
 from valora.models.vlm import FUSED_PROJECTIONS, VisionLanguageModel, VisionPass, pow2, token_lora
 from valora.multimodal.inputs import ImageItem, InputError
-from valora.multimodal.pixels import PixelNormalizer, as_tensor, content_hash, resize
+from valora.multimodal.pixels import PIXEL_TABLE, PixelNormalizer, as_tensor, content_hash, resize
 from valora.multimodal.video import Video
 
 # Hub checkpoints predate transformers v5 and keep the LM at `model.*` and the ViT at `visual.*`.
@@ -135,9 +135,10 @@ class Qwen2VisionTower(nn.Module):
         layout (`block_layout` picks one per block). Qwen2-VL attends within each image frame."""
         return None, [[h * w for t, h, w in grids for _ in range(t)]]
 
-    def prepare(self, pixels: Sequence[torch.Tensor], grids: Sequence[Sequence[int]], backend: str, pad: bool,
-                device: torch.device) -> VisionPass:
-        """The pass over the patches `pixels` ([patches, C*T*P*P] per item, host) of items `grids`; `pad` adds
+    def prepare(self, pixels: Sequence[torch.Tensor], tables: Sequence[torch.Tensor], grids: Sequence[Sequence[int]],
+                backend: str, pad: bool, device: torch.device) -> VisionPass:
+        """The pass over the uint8 patches `pixels` ([patches, C*T*P*P] per item, host; each item's values read
+        from its `tables` entry on the device: `upload_pixels`) of items `grids`; `pad` adds
         padding rows up to a multiple of ROW_BUCKET and pads the span tables to powers of two (the CUDA-graph
         bucket)."""
         unit = self.merge**2
@@ -151,7 +152,7 @@ class Qwen2VisionTower(nn.Module):
                        for spans in layouts]
             positions = np.pad(positions, ((0, 0), (0, extra)))
         dtype = self.patch_embed.proj.weight.dtype
-        inputs = {"pixels": upload_rows(pixels, rows, dtype, device)}
+        inputs = {"pixels": upload_pixels(pixels, tables, rows, dtype, device)}
         if order is not None:
             order = np.concatenate([order, np.arange(patches // unit, rows // unit)])
             patch_order = (order[:, None] * unit + np.arange(unit)).reshape(-1)
@@ -199,7 +200,8 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
     def prepare_vision(self, data, slots, merged_slot, backend, pad) -> VisionPass:
         dev = self.lm_head.weight.device
         grids = [vision_input(d)[1].view(-1).tolist() for d in data]
-        vp = self.model.visual.prepare([vision_input(d)[0] for d in data], grids, backend, pad, dev)
+        vp = self.model.visual.prepare([vision_input(d)[0] for d in data], [d[PIXEL_TABLE] for d in data], grids,
+                                       backend, pad, dev)
         if slots is not None:
             patches = [t * h * w for t, h, w in grids]
             unit = self.model.visual.merge**2
@@ -273,15 +275,15 @@ class Qwen2VLInputProcessor(ImagePromptProcessor):
         return as_tensor(image)
 
     def pixel_tensors(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        patches, grid = self.patchify(pixels[None], self.normalize)
-        return {"pixel_values": patches, "image_grid_thw": grid}
+        patches, grid = self.patchify(pixels[None])
+        return {**self.normalize.tensors("pixel_values", patches), "image_grid_thw": grid}
 
     def video_runs(self, video: Video) -> list[Run]:
         first = video.frames[0]
         h, w = smart_resize(first.height, first.width, self.patch * self.merge, *self.video_pixels)
         frames = torch.stack([as_tensor(resize(f, h, w, self.video_resample)) for f in video.frames])
-        pixels, grid = self.patchify(frames, self.video_normalize)
-        data = {"pixel_values_videos": pixels, "video_grid_thw": grid}
+        pixels, grid = self.patchify(frames)
+        data = {**self.video_normalize.tensors("pixel_values_videos", pixels), "video_grid_thw": grid}
         key = self.video_hash_key
         if self.tokens_per_second is not None:  # what Qwen2_5_VLProcessor adds: seconds per temporal patch
             data["second_per_grid_ts"] = torch.tensor([self.temporal / video.fps], dtype=torch.float32)
@@ -290,8 +292,8 @@ class Qwen2VLInputProcessor(ImagePromptProcessor):
         tokens = int(grid.prod()) // self.merge**2
         return [Run(self.video_token_id, data, tokens, content_hash(key, frames))]
 
-    def patchify(self, frames: torch.Tensor, normalize: PixelNormalizer) -> tuple[torch.Tensor, torch.Tensor]:
-        """[F, H, W, 3] uint8 frames -> ([t*h*w, 3*T*p*p] float32 patches, [1, 3] grid (t, h, w)): the frames
+    def patchify(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[F, H, W, 3] uint8 frames -> ([t*h*w, 3*T*p*p] uint8 patches, [1, 3] grid (t, h, w)): the frames
         padded with copies of the last to a multiple of the temporal patch T (an image is T copies of itself),
         patches in merge-unit order (each merge x merge block of patches consecutive), a patch's values channel,
         then frame within the temporal patch, then row and column."""
@@ -301,7 +303,7 @@ class Qwen2VLInputProcessor(ImagePromptProcessor):
         p, m, t = self.patch, self.merge, self.temporal
         gt, gh, gw = f // t, height // p, width // p
         x = frames.view(gt, t, gh // m, m, p, gw // m, m, p, 3).permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
-        return normalize(x, channel_dim=5).view(gt * gh * gw, -1), torch.tensor([[gt, gh, gw]])
+        return x.reshape(gt * gh * gw, -1), torch.tensor([[gt, gh, gw]])
 
     def num_tokens(self, data: dict[str, torch.Tensor]) -> int:
         return int(data["image_grid_thw"].prod()) // self.merge**2

@@ -25,9 +25,10 @@ from valora.models.decoder import DecoderConfig, DecoderModel
 from valora.models.forward_batch import ForwardBatch, ImageInputs
 from valora.models.layers.linear import LoRALinear
 from valora.models.layers.parallel import ParallelLMHead
-from valora.models.layers.uploads import upload_rows
+from valora.models.layers.uploads import upload_pixels
 from valora.models.layers.vit import GRAPH_BACKENDS, VisionSpans, resolve_backend
 from valora.models.loader import WeightMapper, load_weights
+from valora.multimodal.pixels import PIXEL_TABLE
 
 # The shared decoder fuses q/k/v and gate/up (and so do the vision towers that have them): checkpoint and PEFT
 # names of those leaves land in one output slice of the fused layer.
@@ -53,13 +54,15 @@ def image_bucket(n: int) -> int:
     return 3 * p // 4 if 3 * p // 4 >= n and p >= 4 else p
 
 
-def fixed_size_pass(tower: nn.Module, pixels: Sequence[torch.Tensor], seq: int, head_dim: int, backend: str,
+def fixed_size_pass(tower: nn.Module, data: Sequence[dict[str, torch.Tensor]], seq: int, head_dim: int, backend: str,
                     pad: bool, device: torch.device) -> VisionPass:
-    """The pass of a tower that sees every image (tile) as one sequence of `seq` rows: pixels, [n_i, C, H, W] per
-    item (host); `pad` adds blank images up to `image_bucket(n)`, each its own span like a real one."""
+    """The pass of a tower that sees every image (tile) as one sequence of `seq` rows: each item's `pixel_values`,
+    [n_i, C, H, W] uint8 (host), read through its table on the device; `pad` adds blank images up to
+    `image_bucket(n)`, each its own span like a real one."""
+    pixels = [d["pixel_values"] for d in data]
     n = sum(p.shape[0] for p in pixels)
     total = image_bucket(n) if pad else n
-    x = upload_rows(pixels, total, tower_dtype(tower), device)
+    x = upload_pixels(pixels, [d[PIXEL_TABLE] for d in data], total, tower_dtype(tower), device)
     spans = VisionSpans.build([seq] * total, backend, device, x.dtype, head_dim, num_spans=total if pad else None)
     return VisionPass({"pixels": x}, (spans,), out_rows=0, key=(total,) if pad else None)
 

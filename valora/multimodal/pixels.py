@@ -8,7 +8,8 @@ image processors (what transformers runs without torchvision, and the reference 
 - `PixelNormalizer`: rescale and normalise as one table lookup. A pixel is one of 256 uint8 values per channel, so
   HF's arithmetic (uint8 -> float64 times the rescale factor, rounded to float32, then float32 (x - mean) / std)
   runs once per value when the processor is built, and every image afterwards is a single gather whose outputs are
-  those float32 values bit for bit.
+  those float32 values bit for bit. The gather runs where the model is (`lookup`, from models/layers/uploads.py):
+  an item leaves the front end as uint8 pixels in the model's layout with its table beside them.
 """
 
 from __future__ import annotations
@@ -62,9 +63,12 @@ def as_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8))
 
 
+PIXEL_TABLE = "pixel_table"  # an item's key for its pixels' table (`PixelNormalizer.tensors`)
+
+
 @dataclass(frozen=True)
 class PixelNormalizer:
-    table: torch.Tensor  # [3 * 256] float32: the processed value of uint8 value v of channel c at c * 256 + v
+    table: torch.Tensor  # [3, 256] float32: the processed value of uint8 value v of channel c at [c, v]
 
     @classmethod
     def build(cls, do_rescale: bool, rescale_factor: float, do_normalize: bool, mean, std) -> PixelNormalizer:
@@ -75,7 +79,7 @@ class PixelNormalizer:
         if do_normalize:
             x = (x - np.array(_per_channel(mean), dtype=np.float32)[:, None]) / \
                 np.array(_per_channel(std), dtype=np.float32)[:, None]
-        return cls(torch.from_numpy(np.ascontiguousarray(x).reshape(-1)))
+        return cls(torch.from_numpy(np.ascontiguousarray(x)))
 
     @classmethod
     def from_hf(cls, processor) -> PixelNormalizer:
@@ -83,14 +87,31 @@ class PixelNormalizer:
         return cls.build(processor.do_rescale, processor.rescale_factor, processor.do_normalize, processor.image_mean,
                          processor.image_std)
 
-    def __call__(self, pixels: torch.Tensor, channel_dim: int) -> torch.Tensor:
-        """float32 values of uint8 `pixels` (any layout, views welcome; `channel_dim` holds the 3 channels), as a
-        contiguous tensor of the same shape: the view is copied once into table indices in its logical order, so
-        the gather then reads and writes in order."""
-        offsets = torch.arange(0, 3 * 256, 256, dtype=torch.int32).view([3 if d == channel_dim % pixels.dim() else 1
-                                                                         for d in range(pixels.dim())])
-        index = torch.empty(pixels.shape, dtype=torch.int32).copy_(pixels).add_(offsets)
-        return self.table.index_select(0, index.view(-1)).view(pixels.shape)
+    def tensors(self, key: str, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """An item's tensors: uint8 `pixels` in the model's layout ([n, 3, ...] or [n, 3 * k], channel first in
+        each row) under `key`, and this table, which the model applies on its own device (`lookup`): a quarter of
+        float32's bytes cross to the engine core and the bus, and the front end skips the float pass."""
+        return {key: pixels.contiguous(), PIXEL_TABLE: self.table}
+
+
+def lookup(pixels: torch.Tensor, tables: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 values of uint8 `pixels` ([n, ...], each row channel first: it views as [n, 3, -1]) from `tables`
+    ([t, 3, 256], on the pixels' device); row i reads table `which[i]` (default: the first for all). The values are
+    HF's own arithmetic, done once per byte value when the table was built: the same float32 values, bit for bit."""
+    n = pixels.shape[0]
+    base = torch.arange(0, 3 * 256, 256, dtype=torch.int32, device=pixels.device).view(1, 3, 1)
+    if which is not None:
+        base = base + which.to(torch.int32).view(n, 1, 1) * (3 * 256)
+    index = pixels.reshape(n, 3, -1).to(torch.int32).add_(base)
+    return tables.reshape(-1).index_select(0, index.view(-1)).view(pixels.shape)
+
+
+def hf_tensors(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An item's tensors as the HF processor gives them: its uint8 pixels as float32 through its table, which is
+    left out."""
+    table = data.get(PIXEL_TABLE)
+    return {k: lookup(v, table[None]) if table is not None and v.dtype == torch.uint8 else v
+            for k, v in data.items() if k != PIXEL_TABLE}
 
 
 def _per_channel(v) -> list[float]:

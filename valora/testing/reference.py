@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from valora.multimodal.inputs import ProcessedPrompt
+from valora.multimodal.pixels import hf_tensors
 
 
 def hf_inputs(model, prompt: ProcessedPrompt, device: str | torch.device) -> dict[str, torch.Tensor]:
@@ -18,8 +19,9 @@ def hf_inputs(model, prompt: ProcessedPrompt, device: str | torch.device) -> dic
     ids = torch.tensor([prompt.token_ids], device=device)
     kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if prompt.images:
-        for key in dict.fromkeys(k for i in prompt.images for k in i.data):
-            kw[key] = torch.cat([i.data[key] for i in prompt.images if key in i.data]).to(device)
+        items = [hf_tensors(i.data) for i in prompt.images]
+        for key in dict.fromkeys(k for i in items for k in i):
+            kw[key] = torch.cat([i[key] for i in items if key in i]).to(device)
         if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
             types = (ids == model.config.image_token_id).int()
             if getattr(model.config, "video_token_id", None) is not None:

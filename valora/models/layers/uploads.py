@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from valora.multimodal.pixels import lookup
+
 
 def upload(x: torch.Tensor | np.ndarray, device: torch.device | str) -> torch.Tensor:
     """`x` (host) on `device`, as it is: through pinned memory and a non-blocking copy on CUDA."""
@@ -47,3 +49,17 @@ def upload_rows(parts: Sequence[torch.Tensor], rows: int, dtype: torch.dtype,
         start += p.shape[0]
     host[n:].zero_()
     return host.to(device, non_blocking=True) if cuda else host
+
+
+def upload_pixels(parts: Sequence[torch.Tensor], tables: Sequence[torch.Tensor], rows: int, dtype: torch.dtype,
+                  device: torch.device | str) -> torch.Tensor:
+    """Items' uint8 pixels (`parts`, [n_i, ...], each row channel first) as `rows` rows of `dtype` on `device`,
+    part i rescaled and normalised by its table `tables[i]` ([3, 256], `multimodal.pixels.PixelNormalizer`) there,
+    rows past the parts zero: the bytes go over as they are, and the device does the lookup."""
+    x = upload_rows(parts, rows, torch.uint8, device)
+    n = sum(p.shape[0] for p in parts)
+    which = torch.repeat_interleave(torch.arange(len(parts), dtype=torch.int32),
+                                    torch.tensor([p.shape[0] for p in parts]))
+    out = torch.zeros(x.shape, dtype=dtype, device=x.device)
+    out[:n] = lookup(x[:n], upload(torch.stack(list(tables)), device), upload(which, device))
+    return out
