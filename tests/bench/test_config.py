@@ -73,13 +73,14 @@ def test_model_and_adapters_built_once(tmp_path):
 
 
 def test_warm_up_replays_each_skew_the_points_use():
-    """A server warms up at the top rate under every skew its points use (a skew is what makes a policy merge, and
-    a mode's first use builds its graphs), then at the lowest rate over uniform adapters."""
+    """A server warms up at the top rate, then the lowest, under every skew its points use (a skew is what makes a
+    policy merge and sets the adapters per step, and a bucket's first use builds its graph)."""
     config = SweepConfig.load(E2E)
     vqa = config.workloads[0]
     top, low = max(vqa.rates), min(vqa.rates)
     points = [p for p in plan(config, ("valora",), ("vqa",)) if p[0].rate in (top, low)]
-    assert warm_up_plan(points) == [(vqa, top, "zipf:1.0"), (vqa, top, "hot:0.8"), (vqa, low, "uniform")]
+    assert warm_up_plan(points) == [(vqa, top, "zipf:1.0"), (vqa, top, "hot:0.8"), (vqa, low, "zipf:1.0"),
+                                    (vqa, low, "hot:0.8")]
     uniform = plan(config, ("slora",), ("scale-a1",))
     spec = uniform[0][1]
     assert warm_up_plan(uniform) == [(spec, max(spec.rates), "uniform"), (spec, min(spec.rates), "uniform")]

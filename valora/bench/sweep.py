@@ -250,18 +250,19 @@ async def run_point(base_url: str, workload: Workload, config: SweepConfig, api_
 
 
 def warm_up_plan(points: list[tuple[PointKey, WorkloadSpec, str]]) -> list[tuple[WorkloadSpec, float, str]]:
-    """What a server replays before its points, unrecorded: each workload at its highest rate under each skew its
-    points use (a skewed load is what makes a policy merge, and a mode's first use builds its graphs: on the H100
-    one such capture stalled every stream for 0.26 s inside a measured point), then at its lowest rate over uniform
-    adapters (a first point at 8 req/s after a warm-up at 40 alone missed the SLO that the same point met after a
-    point at 6)."""
+    """What a server replays before its points, unrecorded: each workload at its highest rate, then at its lowest,
+    under each skew its points use. A skew is what makes a policy merge and decides how many adapters a step holds,
+    and the first step of each (tokens, adapters, mode) bucket builds its graph: on the H100, warmed over uniform
+    adapters alone, the first Zipf point (8 req/s) met 22 such captures (0.1-0.26 s each, every stream waiting).
+    The lowest rate comes last: a first point at 8 req/s after a warm-up at 40 alone missed the SLO that the same
+    point met after a point at 6."""
     skews: dict[WorkloadSpec, list[str]] = {}
     for _, spec, skew in points:
         skews.setdefault(spec, [])
         if skew not in skews[spec]:
             skews[spec].append(skew)
     return [(spec, rate, skew) for spec, used in skews.items()
-            for rate, skew in dict.fromkeys([*((max(spec.rates), s) for s in used), (min(spec.rates), "uniform")])]
+            for rate in dict.fromkeys((max(spec.rates), min(spec.rates))) for skew in used]
 
 
 def _warm_up(base_url: str, config: SweepConfig, points: list[tuple[PointKey, WorkloadSpec, str]],
