@@ -62,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="external", help="policy name for --base-url results (default: external)")
     p.add_argument("--api-key", default=None, help="bearer key for --base-url")
     p.add_argument("--budget-s", type=float, default=None, metavar="S",
-                   help="start no point that could end after S seconds of this call; exit status 75 means points "
-                        "are left: run the same command again (finished points are skipped)")
+                   help="start no point, nor a server, that could end after S seconds of this call; exit status 75 "
+                        "means points are left: run the same command again (finished points are skipped)")
     p.add_argument("--all-rates", action="store_true",
                    help="also run the rates above one where a policy already missed the SLO (skipped by default: "
                         "saturated points are the slowest, and cannot raise its highest rate within the SLO)")
