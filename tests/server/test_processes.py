@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -78,3 +79,23 @@ def _spawned(pid: int) -> list[psutil.Process]:
     return [p for p in psutil.Process(pid).children()
             if any("spawn_main" in part for part in p.cmdline())]
 
+
+
+def test_a_stopped_server_leaves_nothing_behind(start_server):
+    """SIGTERM: the API server finishes (uvicorn then ends by the signal, as it was asked), the core is gone, and
+    nothing is left for the resource tracker to report (the core's quick exit once left tqdm's semaphore behind:
+    a warning at every shutdown)."""
+    server = start_server(["--num-kv-blocks", "256"])
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=chat(), timeout=60).status_code == 200
+    (core,) = _spawned(server.proc.pid)
+    server.stop()
+    log = server.log_text()
+    assert server.proc.returncode in (0, -signal.SIGTERM) and "Finished server process" in log, log[-2000:]
+    assert _exited(core) and "leaked" not in log and "resource_tracker" not in log, log[-2000:]
+
+
+def _exited(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE  # ended, not yet reaped by its new parent
+    except psutil.NoSuchProcess:
+        return True

@@ -160,12 +160,17 @@ def _core_main(config: EngineConfig, lora_modules: list[tuple[str, str]], max_in
                parent: Connection, log: LogSetup | None, cpu_threads: int | None = None) -> None:
     """The child process (or thread): build the engine, load the served adapters, say ready, serve."""
     from tqdm.auto import tqdm
+    from tqdm.std import tqdm as tqdm_std
 
     from valora.engine.host_pauses import freeze_startup_heap
     from valora.engine.llm_engine import LLMEngine
 
     if log is not None:
         apply_log_setup(log)
+    if multiprocessing.parent_process() is not None:
+        # tqdm's default lock is a multiprocessing semaphore, which this process's quick exit (`os._exit` below)
+        # would leave for the resource tracker to report as leaked at every shutdown; its bars need a thread lock
+        tqdm_std.set_lock(threading.RLock())  # the base class: every tqdm flavour reads its lock from there
     if cpu_threads is not None:  # a core process on the CPU, beside its front ends
         import torch
 
