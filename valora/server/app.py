@@ -204,13 +204,11 @@ def build_app(engine_config: EngineConfig, core_address: str, core_info: CoreInf
             return JSONResponse({"status": "engine stopped", "error": str(async_engine.error)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    @app.api_route("/ping", methods=["GET", "POST"], responses={200: {"model": HealthStatus},
+                                                                503: {"model": HealthStatus}})
     async def ping() -> Response:
         """vLLM's (SageMaker's) liveness route: the same answer as /health."""
         return await health()
-
-    for method in ("get", "post"):  # one route per method: OpenAPI wants an operation id of its own for each
-        getattr(app, method)("/ping", operation_id=f"ping_{method}", responses={
-            200: {"model": HealthStatus}, 503: {"model": HealthStatus}})(ping)
 
     @app.get("/version", response_model=VersionResponse)
     async def version():
