@@ -60,6 +60,8 @@ valora:mode_switches_total{model_name="m"} 2.0
 valora:mode_switch_seconds_total{model_name="m"} 0.02
 valora:prompt_tokens_total{model_name="m"} 100.0
 valora:generation_tokens_total{model_name="m"} 40.0
+valora:host_pause_seconds_total{cause="graph_capture",model_name="m"} 0.25
+valora:host_pause_seconds_total{cause="gc",model_name="m"} 0.01
 """
 
 
@@ -68,11 +70,12 @@ def test_metrics_parsing_and_deltas():
                                           "waiting_lora_adapters": ""}, 1.7e9) in parse(METRICS)
     a = Sample.from_text(1.0, METRICS)
     assert (a.running, a.waiting, a.mode, a.hot_adapter, a.switches) == (3, 7, "merged", "a", 2)
-    b = Sample.from_text(5.0, METRICS.replace("} 10.0", "} 30.0").replace("} 2.0", "} 5.0").replace("} 40.0", "} 90.0"))
+    b = Sample.from_text(5.0, METRICS.replace("} 10.0", "} 30.0").replace("} 2.0", "} 5.0").replace("} 40.0", "} 90.0")
+                         .replace("} 0.25", "} 1.75"))
     before = Sample(0.0, 0, 0, None, None, {}, {}, 0.0, 0.0, 0.0, 0.0)
     usage = mode_usage([before, a, b], start_s=0.5)
     assert usage["steps"] == {"unmerged": 20, "merged": 0} and usage["switches"] == 3
-    assert usage["window_s"] == 4.0
+    assert usage["window_s"] == 4.0 and usage["pause_seconds"] == {"graph_capture": 1.5, "gc": 0.0}
     assert token_totals([before, a, b]) == {"prompt": 100.0, "output": 90.0}
     vllm = Sample.from_text(0.0, 'vllm:num_requests_running{model_name="x"} 2.0\n')
     assert (vllm.running, vllm.mode, mode_usage([vllm, vllm], 0.0)) == (2, None, None)
@@ -99,7 +102,8 @@ def test_a_miss_explained_from_the_records():
         samples = [Sample(t, 1, w, None, None) for t, w in ((0.5, 9.0), (1.5, waiting), (2.5, waiting))]
         return Point(PointKey("vqa", "zipf1", policy, 4.0), records, samples, {"modes": modes, "warmup_s": 1.0})
 
-    modes = {"seconds": {"unmerged": 3.0, "merged": 1.0, "mixture": 0.0}, "switches": 2, "switch_seconds": 0.05}
+    modes = {"seconds": {"unmerged": 3.0, "merged": 1.0, "mixture": 0.0}, "switches": 2, "switch_seconds": 0.05,
+             "pause_seconds": {"graph_capture": 1.4, "gc": 0.01, "kernel_compile": 0.0}}
     points = [point("valora", 0.2, 0.8, 1.0, modes), point("slora", 0.1, 1.0, 3.0, None)]
     rows = summary_rows(points, SLO())
     (c,) = comparisons(rows, SLO())
@@ -108,4 +112,5 @@ def test_a_miss_explained_from_the_records():
     assert "time to first token 0.2 vs 0.1 s, decoding 0.6 vs 0.9 s" in text
     assert "requests waiting 1 vs 3 on average" in text  # the warm-up's sample (9 waiting) left out
     assert "unmerged 75%, merged 25% of its busy time, 2 switches (0.05 s)" in text
+    assert "its step loop stalled for graph capture 1.4 s. Against" in text  # what every stream waited through
     assert "first token +0.1 s, decoding -0.3 s; 0.2 s short of 0.6x" in text

@@ -54,6 +54,9 @@ def test_step_log_and_cost_metrics(start_server, adapters, tmp_path):
     assert predicted > 0 and 0 < measured <= sum(series(m, "valora:mode_seconds_total").values())
     buckets = series(m, "valora:step_cost_ratio_bucket")
     assert sum(v for k, v in buckets.items() if 'le="+Inf"' in k) == sum(steps.values())
+    pauses = {k.split('cause="')[1].split('"')[0]: v for k, v in series(m, "valora:host_pause_seconds_total").items()}
+    assert set(pauses) == {"graph_capture", "gc", "kernel_compile"} and min(pauses.values()) >= 0
+    assert pauses["graph_capture"] == 0.0  # no CUDA graphs on the CPU; start-up's own captures never count
     server.stop()  # the log is complete once the server has exited
     records = read_step_log(log)
     assert len(records) == sum(steps.values())

@@ -103,6 +103,10 @@ def explain(comp: dict[str, Any], rows: list[dict[str, Any]], points: list[Point
         shares = ", ".join(f"{m} {seconds.get(m, 0.0) / total:.0%}" for m in MODES if seconds.get(m))
         parts.append(f"{OURS} ran {shares} of its busy time, {modes.get('switches', 0)} switches "
                      f"({_fmt(modes.get('switch_seconds', 0.0))} s)")
+    pauses = {c: v for c, v in (modes.get("pause_seconds") or {}).items() if v >= 0.05}
+    if pauses:  # every running stream waited through these (the step log says which steps)
+        parts.append("its step loop stalled for " + ", ".join(f"{c.replace('_', ' ')} {_fmt(v)} s"
+                                                               for c, v in sorted(pauses.items())))
     short = comp["ours"] - TARGET_RATIO * comp["theirs"]
     return "; ".join(parts) + (f". Against {comp['baseline']}: first token {ttft_a - ttft_b:+.3g} s, decoding "
                                f"{dec_a - dec_b:+.3g} s; {short:.3g} s short of {TARGET_RATIO}x.")

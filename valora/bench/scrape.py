@@ -53,6 +53,7 @@ class Sample:
     switch_seconds: float | None = None
     prompt_tokens: float | None = None  # cumulative, as the server counts them
     output_tokens: float | None = None
+    pause_seconds: dict[str, float] = field(default_factory=dict)  # cumulative step-loop stalls, by cause
 
     @classmethod
     def from_text(cls, t: float, text: str) -> Sample:
@@ -71,6 +72,7 @@ class Sample:
             mode_seconds={labels["mode"]: v for labels, v in _find(s, "mode_seconds_total")},
             switches=one("mode_switches_total"), switch_seconds=one("mode_switch_seconds_total"),
             prompt_tokens=one("prompt_tokens_total"), output_tokens=one("generation_tokens_total"),
+            pause_seconds={labels["cause"]: v for labels, v in _find(s, "host_pause_seconds_total")},
         )
 
     def to_json(self) -> dict:
@@ -126,6 +128,7 @@ def mode_usage(samples: list[Sample], start_s: float) -> dict | None:
         "steps": {m: int(b.mode_steps[m] - a.mode_steps.get(m, 0.0)) for m in b.mode_steps},
         "switches": int(b.switches - a.switches),
         "switch_seconds": (b.switch_seconds or 0.0) - (a.switch_seconds or 0.0),
+        "pause_seconds": {c: b.pause_seconds[c] - a.pause_seconds.get(c, 0.0) for c in b.pause_seconds},
         "window_s": b.t - a.t,
     }
 

@@ -113,6 +113,7 @@ class EngineStats:
     generation_tokens: int = 0  # tokens generated so far
     step_costs: dict[str, CostTally] = field(default_factory=dict)  # the policy's predicted step time against
     #                                                                 the measured one, per mode
+    pause_seconds: dict[str, float] = field(default_factory=dict)  # step-loop time lost since ready, by cause
 
 
 class LLMEngine:
@@ -191,6 +192,7 @@ class LLMEngine:
         self.step_log = StepLog(config.step_log) if config.step_log else None
         self._unlogged: list[StepRecord] = []  # records the step log takes once the next step is launched
         self.pauses = HostPauses(self.device)
+        self._ready_pauses = self._pauses_so_far()  # what start-up spent is not a stall
         logger.info(
             "engine ready: %s (%s) on %s in %s, KV cache %d blocks x %d tokens, max_model_len %d",
             model_dir.name, self.family.name, self.device, str(self.dtype).removeprefix("torch."),
@@ -437,7 +439,14 @@ class LLMEngine:
             prompt_tokens=self.num_prompt_tokens,
             generation_tokens=self.num_generation_tokens,
             step_costs={m: t.copy() for m, t in self.step_costs.items() if t.steps} if self.policy else {},
+            pause_seconds={k: v - self._ready_pauses[k] for k, v in self._pauses_so_far().items()},
         )
+
+    def _pauses_so_far(self) -> dict[str, float]:
+        """Seconds the step loop has lost to each host pause so far: CUDA graphs captured at first use, garbage
+        collections, Triton builds at first use (engine/host_pauses.py; the step log says which steps)."""
+        gc_s, compile_s = HostPauses.mark()
+        return {"graph_capture": self.runner.capture_seconds(), "gc": gc_s, "kernel_compile": compile_s}
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (nothing to do on one device); the engine is unusable afterwards."""

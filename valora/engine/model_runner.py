@@ -311,7 +311,7 @@ class ModelRunner:
         tokens = not decode and self.token_graphs is not None and self.token_graphs.usable(batch)
         images = batch.images
         encoded = 0 if images is None else sum(images.num_tokens[g[0]] for g in images.to_encode())
-        captured = self._capture_seconds()
+        captured = self.capture_seconds()
         if decode:  # with `--enforce-eager` the same static batches, run eagerly (prefills likewise)
             out = self.graphs.run(batch)
         elif tokens:
@@ -321,10 +321,10 @@ class ModelRunner:
             out = self.model(batch, self.kv_caches)
         graph = (decode and self.graphs.capture) or (tokens and self.token_graphs.capture)
         self.last_run = RunInfo(graph, decode or not batch.attn.prefill_host, encoded,
-                                self._capture_seconds() - captured)
+                                self.capture_seconds() - captured)
         return out
 
-    def _capture_seconds(self) -> float:
+    def capture_seconds(self) -> float:
         """Seconds spent capturing CUDA graphs so far: decode, token-bucket and vision."""
         vision = getattr(self.model, "vision_graphs", None)
         return sum(g.capture_seconds for g in (self.graphs, self.token_graphs, vision) if g is not None)

@@ -109,6 +109,8 @@ class _EngineCollector:
         yield steps
         yield seconds
         yield from self._step_costs(s)
+        yield self._counter("valora:host_pause_seconds", "Step-loop time lost since the engine was ready, by cause "
+                            "(every running stream waits through it).", s.pause_seconds, label="cause")
         for name, doc, value in (("valora:mode_switches", "Changes of the merged adapter.", s.num_switches),
                                  ("valora:mode_switch_seconds", "Time spent switching modes.", s.switch_seconds),
                                  ("valora:num_preemptions", "Sequences preempted for KV blocks.", s.num_preemptions),
