@@ -79,12 +79,17 @@ def summarize(records: list[Record], slo: SLO) -> dict:
     }
 
 
+def meets(attained: float | None, target: float) -> bool:
+    """Whether a point's SLO attainment (None: no measured request) meets the target."""
+    return attained is not None and attained >= target
+
+
 def max_rate_within_slo(rates_attainment: list[tuple[float, float | None]], target: float) -> float | None:
     """The highest rate such that it and every lower swept rate meet the attainment target (None if the
     lowest misses): a policy that recovers at a higher rate by luck does not count as sustaining it."""
     best = None
     for rate, attained in sorted(rates_attainment):
-        if attained is None or attained < target:
+        if not meets(attained, target):
             break
         best = rate
     return best

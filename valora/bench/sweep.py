@@ -27,7 +27,7 @@ from valora.bench.client import ClientConfig, Record, chat_body, replay
 from valora.bench.results import Point, PointKey, is_done, load_points, save_point, write_summary
 from valora.bench.scrape import Sample, mode_usage, poll, token_totals, wait_idle
 from valora.bench.server import AdapterSpec, ModelSpec, ServerProcess, served_adapters
-from valora.bench.summary import SLO
+from valora.bench.summary import SLO, meets
 from valora.bench.workload import MIXES, Arrivals, Lengths, Skew, Task, Workload
 from valora.errors import UserError, from_mapping
 
@@ -256,11 +256,9 @@ def warm_up_plan(points: list[tuple[PointKey, WorkloadSpec, str]]) -> list[tuple
     adapters alone, the first Zipf point (8 req/s) met 22 such captures (0.1-0.26 s each, every stream waiting).
     The lowest rate comes last: a first point at 8 req/s after a warm-up at 40 alone missed the SLO that the same
     point met after a point at 6."""
-    skews: dict[WorkloadSpec, list[str]] = {}
+    skews: dict[WorkloadSpec, dict[str, None]] = {}  # in the points' order, each once
     for _, spec, skew in points:
-        skews.setdefault(spec, [])
-        if skew not in skews[spec]:
-            skews[spec].append(skew)
+        skews.setdefault(spec, {})[skew] = None
     return [(spec, rate, skew) for spec, used in skews.items()
             for rate in dict.fromkeys((max(spec.rates), min(spec.rates))) for skew in used]
 
@@ -306,9 +304,11 @@ def run_sweep(config: SweepConfig, out: Path, policies: tuple[str, ...] | None =
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
 
+    summary = out / "summary.json"
+    missed = missed_slo(json.loads(summary.read_text())["points"] if summary.exists() else [], config.slo)
+
     def saturated(key: PointKey) -> bool:
-        return not all_rates and key.rate > missed_slo(out, config.slo).get((key.workload, key.skew, key.policy),
-                                                                             math.inf)
+        return not all_rates and key.rate > missed.get((key.workload, key.skew, key.policy), math.inf)
 
     todo = [p for p in plan(config, policies, workloads, skews) if not is_done(out, p[0]) and not saturated(p[0])]
     if not todo:
@@ -351,7 +351,7 @@ def run_sweep(config: SweepConfig, out: Path, policies: tuple[str, ...] | None =
                     bar.set_description(key.stem)
                     w = spec.workload(key.rate, skew, names, config.seed)
                     save_point(out, _record_point(url, key, spec, w, config, progress))
-                    write_summary(out, load_points(out), config.slo)
+                    missed = missed_slo(write_summary(out, load_points(out), config.slo), config.slo)
                     bar.update()
     except KeyboardInterrupt:
         logger.warning("interrupted: the finished points are in %s", out)
@@ -362,12 +362,11 @@ def run_sweep(config: SweepConfig, out: Path, policies: tuple[str, ...] | None =
     return 0
 
 
-def missed_slo(out: Path, slo: SLO) -> dict[tuple[str, str, str], float]:
-    """The lowest rate at which each (workload, skew, policy) of `out`'s summary missed the SLO."""
-    path = out / "summary.json"
+def missed_slo(rows: list[dict[str, Any]], slo: SLO) -> dict[tuple[str, str, str], float]:
+    """The lowest rate at which each (workload, skew, policy) of a summary's rows missed the SLO."""
     lowest: dict[tuple[str, str, str], float] = {}
-    for r in json.loads(path.read_text())["points"] if path.exists() else []:
-        if r["slo_attainment"] is None or r["slo_attainment"] < slo.attainment:
+    for r in rows:
+        if not meets(r["slo_attainment"], slo.attainment):
             k = (r["workload"], r["skew"], r["policy"])
             lowest[k] = min(lowest.get(k, math.inf), r["rate"])
     return lowest
