@@ -3,11 +3,13 @@ front of it sharing its adapters, and a core that dies or cannot start is report
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -84,11 +86,14 @@ def _spawned(pid: int) -> list[psutil.Process]:
 def test_a_stopped_server_leaves_nothing_behind(start_server):
     """SIGTERM: the API server finishes (uvicorn then ends by the signal, as it was asked), the core is gone, and
     nothing is left for the resource tracker to report (the core's quick exit once left tqdm's semaphore behind:
-    a warning at every shutdown)."""
+    a warning at every shutdown), nor the core's socket file in the temporary directory."""
     server = start_server(["--num-kv-blocks", "256"])
     assert httpx.post(f"{server.url}/v1/chat/completions", json=chat(), timeout=60).status_code == 200
     (core,) = _spawned(server.proc.pid)
+    sockets = f"{tempfile.gettempdir()}/valora-core-{server.proc.pid}-*"
+    assert len(glob.glob(sockets)) == 1
     server.stop()
+    assert glob.glob(sockets) == []
     log = server.log_text()
     assert server.proc.returncode in (0, -signal.SIGTERM) and "Finished server process" in log, log[-2000:]
     assert _exited(core) and "leaked" not in log and "resource_tracker" not in log, log[-2000:]

@@ -66,6 +66,10 @@ def serve_core(host: CoreHost, address: str, parent: Connection) -> None:
         raise
     finally:
         sock.close()
+        # ZeroMQ removes a bound ipc socket's file in its I/O thread, which the core's quick exit (`os._exit`)
+        # never lets run: every stopped server left one in the temporary directory
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address.removeprefix("ipc://"))
 
 
 @dataclass
