@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import warnings
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -284,12 +286,19 @@ def build_app(engine_config: EngineConfig, core_address: str, core_info: CoreInf
 
 def _openapi(app: FastAPI, secured: bool) -> dict:
     """FastAPI's schema, made to say what the server does: no 422 (validation errors are OpenAI's 400), errors
-    always JSON (also on the plain-text routes), and the bearer scheme on `/v1` when a key is required."""
+    always JSON (also on the plain-text routes), the bearer scheme on `/v1` when a key is required, and an id of
+    its own for each method of a route of several (FastAPI gives them all the first method's, and warns)"""
     if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Duplicate Operation ID", UserWarning)
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+        ids = Counter(op["operationId"] for ops in schema["paths"].values() for op in ops.values())
         error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
         for path, operations in schema["paths"].items():
-            for op in operations.values():
+            for method, op in operations.items():
+                if ids[op["operationId"]] > 1:  # "<name><path>_<first method>" -> "<name><path>_<method>"
+                    op["operationId"] = f"{op['operationId'].rsplit('_', 1)[0]}_{method}"
                 op["responses"].pop("422", None)
                 for status, response in op["responses"].items():
                     if status[0] in "45":
