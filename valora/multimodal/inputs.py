@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from valora.config import MultiModalConfig
 from valora.errors import UserError
@@ -85,5 +85,8 @@ def load_image(obj: Any, limits: MultiModalConfig) -> Image.Image:
         return to_rgb(img)
     except InputError:
         raise
+    except UnidentifiedImageError:  # Pillow's message names the buffer object, which says nothing to a client
+        raise InputError("cannot read image: no image format Pillow reads (JPEG, PNG, WebP, GIF, BMP, TIFF, ...) "
+                         "recognises the data") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"cannot read image: {e}") from e
