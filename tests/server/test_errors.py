@@ -214,7 +214,7 @@ LOADS = {
     "dot-dot": (lambda root, outside: {"lora_name": "x", "lora_path": "good/../../x"}, "invalid_lora_path", ".."),
     "symlink-out": (lambda root, outside: {"lora_name": "x", "lora_path": "escape"}, "invalid_lora_path", "symlink"),
     "corrupt": (lambda root, outside: {"lora_name": "x", "lora_path": "corrupt"}, "adapter_load_failed",
-                "corrupt adapter_config.json"),
+                "failed to load adapter 'x': corrupt adapter_config.json"),  # the name said once
     "missing": (lambda root, outside: {"lora_name": "x", "lora_path": str(root / "nothing")}, "adapter_load_failed",
                 "directory not found"),
     "taken-name": (lambda root, outside: {"lora_name": SERVED, "lora_path": "good"}, "adapter_exists",

@@ -35,7 +35,7 @@ from valora.engine.input_processor import InputProcessor
 from valora.lora.adapter import AdapterError
 from valora.multimodal.inputs import InputError
 from valora.server.async_engine import AsyncEngine, ClientDisconnectedError
-from valora.server.errors import APIError, bad_request, not_found
+from valora.server.errors import APIError, adapter_load_failed, bad_request, not_found
 from valora.server.logs import logger
 from valora.server.metrics import CONTENT_TYPE, ServerMetrics, StatsLogger
 from valora.server.models import ServedModels
@@ -258,8 +258,7 @@ def build_app(engine_config: EngineConfig, core_address: str, core_info: CoreInf
         try:  # in the core, which tells every front end (this one included) before it answers
             await serving.load_adapter(lora)
         except (AdapterError, InputError) as e:
-            raise bad_request(f"failed to load adapter {body.lora_name!r}: {e}", "adapter_load_failed",
-                              "lora_path") from e
+            raise adapter_load_failed(body.lora_name, e, "lora_path") from e
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @v1.post("/unload_lora_adapter", response_class=PlainTextResponse, responses=_errors(400, 404, 413, 503))

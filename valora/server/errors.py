@@ -40,5 +40,11 @@ def bad_request(message: str, code: str = "invalid_request", param: str | None =
     return APIError(400, message, code, param)
 
 
+def adapter_load_failed(name: str, error: Exception, param: str, where: str = "") -> APIError:
+    """400 for an adapter that could not be loaded; the reason without the adapter's name said a second time."""
+    reason = str(error).removeprefix(f"adapter {name!r}: ")
+    return APIError(400, f"failed to load adapter {name!r}{where}: {reason}", "adapter_load_failed", param)
+
+
 def not_found(message: str, code: str, param: str | None = None) -> APIError:
     return APIError(404, message, code, param)

@@ -30,7 +30,7 @@ from valora.multimodal.inputs import InputError
 from valora.outputs import RequestOutput
 from valora.sampling_params import SamplingParams
 from valora.server.async_engine import AsyncEngine, CallOutputs, ClientDisconnectedError, Prepared
-from valora.server.errors import APIError, bad_request
+from valora.server.errors import APIError, adapter_load_failed, bad_request
 from valora.server.logs import logger
 from valora.server.models import ServedModels
 from valora.server.protocol import (
@@ -99,8 +99,7 @@ class OpenAIServing:
         try:
             await asyncio.shield(task)  # a waiter that goes away does not cancel the load for the others
         except (AdapterError, InputError) as e:
-            raise bad_request(f"failed to load adapter {model!r} from the adapter root: {e}", "adapter_load_failed",
-                              "model") from e
+            raise adapter_load_failed(model, e, "model", " from the adapter root") from e
         return self.models.resolve(model)
 
     def close(self) -> None:
