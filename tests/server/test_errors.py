@@ -103,6 +103,10 @@ BIG_FLAT = Image.new("RGB", (300, 300), (200, 30, 30))  # 90,000 pixels (limit 4
 BAD_CHAT = {
     "malformed-json": (dict(content=b'{"model": "x", "messages": [', headers={"content-type": "application/json"}),
                        400, "invalid_json", "not valid json"),
+    "lone-surrogate": (dict(content=json.dumps(chat(text="a\ud800b")).encode(),  # valid JSON, no Unicode text
+                            headers={"content-type": "application/json"}), 400, "invalid_json", "lone UTF-16"),
+    "encoded-surrogate": (dict(content=json.dumps(chat(text="a\ud800b"), ensure_ascii=False).encode(
+        "utf-8", "surrogatepass"), headers={"content-type": "application/json"}), 400, "invalid_json", "not UTF-8"),
     "messages-not-a-list": (dict(json={"model": SERVED, "messages": "hello"}), 400, "invalid_value", "messages"),
     "max-tokens-not-an-int": (dict(json=chat(max_tokens="many")), 400, "invalid_value", "max_tokens"),
     "temperature-out-of-range": (dict(json=chat(temperature=-1)), 400, "invalid_value", "temperature"),
@@ -163,6 +167,12 @@ def test_bad_chat_request_then_good_one(http, case):
     kwargs, status, code, fragment = BAD_CHAT[case]
     assert_error(http.post("/v1/chat/completions", **kwargs), status, code, fragment)
     assert_still_serving(http)
+
+
+def test_text_written_as_surrogate_pairs_is_served(http):
+    r = http.post("/v1/chat/completions", content=json.dumps(chat(text="smile \U0001f600")).encode(),
+                  headers={"content-type": "application/json"})  # json.dumps writes the emoji as "\ud83d\ude00"
+    assert r.status_code == 200, r.text
 
 
 def test_remote_images_and_videos_come_from_allowed_hosts_only(http, site):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -135,8 +136,9 @@ def _too_large(max_bytes: int) -> APIError:
 
 
 class _JSONRoute(APIRoute):
-    """Bodies that are not JSON text (invalid UTF-8, nesting deeper than the parser's recursion limit) are refused
-    as `invalid_json`, like any other malformed JSON, instead of FastAPI's generic 400."""
+    """Bodies that are not JSON text (invalid UTF-8, nesting deeper than the parser's recursion limit, a string
+    with a lone UTF-16 surrogate, which no tokenizer can encode) are refused as `invalid_json`, like any other
+    malformed JSON, instead of FastAPI's generic 400 or a tokenizer's 500."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -151,10 +153,35 @@ class _JSONRequest(Request):
     async def json(self) -> Any:
         body = await self.body()
         try:
-            return json.loads(body)
+            value = json.loads(body.decode())  # strict UTF-8: json.loads(bytes) lets encoded surrogates through
         except (UnicodeDecodeError, RecursionError) as e:
             reason = "is not UTF-8" if isinstance(e, UnicodeDecodeError) else "is nested too deeply"
             raise json.JSONDecodeError(f"the body {reason}", body.decode("utf-8", "replace"), 0) from e
+        if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(value):
+            raise json.JSONDecodeError("a string has a lone UTF-16 surrogate (\\ud800-\\udfff), no Unicode text",
+                                       body.decode(), 0)
+        return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # what any surrogate, paired or lone, is written as in JSON
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode()
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(v, dict):
+            stack += v.keys()
+            stack += v.values()
+        elif isinstance(v, list):
+            stack += v
+    return False
 
 
 _ERROR_DESCRIPTIONS = {
@@ -340,7 +367,8 @@ def _install_error_handlers(app: FastAPI, config: ServerConfig) -> None:
     async def invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return log(request, bad_request(f"request body is not valid JSON: {errors[0].get('msg')}", "invalid_json"))
+            reason = errors[0].get("ctx", {}).get("error") or errors[0].get("msg")
+            return log(request, bad_request(f"request body is not valid JSON: {reason}", "invalid_json"))
         parts = []
         for e in errors:
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
