@@ -81,6 +81,8 @@ def test_limits(clip, limits, sampling, message):
 @pytest.mark.parametrize("given, message", [
     (b"\x00\x00\x00\x18ftypmp42 not really a video", "cannot read video"),
     (b"", "cannot read video"),
+    (b"RIFF0000WAVEfmt ", "^cannot read video: Invalid data found when processing input$"),  # no errno, no '<none>'
+    (b"\x89PNG\r\n\x1a\n", "cannot read video: its video stream has no frame size"),  # not "0x0 pixels"
     ([], "no frames"),
     ([_flat(1), _flat(2, 50, 64)], "differ in size"),
     ([np.zeros((4, 4), np.uint8)], "HxWx3 uint8"),

@@ -155,7 +155,10 @@ def _decode(source, limits: MultiModalConfig, sampling: VideoSampling) -> Video:
             duration = _duration(container, stream)
             if duration is not None and duration > limits.max_video_seconds:
                 raise InputError(f"video is {duration:.1f} s long, over the limit of {limits.max_video_seconds} s")
-            _check_size(stream.codec_context.width, stream.codec_context.height, limits)
+            w, h = stream.codec_context.width, stream.codec_context.height
+            if not w or not h:  # data FFmpeg took for a stream it cannot size (an image's bytes, say)
+                raise InputError("cannot read video: its video stream has no frame size")
+            _check_size(w, h, limits)
             rate = stream.average_rate
             count = stream.frames or (round(duration * rate) if duration and rate else None)  # WebM: no count
             targets = sample_times(duration, sampling, count)
@@ -178,7 +181,9 @@ def _decode(source, limits: MultiModalConfig, sampling: VideoSampling) -> Video:
             frames = [f.to_image() for f in taken]
     except InputError:
         raise
-    except (av.error.FFmpegError, OSError, ValueError, IndexError) as e:
+    except av.error.FFmpegError as e:  # its str has the errno and a '<none>' file name of an in-memory source
+        raise InputError(f"cannot read video: {e.strerror or e}") from e
+    except (OSError, ValueError, IndexError) as e:
         raise InputError(f"cannot read video: {e}") from e
     return _checked(frames, _sampled_fps(len(frames), duration, sampling), limits)
 
