@@ -123,6 +123,7 @@ def test_bad_prompts_are_refused_and_serving_continues(engine, family):
         "too-many-images": ({"prompt": img * 9, "multi_modal_data": {"image": [random_image(32, 32)] * 9}},
                             "over the limit"),
         "empty": ("", "empty"),
+        "lone-surrogate": ("a\ud800b", "lone surrogate '\\\\ud800' at character 1"),
         "token-out-of-vocab": ({"prompt_token_ids": [1, 2, 10**6]}, "prompt_token_ids"),
         "wrong-type": (42, "must be a string or a dict"),
         "bad-modality": ({"prompt": "x", "multi_modal_data": {"audio": b""}}, "unsupported multi_modal_data"),

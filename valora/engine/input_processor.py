@@ -100,6 +100,12 @@ class InputProcessor:
             images = [load_image(img, limits) for img in images]
         except InputError as e:
             raise InputError(str(e), "invalid_image", "messages") from e
+        if text is not None and not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError as e:  # a tokenizer's TypeError otherwise
+                raise InputError(f"prompt is not Unicode text: a lone surrogate {text[e.start]!r} at character "
+                                 f"{e.start}") from None
         if ids is not None and not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
             raise InputError(f"prompt_token_ids must be integers in [0, {self.vocab_size})")
         processed = self.processor(text if ids is None else ids, images, videos)
