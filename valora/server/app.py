@@ -313,7 +313,7 @@ def build_app(engine_config: EngineConfig, core_address: str, core_info: CoreInf
 def _openapi(app: FastAPI, secured: bool) -> dict:
     """FastAPI's schema, made to say what the server does: no 422 (validation errors are OpenAI's 400), errors
     always JSON (also on the plain-text routes), the bearer scheme on `/v1` when a key is required, and an id of
-    its own for each method of a route of several (FastAPI gives them all the first method's, and warns)"""
+    its own for each method of a route of several (FastAPI gives them all the first method's, and warns)."""
     if app.openapi_schema is None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Duplicate Operation ID", UserWarning)
