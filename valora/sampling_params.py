@@ -49,6 +49,7 @@ class StructuredOutputsParams:
         return json.dumps([spec, self.disable_any_whitespace], sort_keys=True)
 
 
+LOGIT_BIAS = 100  # OpenAI's bound on a logit_bias value: -100 bans a token, 100 all but forces it
 SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, as vLLM documents; `seed + i` for the i-th of n samples still fits torch
 
 
@@ -71,6 +72,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated
     repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt and output tokens
     structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's)
 
     def __post_init__(self) -> None:
         """Every field range-checked here, so that no caller (server, offline API) can hand the engine a value
@@ -101,6 +103,14 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         for t in self.stop_token_ids:
             _integer("stop_token_ids", t, 0, what="non-negative token ids")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+            for t, bias in self.logit_bias.items():
+                _integer("logit_bias keys", t, 0, what="non-negative token ids")
+                if not _real(bias) or not -LOGIT_BIAS <= bias <= LOGIT_BIAS:
+                    raise ValueError(f"logit_bias values must be in [-{LOGIT_BIAS}, {LOGIT_BIAS}], got {bias!r} for "
+                                     f"token {t}")
 
     @property
     def greedy(self) -> bool:

@@ -8,7 +8,7 @@ import torch
 from valora import LLM, SamplingParams
 from valora.engine.sampler import _filter_rows, sample
 from valora.engine.sequence import Sequence
-from valora.multimodal.inputs import ProcessedPrompt
+from valora.multimodal.inputs import InputError, ProcessedPrompt
 from valora.testing.families import FAMILIES
 
 pytestmark = pytest.mark.families("qwen2_vl")  # sampling is the same for every family; chat templates are not
@@ -305,6 +305,37 @@ def test_penalties_follow_vllm_over_many_steps():
             seq.output_ids.append(t)
     assert changed > 5
     assert plain.penalty_counts is None  # unpenalised rows keep no state
+
+
+def test_logit_bias_is_added_to_the_listed_logits_before_sampling():
+    vocab = 24
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, vocab, generator=gen)
+    params = [SamplingParams(temperature=0, logit_bias={3: 100, 4: 5.5}),
+              SamplingParams(temperature=0),
+              SamplingParams(temperature=0, logprobs=1, logit_bias={int(logits[2].argmax()): -100}),
+              SamplingParams(temperature=0, logit_bias={vocab + 7: 100})]  # past these logits: ignored
+    seqs = [_seq(p) for p in params]
+    tokens = sample(logits, seqs, [set()] * 4)
+    biased = logits.clone()
+    biased[0, 3] += 100
+    biased[0, 4] += 5.5
+    biased[2, logits[2].argmax()] -= 100
+    assert tokens == [3, int(logits[1].argmax()), int(biased[2].argmax()), int(logits[3].argmax())]
+    assert tokens[2] != int(logits[2].argmax())
+    assert seqs[2].logprobs[-1][tokens[2]] == pytest.approx(float(logits[2].log_softmax(-1)[tokens[2]]))  # the model's
+
+
+def test_logit_bias_offline_and_its_refusals(llm):
+    favourite = 17
+    out = _tokens(llm, "Hello", max_tokens=6, ignore_eos=True, logit_bias={favourite: 100})[0]
+    assert set(out.token_ids) == {favourite}
+    with pytest.raises(ValueError, match=r"logit_bias values must be in \[-100, 100\]"):
+        SamplingParams(logit_bias={5: 101})
+    with pytest.raises(ValueError, match="logit_bias keys must be non-negative token ids"):
+        SamplingParams(logit_bias={"5": 1.0})
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        llm.generate(["Hello"], SamplingParams(logit_bias={10**6: 1.0}))
 
 
 def test_penalised_seeded_row_same_alone_and_in_a_batch():

@@ -107,6 +107,28 @@ def test_penalties_change_greedy_output_and_are_range_checked(client):
         client.completions.create(model=SERVED, prompt="x", presence_penalty=3.0)
 
 
+def test_logit_bias_as_openai_takes_it(client):
+    """OpenAI's `logit_bias` (token ids as string keys, values in [-100, 100]): +100 all but forces a token,
+    through the official client's own parameter, on chat and completions; what OpenAI refuses is a 400."""
+    chat = client.chat.completions.create(model=SERVED, messages=_user("hello"), max_tokens=5, temperature=0.7,
+                                          logit_bias={"17": 100}, extra_body={"ignore_eos": True}, logprobs=True)
+    assert {t.token for t in chat.choices[0].logprobs.content} == {client_token(client, 17)}
+    out = client.completions.create(model=SERVED, prompt="a red car", max_tokens=4, temperature=0,
+                                    logit_bias={"17": 100, "18": -100}, extra_body={"ignore_eos": True})
+    assert out.choices[0].text == client_token(client, 17) * 4
+    for bias, message in (({"17": 101}, r"\[-100, 100\]"), ({"x": 1}, "token ids"), ({"99999999": 1}, "vocabulary")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.completions.create(model=SERVED, prompt="x", max_tokens=2, logit_bias=bias)
+
+
+def client_token(client, token_id: int) -> str:
+    import httpx
+
+    r = httpx.post(f"{client.base_url}".removesuffix("/v1/") + "/detokenize", json={"model": SERVED,
+                                                                                   "tokens": [token_id]})
+    return r.json()["prompt"]
+
+
 def test_response_format_json_schema_validates_across_adapters(client):
     def ask(i: int) -> str:
         out = client.chat.completions.create(

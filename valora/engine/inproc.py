@@ -54,6 +54,7 @@ class InprocEngine:
         if request_id in self.output_processor.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
+        self.input_processor.check_params(params)
         now = arrival_time if arrival_time is not None else self.core.clock()
         reqs = self.input_processor.core_requests(request_id, processed, params, lora_request, now, deadline_s)
         self.output_processor.add_request(request_id, text, processed.token_ids, params,

@@ -121,6 +121,13 @@ class InputProcessor:
                 "context_length_exceeded", "max_tokens")
         return text, processed
 
+    def check_params(self, params: SamplingParams | HeadParams) -> None:
+        """What of the decoding options only this model can judge: `logit_bias` ids within its vocabulary."""
+        outside = sorted(t for t in getattr(params, "logit_bias", None) or {} if t >= self.vocab_size)
+        if outside:
+            raise InputError(f"logit_bias has token ids outside the vocabulary [0, {self.vocab_size}): "
+                             f"{outside[:5]}", "invalid_value", "logit_bias")
+
     def core_requests(self, request_id: str, processed: ProcessedPrompt, params: SamplingParams | HeadParams,
                       lora: LoRARequest | None, arrival_time: float,
                       deadline_s: float | None = None) -> list[EngineCoreRequest]:

@@ -7,8 +7,9 @@ with no host synchronisation, and the tokens (with any log-probabilities) come b
 Before sampling, per row as it asks: vLLM's penalties on the raw logits (repetition: logits of tokens in the prompt
 or output divided by it when positive, multiplied when negative; frequency and presence: subtracted per
 occurrence and once per generated token) from token counts kept on the device with the sequence and updated there
-with each sampled token; then a structured-output row's grammar bitmask (computed on the host from its matcher while
-the model runs, sent in one more copy). Rows that ask for neither cost nothing.
+with each sampled token; then its `logit_bias` (added to the listed tokens' logits); then a structured-output
+row's grammar bitmask (computed on the host from its matcher while the model runs, sent in one more copy). Rows
+that ask for none of these cost nothing.
 
 Sampling is an exponential race (the Gumbel-max trick): the token is `argmax(logits / T - log E)` with
 `E ~ Exp(1)` drawn per vocabulary entry, which picks token i with probability `softmax(logits / T)[i]`. A row with a
@@ -138,6 +139,7 @@ def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[in
     by_k = [i for i in sampled if 0 < params[i].top_k < vocab]  # top-k (and maybe top-p): `topk` of the widest
     by_p = [i for i in sampled if params[i].top_p < 1.0 and not 0 < params[i].top_k < vocab]  # top-p only: a sort
     penalized = [i for i, p in enumerate(params) if p.penalized]
+    bias = [(i * vocab + t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < vocab]
     # (a sequence that ended after its step was launched, as one deferred sampler can see, has no mask to follow)
     guided = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.finished]
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -168,6 +170,9 @@ def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[in
         pack.add("want", want)
     if penalized:
         _pack_penalties(pack, seqs, penalized, vocab)
+    if bias:
+        pack.add("bias_at", [at for at, _ in bias])
+        pack.add("bias", [b for _, b in bias])
     if guided:
         pack.add("guided", guided)
     dev = pack.send(device)
@@ -183,6 +188,10 @@ def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], stop_ids: Seq[set[in
     if penalized:
         x, owned = x.clone(), True
         counts = _apply_penalties(x, seqs, penalized, dev)
+    if bias:
+        if not owned:
+            x, owned = x.clone(), True
+        x.view(-1).index_add_(0, dev["bias_at"].long(), dev["bias"].to(x.dtype))
     if guided:
         if not owned:
             x, owned = x.clone(), True

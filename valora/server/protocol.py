@@ -104,6 +104,7 @@ class SamplingFields(Strict):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM's
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as JSON keys are strings) -> bias in [-100, 100]
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs, or vLLM's older guided_* fields
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None

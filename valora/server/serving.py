@@ -115,7 +115,7 @@ class OpenAIServing:
         except ValueError as e:  # InputError from the compiler is one too
             raise bad_request(str(e), "invalid_structured_output", "response_format") from e
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
                 max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
                 stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
@@ -123,9 +123,14 @@ class OpenAIServing:
                 skip_special_tokens=req.skip_special_tokens, logprobs=req.num_logprobs,
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                 repetition_penalty=req.repetition_penalty, structured_outputs=grammar,
+                logit_bias=_token_keys(req.logit_bias),
             )
+            self.inputs.check_params(params)
+        except InputError as e:
+            raise _refused(e, "invalid_value", "logit_bias") from e
         except ValueError as e:
             raise bad_request(str(e), "invalid_value") from e
+        return params
 
     def _head_params(self, lora: LoRARequest | None, head: str | None, required: bool) -> HeadParams | None:
         """A chat is answered by a head when it names one or its adapter has a default head; a classification
@@ -575,6 +580,19 @@ class _ClassifyFormat:
 
 def _head_result(h) -> HeadResult | None:
     return None if h is None else HeadResult(name=h.head, label=h.label, scores=h.scores, box=h.box)
+
+
+def _token_keys(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's `logit_bias` with its keys, token ids written as strings (as JSON keys are), made ints."""
+    if bias is None:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+    return out
 
 
 def _refused(e: InputError, code: str, param: str) -> APIError:
