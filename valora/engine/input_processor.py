@@ -20,7 +20,7 @@ from valora.heads.params import HeadParams
 from valora.lora.request import LoRARequest
 from valora.models.registry import resolve_family
 from valora.multimodal.chat import MediaSources, chat_media, parse_messages
-from valora.multimodal.inputs import InputError, ProcessedPrompt, load_image
+from valora.multimodal.inputs import InputError, ProcessedPrompt, load_image, lone_surrogate
 from valora.multimodal.template import render_chat
 from valora.multimodal.video import as_videos, load_video, video_sampling
 from valora.sampling_params import SamplingParams
@@ -100,12 +100,8 @@ class InputProcessor:
             images = [load_image(img, limits) for img in images]
         except InputError as e:
             raise InputError(str(e), "invalid_image", "messages") from e
-        if text is not None and not text.isascii():
-            try:
-                text.encode()
-            except UnicodeEncodeError as e:  # a tokenizer's TypeError otherwise
-                raise InputError(f"prompt is not Unicode text: a lone surrogate {text[e.start]!r} at character "
-                                 f"{e.start}") from None
+        if text is not None and (at := lone_surrogate(text)) is not None:  # a tokenizer's TypeError otherwise
+            raise InputError(f"prompt is not Unicode text: a lone surrogate {text[at]!r} at character {at}")
         if ids is not None and not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
             raise InputError(f"prompt_token_ids must be integers in [0, {self.vocab_size})")
         processed = self.processor(text if ids is None else ids, images, videos)

@@ -56,6 +56,18 @@ class ProcessedPrompt:
     position_delta: int = 0  # a token at index i >= L sits at position i + delta
 
 
+def lone_surrogate(text: str) -> int | None:
+    """Where `text` has a lone UTF-16 surrogate (None: it is Unicode text, which a tokenizer can encode). Python
+    strings may hold one (a JSON `\\ud800` escape, `surrogatepass` decoding); no tokenizer takes it."""
+    if text.isascii():
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 def load_image(obj: Any, limits: MultiModalConfig) -> Image.Image:
     """Accept a PIL image, raw bytes or a local path; refuse what cannot be decoded or is over the limits. The
     result is RGB, transparency composited onto white as the HF image processors do."""

@@ -34,7 +34,7 @@ from valora.engine.core_host import CoreInfo
 from valora.engine.errors import AdapterNotLoadedError, EngineDeadError, QueueFullError
 from valora.engine.input_processor import InputProcessor
 from valora.lora.adapter import AdapterError
-from valora.multimodal.inputs import InputError
+from valora.multimodal.inputs import InputError, lone_surrogate
 from valora.server.async_engine import AsyncEngine, ClientDisconnectedError
 from valora.server.errors import APIError, adapter_load_failed, bad_request, not_found
 from valora.server.logs import logger
@@ -153,13 +153,14 @@ class _JSONRequest(Request):
     async def json(self) -> Any:
         body = await self.body()
         try:
-            value = json.loads(body.decode())  # strict UTF-8: json.loads(bytes) lets encoded surrogates through
+            text = body.decode()  # strict UTF-8: json.loads(bytes) lets encoded surrogates through
+            value = json.loads(text)
         except (UnicodeDecodeError, RecursionError) as e:
             reason = "is not UTF-8" if isinstance(e, UnicodeDecodeError) else "is nested too deeply"
             raise json.JSONDecodeError(f"the body {reason}", body.decode("utf-8", "replace"), 0) from e
         if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(value):
             raise json.JSONDecodeError("a string has a lone UTF-16 surrogate (\\ud800-\\udfff), no Unicode text",
-                                       body.decode(), 0)
+                                       text, 0)
         return value
 
 
@@ -171,11 +172,8 @@ def _has_lone_surrogate(value: Any) -> bool:
     while stack:
         v = stack.pop()
         if isinstance(v, str):
-            if not v.isascii():
-                try:
-                    v.encode()
-                except UnicodeEncodeError:
-                    return True
+            if lone_surrogate(v) is not None:
+                return True
         elif isinstance(v, dict):
             stack += v.keys()
             stack += v.values()
