@@ -86,7 +86,13 @@ FUSED_PLANS = [
     Plan(fused=TileConfig(32, 16, 64, 4, 2, split_n=1000)),  # more chunks than tiles: one tile each
     Plan(fused=TileConfig(64, 64, 16, 4, 2, split_n=2)),  # row and column tiles wider than anything
 ]
-PLANS = SPLIT_PLANS + FUSED_PLANS
+# Row kernels (block_m 1): a program per token, its slot from `meta.ids`
+ROW_PLANS = [
+    Plan(shrink=TileConfig(1, 0, 16, 4, 2), expand=TileConfig(1, 16, 0, 4, 2)),  # one split, one chunk per slice
+    Plan(shrink=TileConfig(1, 0, 32, 4, 2, 3), expand=TileConfig(1, 32, 0, 4, 2, split_n=3)),  # uneven chunks
+    Plan(shrink=TileConfig(1, 0, 64, 4, 2, 2), expand=TileConfig(1, 16, 0, 4, 2, split_n=1000)),  # a tile each
+]
+PLANS = SPLIT_PLANS + FUSED_PLANS + ROW_PLANS
 
 
 def plan_id(plan: Plan) -> str:
@@ -111,10 +117,11 @@ def test_atmm_plans(plan: Plan) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("plan", FUSED_PLANS[:2], ids=plan_id)
+@pytest.mark.parametrize("plan", [*FUSED_PLANS[:2], ROW_PLANS[1]], ids=plan_id)
 def test_fused_decode_shapes(plan: Plan, dtype: torch.dtype) -> None:
-    """The fused kernel where the engine uses it: fused qkv (k and v narrower) and gate/up, ranks 8-64 mixed in a
-    rank-64 stack, some adapters not targeting some slices, one token per adapter and several, rows without one."""
+    """The fused and row kernels where the engine uses them: fused qkv (k and v narrower) and gate/up, ranks 8-64
+    mixed in a rank-64 stack, some adapters not targeting some slices, one token per adapter and several, rows
+    without one."""
     qkv = [[8, 64, 16, 32, 0, 24], [8, 64, 0, 32, 40, 24], [8, 0, 16, 32, 40, 24]]
     gate_up = [[64, 8, 0, 16], [64, 8, 32, 0]]
     with forced(plan):
@@ -123,7 +130,7 @@ def test_fused_decode_shapes(plan: Plan, dtype: torch.dtype) -> None:
             assert_matches(case, case.run("atmm"))
 
 
-@pytest.mark.parametrize("plan", [SPLIT_PLANS[1], FUSED_PLANS[1]], ids=plan_id)
+@pytest.mark.parametrize("plan", [SPLIT_PLANS[1], FUSED_PLANS[1], ROW_PLANS[1]], ids=plan_id)
 def test_merged_adapter_corrections(plan: Plan) -> None:
     """Mixture mode through the kernels: with slot 1 merged, its tokens get nothing, every other token its own
     delta minus slot 1's (negated scalings), base-model tokens only the subtraction."""
@@ -145,6 +152,14 @@ def test_merged_adapter_corrections(plan: Plan) -> None:
     rtol, atol = (1e-5, 1e-5) if out.dtype == torch.float32 else (2e-3, 5e-3)
     torch.testing.assert_close(out.float(), expected, rtol=rtol, atol=atol * (expected - case.base.float()).abs().max())
     assert torch.equal(out[case.ids == 1], case.base[case.ids == 1])
+
+
+def test_a_plan_does_not_mix_row_and_tile_kernels() -> None:
+    """Their intermediates are indexed differently (by token, by position in the segment order)."""
+    with pytest.raises(ValueError, match="both row kernels"):
+        Plan(shrink=ROW_PLANS[0].shrink, expand=SPLIT_PLANS[0].expand)
+    with pytest.raises(ValueError, match="no row variant"):
+        Plan(fused=TileConfig(1, 16, 16))
 
 
 def test_reference_matches_dense_formula() -> None:
@@ -198,6 +213,7 @@ GPU_PLANS = [  # engine-sized tiles of both kinds (the interpreter's are tiny)
     Plan(fused=TileConfig(16, 64, 128, 4, 3, split_n=16)),
     Plan(fused=TileConfig(32, 128, 64, 8, 3, split_n=1)),
     Plan(shrink=TileConfig(16, 32, 128, 4, 3, split_k=8), expand=TileConfig(16, 128, 32, 4, 2)),
+    Plan(shrink=TileConfig(1, 0, 256, 4, 3, split_k=7), expand=TileConfig(1, 256, 0, 8, 2, split_n=8)),
 ]
 
 
@@ -271,7 +287,7 @@ def test_graph_meta_refilled_for_any_mix_matches_reference(backend: str) -> None
 
 
 @pytest.mark.parametrize("max_slots", [2, 4])
-@pytest.mark.parametrize("plan", [SPLIT_PLANS[1], FUSED_PLANS[0], FUSED_PLANS[2]], ids=plan_id)
+@pytest.mark.parametrize("plan", [SPLIT_PLANS[1], FUSED_PLANS[0], FUSED_PLANS[2], ROW_PLANS[2]], ids=plan_id)
 def test_graph_meta_plans(plan: Plan, max_slots: int) -> None:
     """atmm's plans on graph metadata sized for fewer adapters than the stack holds (a bucket of the batch's
     adapter count), padding included."""

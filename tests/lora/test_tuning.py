@@ -20,8 +20,11 @@ GATE_UP = space.LAYERS["gate_up"]
 
 
 def _valid(cfg: TileConfig) -> bool:
-    dims = (cfg.block_m, cfg.block_n, cfg.block_k)
-    return all(d >= 16 and d & (d - 1) == 0 for d in dims) and cfg.split_k >= 1 and cfg.split_n >= 1
+    """Power-of-two tiles of at least 16; a row kernel's (block_m 1) has one unused dimension, 0."""
+    dims = (cfg.block_n, cfg.block_k) if cfg.block_m == 1 else (cfg.block_m, cfg.block_n, cfg.block_k)
+    used = [d for d in dims if d] if cfg.block_m == 1 else dims
+    return (len(used) >= 1 and all(d >= 16 and d & (d - 1) == 0 for d in used) and cfg.split_k >= 1
+            and cfg.split_n >= 1)
 
 
 def _plan_valid(plan: Plan) -> bool:
@@ -52,10 +55,22 @@ def test_grid_covers_the_engine_decode_calls() -> None:
 
 def test_tile_grid_prunes_by_shape() -> None:
     decode = space.tile_grid("shrink", Shape(tokens=32, segments=32, k=3584, n=16))
-    assert {c.block_m for c in decode} == {16} and {c.block_n for c in decode} == {16}
-    assert max(c.split_k for c in decode) > 1
+    tiles = [c for c in decode if c.block_m > 1]
+    assert {c.block_m for c in tiles} == {16} and {c.block_n for c in tiles} == {16}
+    assert max(c.split_k for c in tiles) > 1
+    rows = [c for c in decode if c.block_m == 1]  # row kernels: decode sizes only
+    assert {c.block_k for c in rows} == set(space.ROW_BLOCK_K) and max(c.split_k for c in rows) > 1
+    assert all(3584 // c.split_k >= 2 * c.block_k for c in rows if c.split_k > 1)
     prefill = space.tile_grid("shrink", Shape(tokens=8192, segments=1, k=3584, n=128))
-    assert max(c.block_m for c in prefill) == 128
+    assert max(c.block_m for c in prefill) == 128 and min(c.block_m for c in prefill) > 1
+
+
+def test_row_expand_grid_splits_columns_within_eight_waves() -> None:
+    grid = space.tile_grid("expand", Shape(tokens=32, segments=32, k=16, n=sum(GATE_UP[1])))
+    rows = [c for c in grid if c.block_m == 1]
+    assert {c.block_n for c in rows} == set(space.ROW_BLOCK_N)
+    assert min(c.split_n for c in rows) == 1 and max(c.split_n for c in rows) == 32  # 32 tokens x 32 chunks
+    assert not [c for c in space.tile_grid("expand", Shape(512, 1, 16, 3584)) if c.block_m == 1]
 
 
 def test_fused_grid_splits_columns_within_eight_waves() -> None:
@@ -123,6 +138,23 @@ def test_tune_call_prefers_fused_and_keeps_the_previous_choice_when_faster() -> 
     assert len(prepared) == 6  # three rounds, each compiled before it is timed
 
 
+def test_tune_call_pairs_row_kernels_with_row_kernels() -> None:
+    """Row shrinks are the fastest alone, tile expands too; a plan may not mix them, and the row pair wins whole."""
+    shape = CallShape(32, 32, 3584, 16, (3584,))
+
+    def cost(candidate) -> float:
+        if isinstance(candidate, tuple):
+            return (1.0 if candidate[1].block_m == 1 else 3.0) if candidate[0] == "shrink" else \
+                (4.0 if candidate[1].block_m == 1 else 2.0)
+        if candidate.fused is not None:
+            return 100.0
+        return 5.0 if candidate.shrink.block_m == 1 else 6.0
+
+    final = tune_call(shape, _measure_by(cost))
+    assert all(p.fused is not None or (p.shrink.block_m == 1) == (p.expand.block_m == 1) for p in final)
+    assert min(final, key=final.__getitem__).shrink.block_m == 1
+
+
 def test_tune_goes_smallest_first_and_starts_no_shape_past_the_time_limit() -> None:
     class Device:  # every candidate takes the same time
         measure = staticmethod(_measure_by(lambda candidate: 1.0))
@@ -136,13 +168,16 @@ def test_tune_goes_smallest_first_and_starts_no_shape_past_the_time_limit() -> N
 
 
 def test_problems_launch_every_kind_of_candidate() -> None:
-    """The tuner's launches run (interpreter on the CPU): a fused plan, a split plan, each kernel alone."""
+    """The tuner's launches run (interpreter on the CPU): a fused plan, split plans of tile and row kernels, each
+    kernel alone."""
     shape = CallShape(5, 2, 32, 16, (24, 8))
     problems = Problems(torch.float32, torch.device("cpu"))
     launch = problems.launcher(shape)
     cfg = TileConfig(16, 16, 16, 4, 2, split_k=2, split_n=3)
+    row_shrink, row_expand = TileConfig(1, 0, 16, split_k=2), TileConfig(1, 16, 0, split_n=3)
     for candidate in (Plan(fused=cfg), Plan(shrink=cfg, expand=TileConfig(16, 64, 16)), ("shrink", cfg),
-                      ("expand", TileConfig(16, 64, 16))):
+                      ("expand", TileConfig(16, 64, 16)), Plan(shrink=row_shrink, expand=row_expand),
+                      ("shrink", row_shrink), ("expand", row_expand)):
         launch(candidate)
     assert problems.launcher(shape) is launch
 

@@ -51,13 +51,13 @@ class CallShape:
 
 @dataclass(frozen=True)
 class TileConfig:
-    block_m: int
-    block_n: int
-    block_k: int
+    block_m: int  # 1: a row kernel (one token per program, its slot from `meta.ids`; see ops/kernels.py)
+    block_n: int  # row shrink: unused (the whole rank is one block)
+    block_k: int  # row expand: unused
     num_warps: int = 4
     num_stages: int = 2
     split_k: int = 1  # shrink: programs sharing one reduction, each writing its partial sum
-    split_n: int = 1  # fused: column chunks the output is cut into, one program per (row tile, chunk)
+    split_n: int = 1  # fused and row expand: column chunks the output is cut into, a program per (rows, chunk)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -78,6 +78,11 @@ class Plan:
     def __post_init__(self) -> None:
         if (self.fused is None) == (self.shrink is None or self.expand is None):
             raise ValueError("a plan is either fused or a shrink and an expand")
+        if self.fused is not None and self.fused.block_m == 1:
+            raise ValueError("the fused kernel has no row variant (block_m 1)")
+        if self.shrink is not None and (self.shrink.block_m == 1) != (self.expand.block_m == 1):
+            raise ValueError("a shrink and an expand are both row kernels (block_m 1) or neither: they index "
+                             "their intermediate differently")
 
     def to_dict(self) -> dict[str, dict[str, int]]:
         return {k: v.to_dict() for k, v in (("fused", self.fused), ("shrink", self.shrink), ("expand", self.expand))

@@ -18,6 +18,12 @@ one segment and one chunk of output columns of one slice, computes its tokens' x
 the adapter's A rows once), then walks its chunk of columns adding scaling·(x·Aᵀ)·Bᵀ into y. With several chunks
 per slice (`split_n`) the shrink is recomputed per chunk, its A rows then coming from L2: one launch instead of
 two, and no intermediate written or re-read.
+
+The row kernels (`_row_shrink_kernel`, `_row_expand_kernel`; a plan whose configs have `block_m == 1`) give every
+token its own programs and read its slot from `meta.ids`: no segment tiles, no tile map to read first, and no row
+of a tile computed for nothing (decode, where most adapters have one token, fills a 16-row tile with one). They
+multiply and sum instead of using tensor-core tiles, and index their intermediate by token instead of by position in
+`token_order`, so a plan's two kernels are both row kernels or neither.
 """
 
 from __future__ import annotations
@@ -206,11 +212,94 @@ def _fused_kernel(
         tl.store(y_rows + c[None, :], (prev.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _row_shrink_kernel(
+    x_ptr, a_ptr, mid_ptr, ids_ptr, ranks_ptr, K, R, k_per_split,
+    stride_xm, stride_aslot, stride_arow, stride_msplit, stride_mid, stride_rank,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Program (split, token, slice): mid[split, t, j*R + r] = x[t] · A[slot][j*R + r] over the split's K, r < rank.
+    pid_k = tl.program_id(0)
+    t = tl.program_id(1)
+    j = tl.program_id(2)
+    slot = tl.load(ids_ptr + t)
+    if slot < 0:
+        return
+    rank = tl.load(ranks_ptr + j * stride_rank + slot)
+    if rank == 0:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rank
+    a_rows = a_ptr + slot.to(tl.int64) * stride_aslot + (j * R + offs_r)[:, None] * stride_arow
+    x_row = x_ptr + t.to(tl.int64) * stride_xm
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
+        xt = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        at = tl.load(a_rows + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(at * xt[None, :], axis=1)
+    tl.store(mid_ptr + pid_k * stride_msplit + t * stride_mid + j * R + offs_r, acc, mask=r_ok)
+
+
+@triton.jit
+def _row_expand_kernel(
+    mid_ptr, b_ptr, y_ptr, ids_ptr, ranks_ptr, scal_ptr, R, w0, w1, w2, cols, num_splits,
+    stride_msplit, stride_mid, stride_bslot, stride_brow, stride_ym, stride_rank,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Program (column chunk, token): y[t, chunk] += scaling * Σ_s mid[s, t, j*R : j*R + rank] · B[slot][chunk]ᵀ.
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1)
+    slot = tl.load(ids_ptr + t)
+    if slot < 0:
+        return
+    j, first, width, offset = _slice_of(pid_n, w0, w1, w2, cols)
+    rank = tl.load(ranks_ptr + j * stride_rank + slot)
+    if rank == 0:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rank
+    xa = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for s in range(num_splits):
+        xa += tl.load(mid_ptr + s * stride_msplit + t * stride_mid + j * R + offs_r, mask=r_ok, other=0.0)
+    xa *= tl.load(scal_ptr + slot)
+    # B loads cover the rank rounded up to 8 (16-byte vectors); `where` zeroes the rest and any garbage (NaN) there.
+    r_ld = offs_r < tl.minimum(tl.cdiv(rank, 8) * 8, R)
+    b_rows = b_ptr + slot.to(tl.int64) * stride_bslot + offset * stride_brow + offs_r[None, :]
+    y_row = y_ptr + t.to(tl.int64) * stride_ym + offset
+    hi = tl.minimum(first + cols, width)
+    for n in range(first, hi, BLOCK_N):
+        c = n + tl.arange(0, BLOCK_N)
+        c_ok = c < hi
+        prev = tl.load(y_row + c, mask=c_ok, other=0.0)
+        bt = tl.load(b_rows + c[:, None] * stride_brow, mask=c_ok[:, None] & r_ld[None, :], other=0.0)
+        bt = tl.where(r_ok[None, :], bt.to(tl.float32), 0.0)
+        acc = tl.sum(bt * xa[None, :], axis=1)
+        tl.store(y_row + c, (prev.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=c_ok)
+
+
 def _row_grid(meta: LoRAMeta, block_m: int, seg_grid: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
     if seg_grid:
         per_seg = triton.cdiv(meta.max_segment_len, block_m)
         return meta.seg_starts, meta.seg_starts, per_seg * meta.num_segments
     return meta.tile_maps[block_m]
+
+
+def _launch(kernel, grid: tuple[int, ...], args: tuple, cfg: TileConfig, **constexprs) -> None:
+    """Launch `kernel` with `cfg`'s warps and stages, or only build it (`jit.compiling`)."""
+    opts = dict(constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if compiling():
+        kernel.warmup(*args, grid=grid, **opts)
+    else:
+        kernel[grid](*args, **opts)
+
+
+def _block_r(rank: int) -> int:
+    """The register block of a row kernel's rank: the stack's max rank, rounded up to a power of two."""
+    return triton.next_power_of_2(rank)
 
 
 def check_layout(x: torch.Tensor, stack_a: torch.Tensor, stack_b: torch.Tensor, out: torch.Tensor,
@@ -232,8 +321,9 @@ def num_splits(K: int, cfg: TileConfig) -> int:
 
 
 def intermediate(meta: LoRAMeta, K: int, rows: int, cfg: TileConfig, device: torch.device) -> torch.Tensor:
-    """The fp32 [splits, tokens, rows] buffer between shrink and expand, from the step's shared scratch."""
-    shape = (num_splits(K, cfg), meta.num_lora_tokens, rows)
+    """The fp32 [splits, tokens, rows] buffer between shrink and expand, from the step's shared scratch: a row per
+    position in `token_order`, or per token for the row kernels."""
+    shape = (num_splits(K, cfg), meta.num_tokens if cfg.block_m == 1 else meta.num_lora_tokens, rows)
     if compiling():  # a throwaway buffer: a graph's metadata keeps its scratch, sized by what its capture runs
         return torch.empty(shape, dtype=torch.float32, device=device)
     return meta.scratch(shape[0] * shape[1] * shape[2], torch.float32, device).view(shape)
@@ -242,46 +332,46 @@ def intermediate(meta: LoRAMeta, K: int, rows: int, cfg: TileConfig, device: tor
 def shrink(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, ranks: torch.Tensor, mid: torch.Tensor,
            cfg: TileConfig, *, seg_grid: bool = False) -> None:
     """mid[s, p, j*R + r] = x[token_order[p]] · A[slot][j*R + r] over split s of K, for every valid rank row
-    (others left unwritten)."""
+    (others left unwritten); with the row kernel, p is the token itself."""
     K = x.shape[1]
     rows = stack_a.shape[1]
+    R = rows // ranks.shape[0]
+    common = (K, R, _k_per_split(K, cfg), x.stride(0), stack_a.stride(0), stack_a.stride(1), mid.stride(0),
+              mid.stride(1), ranks.stride(0))
+    if cfg.block_m == 1:
+        _launch(_row_shrink_kernel, (mid.shape[0], meta.num_tokens, ranks.shape[0]),
+                (x, stack_a, mid, meta.ids, ranks, *common), cfg, BLOCK_R=_block_r(R), BLOCK_K=cfg.block_k)
+        return
     tile_seg, tile_row, grid_m = _row_grid(meta, cfg.block_m, seg_grid)
-    grid = (triton.cdiv(rows, cfg.block_n), grid_m, mid.shape[0])
-    args = (
-        x, stack_a, mid, ranks, meta.token_order, meta.seg_slots, meta.seg_starts, tile_seg, tile_row,
-        meta.num_segments, K, rows // ranks.shape[0], rows, _k_per_split(K, cfg),
-        x.stride(0), stack_a.stride(0), stack_a.stride(1), mid.stride(0), mid.stride(1), ranks.stride(0),
-    )
-    opts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SEG_GRID=seg_grid,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if compiling():
-        _shrink_kernel.warmup(*args, grid=grid, **opts)
-    else:
-        _shrink_kernel[grid](*args, **opts)
+    _launch(_shrink_kernel, (triton.cdiv(rows, cfg.block_n), grid_m, mid.shape[0]),
+            (x, stack_a, mid, ranks, meta.token_order, meta.seg_slots, meta.seg_starts, tile_seg, tile_row,
+             meta.num_segments, *common[:2], rows, *common[2:]),
+            cfg, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SEG_GRID=seg_grid)
 
 
 def expand(mid: torch.Tensor, meta: LoRAMeta, stack_b: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor,
            slices: tuple[int, ...], out: torch.Tensor, cfg: TileConfig, *, seg_grid: bool = False) -> None:
     """out[token_order[p], slice j] += scaling[slot] * Σ_s mid[s, p, j*R : j*R + rank_j] @ B[slot][slice j, :rank_j]ᵀ
-    (slice j's rows of B)."""
-    tile_seg, tile_row, grid_m = _row_grid(meta, cfg.block_m, seg_grid)
+    (slice j's rows of B; with the row kernel, p is the token itself)."""
+    R = stack_b.shape[2]
     w = tuple(slices) + (0,) * (MAX_SLICES - len(slices))
-    grid = (sum(triton.cdiv(width, cfg.block_n) for width in slices), grid_m)
-    args = (
-        mid, stack_b, out, ranks, scalings, meta.token_order, meta.seg_slots, meta.seg_starts, tile_seg, tile_row,
-        meta.num_segments, stack_b.shape[2], *w, mid.shape[0],
-        mid.stride(0), mid.stride(1), stack_b.stride(0), stack_b.stride(1), out.stride(0), ranks.stride(0),
-    )
-    opts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SEG_GRID=seg_grid,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if compiling():
-        _expand_kernel.warmup(*args, grid=grid, **opts)
-    else:
-        _expand_kernel[grid](*args, **opts)
+    strides = (mid.stride(0), mid.stride(1), stack_b.stride(0), stack_b.stride(1), out.stride(0), ranks.stride(0))
+    if cfg.block_m == 1:
+        cols = chunk_columns(slices, cfg)
+        _launch(_row_expand_kernel, (sum(triton.cdiv(width, cols) for width in slices), meta.num_tokens),
+                (mid, stack_b, out, meta.ids, ranks, scalings, R, *w, cols, mid.shape[0], *strides),
+                cfg, BLOCK_R=_block_r(R), BLOCK_N=cfg.block_n)
+        return
+    tile_seg, tile_row, grid_m = _row_grid(meta, cfg.block_m, seg_grid)
+    _launch(_expand_kernel, (sum(triton.cdiv(width, cfg.block_n) for width in slices), grid_m),
+            (mid, stack_b, out, ranks, scalings, meta.token_order, meta.seg_slots, meta.seg_starts, tile_seg,
+             tile_row, meta.num_segments, R, *w, mid.shape[0], *strides),
+            cfg, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SEG_GRID=seg_grid)
 
 
 def chunk_columns(slices: tuple[int, ...], cfg: TileConfig) -> int:
-    """Columns of one fused program: the output cut into about `split_n` chunks, whole BLOCK_N tiles each."""
+    """Columns of one fused or row-expand program: the output cut into about `split_n` chunks, whole BLOCK_N
+    tiles each."""
     return triton.cdiv(triton.cdiv(sum(slices), cfg.split_n), cfg.block_n) * cfg.block_n
 
 
@@ -293,19 +383,12 @@ def fused(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch
     R = stack_b.shape[2]
     cols = chunk_columns(slices, cfg)
     w = tuple(slices) + (0,) * (MAX_SLICES - len(slices))
-    grid = (sum(triton.cdiv(width, cols) for width in slices), grid_m)
-    args = (
+    _launch(_fused_kernel, (sum(triton.cdiv(width, cols) for width in slices), grid_m), (
         x, stack_a, stack_b, out, ranks, scalings, meta.token_order, meta.seg_slots, meta.seg_starts, tile_seg,
         tile_row, meta.num_segments, x.shape[1], R, *w, cols,
         x.stride(0), stack_a.stride(0), stack_a.stride(1), stack_b.stride(0), stack_b.stride(1), out.stride(0),
         ranks.stride(0),
-    )
-    opts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                BLOCK_R=max(16, triton.next_power_of_2(R)), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if compiling():
-        _fused_kernel.warmup(*args, grid=grid, **opts)
-    else:
-        _fused_kernel[grid](*args, **opts)
+    ), cfg, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=max(16, _block_r(R)))
 
 
 def run(plan: Plan, x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch.Tensor,

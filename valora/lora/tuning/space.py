@@ -4,7 +4,8 @@ Candidates are pruned per shape only by rules that cannot remove a winner: a row
 the average segment, a rank tile no wider than the (power-of-two rounded) output, split-K chunks of at least two
 K blocks, split-K or split-N only while the launch stays under eight waves of programs, and the shared memory of
 one Hopper SM. The fused kernel is tried up to `FUSED_MAX_TOKENS` tokens: past that, re-reading x in every column
-chunk loses to the intermediate's round trip.
+chunk loses to the intermediate's round trip. The row kernels (a program per token) up to `ROW_MAX_TOKENS`: they
+read an adapter's weights once per token, which only decode-sized calls can afford.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ EXPAND_BLOCK_K = (16, 32, 64)
 FUSED_BLOCK_N = (32, 64, 128, 256)
 FUSED_BLOCK_K = (64, 128, 256)
 FUSED_MAX_TOKENS = 512
+ROW_BLOCK_K = (128, 256, 512, 1024)
+ROW_BLOCK_N = (64, 128, 256, 512)
+ROW_MAX_TOKENS = 256
 NUM_WARPS = (4, 8)
 NUM_STAGES = (2, 3, 4)
 DEFAULT_STAGES = 3
@@ -76,9 +80,29 @@ def _row_tiles_allowed(tokens: int, segments: int) -> list[int]:
     return [m for m in BLOCK_M if m <= tallest]
 
 
+def _doublings(lo: int, keep) -> list[int]:
+    """lo, 2*lo, 4*lo, ... while `keep(value)` holds (lo itself always)."""
+    out = [lo]
+    while keep(out[-1] * 2):
+        out.append(out[-1] * 2)
+    return out
+
+
+def row_grid(op: str, shape: Shape) -> list[TileConfig]:
+    """The row kernel's configs worth timing for `shape` (none past ROW_MAX_TOKENS): K blocks and split-K for the
+    shrink, column tiles and chunks for the expand, under eight waves of programs."""
+    if shape.tokens > ROW_MAX_TOKENS:
+        return []
+    if op == "shrink":
+        return [TileConfig(1, 0, k, 4, DEFAULT_STAGES, s) for k in ROW_BLOCK_K if k <= max(shape.k, 128)
+                for s in SPLIT_K if s == 1 or (shape.k // s >= 2 * k and shape.tokens * s <= MAX_SPLIT_PROGRAMS)]
+    return [TileConfig(1, n, 0, 4, DEFAULT_STAGES, split_n=s) for n in ROW_BLOCK_N
+            for s in _doublings(1, lambda s, n=n: s * n <= shape.n and shape.tokens * s <= MAX_SPLIT_PROGRAMS)]
+
+
 def tile_grid(op: str, shape: Shape) -> list[TileConfig]:
     """Every tile shape (and split-K) of one kernel of the split path worth timing for `shape`, at 3 stages and
-    warps fitting the tile."""
+    warps fitting the tile; the row kernel's configs with them."""
     block_m = _row_tiles_allowed(shape.tokens, shape.segments)
     if op == "shrink":
         widest = max(16, _pow2_at_least(shape.n))
@@ -94,7 +118,7 @@ def tile_grid(op: str, shape: Shape) -> list[TileConfig]:
             for m, n, k in itertools.product(block_m, EXPAND_BLOCK_N, EXPAND_BLOCK_K)
             if k <= deepest
         ]
-    return [c for c in grid if _fits(c)]
+    return [c for c in grid if _fits(c)] + row_grid(op, shape)
 
 
 def fused_grid(call: CallShape) -> list[TileConfig]:

@@ -1,10 +1,10 @@
 """The offline profiler: for every call shape of the grid, time the plans on this GPU and keep the fastest.
 
 The search per shape, in three rounds (`tune_call`):
-1. each kernel of the split path alone: every shrink tile and split-K, every expand tile;
-2. whole calls: for every split-K, its fastest shrink with the fastest expands (the expand pays for every partial
-   sum it adds, which the shrink alone never sees, so split-K is chosen with the expand in the measurement), and
-   every fused tile shape and column split;
+1. each kernel of the split path alone: every shrink tile and split-K, every expand tile, row kernels included;
+2. whole calls: for every split-K, its fastest shrink with the fastest expands of its kind (the expand pays for
+   every partial sum it adds, which the shrink alone never sees, so split-K is chosen with the expand in the
+   measurement), and every fused tile shape and column split;
 3. the best plans under every (warps, stages) pair, re-timed with more repetitions next to the heuristic's plan and
    the previous table's plan for the shape, so the new choice is never slower than the one it replaces.
 Kernels of a round are compiled in parallel before they are timed when Triton offers asynchronous compilation.
@@ -117,12 +117,14 @@ def tune_call(shape: CallShape, measure: Measure, prepare: Prepare = lambda shap
     prepare(shape, alone)
     first = {c: measure(shape, c, reps) for c in alone}
     ranked = sorted(first, key=first.__getitem__)
-    shrinks: dict[int, TileConfig] = {}  # the fastest shrink of every split-K
+    # The fastest shrink of every (kind, split-K), each with the fastest expands of its kind (row or tile kernels).
+    shrinks: dict[tuple[bool, int], TileConfig] = {}
     for op, cfg in ranked:
         if op == "shrink":
-            shrinks.setdefault(cfg.split_k, cfg)
-    expands = [cfg for op, cfg in ranked if op == "expand"][:finalists]
-    plans = [Plan(shrink=s, expand=e) for s in shrinks.values() for e in expands]
+            shrinks.setdefault((cfg.block_m == 1, cfg.split_k), cfg)
+    expands = {row: [cfg for op, cfg in ranked if op == "expand" and (cfg.block_m == 1) == row][:finalists]
+               for row in (False, True)}
+    plans = [Plan(shrink=s, expand=e) for (row, _), s in shrinks.items() for e in expands[row]]
     plans += [Plan(fused=c) for c in space.fused_grid(shape)]
     prepare(shape, plans)
     second = {p: measure(shape, p, reps) for p in plans}
