@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from valora.lora.ops import kernels
+from valora.lora.ops.kernels import token_adapter
 from valora.lora.ops.meta import LoRAMeta
 
 SHRINK_BLOCK_K, SHRINK_SPLIT_K = 256, 64
@@ -31,10 +32,9 @@ def _bgmv_shrink_kernel(
     pid_k = tl.program_id(0)
     t = tl.program_id(1)
     j = tl.program_id(2)
-    slot = tl.load(ids_ptr + t)
+    slot, rank = token_adapter(ids_ptr, ranks_ptr, t, j, stride_rank)
     if slot < 0:
         return
-    rank = tl.load(ranks_ptr + j * stride_rank + slot)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     a_rows = a_ptr + slot.to(tl.int64) * stride_aslot + (j * R + offs_r)[:, None] * stride_arow
@@ -62,10 +62,9 @@ def _bgmv_expand_kernel(
     pid_sn = tl.program_id(0)
     t = tl.program_id(1)
     j = tl.program_id(2)
-    slot = tl.load(ids_ptr + t)
+    slot, rank = token_adapter(ids_ptr, ranks_ptr, t, j, stride_rank)
     if slot < 0:
         return
-    rank = tl.load(ranks_ptr + j * stride_rank + slot)
     width = tl.where(j == 2, w2, tl.where(j == 1, w1, w0))
     offset = tl.where(j == 2, w0 + w1, tl.where(j == 1, w0, 0))
     offs_r = tl.arange(0, BLOCK_R)

@@ -213,6 +213,14 @@ def _fused_kernel(
 
 
 @triton.jit
+def token_adapter(ids_ptr, ranks_ptr, t, j, stride_rank):
+    """(slot, rank on slice j) of token t; rank 0 for a token without an adapter (slot -1)."""
+    slot = tl.load(ids_ptr + t)
+    rank = tl.load(ranks_ptr + j * stride_rank + slot, mask=slot >= 0, other=0)
+    return slot, rank
+
+
+@triton.jit
 def _row_shrink_kernel(
     x_ptr, a_ptr, mid_ptr, ids_ptr, ranks_ptr, K, R, k_per_split,
     stride_xm, stride_aslot, stride_arow, stride_msplit, stride_mid, stride_rank,
@@ -222,10 +230,7 @@ def _row_shrink_kernel(
     pid_k = tl.program_id(0)
     t = tl.program_id(1)
     j = tl.program_id(2)
-    slot = tl.load(ids_ptr + t)
-    if slot < 0:
-        return
-    rank = tl.load(ranks_ptr + j * stride_rank + slot)
+    slot, rank = token_adapter(ids_ptr, ranks_ptr, t, j, stride_rank)
     if rank == 0:
         return
     offs_r = tl.arange(0, BLOCK_R)
@@ -253,11 +258,8 @@ def _row_expand_kernel(
     # Program (column chunk, token): y[t, chunk] += scaling * Σ_s mid[s, t, j*R : j*R + rank] · B[slot][chunk]ᵀ.
     pid_n = tl.program_id(0)
     t = tl.program_id(1)
-    slot = tl.load(ids_ptr + t)
-    if slot < 0:
-        return
     j, first, width, offset = _slice_of(pid_n, w0, w1, w2, cols)
-    rank = tl.load(ranks_ptr + j * stride_rank + slot)
+    slot, rank = token_adapter(ids_ptr, ranks_ptr, t, j, stride_rank)
     if rank == 0:
         return
     offs_r = tl.arange(0, BLOCK_R)
