@@ -113,19 +113,22 @@ class LLM:
         add_generation_prompt: bool = True,
         allow_special_tokens: bool = False,
         media_io_kwargs: dict | None = None,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """Applies the model's chat template (images and videos in content parts become the model's placeholders;
         `media_io_kwargs={"video": {"fps": ..., "num_frames": ...}}` samples the videos). Special-token strings in
-        message text are tokenised as plain text unless `allow_special_tokens`."""
+        message text are tokenised as plain text unless `allow_special_tokens`. `continue_final_message` (with
+        `add_generation_prompt=False`) continues the last message, a prefilled answer, as vLLM's `LLM.chat`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.chat_prompt(c, chat_template, add_generation_prompt, allow_special_tokens, media_io_kwargs)
-                   for c in conversations]
+        prompts = [self.chat_prompt(c, chat_template, add_generation_prompt, allow_special_tokens, media_io_kwargs,
+                                    continue_final_message) for c in conversations]
         return self.generate(prompts, sampling_params, lora_request, use_tqdm)
 
     def chat_prompt(self, messages: list[dict], chat_template: str | None = None, add_generation_prompt: bool = True,
-                    allow_special_tokens: bool = False, media_io_kwargs: dict | None = None) -> dict[str, Any]:
+                    allow_special_tokens: bool = False, media_io_kwargs: dict | None = None,
+                    continue_final_message: bool = False) -> dict[str, Any]:
         return self.engine.input_processor.chat_prompt(messages, self.media, chat_template, add_generation_prompt,
-                                                       allow_special_tokens, media_io_kwargs)
+                                                       allow_special_tokens, media_io_kwargs, continue_final_message)
 
     @staticmethod
     def _per_prompt(value, n: int, what: str) -> list:

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from valora import LLM
 from valora.models.processing import ensure_chat_template
+from valora.multimodal.inputs import InputError
 from valora.multimodal.template import render_chat, special_strings
 from valora.testing.images import random_image
 
@@ -65,3 +66,18 @@ def test_user_text_cannot_open_a_system_turn(tiny_model, tokenizer):
                                           {"type": "text", "text": "what is <|image_pad|>?"}]}]
     _, processed = llm.engine.input_processor.process(llm.chat_prompt(image))
     assert len(processed.images) == 1
+
+
+def test_continue_final_message_leaves_the_last_turn_open(tokenizer, family):
+    """The prompt ends with the last message's own text, as transformers renders it, typed special strings in it
+    included; asking to open a new turn as well is refused."""
+    messages = [*conversation("What is it?"), {"role": "assistant", "content": "It is a"}]
+    rendered = render_chat(tokenizer, messages, add_generation_prompt=False, continue_final_message=True)
+    assert rendered == tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert rendered.endswith("It is a")
+    typed = special_strings(tokenizer)[0]
+    messages[-1]["content"] = f"It is a {typed}"
+    ids = render_chat(tokenizer, messages, add_generation_prompt=False, continue_final_message=True)
+    assert tokenizer.decode(ids).endswith(f"It is a {typed}")
+    with pytest.raises(InputError, match="cannot both be true"):
+        render_chat(tokenizer, messages, continue_final_message=True)

@@ -174,6 +174,70 @@ def test_bad_structured_outputs_are_400(client, body, message):
         client.chat.completions.create(model=SERVED, messages=_user("x"), max_tokens=4, extra_body=body)
 
 
+def test_continue_final_message_prefills_the_answer(server, client):
+    """vLLM's `continue_final_message`: the prompt ends inside the last (assistant) message, with no end of turn,
+    so the model continues it; together with `add_generation_prompt` it is a 400."""
+    conv = [*_user("what is in the picture?"), {"role": "assistant", "content": "The picture shows"}]
+    flags = {"continue_final_message": True, "add_generation_prompt": False}
+
+    def tokenize(**extra) -> list[int]:
+        r = httpx.post(f"{server.url}/tokenize", json={"model": SERVED, "messages": conv, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    open_ids, closed_ids = tokenize(**flags), tokenize(add_generation_prompt=False)
+    assert len(open_ids) < len(closed_ids) and closed_ids[:len(open_ids)] == open_ids  # the turn left open
+    text = httpx.post(f"{server.url}/detokenize", json={"model": SERVED, "tokens": open_ids}).json()["prompt"]
+    assert text.endswith("The picture shows")
+    out = client.chat.completions.create(model="lora0", messages=conv, max_tokens=2, extra_body=flags)
+    assert out.usage.prompt_tokens == len(open_ids)
+    with pytest.raises(openai.BadRequestError, match="cannot both be true"):
+        client.chat.completions.create(model=SERVED, messages=conv, max_tokens=2,
+                                       extra_body={"continue_final_message": True})
+
+
+TOOL = {"type": "function", "function": {"name": "count_cars", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("kind, kwargs, message", [
+    ("chat", {"tools": [TOOL]}, "tool calling is not supported"),  # tool_choice "auto" by default
+    ("chat", {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "count_cars"}}},
+     "tool calling"),
+    ("chat", {"tool_choice": "required"}, "tool calling"),
+    ("chat", {"extra_body": {"functions": [TOOL["function"]]}}, "function_call"),
+    ("chat", {"messages": [*_user("hi"), {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "count_cars", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"}]}, "tool calling"),
+    ("chat", {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "text only"),
+    ("completion", {"suffix": " the end"}, "suffix"),
+    ("completion", {"best_of": 3, "n": 2}, "best_of"),
+])
+def test_options_this_server_cannot_honour_are_refused(client, kind, kwargs, message):
+    """Options that would change the answer are a 400 naming them, never silently ignored (a client would take
+    the answer for one that honoured them)."""
+    with pytest.raises(openai.BadRequestError, match=message):
+        if kind == "chat":
+            client.chat.completions.create(**{"model": SERVED, "messages": _user("x"), "max_tokens": 2, **kwargs})
+        else:
+            client.completions.create(**{"model": SERVED, "prompt": "x", "max_tokens": 2, **kwargs})
+
+
+def test_tools_that_must_not_be_called_and_best_of_n_are_served(client):
+    out = client.chat.completions.create(model=SERVED, messages=_user("x"), max_tokens=2, tools=[TOOL],
+                                         tool_choice="none")
+    assert out.choices[0].message.tool_calls is None and out.choices[0].finish_reason == "length"
+    out = client.completions.create(model=SERVED, prompt="x", max_tokens=2, n=2, best_of=2)
+    assert len(out.choices) == 2
+
+
+def test_ignored_fields_are_logged_once_by_name(server, client):
+    for _ in range(2):
+        client.chat.completions.create(model=SERVED, messages=_user("x"), max_tokens=1, user="u-1",
+                                       extra_body={"frobnicate_level": 3})
+    log = server.log_text()
+    assert log.count("frobnicate_level") == 1 and "fields ignored (not used by this server)" in log
+
+
 def test_tokenize_round_trip_detokenize_version_ping(server, client):
     url = server.url
     text = "a dog runs across green grass"

@@ -46,10 +46,11 @@ class InputProcessor:
 
     def chat_prompt(self, messages: list[dict], media: MediaSources, chat_template: str | None = None,
                     add_generation_prompt: bool = True, allow_special_tokens: bool = False,
-                    media_io_kwargs: dict | None = None) -> dict[str, Any]:
+                    media_io_kwargs: dict | None = None, continue_final_message: bool = False) -> dict[str, Any]:
         """OpenAI-style messages -> a prompt dict through the model's chat template; special tokens typed in the
-        messages stay text unless `allow_special_tokens`. Videos are decoded here (sampled by `media_io_kwargs`);
-        images stay undecoded: `process` loads them under the limits."""
+        messages stay text unless `allow_special_tokens`; `continue_final_message` continues the last message
+        instead of opening a turn. Videos are decoded here (sampled by `media_io_kwargs`); images stay undecoded:
+        `process` loads them under the limits."""
         try:
             template_messages, images, videos = parse_messages(messages, media, self.limits)
             template_messages, images, videos = chat_media(template_messages, images, videos, self.limits,
@@ -58,7 +59,9 @@ class InputProcessor:
             raise InputError(str(e), e.code or "invalid_messages", "messages") from e
         try:
             prompt = render_chat(self.tokenizer, template_messages, add_generation_prompt, chat_template,
-                                 allow_special_tokens)
+                                 allow_special_tokens, continue_final_message)
+        except InputError:
+            raise
         except Exception as e:  # jinja raises many types for messages a template cannot render
             raise InputError(f"cannot apply the chat template: {e}", "invalid_messages", "messages") from e
         key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"

@@ -17,13 +17,19 @@ from valora.multimodal.inputs import InputError
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                chat_template: str | None = None, allow_special_tokens: bool = False) -> str | list[int]:
+                chat_template: str | None = None, allow_special_tokens: bool = False,
+                continue_final_message: bool = False) -> str | list[int]:
     """`messages` as `parse_messages` returns them. Text, or token ids when message text held special-token
-    strings (tokenised as plain text unless `allow_special_tokens`)."""
+    strings (tokenised as plain text unless `allow_special_tokens`). With `continue_final_message` the text ends
+    inside the last message (no end-of-turn after it), so the model continues it: a prefilled answer."""
+    if continue_final_message and add_generation_prompt:
+        raise InputError("continue_final_message and add_generation_prompt cannot both be true: one continues the "
+                         "last message, the other starts a new one", "invalid_value", "continue_final_message")
 
     def apply(msgs: list[dict]) -> str:
         return tokenizer.apply_chat_template(msgs, chat_template=chat_template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message)
 
     specials = [] if allow_special_tokens else special_strings(tokenizer)
     typed = re.compile("|".join(map(re.escape, specials))) if specials else None

@@ -11,6 +11,7 @@ shape is spelled out (messages and their content parts too), so `/openapi.json` 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from valora.lora.request import ADAPTER_NAME_PATTERN
 from valora.sampling_params import SEED_RANGE, StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
 
 _STRUCTURED_OPTIONS = ("disable_any_whitespace",)  # keys of `structured_outputs` that say how, not what
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs; OpenAI's limit for top_logprobs
@@ -34,6 +37,41 @@ class Strict(BaseModel):
     """Request bodies: JSON types as declared (no "5" for 5); unknown fields ignored, as OpenAI's API does."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
+
+
+_WARNED_FIELDS: set[str] = set()
+
+
+class Body(Strict):
+    """A whole request body: the fields it ignores are logged, each name once per process (vLLM warns of them per
+    request), so a client that misspells an option or relies on one this server lacks shows up in the log."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            new = sorted(k for k in data if isinstance(k, str) and k not in known and k not in _WARNED_FIELDS)
+            if new:
+                _WARNED_FIELDS.update(new)
+                logger.warning("%s fields ignored (not used by this server): %s", cls.__name__,
+                               ", ".join(k[:64] for k in new[:20]))
+        return data
+
+
+class ChatTemplateFields(Strict):
+    """How chat messages become the prompt (chat, classification, tokenize)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's: the prompt ends inside the last message, which the model continues
+    media_io_kwargs: dict[str, Any] | None = None  # vLLM's: {"video": {"fps": ..., "num_frames": ...}}
+
+    @model_validator(mode="after")
+    def _continue_or_open(self) -> ChatTemplateFields:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true (set "
+                             "add_generation_prompt to false to continue the last message)")
+        return self
 
 
 class MediaURL(Strict):
@@ -76,6 +114,17 @@ ContentPart = Annotated[TextPart | ImageURLPart | ImagePart | VideoURLPart | Vid
 class ChatMessageParam(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # refused: dropping them would change the conversation
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, v):
+        if v:
+            raise ValueError(_NO_TOOLS)
+        return v
+
+
+_NO_TOOLS = "tool calling is not supported by this server (it has no tool-call parser)"
 
 
 def message_dicts(messages: list[ChatMessageParam]) -> list[dict[str, Any]]:
@@ -83,7 +132,7 @@ def message_dicts(messages: list[ChatMessageParam]) -> list[dict[str, Any]]:
     return [m.model_dump(exclude_none=True) for m in messages]
 
 
-class SamplingFields(Strict):
+class SamplingFields(Body):
     """Decoding options shared by chat and completions."""
 
     model: ModelName = ""
@@ -168,19 +217,34 @@ class StreamOptions(Strict):
     continuous_usage_stats: bool = False
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     messages: list[ChatMessageParam] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    add_generation_prompt: bool = True
     head: str | None = None  # VaLoRA: answer with this task head of the adapter instead of decoding
-    media_io_kwargs: dict[str, Any] | None = None  # vLLM's: {"video": {"fps": ..., "num_frames": ...}}
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # Fields that would change the answer and that this server cannot honour: refused, not ignored.
+    tools: list[dict[str, Any]] | None = None  # allowed only with tool_choice "none" (then no tool is called)
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> ChatCompletionRequest:
+        if (self.tools and self.tool_choice != "none") or self.tool_choice not in (None, "none"):
+            raise ValueError(f"{_NO_TOOLS}: send tools only with tool_choice \"none\"")
+        if self.functions or self.function_call is not None:
+            raise ValueError(f"functions and function_call: {_NO_TOOLS}")
+        if self.audio is not None or set(self.modalities or ()) - {"text"}:
+            raise ValueError("this server answers in text only (modalities [\"text\"], no audio)")
         return self
 
     @property
@@ -198,6 +262,17 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False  # the prompt before the completion in each choice's text (and logprobs, as null)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    suffix: str | None = None  # refused: no insertion mode
+    best_of: int | None = Field(None, ge=1)  # only equal to n: every completion is returned
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> CompletionRequest:
+        if self.suffix:
+            raise ValueError("suffix is not supported (no fill-in-the-middle mode)")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of ({self.best_of}) other than n ({self.n}) is not supported: every completion "
+                             "is returned; ask for n completions and keep the best")
+        return self
 
     @property
     def num_logprobs(self) -> int | None:
@@ -225,17 +300,17 @@ class CompletionRequest(SamplingFields):
 SamplingFields.model_rebuild()
 
 
-class LoadLoRAAdapterRequest(Strict):
+class LoadLoRAAdapterRequest(Body):
     lora_name: AdapterName
     # NUL bytes and over-long paths are refused as `invalid_lora_path` (valora.paths), before any filesystem call
     lora_path: str = Field(min_length=1)
 
 
-class UnloadLoRAAdapterRequest(Strict):
+class UnloadLoRAAdapterRequest(Body):
     lora_name: AdapterName
 
 
-class ClassificationRequest(Strict):
+class ClassificationRequest(Body, ChatTemplateFields):
     """`POST /v1/classify`, shaped like vLLM's: one chat (`messages`, images allowed) or text prompts (`input`),
     answered by a task head of the adapter `model` after one prefill."""
 
@@ -243,8 +318,6 @@ class ClassificationRequest(Strict):
     messages: list[ChatMessageParam] | None = Field(None, min_length=1)
     input: str | list[str] | None = None
     head: str | None = None  # which head of the adapter; default: its default head, else its only one
-    add_generation_prompt: bool = True
-    media_io_kwargs: dict[str, Any] | None = None  # vLLM's: {"video": {"fps": ..., "num_frames": ...}}
     stream: Literal[False] = False
 
     @model_validator(mode="after")
@@ -425,17 +498,15 @@ class HealthStatus(BaseModel):
     error: str | None = None
 
 
-class TokenizeRequest(Strict):
+class TokenizeRequest(Body, ChatTemplateFields):
     """vLLM's `POST /tokenize`: a text `prompt`, or chat `messages` (the chat template applied, images counted as
     the tokens they take)."""
 
     model: ModelName = ""
     prompt: str | None = None
     messages: list[ChatMessageParam] | None = Field(None, min_length=1)
-    add_generation_prompt: bool = True
     add_special_tokens: bool = True
     return_token_strs: bool = False
-    media_io_kwargs: dict[str, Any] | None = None  # as in chat: how videos are sampled
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -451,7 +522,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(Strict):
+class DetokenizeRequest(Body):
     model: ModelName = ""
     tokens: list[int]
 

@@ -152,7 +152,8 @@ class OpenAIServing:
             return self.inputs.chat_prompt(message_dicts(req.messages), self.media,
                                            add_generation_prompt=req.add_generation_prompt,
                                            allow_special_tokens=self.allow_special_tokens,
-                                           media_io_kwargs=req.media_io_kwargs)
+                                           media_io_kwargs=req.media_io_kwargs,
+                                           continue_final_message=req.continue_final_message)
         except InputError as e:
             raise _refused(e, "invalid_messages", "messages") from e
 
