@@ -62,6 +62,8 @@ def _cases(model, adapter, tmp, busy_port):
         (["serve", model, "--scheduler", "fifo"], "invalid choice"),
         (["serve", str(tmp / "nowhere")], "does not exist"),
         (["serve", str(tmp)], "no config.json"),
+        (["serve", adapter], "is a LoRA adapter"),
+        (["generate", adapter, "--prompt", "hi"], "is a LoRA adapter"),
         (["serve"], "required: model"),
         (["serve", model, "--log-level", "LOUD"], "invalid level"),
         (["generate", model, "--prompt", "hi", "--image", "/nonexistent.png"], "no such file"),

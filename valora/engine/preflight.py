@@ -24,6 +24,10 @@ def check_engine_config(config: EngineConfig):
 
     model_dir = Path(config.model)
     if not (model_dir / "config.json").is_file():
+        if (model_dir / "adapter_config.json").is_file():  # a PEFT adapter given where its base model goes
+            raise UserError(f"model {config.model} is a LoRA adapter (adapter_config.json); pass its base model "
+                            "directory as the model and the adapter with --lora-modules NAME=PATH (serve) or --lora "
+                            "NAME=PATH (generate)")
         what = "does not exist" if not model_dir.exists() else "is not a Hugging Face model directory (no config.json)"
         raise UserError(f"model {config.model} {what}; pass a local model directory")
     try:
