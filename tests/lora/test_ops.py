@@ -234,7 +234,7 @@ def test_gpu_plans_at_engine_shapes(plan: Plan, tokens: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("plan", GPU_PLANS[::2], ids=plan_id)
+@pytest.mark.parametrize("plan", GPU_PLANS, ids=plan_id)
 def test_gpu_atmm_needs_no_sync_and_replays_in_a_graph(plan: Plan) -> None:
     case = _engine_case()
     meta = LoRAMeta.build(case.ids, "cuda")
