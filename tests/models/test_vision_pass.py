@@ -19,12 +19,12 @@ SIZES = [(56, 84), (112, 90), (70, 70), (56, 56), (84, 84)]  # Qwen: ragged wind
 @pytest.fixture(scope="module")
 def llm(tiny_model):
     return LLM(str(tiny_model), dtype="float32", device=DEVICE, enable_lora=True, max_lora_rank=8, embed_cache_mb=0,
-               enable_prefix_caching=False)  # every request runs its vision pass
+               enable_prefix_caching=False, num_kv_blocks=256)  # every request runs its vision pass
 
 
-def _images(llm, family, sizes):
+def _images(llm, family, sizes, seed: int = 0):
     text = " ".join(f"{family.image_prompt} picture {i}" for i in range(len(sizes)))
-    prompt = {"prompt": text, "multi_modal_data": {"image": [random_image(h, w, seed=i) for i, (h, w) in
+    prompt = {"prompt": text, "multi_modal_data": {"image": [random_image(h, w, seed=seed + i) for i, (h, w) in
                                                              enumerate(sizes)]}}
     return [item.data for item in llm.engine.input_processor.process(prompt)[1].images]
 
@@ -86,18 +86,23 @@ def test_engine_routes_passes_by_adapter(llm, family, tiny_model, adapter_factor
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["TRITON_ATTN", "FLASH_ATTN"])
 def test_graph_replay_matches_eager(family, model_factory, backend):
-    """bf16 on a GPU: passes replayed from a graph equal the same padded passes run eagerly, for a second set of
-    images of the same bucket too (the replay reads the new inputs)."""
-    llm = LLM(str(model_factory(family.name, initializer_range=0.05)), dtype="bfloat16", embed_cache_mb=0)
+    """bf16 on a GPU: passes replayed from a graph equal the same padded passes run eagerly, for a later image of
+    a bucket already captured too (the replay reads the new inputs). A taller image shares the first one's bucket
+    where its padding fits (Qwen2-VL, LLaVA), or gets its own (InternVL: one more tile)."""
+    llm = LLM(str(model_factory(family.name, initializer_range=0.05)), dtype="bfloat16", embed_cache_mb=0,
+              num_kv_blocks=256)  # beside the module's engine: a fixed cache, not a share of the GPU
     model = llm.engine.core.model
     graphs = VisionGraphs(model)
-    for seed in (0, 1):
-        data = _images(llm, family, [(56 + 14 * seed, 84)])
+    buckets = []
+    for seed, size in enumerate(((56, 84), (70, 84), (56, 84))):
+        data = _images(llm, family, [size], seed)
         with torch.inference_mode():
             vp = model.prepare_vision(data, None, None, backend, pad=True)
             eager = model.run_vision(vp)[: vp.out_rows]
             assert torch.equal(graphs.run(vp), eager)
-    assert len(graphs.graphs) == 1 and all(v is not None for v in graphs.graphs.values())
+        buckets.append((backend, *vp.key))
+    assert buckets[2] == buckets[0]  # the third image replays the first one's graph with its own pixels
+    assert len(graphs.graphs) == len(set(buckets)) and all(v is not None for v in graphs.graphs.values())
 
 
 @pytest.mark.gpu
@@ -106,7 +111,7 @@ def test_graph_replay_matches_eager(family, model_factory, backend):
 def test_prepare_never_synchronises(family, model_factory, backend):
     """The host part of a pass only queues copies (pinned memory, non-blocking): it may run while the previous
     kernels are still on the device, padded for a graph or not."""
-    llm = LLM(str(model_factory(family.name)), dtype="bfloat16", embed_cache_mb=0)
+    llm = LLM(str(model_factory(family.name)), dtype="bfloat16", embed_cache_mb=0, num_kv_blocks=256)
     model = llm.engine.core.model
     data = _images(llm, family, SIZES)
     torch.cuda.set_sync_debug_mode("error")
