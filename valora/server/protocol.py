@@ -121,7 +121,7 @@ class ChatMessageParam(Strict):
     def _no_tool_calls(cls, v):
         if v:
             raise ValueError(_NO_TOOLS)
-        return v
+        return None  # an empty list says nothing; the template never sees it
 
 
 _NO_TOOLS = "tool calling is not supported by this server (it has no tool-call parser)"
