@@ -130,12 +130,10 @@ def fused_grid(call: CallShape) -> list[TileConfig]:
     grid = []
     for m, n, k in itertools.product(_row_tiles_allowed(call.tokens, call.segments), FUSED_BLOCK_N, FUSED_BLOCK_K):
         tiles = row_tiles(call.tokens, call.segments, m)
-        split = 1
-        while split == 1 or (split * n <= call.width and tiles * split <= MAX_SPLIT_PROGRAMS):
+        for split in _doublings(1, lambda s, n=n, tiles=tiles: s * n <= call.width and tiles * s <= MAX_SPLIT_PROGRAMS):
             cfg = TileConfig(m, n, k, 4 if m * (n + br) <= 8192 else 8, DEFAULT_STAGES, split_n=split)
             if _fused_fits(cfg, br):
                 grid.append(cfg)
-            split *= 2
     return grid
 
 
