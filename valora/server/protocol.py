@@ -11,6 +11,7 @@ shape is spelled out (messages and their content parts too), so `/openapi.json` 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Annotated, Any, Literal
@@ -42,6 +43,12 @@ class Strict(BaseModel):
 _WARNED_FIELDS: set[str] = set()
 
 
+@functools.cache
+def _field_names(model: type[BaseModel]) -> frozenset[str]:
+    """A body's field names and aliases, once per class rather than per request."""
+    return frozenset(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+
+
 class Body(Strict):
     """A whole request body: the fields it ignores are logged, each name once per process (vLLM warns of them per
     request), so a client that misspells an option or relies on one this server lacks shows up in the log."""
@@ -50,7 +57,7 @@ class Body(Strict):
     @classmethod
     def _warn_unknown(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            known = _field_names(cls)
             new = sorted(k for k in data if isinstance(k, str) and k not in known and k not in _WARNED_FIELDS)
             if new:
                 _WARNED_FIELDS.update(new)
@@ -63,15 +70,10 @@ class ChatTemplateFields(Strict):
     """How chat messages become the prompt (chat, classification, tokenize)."""
 
     add_generation_prompt: bool = True
-    continue_final_message: bool = False  # vLLM's: the prompt ends inside the last message, which the model continues
+    # vLLM's: the prompt ends inside the last message, which the model continues (`render_chat` refuses it together
+    # with add_generation_prompt, for the offline API too)
+    continue_final_message: bool = False
     media_io_kwargs: dict[str, Any] | None = None  # vLLM's: {"video": {"fps": ..., "num_frames": ...}}
-
-    @model_validator(mode="after")
-    def _continue_or_open(self) -> ChatTemplateFields:
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true (set "
-                             "add_generation_prompt to false to continue the last message)")
-        return self
 
 
 class MediaURL(Strict):
