@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -65,11 +66,26 @@ def merge_block_r(rank: int) -> int:
     return max(16, 1 << max(rank - 1, 0).bit_length())
 
 
+@dataclass(frozen=True)
+class MergeTiles:
+    """A merge program's tile of W (rows x columns) and its warps."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+
+
+def merge_tiles(block_r: int) -> MergeTiles:
+    """The tile a merge of rank tile `block_r` uses (`benchmarks/merge_tiles.py` times the alternatives)."""
+    return MergeTiles(64, 128 if block_r <= 64 else 64)
+
+
 def merge_into(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float,
-               ranks: Sequence[int], slices: Sequence[int], rmax: int) -> None:
+               ranks: Sequence[int], slices: Sequence[int], rmax: int, tiles: MergeTiles | None = None) -> None:
     """out = w + scale·B_j·A_j for each row slice j of w (sizes `slices`, at most three): w, out [M, N] with
     M = sum(slices); b [M, >= max rank], slice j reading its first ranks[j] columns; a [len(slices)·rmax, N], slice
-    j's A in rows j·rmax .. j·rmax + ranks[j]. A slice of rank 0 is copied. Views of larger stacks are fine."""
+    j's A in rows j·rmax .. j·rmax + ranks[j]. A slice of rank 0 is copied. Views of larger stacks are fine.
+    `tiles` overrides `merge_tiles` (the Triton kernel only)."""
     if len(slices) > MAX_SLICES or len(ranks) != len(slices):
         raise ValueError(f"one rank per slice, at most {MAX_SLICES} slices")
     use_triton = triton is not None and (w.is_cuda or INTERPRET) and w.stride(1) == 1 and out.stride(1) == 1
@@ -85,15 +101,16 @@ def merge_into(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Ten
                 start += rows
         return
     block_r = merge_block_r(max(ranks))
-    block_m, block_n = (64, 128) if block_r <= 64 else (64, 64)
+    cfg = tiles or merge_tiles(block_r)
+    block_m, block_n = cfg.block_m, cfg.block_n
     ends = [sum(slices[: j + 1]) for j in range(len(slices))]
-    tiles = [sum(triton.cdiv(s, block_m) for s in slices[: j + 1]) for j in range(len(slices))]
+    counts = [sum(triton.cdiv(s, block_m) for s in slices[: j + 1]) for j in range(len(slices))]
     pad = MAX_SLICES - len(slices)
-    rs, ends, tiles = list(ranks) + [0] * pad, ends + [ends[-1]] * pad, tiles + [tiles[-1]] * pad
-    grid = (tiles[-1], triton.cdiv(w.shape[1], block_n))
+    rs, ends, counts = list(ranks) + [0] * pad, ends + [ends[-1]] * pad, counts + [counts[-1]] * pad
+    grid = (counts[-1], triton.cdiv(w.shape[1], block_n))
     args = (w, b, a, out, w.shape[1], float(scale), w.stride(0), b.stride(0), a.stride(0), out.stride(0),
-            *rs, *ends, tiles[0], tiles[1], rmax)
-    opts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, UPCAST=INTERPRET, num_warps=4)
+            *rs, *ends, counts[0], counts[1], rmax)
+    opts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, UPCAST=INTERPRET, num_warps=cfg.num_warps)
     if compiling():
         _merge_kernel.warmup(*args, grid=grid, **opts)
     else:
