@@ -250,37 +250,55 @@ def _row_shrink_kernel(
 
 
 @triton.jit
+def _row_load_tile(b_ptr, y_row, slot, offset, c, c_ok, rank, R, stride_bslot, stride_brow, BLOCK_R: tl.constexpr):
+    """y[t, c] and B[slot][offset + c] of one column tile of a row expand, as loaded (see `_row_add_tile`)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    # B loads cover the rank rounded up to 8 (16-byte vectors); `_row_add_tile` zeroes the rest.
+    r_ld = offs_r < tl.minimum(tl.cdiv(rank, 8) * 8, R)
+    prev = tl.load(y_row + c, mask=c_ok, other=0.0)
+    bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bslot + (offset + c)[:, None] * stride_brow + offs_r[None, :],
+                 mask=c_ok[:, None] & r_ld[None, :], other=0.0)
+    return prev, bt
+
+
+@triton.jit
+def _row_add_tile(y_row, c, c_ok, prev, bt, xa, rank, BLOCK_R: tl.constexpr):
+    """y[t, c] = prev + B tile · xa, B's columns past the rank zeroed with `where` (which also drops any garbage,
+    NaN, there). Kept apart from the loads so that a tile's loads can be issued before xa is known."""
+    bt = tl.where((tl.arange(0, BLOCK_R) < rank)[None, :], bt.to(tl.float32), 0.0)
+    acc = tl.sum(bt * xa[None, :], axis=1)
+    tl.store(y_row + c, (prev.to(tl.float32) + acc).to(y_row.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
 def _row_expand_kernel(
     mid_ptr, b_ptr, y_ptr, ids_ptr, ranks_ptr, scal_ptr, R, w0, w1, w2, cols, num_splits,
     stride_msplit, stride_mid, stride_bslot, stride_brow, stride_ym, stride_rank,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # Program (column chunk, token): y[t, chunk] += scaling * Σ_s mid[s, t, j*R : j*R + rank] · B[slot][chunk]ᵀ.
+    # The loads wait on one another as little as they can: the first column tile's B and y are issued together
+    # with the split-K partials, which come in one [splits, rank] load, not one load per split.
     pid_n = tl.program_id(0)
     t = tl.program_id(1)
     j, first, width, offset = _slice_of(pid_n, w0, w1, w2, cols)
     slot, rank = token_adapter(ids_ptr, ranks_ptr, t, j, stride_rank)
     if rank == 0:
         return
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < rank
-    xa = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for s in range(num_splits):
-        xa += tl.load(mid_ptr + s * stride_msplit + t * stride_mid + j * R + offs_r, mask=r_ok, other=0.0)
-    xa *= tl.load(scal_ptr + slot)
-    # B loads cover the rank rounded up to 8 (16-byte vectors); `where` zeroes the rest and any garbage (NaN) there.
-    r_ld = offs_r < tl.minimum(tl.cdiv(rank, 8) * 8, R)
-    b_rows = b_ptr + slot.to(tl.int64) * stride_bslot + offset * stride_brow + offs_r[None, :]
     y_row = y_ptr + t.to(tl.int64) * stride_ym + offset
     hi = tl.minimum(first + cols, width)
-    for n in range(first, hi, BLOCK_N):
+    c = first + tl.arange(0, BLOCK_N)
+    prev, bt = _row_load_tile(b_ptr, y_row, slot, offset, c, c < hi, rank, R, stride_bslot, stride_brow, BLOCK_R)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_s = tl.arange(0, BLOCK_S)
+    parts = tl.load(mid_ptr + offs_s[:, None] * stride_msplit + t * stride_mid + j * R + offs_r[None, :],
+                    mask=(offs_s < num_splits)[:, None] & (offs_r < rank)[None, :], other=0.0)
+    xa = tl.sum(parts, axis=0) * tl.load(scal_ptr + slot)
+    _row_add_tile(y_row, c, c < hi, prev, bt, xa, rank, BLOCK_R)
+    for n in range(first + BLOCK_N, hi, BLOCK_N):
         c = n + tl.arange(0, BLOCK_N)
-        c_ok = c < hi
-        prev = tl.load(y_row + c, mask=c_ok, other=0.0)
-        bt = tl.load(b_rows + c[:, None] * stride_brow, mask=c_ok[:, None] & r_ld[None, :], other=0.0)
-        bt = tl.where(r_ok[None, :], bt.to(tl.float32), 0.0)
-        acc = tl.sum(bt * xa[None, :], axis=1)
-        tl.store(y_row + c, (prev.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=c_ok)
+        prev, bt = _row_load_tile(b_ptr, y_row, slot, offset, c, c < hi, rank, R, stride_bslot, stride_brow, BLOCK_R)
+        _row_add_tile(y_row, c, c < hi, prev, bt, xa, rank, BLOCK_R)
 
 
 def _row_grid(meta: LoRAMeta, block_m: int, seg_grid: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -362,7 +380,7 @@ def expand(mid: torch.Tensor, meta: LoRAMeta, stack_b: torch.Tensor, ranks: torc
         cols = chunk_columns(slices, cfg)
         _launch(_row_expand_kernel, (sum(triton.cdiv(width, cols) for width in slices), meta.num_tokens),
                 (mid, stack_b, out, meta.ids, ranks, scalings, R, *w, cols, mid.shape[0], *strides),
-                cfg, BLOCK_R=_block_r(R), BLOCK_N=cfg.block_n)
+                cfg, BLOCK_R=_block_r(R), BLOCK_N=cfg.block_n, BLOCK_S=triton.next_power_of_2(mid.shape[0]))
         return
     tile_seg, tile_row, grid_m = _row_grid(meta, cfg.block_m, seg_grid)
     _launch(_expand_kernel, (sum(triton.cdiv(width, cfg.block_n) for width in slices), grid_m),
