@@ -273,7 +273,14 @@ def test_adapter_inside_root_loads_and_unloads(http):
 
 
 def test_unknown_route_is_openai_shaped(http):
-    assert_error(http.get("/v1/nothing-here"), 404, "not_found")
+    """An endpoint this server does not have (the embeddings API, say) is a 404 that names it and lists what is
+    served; a 404 of a known route (an unknown model) keeps its own message."""
+    err = assert_error(http.post("/v1/embeddings", json={"model": "m", "input": "hi"}), 404, "not_found",
+                       "/v1/embeddings is not an endpoint")
+    assert "/v1/chat/completions" in err["message"] and "/v1/models" in err["message"], err
+    assert_error(http.get("/v1/nothing-here"), 404, "not_found", "/v1/nothing-here")
+    assert "not an endpoint" not in assert_error(
+        http.post("/v1/completions", json={"model": "nope", "prompt": "hi"}), 404, "model_not_found")["message"]
     assert_still_serving(http)
 
 

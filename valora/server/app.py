@@ -352,6 +352,11 @@ def _respond(result) -> Response:
     return JSONResponse(result.model_dump(mode="json"), headers=headers)
 
 
+def _served_paths(app: FastAPI) -> list[str]:
+    """The OpenAI-style endpoints `app` answers, from its (cached) schema: what a 404 for an unknown path lists."""
+    return sorted(path for path in app.openapi()["paths"] if path.startswith("/v1/"))
+
+
 def _install_error_handlers(app: FastAPI, config: ServerConfig) -> None:
     def log(request: Request, err: APIError) -> JSONResponse:
         _log(request.method, request.url.path, err)
@@ -382,6 +387,9 @@ def _install_error_handlers(app: FastAPI, config: ServerConfig) -> None:
             _log(request.method, request.url.path, err)
             return err.response(close=True)
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404 and detail == "Not Found":  # no route matched: say what is served instead
+            detail = (f"{request.url.path} is not an endpoint of this server; it serves "
+                      f"{', '.join(_served_paths(app))} (the API is described at /openapi.json)")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return log(request, APIError(exc.status_code, detail, code, headers=exc.headers))  # 405 keeps its Allow
 
