@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from valora.bench.results import MODES, PointKey
+from valora.bench.results import MODES, PointKey, read_jsonl
 from valora.bench.server import ServerProcess
 from valora.bench.sweep import SweepConfig, run_sweep
 from valora.cli import main
@@ -61,10 +61,6 @@ def results(config, tmp_path_factory) -> Path:
     return out
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def _stats(values: list[float]) -> dict:
     v = np.asarray(values, dtype=float)
     return {"mean": v.mean(), "p50": np.percentile(v, 50), "p90": np.percentile(v, 90), "p99": np.percentile(v, 99)}
@@ -76,7 +72,7 @@ def test_every_request_accounted_for(results, config):
     for policy in ("valora", "dlora"):
         for rate in (2.0, 5.0):
             stem = results / "points" / f"{policy}__vqa__hot0.8__r{rate:g}"
-            records = _jsonl(Path(f"{stem}.requests.jsonl"))
+            records = read_jsonl(Path(f"{stem}.requests.jsonl"))
             expected = spec.workload(rate, "hot:0.8", names, config.seed).requests()
             assert [r["index"] for r in records] == list(range(len(expected))) and len(expected) >= 8
             for rec, req in zip(records, expected):  # the seeded workload, rebuilt, is what was sent
@@ -104,7 +100,7 @@ def test_working_set_over_the_slots(results, config):
     assert (adapters["lora11"] / "adapter_model.safetensors").resolve() == \
         (adapters["lora01"] / "adapter_model.safetensors").resolve()
     for n in (2, 12):
-        records = _jsonl(results / "points" / f"valora__slots-a{n}__uniform__r3.requests.jsonl")
+        records = read_jsonl(results / "points" / f"valora__slots-a{n}__uniform__r3.requests.jsonl")
         assert records and all(r["status"] == "ok" for r in records)
         assert {r["adapter"] for r in records} <= set(list(adapters)[:n])
     assert len({r["adapter"] for r in records}) > 4
@@ -132,7 +128,7 @@ def test_summary_matches_raw_records(results):
     rows = [r for r in summary["points"] if r["workload"] == "vqa"]
     assert {(r["policy"], r["rate"]) for r in rows} == {(p, r) for p in ("valora", "dlora") for r in (2.0, 5.0)}
     for row in rows:
-        records = _jsonl(results / "points" / f"{row['policy']}__vqa__hot0.8__r{row['rate']:g}.requests.jsonl")
+        records = read_jsonl(results / "points" / f"{row['policy']}__vqa__hot0.8__r{row['rate']:g}.requests.jsonl")
         measured = [r for r in records if not r["warmup"]]
         assert (row["requests"], row["measured"], row["ok"]) == (len(records), len(measured), len(measured))
         latency = [r["finished_s"] - r["scheduled_s"] for r in measured]
@@ -179,7 +175,7 @@ def test_base_url_gives_the_same_report(config, results, tmp_path):
     assert code == 0
     rows = json.loads((out / "summary.json").read_text())["points"]
     assert [(r["policy"], r["workload"], r["rate"]) for r in rows] == [("peer", "video", 3.0)]
-    records = _jsonl(out / "points" / "peer__video__zipf1__r3.requests.jsonl")
+    records = read_jsonl(out / "points" / "peer__video__zipf1__r3.requests.jsonl")
     assert records and all(r["status"] == "ok" for r in records)
     assert {r["adapter"] for r in records} <= set(adapters) and {r["task"] for r in records} <= {"detect", "action"}
     assert all(r["images"] == (6 if r["task"] == "action" else 1) for r in records)

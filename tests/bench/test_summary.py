@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import pytest
 
 from valora.bench.client import Record
@@ -92,6 +94,26 @@ def test_results_round_trip(tmp_path):
     peer = {**row, "policy": "slora", "latency_s": {**row["latency_s"], "mean": 1.0}, "slo_attainment": 0.5}
     (c,) = comparisons([row, peer], SLO())
     assert c["ratio"] == pytest.approx(0.5) and c["baseline"] == "slora" and not c["baseline_unsaturated"]
+
+
+def test_point_logs_are_gzipped_and_earlier_plain_logs_still_read(tmp_path):
+    """A point's request and timeline logs are written gzipped, the same bytes for the same rows (a re-run that
+    changes nothing changes no committed file); a results directory from before, with plain .jsonl, loads alike."""
+    key = PointKey("vqa", "zipf1", "valora", 2.0)
+    records = [rec(i, 0.1 * i, 0.1 * i + 0.05, 0.1 * i + 0.5) for i in range(50)]
+    samples = [Sample(0.0, 1, 0, "merged", "a0", {"merged": 1.0}, {"merged": 0.1}, 0.0, 0.0, 10.0, 2.0)]
+    save_point(tmp_path, Point(key, records, samples, {"modes": None}))
+    logs = sorted(p.name for p in (tmp_path / "points").iterdir())
+    assert logs == [f"{key.stem}.json", f"{key.stem}.requests.jsonl.gz", f"{key.stem}.timeline.jsonl.gz"]
+    first = (tmp_path / "points" / f"{key.stem}.requests.jsonl.gz").read_bytes()
+    save_point(tmp_path, Point(key, records, samples, {"modes": None}))
+    assert (tmp_path / "points" / f"{key.stem}.requests.jsonl.gz").read_bytes() == first
+    for name in logs[1:]:  # as an earlier run left them
+        gz = tmp_path / "points" / name
+        gz.with_suffix("").write_bytes(gzip.decompress(gz.read_bytes()))
+        gz.unlink()
+    (loaded,) = load_points(tmp_path)
+    assert (loaded.records, loaded.samples) == (records, samples)
 
 
 def test_a_miss_explained_from_the_records():

@@ -1,16 +1,20 @@
 """A results directory: raw records and timelines per point, and the summary derived from them.
 
     RESULTS_DIR/run.json                         device, date, commit, the sweep config
-    RESULTS_DIR/points/<point>.requests.jsonl    one record per request (warm-up included, flagged)
-    RESULTS_DIR/points/<point>.timeline.jsonl    /metrics samples taken during the point
+    RESULTS_DIR/points/<point>.requests.jsonl.gz one record per request (warm-up included, flagged)
+    RESULTS_DIR/points/<point>.timeline.jsonl.gz /metrics samples taken during the point
     RESULTS_DIR/points/<point>.json              the point's settings and mode usage; written last, so its
                                                  presence means the point finished (an interrupted one is redone)
     RESULTS_DIR/summary.json, summary.csv        derived by `summarize`, rewritten after every point
+
+The per-request logs are gzipped (a fifth of the bytes: a full sweep's points would otherwise add about 100 MB to
+the repository they are committed to); plain `.jsonl` files of earlier runs are still read.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -50,20 +54,29 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """`rows` as gzipped JSON lines at `path` (.gz added), byte for byte the same for the same rows (no mtime)."""
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    tmp = path.with_suffix(path.suffix + ".gz.tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(text)
+    os.replace(tmp, path.with_suffix(path.suffix + ".gz"))
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a point's log `path` (`<point>.requests.jsonl`, say): its gzipped file, or the plain one an
+    earlier run wrote."""
+    gz = path.with_suffix(path.suffix + ".gz")
+    text = gzip.decompress(gz.read_bytes()).decode() if gz.exists() else path.read_text()
+    return [json.loads(line) for line in text.splitlines()]
 
 
 def save_point(root: Path, point: Point) -> None:
     d = root / "points"
     d.mkdir(parents=True, exist_ok=True)
     stem = point.key.stem
-    _write(d / f"{stem}.requests.jsonl", _jsonl([r.to_json() for r in point.records]))
-    _write(d / f"{stem}.timeline.jsonl", _jsonl([s.to_json() for s in point.samples]))
+    _write_jsonl(d / f"{stem}.requests.jsonl", [r.to_json() for r in point.records])
+    _write_jsonl(d / f"{stem}.timeline.jsonl", [s.to_json() for s in point.samples])
     _write(d / f"{stem}.json", json.dumps({"key": asdict(point.key), **point.meta}, indent=2))
 
 
@@ -77,8 +90,8 @@ def load_points(root: Path) -> list[Point]:
         meta = json.loads(meta_path.read_text())
         key = PointKey(**meta.pop("key"))
         stem = meta_path.with_suffix("")
-        records = [Record.from_json(row) for row in _read_jsonl(Path(f"{stem}.requests.jsonl"))]
-        samples = [Sample(**row) for row in _read_jsonl(Path(f"{stem}.timeline.jsonl"))]
+        records = [Record.from_json(row) for row in read_jsonl(Path(f"{stem}.requests.jsonl"))]
+        samples = [Sample(**row) for row in read_jsonl(Path(f"{stem}.timeline.jsonl"))]
         points.append(Point(key, records, samples, meta))
     return sorted(points, key=lambda p: p.key)
 
