@@ -48,19 +48,17 @@ class Point:
     meta: dict[str, Any]  # settings of the point, and `modes` (see scrape.mode_usage)
 
 
-def _write(path: Path, text: str) -> None:
+def _write(path: Path, data: str | bytes) -> None:
+    """`data` at `path`, whole or not at all (written beside it, then renamed)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     """`rows` as gzipped JSON lines at `path` (.gz added), byte for byte the same for the same rows (no mtime)."""
     text = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    tmp = path.with_suffix(path.suffix + ".gz.tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-        f.write(text)
-    os.replace(tmp, path.with_suffix(path.suffix + ".gz"))
+    _write(path.with_suffix(path.suffix + ".gz"), gzip.compress(text, compresslevel=9, mtime=0))
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -119,6 +119,12 @@ FUSED_MAX_TOKENS = 128
 FUSED_MAX_K_OVER_WIDTH = 4
 
 
+def fused_block_r(rank: int) -> int:
+    """The fused kernel's register tile of ranks for a stack of max rank `rank` (a power of two, at least 16 for
+    its tensor-core dot); the tuner sizes the kernel's shared memory by it."""
+    return max(16, 1 << (max(rank, 1) - 1).bit_length())
+
+
 def row_tiles(tokens: int, segments: int, block_m: int) -> int:
     """Row tiles that cover `segments` segments of `tokens` tokens in all, at worst."""
     return -(-tokens // block_m) + segments - 1

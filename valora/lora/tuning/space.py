@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 
-from valora.lora.ops.configs import CallShape, Plan, Shape, TileConfig, row_tiles
+from valora.lora.ops.configs import CallShape, Plan, Shape, TileConfig, fused_block_r, row_tiles
 
 BLOCK_M = (16, 32, 64, 128)
 SHRINK_BLOCK_N = (16, 32, 64, 128)
@@ -65,10 +65,6 @@ def _fused_fits(cfg: TileConfig, block_r: int, elem_bytes: int = 2) -> bool:
     shrink = (cfg.block_m + block_r) * cfg.block_k
     expand = (block_r + cfg.block_m) * cfg.block_n
     return max(shrink, expand) * elem_bytes * cfg.num_stages <= SMEM_BYTES
-
-
-def block_r(rank: int) -> int:
-    return max(16, _pow2_at_least(rank))
 
 
 def _programs(shape: Shape, block_m: int, block_n: int) -> int:
@@ -126,7 +122,7 @@ def fused_grid(call: CallShape) -> list[TileConfig]:
     powers of two from one chunk per slice to one BLOCK_N tile per program, under eight waves."""
     if call.tokens > FUSED_MAX_TOKENS:
         return []
-    br = block_r(call.rank)
+    br = fused_block_r(call.rank)
     grid = []
     for m, n, k in itertools.product(_row_tiles_allowed(call.tokens, call.segments), FUSED_BLOCK_N, FUSED_BLOCK_K):
         tiles = row_tiles(call.tokens, call.segments, m)
@@ -146,7 +142,7 @@ def schedule_grid(cfg: TileConfig) -> list[TileConfig]:
 def plan_schedules(plan: Plan, call: CallShape) -> list[Plan]:
     """`plan` with each kernel under every (warps, stages) pair, the other kernel kept."""
     if plan.fused is not None:
-        return [Plan(fused=c) for c in schedule_grid(plan.fused) if _fused_fits(c, block_r(call.rank))]
+        return [Plan(fused=c) for c in schedule_grid(plan.fused) if _fused_fits(c, fused_block_r(call.rank))]
     return ([Plan(shrink=c, expand=plan.expand) for c in schedule_grid(plan.shrink) if _fits(c)]
             + [Plan(shrink=plan.shrink, expand=c) for c in schedule_grid(plan.expand) if _fits(c)])
 
