@@ -303,6 +303,7 @@ def ours(args, model_dir: Path, adapter_dirs: list[Path], batches: list[int], pr
               max_num_seqs=max(args.max_num_seqs, *batches), enforce_eager=args.enforce_eager,
               device="cpu" if args.quick else "auto", async_scheduling=args.async_scheduling)
     result["valora_start_s"] = time.perf_counter() - t
+    result["startup_phases_s"] = llm.engine.core.startup.report()  # where the start-up went (engine/startup.py)
     graphs = llm.engine.core.runner.graphs
     if graphs is not None and graphs.capture:
         result["graphs"] = {"captured_at_start": len(graphs.graphs), "capture_s_at_start": graphs.capture_seconds}
@@ -336,7 +337,8 @@ def ours(args, model_dir: Path, adapter_dirs: list[Path], batches: list[int], pr
     if graphs is not None and graphs.capture:
         result["graphs"].update(captured=len(graphs.graphs), capture_s=graphs.capture_seconds)
     result["targets"] = targets(result)
-    print(json.dumps({k: result.get(k) for k in ("ttft", "graphs", "graph_parity", "targets")}), flush=True)
+    print(json.dumps({k: result.get(k) for k in ("ttft", "graphs", "startup_phases_s", "graph_parity", "targets")}),
+          flush=True)
 
 
 def decode_rows(args, llm: LLM, loras: list, batches: list[int], dev: dict, dims: Dims) -> list[dict]:

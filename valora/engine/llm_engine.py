@@ -33,6 +33,7 @@ from valora.engine.preflight import check_engine_config
 from valora.engine.request import EngineCoreOutput, EngineCoreRequest
 from valora.engine.scheduler import Scheduler
 from valora.engine.sequence import PENDING, Sequence, SequenceStatus
+from valora.engine.startup import StartupPhases
 from valora.engine.structured_outputs import GrammarCompiler
 from valora.engine.tensor_parallel import Replicas
 from valora.heads import HeadParams, HeadSet, answer_all, load_heads
@@ -123,6 +124,7 @@ class LLMEngine:
         self.hf_config = check_engine_config(config)  # before any weight loads: a bad flag fails in milliseconds
         self.config = config
         self.device = resolve_device(config.device)
+        self.startup = StartupPhases(self.device)
         torch.manual_seed(config.seed)
         model_dir = Path(config.model)
         self.family = resolve_family(self.hf_config)
@@ -136,7 +138,8 @@ class LLMEngine:
         # its layers take their shares of the weights from the group)
         self.replicas = (Replicas(config, self.hf_config, self.dtype, self.device)
                          if config.tensor_parallel_size > 1 else None)
-        self.model = self._load_model(model_dir)
+        with self.startup.phase("weights"):
+            self.model = self._load_model(model_dir)
         self.model.vision_backend = config.multimodal.mm_encoder_attn_backend
         self.clock = time.time
         self.lora_manager: LoRAManager | None = None
@@ -145,7 +148,8 @@ class LLMEngine:
         self.draining: set[str] = set()  # adapters to unload once their requests finish
         self.heads: dict[str, HeadSet | None] = {}  # task heads of each registered adapter (None: it has none)
         if config.enable_lora:
-            self._init_lora()
+            with self.startup.phase("lora"):  # the device's measured rates included
+                self._init_lora()
         self.grammars = GrammarCompiler(self.tokenizer, self.model.decoder_config.vocab_size,
                                         eos_token_ids(model_dir, self.tokenizer))
         self.max_model_len = config.max_model_len or getattr(text_cfg, "max_position_embeddings", 4096)
@@ -154,7 +158,8 @@ class LLMEngine:
         # as vLLM's server); without it a step must hold a whole prompt.
         chunked = sc.enable_chunked_prefill
         self.max_batched_tokens = sc.max_num_batched_tokens or (2048 if chunked else max(self.max_model_len, 2048))
-        blocks = BlockManager(self._num_kv_blocks(), config.cache.block_size, config.cache.enable_prefix_caching)
+        with self.startup.phase("kv_cache"):
+            blocks = BlockManager(self._num_kv_blocks(), config.cache.block_size, config.cache.enable_prefix_caching)
         capacity = blocks.num_blocks * blocks.block_size
         if capacity < self.max_model_len:
             logger.warning("KV cache holds %d tokens; lowering max_model_len from %d", capacity, self.max_model_len)
@@ -167,9 +172,10 @@ class LLMEngine:
                                   max_blocks_per_seq=blocks.blocks_for(self.max_model_len), replicas=self.replicas)
         if self.device.type == "cuda":
             self.runner.enable_cuda_graphs(sc.max_num_seqs, config.lora.max_loras, capture=not config.enforce_eager,
-                                           max_num_batched_tokens=self.max_batched_tokens)
+                                           max_num_batched_tokens=self.max_batched_tokens, phases=self.startup)
             if self.replicas is None:
-                self.warm_vision()
+                with self.startup.phase("vision_warmup"):
+                    self.warm_vision()
         # The encoder compute budget: by default the token budget with chunked prefill (Scheduler says why), none
         # without (whole prompts, as before) unless set.
         max_encoder_tokens = sc.max_num_encoder_input_tokens or (self.max_batched_tokens if chunked else None)
@@ -194,9 +200,9 @@ class LLMEngine:
         self.pauses = HostPauses(self.device)
         self._ready_pauses = self._pauses_so_far()  # what start-up spent is not a stall
         logger.info(
-            "engine ready: %s (%s) on %s in %s, KV cache %d blocks x %d tokens, max_model_len %d",
+            "engine ready: %s (%s) on %s in %s, KV cache %d blocks x %d tokens, max_model_len %d; start-up %s",
             model_dir.name, self.family.name, self.device, str(self.dtype).removeprefix("torch."),
-            blocks.num_blocks, blocks.block_size, self.max_model_len,
+            blocks.num_blocks, blocks.block_size, self.max_model_len, self.startup.summary(),
         )
 
     # -- start-up -------------------------------------------------------------------------------------------

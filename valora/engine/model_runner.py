@@ -20,6 +20,7 @@ from valora.distributed.state import Followers
 from valora.engine.block_manager import BlockManager
 from valora.engine.sampler import sample_async
 from valora.engine.sequence import PENDING, Sequence
+from valora.engine.startup import StartupPhases
 from valora.heads.params import HeadParams
 from valora.models.forward_batch import ForwardBatch, ImageInputs
 from valora.models.layers.aligned import ALIGN_BYTES
@@ -273,12 +274,13 @@ class ModelRunner:
         return torch.cat([head, tail], dim=1)
 
     def enable_cuda_graphs(self, max_num_seqs: int, max_loras: int, capture: bool = True,
-                           max_num_batched_tokens: int = 2048) -> None:
+                           max_num_batched_tokens: int = 2048, phases: StartupPhases | None = None) -> None:
         """Run decode steps on padded static batches, replayed from CUDA graphs or, with `capture=False`, eagerly
         with the same numerics; steps with prefill work, alone or mixed with decodes, up to the token budget
         (engine/token_graphs.py), and vision passes (models/vision_graphs.py) likewise, per bucket. First the LoRA
         kernels of every batch layout are built (engine/kernel_warmup.py), then the common decode and token-bucket
-        graphs captured, each within its start-up budget; the rest are captured at first use."""
+        graphs captured, each within its start-up budget; the rest are captured at first use. `phases` times
+        each of the three."""
         from valora.engine.cuda_graphs import CUDAGraphRunner
         from valora.engine.kernel_warmup import compile_lora_kernels, eager_sizes
         from valora.engine.token_graphs import DEFAULT_MAX_TOKENS, TokenGraphs
@@ -298,10 +300,14 @@ class ModelRunner:
             self.model, self.kv_caches, max_num_seqs=max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq,
             block_size=self.blocks.block_size, pad_slot=self.pad_slot, max_loras=max_loras, device=self.device,
             capture=capture, max_tokens=min(max_num_batched_tokens, DEFAULT_MAX_TOKENS))
-        compile_lora_kernels(self.model, self.graphs.lora_metas() + self.token_graphs.lora_metas(),
-                             eager_sizes(max_num_batched_tokens, max_loras), self.device)
-        self.graphs.capture_common()
-        self.token_graphs.capture_common()
+        phases = phases or StartupPhases(self.device)
+        with phases.phase("kernel_builds"):
+            compile_lora_kernels(self.model, self.graphs.lora_metas() + self.token_graphs.lora_metas(),
+                                 eager_sizes(max_num_batched_tokens, max_loras), self.device)
+        with phases.phase("decode_graphs"):
+            self.graphs.capture_common()
+        with phases.phase("token_graphs"):
+            self.token_graphs.capture_common()
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states of every row: replayed from a CUDA graph when the step is a plain decode step, or a
