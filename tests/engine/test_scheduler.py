@@ -132,3 +132,26 @@ def test_prompts_per_step_capped_where_the_graphs_need_it():
     for i in range(2):
         sched.add(_seq(20 + i, 30))
     assert steps(sched, 3) == [[(0, 1), (20, 20)], [(0, 1), (20, 10)], [(0, 1), (20, 1), (21, 19)]]
+
+
+def test_a_preempted_decode_gives_back_its_adapter_slot_within_the_step():
+    """A decode preempted for an older prompt leaves the step: its adapter's slot is free for the prompts after it
+    in the same step (here Q, whose adapter would be a third)."""
+    sched = Scheduler(SchedulerConfig(), BlockManager(9, 4), max_batched_tokens=16, max_loras=2)
+    p, q, s = _seq(0, 24, lora="p"), _seq(1, 12, lora="q"), _seq(2, 3, lora="s")
+
+    def run_alone(seq, budget: int) -> None:
+        sched.add(seq)
+        sched.max_batched_tokens = budget
+        out = sched.schedule(ready=lambda x: x is seq)
+        assert out.seqs == [seq]
+        seq.num_computed += out.num_tokens[0]
+
+    run_alone(p, 16)  # 16 of 24 tokens: 4 blocks
+    run_alone(q, 10)  # 10 of 12: 3 blocks, its last 2 tokens fit in them
+    run_alone(s, 16)  # its whole prompt: 1 block, now decoding
+    s.output_ids.append(1)
+    sched.max_batched_tokens = 16
+    out = sched.schedule()  # s decodes first; p's last 8 tokens need 2 blocks where 1 is free: s is preempted
+    assert out.preempted == [s]
+    assert out.seqs == [p, q] and out.num_tokens == [8, 2]

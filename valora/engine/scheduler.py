@@ -121,7 +121,7 @@ class Scheduler:
         encoded = 0  # encoder tokens this step has charged
         prefilling = False  # whether a prompt has taken tokens this step (decodes are no prompt work)
         prompts = decodes = 0  # sequences with prompt work in the step, and decoding ones
-        adapters = {decision.hot} if decision.hot is not None else set()
+        adapters = self._adapters(decision, out)
         runnable = [s for s in self.running if s not in decision.paused and ready(s)]
         runnable.sort(key=lambda s: len(s) - s.num_computed > 1)  # decodes first; otherwise oldest first
         for seq in runnable:
@@ -140,10 +140,13 @@ class Scheduler:
             end = seq.num_computed + n
             while not self.blocks.can_allocate(seq, end) and self.running[-1] is not seq:  # victims: the newest
                 victim = self.running.pop()
-                if victim in out.seqs:
+                if victim in out.seqs:  # a decode: victims are newer than `seq`, so no prompt of the step's
                     tokens, victim_enc = out.drop(victim)
                     budget += tokens + self._charged(victim_enc)
                     encoded -= victim_enc
+                    decodes -= 1
+                    adapters = self._adapters(decision, out)  # its slot is free again for the rest of the step
+                    prefilling = any(s.num_computed < s.prompt_len for s in out.seqs)
                 self._preempt(victim, out)
             if not self.blocks.can_allocate(seq, end):  # alone and still no room: wait for blocks to free up
                 self._preempt(self.running.pop(), out)
@@ -191,6 +194,12 @@ class Scheduler:
             if seq.lora_name is not None:
                 adapters.add(seq.lora_name)
         return out
+
+    @staticmethod
+    def _adapters(decision: Decision, out: SchedulerOutput) -> set[str]:
+        """The adapters a step holds slots for: its sequences' and the merged one."""
+        held = {s.lora_name for s in out.seqs if s.lora_name is not None}
+        return (held | {decision.hot}) if decision.hot is not None else held
 
     def _capped(self, prompts: int, decodes: int) -> bool:
         """Whether a step with `decodes` decoding sequences has as many with prompt work as it may."""
