@@ -92,12 +92,15 @@ ROW_PLANS = [
     Plan(shrink=TileConfig(1, 0, 32, 4, 2, 3), expand=TileConfig(1, 32, 0, 4, 2, split_n=3)),  # uneven chunks
     Plan(shrink=TileConfig(1, 0, 64, 4, 2, 2), expand=TileConfig(1, 16, 0, 4, 2, split_n=1000)),  # a tile each
 ]
-PLANS = SPLIT_PLANS + FUSED_PLANS + ROW_PLANS
+# The same as one launch: the expand programs wait for their token's partial sums
+ONE_LAUNCH_PLANS = [p.as_one_launch() for p in ROW_PLANS]
+PLANS = SPLIT_PLANS + FUSED_PLANS + ROW_PLANS + ONE_LAUNCH_PLANS
 
 
 def plan_id(plan: Plan) -> str:
     cfgs = [(k, c) for k, c in (("f", plan.fused), ("s", plan.shrink), ("e", plan.expand)) if c is not None]
-    return "-".join(f"{k}{c.block_m}.{c.block_n}.{c.block_k}.{c.split_k}.{c.split_n}" for k, c in cfgs)
+    return "-".join(f"{k}{c.block_m}.{c.block_n}.{c.block_k}.{c.split_k}.{c.split_n}" for k, c in cfgs) + (
+        "-one" if plan.one_launch else "")
 
 
 def forced(plan: Plan):
@@ -117,7 +120,7 @@ def test_atmm_plans(plan: Plan) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("plan", [*FUSED_PLANS[:2], ROW_PLANS[1]], ids=plan_id)
+@pytest.mark.parametrize("plan", [*FUSED_PLANS[:2], ROW_PLANS[1], ONE_LAUNCH_PLANS[1]], ids=plan_id)
 def test_fused_decode_shapes(plan: Plan, dtype: torch.dtype) -> None:
     """The fused and row kernels where the engine uses them: fused qkv (k and v narrower) and gate/up, ranks 8-64
     mixed in a rank-64 stack, some adapters not targeting some slices, one token per adapter and several, rows
@@ -130,7 +133,7 @@ def test_fused_decode_shapes(plan: Plan, dtype: torch.dtype) -> None:
             assert_matches(case, case.run("atmm"))
 
 
-@pytest.mark.parametrize("plan", [SPLIT_PLANS[1], FUSED_PLANS[1], ROW_PLANS[1]], ids=plan_id)
+@pytest.mark.parametrize("plan", [SPLIT_PLANS[1], FUSED_PLANS[1], ROW_PLANS[1], ONE_LAUNCH_PLANS[1]], ids=plan_id)
 def test_merged_adapter_corrections(plan: Plan) -> None:
     """Mixture mode through the kernels: with slot 1 merged, its tokens get nothing, every other token its own
     delta minus slot 1's (negated scalings), base-model tokens only the subtraction."""
@@ -160,6 +163,32 @@ def test_a_plan_does_not_mix_row_and_tile_kernels() -> None:
         Plan(shrink=ROW_PLANS[0].shrink, expand=SPLIT_PLANS[0].expand)
     with pytest.raises(ValueError, match="no row variant"):
         Plan(fused=TileConfig(1, 16, 16))
+    with pytest.raises(ValueError, match="one launch"):
+        Plan(shrink=SPLIT_PLANS[0].shrink, expand=SPLIT_PLANS[0].expand, one_launch=True)
+    with pytest.raises(ValueError, match="same warps and stages"):  # one kernel, one schedule
+        Plan(shrink=TileConfig(1, 0, 16, 8, 3), expand=TileConfig(1, 16, 0, 4, 2), one_launch=True)
+
+
+@pytest.mark.parametrize("plan", [ROW_PLANS[0], ONE_LAUNCH_PLANS[0], FUSED_PLANS[1]], ids=plan_id)
+def test_a_plan_survives_the_table_format(plan: Plan) -> None:
+    assert Plan.from_dict(plan.to_dict()) == plan
+    assert ("one_launch" in plan.to_dict()) == plan.one_launch  # tables without one-launch plans keep their form
+
+
+def test_one_launch_leaves_its_flags_zero_for_the_next_call() -> None:
+    """The expand programs count their token's finished partial sums in the metadata's flags; the last reader of
+    each (token, slice) puts its flag back to zero, so the next layer's call, or a graph's next replay, starts
+    from zero without a memset."""
+    case = make_case(9, 64, (24, 40), [[16, 3, 9], [5, 0, 16]], 16, DTYPES[0], DEVICE, seed=8)
+    meta = LoRAMeta.build(case.ids, DEVICE)
+    out = case.base.clone()
+    with forced(ONE_LAUNCH_PLANS[1]):
+        for _ in range(2):  # a second call on the same metadata gives the same result
+            out.copy_(case.base)
+            lora_matmul(case.x, None, case.stack_a, case.stack_b, case.ranks, case.scalings, "atmm",
+                        slices=case.slices, out=out, meta=meta)
+            assert_matches(case, out)
+            assert meta._flags and not any(f.any() for f in meta._flags.values())
 
 
 def test_reference_matches_dense_formula() -> None:
@@ -214,6 +243,7 @@ GPU_PLANS = [  # engine-sized tiles of both kinds (the interpreter's are tiny)
     Plan(fused=TileConfig(32, 128, 64, 8, 3, split_n=1)),
     Plan(shrink=TileConfig(16, 32, 128, 4, 3, split_k=8), expand=TileConfig(16, 128, 32, 4, 2)),
     Plan(shrink=TileConfig(1, 0, 256, 4, 3, split_k=7), expand=TileConfig(1, 256, 0, 8, 2, split_n=8)),
+    Plan(shrink=TileConfig(1, 0, 256, 4, 3, split_k=7), expand=TileConfig(1, 256, 0, 8, 2, split_n=8)).as_one_launch(),
 ]
 
 
@@ -287,7 +317,8 @@ def test_graph_meta_refilled_for_any_mix_matches_reference(backend: str) -> None
 
 
 @pytest.mark.parametrize("max_slots", [2, 4])
-@pytest.mark.parametrize("plan", [SPLIT_PLANS[1], FUSED_PLANS[0], FUSED_PLANS[2], ROW_PLANS[2]], ids=plan_id)
+@pytest.mark.parametrize("plan", [SPLIT_PLANS[1], FUSED_PLANS[0], FUSED_PLANS[2], ROW_PLANS[2], ONE_LAUNCH_PLANS[2]],
+                         ids=plan_id)
 def test_graph_meta_plans(plan: Plan, max_slots: int) -> None:
     """atmm's plans on graph metadata sized for fewer adapters than the stack holds (a bucket of the batch's
     adapter count), padding included."""

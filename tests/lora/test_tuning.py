@@ -155,6 +155,29 @@ def test_tune_call_pairs_row_kernels_with_row_kernels() -> None:
     assert min(final, key=final.__getitem__).shrink.block_m == 1
 
 
+def test_tune_call_times_row_pairs_as_one_launch_too() -> None:
+    """Every row pair of round 2 is also timed as one launch; where that is faster it wins, its schedules tried
+    with the shrink under the expand's."""
+    shape = CallShape(32, 32, 3584, 16, (3584,))
+
+    def cost(candidate) -> float:
+        if isinstance(candidate, tuple):
+            return 1.0 if candidate[1].block_m == 1 else 3.0
+        if candidate.fused is not None or candidate.shrink.block_m != 1:
+            return 100.0
+        return (4.0 if candidate.one_launch else 5.0) + candidate.expand.num_stages
+
+    timed: list = []
+    final = tune_call(shape, _measure_by(lambda c: timed.append(c) or cost(c)))
+    best = min(final, key=final.__getitem__)
+    assert best.one_launch and best.expand.num_stages == min(p.expand.num_stages for p in final if p.expand)
+    rows = [p for p in timed if isinstance(p, Plan) and p.shrink is not None and p.shrink.block_m == 1]
+    plain = {p.as_one_launch() for p in rows if not p.one_launch}
+    assert plain and plain <= {p for p in rows if p.one_launch}
+    assert all((p.shrink.num_warps, p.shrink.num_stages) == (p.expand.num_warps, p.expand.num_stages)
+               for p in final if p.one_launch)
+
+
 def test_tune_goes_smallest_first_and_starts_no_shape_past_the_time_limit() -> None:
     class Device:  # every candidate takes the same time
         measure = staticmethod(_measure_by(lambda candidate: 1.0))
@@ -168,8 +191,8 @@ def test_tune_goes_smallest_first_and_starts_no_shape_past_the_time_limit() -> N
 
 
 def test_problems_launch_every_kind_of_candidate() -> None:
-    """The tuner's launches run (interpreter on the CPU): a fused plan, split plans of tile and row kernels, each
-    kernel alone."""
+    """The tuner's launches run (interpreter on the CPU): a fused plan, split plans of tile and row kernels (the row
+    pair also as one launch), each kernel alone."""
     shape = CallShape(5, 2, 32, 16, (24, 8))
     problems = Problems(torch.float32, torch.device("cpu"))
     launch = problems.launcher(shape)
@@ -177,7 +200,8 @@ def test_problems_launch_every_kind_of_candidate() -> None:
     row_shrink, row_expand = TileConfig(1, 0, 16, split_k=2), TileConfig(1, 16, 0, split_n=3)
     for candidate in (Plan(fused=cfg), Plan(shrink=cfg, expand=TileConfig(16, 64, 16)), ("shrink", cfg),
                       ("expand", TileConfig(16, 64, 16)), Plan(shrink=row_shrink, expand=row_expand),
-                      ("shrink", row_shrink), ("expand", row_expand)):
+                      Plan(shrink=row_shrink, expand=row_expand).as_one_launch(), ("shrink", row_shrink),
+                      ("expand", row_expand)):
         launch(candidate)
     assert problems.launcher(shape) is launch
 

@@ -8,7 +8,8 @@ or one fused kernel that computes its tokens' x·A in registers and adds its sha
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 OPS = ("shrink", "expand")
 
@@ -69,11 +70,13 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class Plan:
-    """One fused kernel (`fused`), or the shrink then the expand."""
+    """One fused kernel (`fused`), or the shrink then the expand; row kernels (block_m 1) may run as one launch
+    (`one_launch`, under the expand's warps and stages, which the shrink's then equal)."""
 
     fused: TileConfig | None = None
     shrink: TileConfig | None = None
     expand: TileConfig | None = None
+    one_launch: bool = False
 
     def __post_init__(self) -> None:
         if (self.fused is None) == (self.shrink is None or self.expand is None):
@@ -83,14 +86,29 @@ class Plan:
         if self.shrink is not None and (self.shrink.block_m == 1) != (self.expand.block_m == 1):
             raise ValueError("a shrink and an expand are both row kernels (block_m 1) or neither: they index "
                              "their intermediate differently")
+        if self.one_launch and (self.shrink is None or self.shrink.block_m != 1
+                                or self.shrink_schedule != (self.expand.num_warps, self.expand.num_stages)):
+            raise ValueError("one launch is for a row shrink and expand (block_m 1) of the same warps and stages")
 
-    def to_dict(self) -> dict[str, dict[str, int]]:
-        return {k: v.to_dict() for k, v in (("fused", self.fused), ("shrink", self.shrink), ("expand", self.expand))
-                if v is not None}
+    @property
+    def shrink_schedule(self) -> tuple[int, int] | None:
+        return None if self.shrink is None else (self.shrink.num_warps, self.shrink.num_stages)
+
+    def as_one_launch(self) -> Plan:
+        """This row plan run as one launch, the shrink under the expand's warps and stages."""
+        expand = self.expand
+        return replace(self, shrink=replace(self.shrink, num_warps=expand.num_warps, num_stages=expand.num_stages),
+                       one_launch=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {k: v.to_dict() for k, v in (("fused", self.fused), ("shrink", self.shrink),
+                                                          ("expand", self.expand)) if v is not None}
+        return d | {"one_launch": True} if self.one_launch else d
 
     @staticmethod
-    def from_dict(d: dict[str, dict[str, int]]) -> Plan:
-        return Plan(**{k: TileConfig.from_dict(v) for k, v in d.items()})
+    def from_dict(d: dict[str, Any]) -> Plan:
+        return Plan(**{k: TileConfig.from_dict(v) for k, v in d.items() if k != "one_launch"},
+                    one_launch=bool(d.get("one_launch", False)))
 
 
 def _clamp_pow2(value: int, lo: int, hi: int) -> int:

@@ -23,7 +23,12 @@ The row kernels (`_row_shrink_kernel`, `_row_expand_kernel`; a plan whose config
 token its own programs and read its slot from `meta.ids`: no segment tiles, no tile map to read first, and no row
 of a tile computed for nothing (decode, where most adapters have one token, fills a 16-row tile with one). They
 multiply and sum instead of using tensor-core tiles, and index their intermediate by token instead of by position in
-`token_order`, so a plan's two kernels are both row kernels or neither.
+`token_order`, so a plan's two kernels are both row kernels or neither. A row plan may run them as one launch
+(`_row_one_launch_kernel`, `Plan.one_launch`): the shrink's programs first, then the expand's, each expand program
+issuing its first B and y loads, then waiting on a per-(token, slice) flag in the metadata until every split of
+its token's shrink has signalled. At decode, a layer's four LoRA calls are eight launches of a few microseconds
+each, and the gap between a call's two kernels, during which the expand's B loads cannot start, is a fixed cost
+per call that one launch removes; the tuner times both forms.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from valora.lora.ops.jit import compiling
 from valora.lora.ops.meta import LoRAMeta
 
 MAX_SLICES = 3  # fused qkv is the widest projection a model fuses
+_FLAGS_PER_TOKEN = tl.constexpr(MAX_SLICES)  # the one-launch row plan's flags: one per (token, slice)
 
 
 @triton.jit
@@ -221,32 +227,43 @@ def token_adapter(ids_ptr, ranks_ptr, t, j, stride_rank):
 
 
 @triton.jit
+def _row_shrink(
+    pid_k, t, j, x_ptr, a_ptr, mid_ptr, ids_ptr, ranks_ptr, flags_ptr, K, R, k_per_split,
+    stride_xm, stride_aslot, stride_arow, stride_msplit, stride_mid, stride_rank,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SIGNAL: tl.constexpr,
+):
+    # mid[split, t, j*R + r] = x[t] · A[slot][j*R + r] over the split's K, r < rank; with SIGNAL, then one more on
+    # flags[t, j] (its stores released first), which the one-launch expand of (t, j) waits for.
+    slot, rank = token_adapter(ids_ptr, ranks_ptr, t, j, stride_rank)
+    if rank > 0:
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < rank
+        a_rows = a_ptr + slot.to(tl.int64) * stride_aslot + (j * R + offs_r)[:, None] * stride_arow
+        x_row = x_ptr + t.to(tl.int64) * stride_xm
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_hi
+            xt = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            at = tl.load(a_rows + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(at * xt[None, :], axis=1)
+        tl.store(mid_ptr + pid_k * stride_msplit + t * stride_mid + j * R + offs_r, acc, mask=r_ok)
+        if SIGNAL:
+            tl.atomic_add(flags_ptr + t * _FLAGS_PER_TOKEN + j, 1, sem="release")
+
+
+@triton.jit
 def _row_shrink_kernel(
     x_ptr, a_ptr, mid_ptr, ids_ptr, ranks_ptr, K, R, k_per_split,
     stride_xm, stride_aslot, stride_arow, stride_msplit, stride_mid, stride_rank,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Program (split, token, slice): mid[split, t, j*R + r] = x[t] · A[slot][j*R + r] over the split's K, r < rank.
-    pid_k = tl.program_id(0)
-    t = tl.program_id(1)
-    j = tl.program_id(2)
-    slot, rank = token_adapter(ids_ptr, ranks_ptr, t, j, stride_rank)
-    if rank == 0:
-        return
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < rank
-    a_rows = a_ptr + slot.to(tl.int64) * stride_aslot + (j * R + offs_r)[:, None] * stride_arow
-    x_row = x_ptr + t.to(tl.int64) * stride_xm
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_hi
-        xt = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        at = tl.load(a_rows + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(at * xt[None, :], axis=1)
-    tl.store(mid_ptr + pid_k * stride_msplit + t * stride_mid + j * R + offs_r, acc, mask=r_ok)
+    # Program (split, token, slice).
+    _row_shrink(tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, a_ptr, mid_ptr, ids_ptr, ranks_ptr,
+                ids_ptr, K, R, k_per_split, stride_xm, stride_aslot, stride_arow, stride_msplit, stride_mid,
+                stride_rank, BLOCK_R, BLOCK_K, False)
 
 
 @triton.jit
@@ -271,34 +288,80 @@ def _row_add_tile(y_row, c, c_ok, prev, bt, xa, rank, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _row_expand(
+    pid_n, t, mid_ptr, b_ptr, y_ptr, ids_ptr, ranks_ptr, scal_ptr, flags_ptr, R, w0, w1, w2, cols, num_splits,
+    stride_msplit, stride_mid, stride_bslot, stride_brow, stride_ym, stride_rank,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, WAIT: tl.constexpr,
+):
+    # y[t, chunk] += scaling * Σ_s mid[s, t, j*R : j*R + rank] · B[slot][chunk]ᵀ for column chunk `pid_n`.
+    # The loads wait on one another as little as they can: the first column tile's B and y are issued together
+    # with the split-K partials, which come in one [splits, rank] load, not one load per split. With WAIT (one
+    # launch), the partials are read once all `num_splits` shrink programs of (t, j) have signalled, and the last
+    # of the slice's chunk programs to read them puts the flag back to zero for the next call.
+    j, first, width, offset = _slice_of(pid_n, w0, w1, w2, cols)
+    slot, rank = token_adapter(ids_ptr, ranks_ptr, t, j, stride_rank)
+    if rank > 0:
+        y_row = y_ptr + t.to(tl.int64) * stride_ym + offset
+        hi = tl.minimum(first + cols, width)
+        c = first + tl.arange(0, BLOCK_N)
+        prev, bt = _row_load_tile(b_ptr, y_row, slot, offset, c, c < hi, rank, R, stride_bslot, stride_brow,
+                                  BLOCK_R)
+        flag = flags_ptr + t * _FLAGS_PER_TOKEN + j
+        if WAIT:
+            signals = tl.atomic_add(flag, 0, sem="acquire")
+            while signals < num_splits:
+                signals = tl.atomic_add(flag, 0, sem="acquire")
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_s = tl.arange(0, BLOCK_S)
+        parts = tl.load(mid_ptr + offs_s[:, None] * stride_msplit + t * stride_mid + j * R + offs_r[None, :],
+                        mask=(offs_s < num_splits)[:, None] & (offs_r < rank)[None, :], other=0.0)
+        if WAIT:
+            readers = tl.atomic_add(flag, 1, sem="acq_rel") - num_splits + 1
+            if readers == tl.cdiv(width, cols):
+                tl.atomic_xchg(flag, 0, sem="relaxed")
+        xa = tl.sum(parts, axis=0) * tl.load(scal_ptr + slot)
+        _row_add_tile(y_row, c, c < hi, prev, bt, xa, rank, BLOCK_R)
+        for n in range(first + BLOCK_N, hi, BLOCK_N):
+            c = n + tl.arange(0, BLOCK_N)
+            prev, bt = _row_load_tile(b_ptr, y_row, slot, offset, c, c < hi, rank, R, stride_bslot, stride_brow,
+                                      BLOCK_R)
+            _row_add_tile(y_row, c, c < hi, prev, bt, xa, rank, BLOCK_R)
+
+
+@triton.jit
 def _row_expand_kernel(
     mid_ptr, b_ptr, y_ptr, ids_ptr, ranks_ptr, scal_ptr, R, w0, w1, w2, cols, num_splits,
     stride_msplit, stride_mid, stride_bslot, stride_brow, stride_ym, stride_rank,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # Program (column chunk, token): y[t, chunk] += scaling * Σ_s mid[s, t, j*R : j*R + rank] · B[slot][chunk]ᵀ.
-    # The loads wait on one another as little as they can: the first column tile's B and y are issued together
-    # with the split-K partials, which come in one [splits, rank] load, not one load per split.
-    pid_n = tl.program_id(0)
-    t = tl.program_id(1)
-    j, first, width, offset = _slice_of(pid_n, w0, w1, w2, cols)
-    slot, rank = token_adapter(ids_ptr, ranks_ptr, t, j, stride_rank)
-    if rank == 0:
-        return
-    y_row = y_ptr + t.to(tl.int64) * stride_ym + offset
-    hi = tl.minimum(first + cols, width)
-    c = first + tl.arange(0, BLOCK_N)
-    prev, bt = _row_load_tile(b_ptr, y_row, slot, offset, c, c < hi, rank, R, stride_bslot, stride_brow, BLOCK_R)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_s = tl.arange(0, BLOCK_S)
-    parts = tl.load(mid_ptr + offs_s[:, None] * stride_msplit + t * stride_mid + j * R + offs_r[None, :],
-                    mask=(offs_s < num_splits)[:, None] & (offs_r < rank)[None, :], other=0.0)
-    xa = tl.sum(parts, axis=0) * tl.load(scal_ptr + slot)
-    _row_add_tile(y_row, c, c < hi, prev, bt, xa, rank, BLOCK_R)
-    for n in range(first + BLOCK_N, hi, BLOCK_N):
-        c = n + tl.arange(0, BLOCK_N)
-        prev, bt = _row_load_tile(b_ptr, y_row, slot, offset, c, c < hi, rank, R, stride_bslot, stride_brow, BLOCK_R)
-        _row_add_tile(y_row, c, c < hi, prev, bt, xa, rank, BLOCK_R)
+    # Program (column chunk, token).
+    _row_expand(tl.program_id(0), tl.program_id(1), mid_ptr, b_ptr, y_ptr, ids_ptr, ranks_ptr, scal_ptr, ids_ptr,
+                R, w0, w1, w2, cols, num_splits, stride_msplit, stride_mid, stride_bslot, stride_brow, stride_ym,
+                stride_rank, BLOCK_R, BLOCK_N, BLOCK_S, False)
+
+
+@triton.jit
+def _row_one_launch_kernel(
+    x_ptr, a_ptr, mid_ptr, b_ptr, y_ptr, ids_ptr, ranks_ptr, scal_ptr, flags_ptr, K, R, k_per_split, num_splits,
+    num_tokens, num_slices, w0, w1, w2, cols, num_chunks,
+    stride_xm, stride_aslot, stride_arow, stride_msplit, stride_mid, stride_bslot, stride_brow, stride_ym,
+    stride_rank,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # The row shrink's programs first, then the row expand's, in one 1-D grid. An expand program waits only for
+    # shrink programs, whose program ids are all lower: the GPU starts blocks in id order, so every program an
+    # expand waits for is running or done, and the wait cannot deadlock.
+    pid = tl.program_id(0)
+    shrinks = num_splits * num_tokens * num_slices
+    if pid < shrinks:
+        _row_shrink(pid % num_splits, (pid // num_splits) % num_tokens, pid // (num_splits * num_tokens), x_ptr,
+                    a_ptr, mid_ptr, ids_ptr, ranks_ptr, flags_ptr, K, R, k_per_split, stride_xm, stride_aslot,
+                    stride_arow, stride_msplit, stride_mid, stride_rank, BLOCK_R, BLOCK_K, True)
+    else:
+        e = pid - shrinks
+        _row_expand(e % num_chunks, e // num_chunks, mid_ptr, b_ptr, y_ptr, ids_ptr, ranks_ptr, scal_ptr, flags_ptr,
+                    R, w0, w1, w2, cols, num_splits, stride_msplit, stride_mid, stride_bslot, stride_brow,
+                    stride_ym, stride_rank, BLOCK_R, BLOCK_N, BLOCK_S, True)
 
 
 def _row_grid(meta: LoRAMeta, block_m: int, seg_grid: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -411,12 +474,36 @@ def fused(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch
     ), cfg, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=fused_block_r(R))
 
 
+def one_launch(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch.Tensor, ranks: torch.Tensor,
+               scalings: torch.Tensor, slices: tuple[int, ...], out: torch.Tensor, mid: torch.Tensor,
+               plan: Plan) -> None:
+    """The row shrink and expand of `plan` as one launch (`_row_one_launch_kernel`), under the expand's warps and
+    stages: no gap between the two kernels, and each expand program's first B tile loads while the shrink runs."""
+    shrink_cfg, expand_cfg = plan.shrink, plan.expand
+    K, R, T = x.shape[1], stack_b.shape[2], meta.num_tokens
+    cols = chunk_columns(slices, expand_cfg)
+    chunks = sum(triton.cdiv(width, cols) for width in slices)
+    w = tuple(slices) + (0,) * (MAX_SLICES - len(slices))
+    flags = meta.flags(T * MAX_SLICES, x.device)
+    _launch(_row_one_launch_kernel, (mid.shape[0] * T * ranks.shape[0] + chunks * T,), (
+        x, stack_a, mid, stack_b, out, meta.ids, ranks, scalings, flags, K, R, _k_per_split(K, shrink_cfg),
+        mid.shape[0], T, ranks.shape[0], *w, cols, chunks,
+        x.stride(0), stack_a.stride(0), stack_a.stride(1), mid.stride(0), mid.stride(1), stack_b.stride(0),
+        stack_b.stride(1), out.stride(0), ranks.stride(0),
+    ), expand_cfg, BLOCK_R=_block_r(R), BLOCK_K=shrink_cfg.block_k, BLOCK_N=expand_cfg.block_n,
+        BLOCK_S=triton.next_power_of_2(mid.shape[0]))
+
+
 def run(plan: Plan, x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch.Tensor,
         ranks: torch.Tensor, scalings: torch.Tensor, slices: tuple[int, ...], out: torch.Tensor) -> None:
-    """One LoRA call by `plan`: the fused kernel, or the shrink into the step's scratch then the expand."""
+    """One LoRA call by `plan`: the fused kernel, or the shrink into the step's scratch then the expand (in one
+    launch for a one-launch row plan)."""
     if plan.fused is not None:
         fused(x, meta, stack_a, stack_b, ranks, scalings, slices, out, plan.fused)
         return
     mid = intermediate(meta, x.shape[1], stack_a.shape[1], plan.shrink, x.device)
+    if plan.one_launch:
+        one_launch(x, meta, stack_a, stack_b, ranks, scalings, slices, out, mid, plan)
+        return
     shrink(x, meta, stack_a, ranks, mid, plan.shrink)
     expand(mid, meta, stack_b, ranks, scalings, slices, out, plan.expand)

@@ -36,6 +36,7 @@ class LoRAMeta:
     tile_maps: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
     sizes: tuple[int, int, int] | None = None  # (lora tokens, segments, longest segment) when not the layout's own
     _scratch: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _flags: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_segments(self) -> int:
@@ -67,6 +68,16 @@ class LoRAMeta:
         if buf is None or buf.numel() < numel:
             buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
             self._scratch[key] = buf
+        return buf[:numel]
+
+    def flags(self, numel: int, device: torch.device) -> torch.Tensor:
+        """`numel` int32 zeros, kept for every layer of the step: the one-launch row plan counts finished partial
+        sums in them and leaves them zero again (ops/kernels.py), so they are zeroed only once, here."""
+        device = torch.device(device)
+        buf = self._flags.get(device)
+        if buf is None or buf.numel() < numel:
+            buf = torch.zeros(numel, dtype=torch.int32, device=device)
+            self._flags[device] = buf
         return buf[:numel]
 
     @staticmethod

@@ -140,9 +140,12 @@ def schedule_grid(cfg: TileConfig) -> list[TileConfig]:
 
 
 def plan_schedules(plan: Plan, call: CallShape) -> list[Plan]:
-    """`plan` with each kernel under every (warps, stages) pair, the other kernel kept."""
+    """`plan` with each kernel under every (warps, stages) pair, the other kernel kept (a one-launch plan's
+    kernels share theirs)."""
     if plan.fused is not None:
         return [Plan(fused=c) for c in schedule_grid(plan.fused) if _fused_fits(c, fused_block_r(call.rank))]
+    if plan.one_launch:
+        return [Plan(shrink=plan.shrink, expand=c).as_one_launch() for c in schedule_grid(plan.expand) if _fits(c)]
     return ([Plan(shrink=c, expand=plan.expand) for c in schedule_grid(plan.shrink) if _fits(c)]
             + [Plan(shrink=plan.shrink, expand=c) for c in schedule_grid(plan.expand) if _fits(c)])
 

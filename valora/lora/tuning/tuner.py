@@ -4,7 +4,7 @@ The search per shape, in three rounds (`tune_call`):
 1. each kernel of the split path alone: every shrink tile and split-K, every expand tile, row kernels included;
 2. whole calls: for every split-K, its fastest shrink with the fastest expands of its kind (the expand pays for
    every partial sum it adds, which the shrink alone never sees, so split-K is chosen with the expand in the
-   measurement), and every fused tile shape and column split;
+   measurement), the row pairs also as one launch, and every fused tile shape and column split;
 3. the best plans under every (warps, stages) pair, re-timed with more repetitions next to the heuristic's plan and
    the previous table's plan for the shape, so the new choice is never slower than the one it replaces.
 Kernels of a round are compiled in parallel before they are timed when Triton offers asynchronous compilation.
@@ -125,6 +125,7 @@ def tune_call(shape: CallShape, measure: Measure, prepare: Prepare = lambda shap
     expands = {row: [cfg for op, cfg in ranked if op == "expand" and (cfg.block_m == 1) == row][:finalists]
                for row in (False, True)}
     plans = [Plan(shrink=s, expand=e) for (row, _), s in shrinks.items() for e in expands[row]]
+    plans += [p.as_one_launch() for p in plans if p.shrink.block_m == 1]
     plans += [Plan(fused=c) for c in space.fused_grid(shape)]
     prepare(shape, plans)
     second = {p: measure(shape, p, reps) for p in plans}
