@@ -340,7 +340,8 @@ def _row_expand_kernel(
                 stride_rank, BLOCK_R, BLOCK_N, BLOCK_S, False)
 
 
-@triton.jit
+# The token count changes from step to step: not specialised, so one compiled variant serves every eager step.
+@triton.jit(do_not_specialize=["num_tokens"])
 def _row_one_launch_kernel(
     x_ptr, a_ptr, mid_ptr, b_ptr, y_ptr, ids_ptr, ranks_ptr, scal_ptr, flags_ptr, K, R, k_per_split, num_splits,
     num_tokens, num_slices, w0, w1, w2, cols, num_chunks,
