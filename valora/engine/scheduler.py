@@ -140,7 +140,7 @@ class Scheduler:
             end = seq.num_computed + n
             while not self.blocks.can_allocate(seq, end) and self.running[-1] is not seq:  # victims: the newest
                 victim = self.running.pop()
-                if victim in out.seqs:  # a decode: victims are newer than `seq`, so no prompt of the step's
+                if victim in out.seqs:  # a decode: the step's prompts are all older than `seq`, victims newer
                     tokens, victim_enc = out.drop(victim)
                     budget += tokens + self._charged(victim_enc)
                     encoded -= victim_enc

@@ -250,7 +250,8 @@ def _row_shrink(
             at = tl.load(a_rows + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(at * xt[None, :], axis=1)
         tl.store(mid_ptr + pid_k * stride_msplit + t * stride_mid + j * R + offs_r, acc, mask=r_ok)
-        if SIGNAL:
+        if SIGNAL:  # every thread's stores done before the one atomic (a scalar atomic runs in one thread)
+            tl.debug_barrier()
             tl.atomic_add(flags_ptr + t * _FLAGS_PER_TOKEN + j, 1, sem="release")
 
 
@@ -311,6 +312,7 @@ def _row_expand(
             signals = tl.atomic_add(flag, 0, sem="acquire")
             while signals < num_splits:
                 signals = tl.atomic_add(flag, 0, sem="acquire")
+            tl.debug_barrier()  # no thread's partial-sum load before the acquire
         offs_r = tl.arange(0, BLOCK_R)
         offs_s = tl.arange(0, BLOCK_S)
         parts = tl.load(mid_ptr + offs_s[:, None] * stride_msplit + t * stride_mid + j * R + offs_r[None, :],
