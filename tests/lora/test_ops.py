@@ -372,3 +372,47 @@ def test_a_plan_the_gpu_cannot_launch_falls_back_to_the_heuristic(monkeypatch) -
         assert any(fallback == heuristic_plan(shape, 132) for shape, *_ in tables._unfit)
     finally:
         tables._unfit.clear()
+
+
+_BUILD_FOR_HOPPER = """
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from valora.lora.ops import kernels
+
+fn = kernels._row_one_launch_kernel
+params = list(inspect.signature(fn.fn).parameters)
+pointers = {"x_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "mid_ptr": "*fp32",
+            "scal_ptr": "*fp32", "ids_ptr": "*i32", "ranks_ptr": "*i32", "flags_ptr": "*i32"}
+blocks = {"BLOCK_R": 16, "BLOCK_K": 256, "BLOCK_N": 256, "BLOCK_S": 8}
+signature = {p: pointers.get(p, "constexpr" if p in blocks else "i32") for p in params}
+source = ASTSource(fn=fn, signature=signature, constexprs={(params.index(k),): v for k, v in blocks.items()})
+sys.stdout.write(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"])
+"""
+
+
+def test_one_launch_kernel_builds_for_hopper_with_its_ordering() -> None:
+    """The kernel lowers to Hopper code, checked ahead of time without a GPU (in a process of its own: this one runs
+    kernels in the interpreter, which runs programs one at a time and so never shows their ordering). In the code
+    the partial sums are stored, a block barrier follows, then the release that signals; the wait is an acquire
+    with a barrier after it."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _BUILD_FOR_HOPPER], env=env, capture_output=True, text=True,
+                         timeout=300)
+    if run.returncode != 0 and "ptxas" in run.stderr.lower() and "not found" in run.stderr.lower():
+        pytest.skip("this Triton has no NVIDIA tools to build with")
+    assert run.returncode == 0, run.stderr[-2000:]
+    code = [line.strip() for line in run.stdout.splitlines()
+            if line.strip() and not line.strip().startswith((".loc", "//"))]
+    signal = next(i for i, line in enumerate(code) if re.search(r"\b(red|atom)\.global\.gpu\.release\.add", line))
+    barrier = max(i for i, line in enumerate(code[:signal]) if line.startswith("bar.sync"))
+    stores = [i for i, line in enumerate(code[:signal]) if "st.global" in line]
+    assert stores and max(stores) < barrier  # the partial sums stored, a barrier, then the signal
+    wait = next(i for i, line in enumerate(code) if ".acquire." in line)
+    assert any(line.startswith("bar.sync") for line in code[wait:])
