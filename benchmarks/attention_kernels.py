@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import write_result
+from benchmarks.common import device_rates, write_result
 from valora.models.layers import attention_kernels as ak
 from valora.models.layers.attention import AttentionMeta, PagedAttention
 
@@ -47,15 +47,6 @@ def timer(fn, device: torch.device) -> float:
     t = time.perf_counter()
     fn()
     return (time.perf_counter() - t) * 1e6
-
-
-def copy_bandwidth_gbps(device: torch.device) -> float:
-    if device.type != "cuda":
-        return float("nan")
-    x = torch.empty(1 << 28, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
-    us = timer(lambda: y.copy_(x), device)
-    return 2 * x.numel() * 4 / us / 1e3
 
 
 def paged_setup(lens: list[int], h: int, kvh: int, d: int, bs: int, width: int, dtype, device, seed: int):
@@ -213,7 +204,7 @@ def main() -> None:
         args.batches, args.contexts, args.prefill = [2], [13], [(2, 9, 0), (1, 5, 6)]
         args.dtype, dtype = "float32", torch.float32
     torch.manual_seed(0)
-    bw = copy_bandwidth_gbps(device)
+    bw = device_rates(device)["copy_bytes_per_s"] / 1e9
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, copy bandwidth {bw:.0f} GB/s,"
           f" H={args.heads} KVH={args.kv_heads} D={args.head_dim} block={args.block_size} {args.dtype}")
     decode = []

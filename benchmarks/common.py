@@ -91,6 +91,33 @@ def timed_steps(engine, sync: bool = True) -> list[float]:
     return times
 
 
+def device_rates(device: torch.device | str, quick: bool = False) -> dict[str, float]:
+    """The device's measured ceilings, which every roofline here is drawn from: `copy_bytes_per_s`, a device copy's
+    bytes read plus written per second (1 GiB of bf16), and `matmul_flops_per_s`, a dense bf16 8192^3 product's
+    rate; each the median of cold-L2 device times (`gpu_time_us`). With `quick`, or off a GPU, small float32
+    sizes timed on the host (checks a script, measures nothing of interest)."""
+    device = torch.device(device)
+    gpu = device.type == "cuda" and not quick
+    n, m, dtype = (1 << 29, 8192, torch.bfloat16) if gpu else (1 << 20, 256, torch.float32)
+    src = torch.empty(n, dtype=dtype, device=device).normal_()
+    dst = torch.empty_like(src)
+    a = torch.randn(m, m, dtype=dtype, device=device)
+    b = torch.randn(m, m, dtype=dtype, device=device)
+
+    def seconds(fn) -> float:
+        if gpu:
+            from valora.lora.tuning.timing import gpu_time_us
+
+            return gpu_time_us(fn, reps=10, device=device) / 1e6
+        fn()
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    return {"copy_bytes_per_s": 2 * src.numel() * src.element_size() / seconds(lambda: dst.copy_(src)),
+            "matmul_flops_per_s": 2 * m**3 / seconds(lambda: a @ b)}
+
+
 def write_result(name: str, payload: dict) -> Path:
     out = Path(os.environ.get("OUT", "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)

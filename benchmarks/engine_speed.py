@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import build_checkpoint, synchronize, timed_steps, write_result
+from benchmarks.common import build_checkpoint, device_rates, synchronize, timed_steps, write_result
 from benchmarks.engine_smoke import hf_decode
 from benchmarks.profiling import busy_time
 from valora import LLM, LoRARequest, SamplingParams
@@ -74,28 +74,10 @@ class Dims:
 
 # -- the device ------------------------------------------------------------------------------------------------
 def measure_device(quick: bool = False) -> dict:
-    """Copy bandwidth (read + write of 2 GiB) and dense bf16 matmul rate (8192^3), best of a few runs; with
-    `quick`, small float32 sizes on the CPU."""
-    device, dtype, n, m = ("cpu", torch.float32, 2**22, 512) if quick else ("cuda", torch.bfloat16, 2**30, 8192)
-    x = torch.empty(n, dtype=dtype, device=device)
-    y = torch.empty_like(x)
-    a = torch.randn(m, m, dtype=dtype, device=device)
-    b = torch.randn(m, m, dtype=dtype, device=device)
-
-    def best(fn, n=10) -> float:
-        fn()
-        times = []
-        for _ in range(n):
-            synchronize()
-            t = time.perf_counter()
-            fn()
-            synchronize()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    bw = 2 * x.numel() * x.element_size() / best(lambda: y.copy_(x))
-    rate = 2 * m**3 / best(lambda: a @ b)
-    return {"copy_bandwidth_bytes_per_s": bw, "bf16_matmul_flops_per_s": rate}
+    """The device's copy bandwidth and bf16 matmul rate (`common.device_rates`), under this result's names."""
+    rates = device_rates("cpu" if quick else "cuda", quick)
+    return {"copy_bandwidth_bytes_per_s": rates["copy_bytes_per_s"],
+            "bf16_matmul_flops_per_s": rates["matmul_flops_per_s"]}
 
 
 def roofline(dev: dict, nbytes: float, flops: float) -> dict:

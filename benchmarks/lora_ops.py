@@ -130,17 +130,10 @@ def device_time_us(fn, reps: int, device) -> float:
 
 
 def measure_ceilings(device, quick: bool) -> dict[str, float]:
-    import torch
+    from benchmarks.common import device_rates
 
-    n, m = (1 << 20, 256) if quick else (1 << 29, 8192)
-    dtype = torch.float32 if quick else torch.bfloat16
-    src = torch.empty(n, dtype=dtype, device=device).normal_()
-    dst = torch.empty_like(src)
-    copy_us = device_time_us(lambda: dst.copy_(src), 10, device)
-    a = torch.randn(m, m, dtype=dtype, device=device)
-    b = torch.randn(m, m, dtype=dtype, device=device)
-    mm_us = device_time_us(lambda: a @ b, 10, device)
-    return {"hbm_gbps": 2 * src.numel() * src.element_size() / copy_us / 1e3, "bf16_tflops": 2 * m**3 / mm_us / 1e6}
+    rates = device_rates(device, quick)
+    return {"hbm_gbps": rates["copy_bytes_per_s"] / 1e9, "bf16_tflops": rates["matmul_flops_per_s"] / 1e12}
 
 
 def time_backends(problem, slices, backends, device, gather_ok, previous, meta=None) -> dict[str, float | None]:

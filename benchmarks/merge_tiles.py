@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from benchmarks.common import QWEN2_VL_7B, graph_time_us, write_result
+from benchmarks.common import QWEN2_VL_7B, device_rates, graph_time_us, write_result
 
 HIDDEN, INTER = QWEN2_VL_7B["hidden_size"], QWEN2_VL_7B["intermediate_size"]
 KV = HIDDEN // QWEN2_VL_7B["num_attention_heads"] * QWEN2_VL_7B["num_key_value_heads"]
@@ -41,13 +41,6 @@ def layer(launches, rank: int, device: torch.device, dtype: torch.dtype) -> list
         a = torch.randn(len(slices) * rank, k, generator=g, device=device, dtype=dtype) * 0.01
         out.append((torch.empty_like(w), w, b, a, slices))
     return out
-
-
-def copy_gbps(device: torch.device, quick: bool) -> float:
-    x = torch.empty(1 << (20 if quick else 30), dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    us = graph_time_us(lambda: y.copy_(x), reps=5) if device.type == "cuda" else None
-    return 2 * x.numel() / us / 1e3 if us else float("nan")
 
 
 def main() -> None:
@@ -86,7 +79,7 @@ def main() -> None:
                                             for j in range(len(slices))])
 
     reference = [(out, expected(w, b, a, slices)) for out, w, b, a, slices in launches]
-    gbps = copy_gbps(device, args.quick)
+    gbps = device_rates(device, args.quick)["copy_bytes_per_s"] / 1e9
     rows = [{"tiles": vars(current), "us": time_us(current), "current": True}]
     for tiles in candidates:
         us = time_us(tiles)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import LM_LINEARS, QWEN2_VL_7B, synchronize, write_result
+from benchmarks.common import LM_LINEARS, QWEN2_VL_7B, device_rates, synchronize, write_result
 from valora.config import LoRAConfig
 from valora.lora.manager import LoRAManager
 from valora.lora.request import LoRARequest
@@ -34,18 +34,6 @@ from valora.testing.families import qwen2_vl_config
 TARGETS = {"all_linears": LM_LINEARS, "attention_only": ("q_proj", "k_proj", "v_proj", "o_proj")}
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, initializer_range=0.02)  # --quick
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    x = torch.empty(1 << (30 if device.type == "cuda" else 24), dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    synchronize()
-    return 10 * 2 * x.numel() / (time.perf_counter() - t)  # bytes read + written
 
 
 def timed(fn) -> float:
@@ -170,7 +158,7 @@ def main() -> None:
     ap.add_argument("--name", default="mode_switch")
     args = ap.parse_args()
     device, dtype = (torch.device("cpu"), torch.float32) if args.quick else (torch.device("cuda"), torch.bfloat16)
-    bw = copy_bandwidth(device)
+    bw = device_rates(device, args.quick)["copy_bytes_per_s"]
     rows = {"copy_bandwidth_GBps": bw / 1e9, "quick": args.quick}
     for key in args.targets:
         rows[key] = measure(TARGETS[key], bw, device, dtype, args.rank, args.quick, repeats=2 if args.quick else 10,
