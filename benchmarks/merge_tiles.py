@@ -51,13 +51,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from valora.lora.ops.merge import MergeTiles, merge_block_r, merge_into, merge_tiles
+    from valora.lora.ops.configs import dot_block_r
+    from valora.lora.ops.merge import MergeTiles, merge_into, merge_tiles
 
     device = torch.device("cpu" if args.quick else "cuda")
     dtype = torch.float32 if args.quick else torch.bfloat16
     launches = layer(TINY if args.quick else LAUNCHES, args.rank, device, dtype)
     moved = sum(2 * w.numel() * w.element_size() for _, w, _, _, _ in launches)
-    current = merge_tiles(merge_block_r(args.rank))
+    current = merge_tiles(dot_block_r(args.rank))
 
     def run(tiles: MergeTiles) -> None:
         for out, w, b, a, slices in launches:

@@ -137,9 +137,10 @@ FUSED_MAX_TOKENS = 128
 FUSED_MAX_K_OVER_WIDTH = 4
 
 
-def fused_block_r(rank: int) -> int:
-    """The fused kernel's register tile of ranks for a stack of max rank `rank` (a power of two, at least 16 for
-    its tensor-core dot); the tuner sizes the kernel's shared memory by it."""
+def dot_block_r(rank: int) -> int:
+    """The register tile of ranks of a kernel that multiplies by the rank with a tensor-core dot (the fused LoRA
+    kernel, the merge), for a largest rank `rank`: a power of two, at least 16. It is the merge's one compile-time
+    specialisation, and the tuner sizes the fused kernel's shared memory by it."""
     return max(16, 1 << (max(rank, 1) - 1).bit_length())
 
 

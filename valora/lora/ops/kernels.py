@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from valora.lora.ops.configs import Plan, TileConfig, fused_block_r
+from valora.lora.ops.configs import Plan, TileConfig, dot_block_r
 from valora.lora.ops.jit import compiling
 from valora.lora.ops.meta import LoRAMeta
 
@@ -474,7 +474,7 @@ def fused(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch
         tile_row, meta.num_segments, x.shape[1], R, *w, cols,
         x.stride(0), stack_a.stride(0), stack_a.stride(1), stack_b.stride(0), stack_b.stride(1), out.stride(0),
         ranks.stride(0),
-    ), cfg, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=fused_block_r(R))
+    ), cfg, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=dot_block_r(R))
 
 
 def one_launch(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch.Tensor, ranks: torch.Tensor,

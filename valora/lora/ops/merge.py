@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from valora.lora.ops.configs import dot_block_r
 from valora.lora.ops.jit import compiling
 
 try:
@@ -61,11 +62,6 @@ if triton is not None:
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def merge_block_r(rank: int) -> int:
-    """The kernel's rank tile for a layer's largest rank: the one compile-time specialisation a merge has."""
-    return max(16, 1 << max(rank - 1, 0).bit_length())
-
-
 @dataclass(frozen=True)
 class MergeTiles:
     """A merge program's tile of W (rows x columns) and its warps."""
@@ -100,7 +96,7 @@ def merge_into(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Ten
                     dst.copy_(src)
                 start += rows
         return
-    block_r = merge_block_r(max(ranks))
+    block_r = dot_block_r(max(ranks))
     cfg = tiles or merge_tiles(block_r)
     block_m, block_n = cfg.block_m, cfg.block_n
     ends = [sum(slices[: j + 1]) for j in range(len(slices))]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 
-from valora.lora.ops.configs import CallShape, Plan, Shape, TileConfig, fused_block_r, row_tiles
+from valora.lora.ops.configs import CallShape, Plan, Shape, TileConfig, dot_block_r, row_tiles
 
 BLOCK_M = (16, 32, 64, 128)
 SHRINK_BLOCK_N = (16, 32, 64, 128)
@@ -122,7 +122,7 @@ def fused_grid(call: CallShape) -> list[TileConfig]:
     powers of two from one chunk per slice to one BLOCK_N tile per program, under eight waves."""
     if call.tokens > FUSED_MAX_TOKENS:
         return []
-    br = fused_block_r(call.rank)
+    br = dot_block_r(call.rank)
     grid = []
     for m, n, k in itertools.product(_row_tiles_allowed(call.tokens, call.segments), FUSED_BLOCK_N, FUSED_BLOCK_K):
         tiles = row_tiles(call.tokens, call.segments, m)
@@ -143,7 +143,7 @@ def plan_schedules(plan: Plan, call: CallShape) -> list[Plan]:
     """`plan` with each kernel under every (warps, stages) pair, the other kernel kept (a one-launch plan's
     kernels share theirs)."""
     if plan.fused is not None:
-        return [Plan(fused=c) for c in schedule_grid(plan.fused) if _fused_fits(c, fused_block_r(call.rank))]
+        return [Plan(fused=c) for c in schedule_grid(plan.fused) if _fused_fits(c, dot_block_r(call.rank))]
     if plan.one_launch:
         return [Plan(shrink=plan.shrink, expand=c).as_one_launch() for c in schedule_grid(plan.expand) if _fits(c)]
     return ([Plan(shrink=c, expand=plan.expand) for c in schedule_grid(plan.shrink) if _fits(c)]

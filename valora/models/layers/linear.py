@@ -17,7 +17,8 @@ from torch import nn
 
 from valora.lora.ops import lora_matmul
 from valora.lora.ops.batch import LoRABatch
-from valora.lora.ops.merge import merge_block_r, merge_into
+from valora.lora.ops.configs import dot_block_r
+from valora.lora.ops.merge import merge_into
 from valora.models.layers.aligned import aligned_empty
 
 
@@ -126,7 +127,7 @@ class LoRALinear(nn.Module):
         to build where no shadow weights were reserved: the scheduler never merges."""
         if self.merged_weight is None or self.lora_b is None:
             return
-        for block_r in sorted({merge_block_r(r) for r in range(1, self.max_rank + 1)}):
+        for block_r in sorted({dot_block_r(r) for r in range(1, self.max_rank + 1)}):
             self._merge_into_shadow(0, [min(block_r, self.max_rank)] * self.num_slices, 1.0)
 
     def _merge_into_shadow(self, slot: int, ranks: Sequence[int], scale: float) -> None:
