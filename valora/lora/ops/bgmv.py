@@ -109,7 +109,7 @@ def lora_bgmv(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: t
         x.stride(0), stack_a.stride(0), stack_a.stride(1), mid.stride(0), ranks.stride(0),
         BLOCK_R=block_r, BLOCK_K=SHRINK_BLOCK_K, SPLIT_K=SHRINK_SPLIT_K, num_warps=NUM_WARPS,
     )
-    w = tuple(slices) + (0,) * (kernels.MAX_SLICES - n_slices)
+    w = kernels.slice_widths(slices)
     split_n = _split_n(max(slices))
     _bgmv_expand_kernel[(split_n, T, n_slices)](
         mid, stack_b, out, meta.ids, ranks, scalings, R, *w,

@@ -440,19 +440,29 @@ def expand(mid: torch.Tensor, meta: LoRAMeta, stack_b: torch.Tensor, ranks: torc
     """out[token_order[p], slice j] += scaling[slot] * Σ_s mid[s, p, j*R : j*R + rank_j] @ B[slot][slice j, :rank_j]ᵀ
     (slice j's rows of B; with the row kernel, p is the token itself)."""
     R = stack_b.shape[2]
-    w = tuple(slices) + (0,) * (MAX_SLICES - len(slices))
+    w = slice_widths(slices)
     strides = (mid.stride(0), mid.stride(1), stack_b.stride(0), stack_b.stride(1), out.stride(0), ranks.stride(0))
     if cfg.block_m == 1:
         cols = chunk_columns(slices, cfg)
-        _launch(_row_expand_kernel, (sum(triton.cdiv(width, cols) for width in slices), meta.num_tokens),
+        _launch(_row_expand_kernel, (column_programs(slices, cols), meta.num_tokens),
                 (mid, stack_b, out, meta.ids, ranks, scalings, R, *w, cols, mid.shape[0], *strides),
                 cfg, BLOCK_R=_block_r(R), BLOCK_N=cfg.block_n, BLOCK_S=triton.next_power_of_2(mid.shape[0]))
         return
     tile_seg, tile_row, grid_m = _row_grid(meta, cfg.block_m, seg_grid)
-    _launch(_expand_kernel, (sum(triton.cdiv(width, cfg.block_n) for width in slices), grid_m),
+    _launch(_expand_kernel, (column_programs(slices, cfg.block_n), grid_m),
             (mid, stack_b, out, ranks, scalings, meta.token_order, meta.seg_slots, meta.seg_starts, tile_seg,
              tile_row, meta.num_segments, R, *w, mid.shape[0], *strides),
             cfg, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SEG_GRID=seg_grid)
+
+
+def slice_widths(slices: tuple[int, ...]) -> tuple[int, ...]:
+    """The output slices' widths as the kernels take them (`_slice_of`): MAX_SLICES of them, zeros past the last."""
+    return tuple(slices) + (0,) * (MAX_SLICES - len(slices))
+
+
+def column_programs(slices: tuple[int, ...], cols: int) -> int:
+    """Programs per row (or row tile) that cover every slice's output in chunks of `cols` columns (`_slice_of`)."""
+    return sum(triton.cdiv(width, cols) for width in slices)
 
 
 def chunk_columns(slices: tuple[int, ...], cfg: TileConfig) -> int:
@@ -468,8 +478,8 @@ def fused(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: torch
     tile_seg, tile_row, grid_m = meta.tile_maps[cfg.block_m]
     R = stack_b.shape[2]
     cols = chunk_columns(slices, cfg)
-    w = tuple(slices) + (0,) * (MAX_SLICES - len(slices))
-    _launch(_fused_kernel, (sum(triton.cdiv(width, cols) for width in slices), grid_m), (
+    w = slice_widths(slices)
+    _launch(_fused_kernel, (column_programs(slices, cols), grid_m), (
         x, stack_a, stack_b, out, ranks, scalings, meta.token_order, meta.seg_slots, meta.seg_starts, tile_seg,
         tile_row, meta.num_segments, x.shape[1], R, *w, cols,
         x.stride(0), stack_a.stride(0), stack_a.stride(1), stack_b.stride(0), stack_b.stride(1), out.stride(0),
@@ -485,8 +495,8 @@ def one_launch(x: torch.Tensor, meta: LoRAMeta, stack_a: torch.Tensor, stack_b: 
     shrink_cfg, expand_cfg = plan.shrink, plan.expand
     K, R, T = x.shape[1], stack_b.shape[2], meta.num_tokens
     cols = chunk_columns(slices, expand_cfg)
-    chunks = sum(triton.cdiv(width, cols) for width in slices)
-    w = tuple(slices) + (0,) * (MAX_SLICES - len(slices))
+    chunks = column_programs(slices, cols)
+    w = slice_widths(slices)
     flags = meta.flags(T * MAX_SLICES, x.device)
     _launch(_row_one_launch_kernel, (mid.shape[0] * T * ranks.shape[0] + chunks * T,), (
         x, stack_a, mid, stack_b, out, meta.ids, ranks, scalings, flags, K, R, _k_per_split(K, shrink_cfg),
