@@ -87,12 +87,9 @@ class Plan:
             raise ValueError("a shrink and an expand are both row kernels (block_m 1) or neither: they index "
                              "their intermediate differently")
         if self.one_launch and (self.shrink is None or self.shrink.block_m != 1
-                                or self.shrink_schedule != (self.expand.num_warps, self.expand.num_stages)):
+                                or (self.shrink.num_warps, self.shrink.num_stages)
+                                != (self.expand.num_warps, self.expand.num_stages)):
             raise ValueError("one launch is for a row shrink and expand (block_m 1) of the same warps and stages")
-
-    @property
-    def shrink_schedule(self) -> tuple[int, int] | None:
-        return None if self.shrink is None else (self.shrink.num_warps, self.shrink.num_stages)
 
     def as_one_launch(self) -> Plan:
         """This row plan run as one launch, the shrink under the expand's warps and stages."""
