@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import functools
 import random
-import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import device_rates, write_result
+from benchmarks.common import device_rates, device_time_us, write_result
 from valora.models.layers import attention_kernels as ak
 from valora.models.layers.attention import AttentionMeta, PagedAttention
 
@@ -35,18 +34,6 @@ DECODE_BATCHES = (1, 8, 32, 128)
 DECODE_CONTEXTS = (512, 2048, 8192)
 DEFAULT_BLOCK_N = ak.DECODE_BLOCK_N
 PREFILL_CASES = ((1, 512, 0), (1, 2048, 0), (1, 8192, 0), (4, 1024, 0), (16, 256, 0), (1, 512, 2048), (4, 256, 4096))
-
-
-def timer(fn, device: torch.device) -> float:
-    """Microseconds per call: cold-L2 device time on CUDA, host wall time elsewhere (smoke runs)."""
-    if device.type == "cuda":
-        from valora.lora.tuning.timing import gpu_time_us
-
-        return gpu_time_us(fn, device=device)
-    fn()
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e6
 
 
 def paged_setup(lens: list[int], h: int, kvh: int, d: int, bs: int, width: int, dtype, device, seed: int):
@@ -93,7 +80,7 @@ def decode_case(args, b: int, ctx: int, device, dtype, bw_gbps: float) -> list[d
     qd = q.unsqueeze(2)
     sdpa = functools.partial(F.scaled_dot_product_attention, qd, kd, vd, scale=scale, enable_gqa=True)
     ref = sdpa().squeeze(2)
-    sdpa_us = timer(sdpa, device)
+    sdpa_us = device_time_us(sdpa, device)
     del kd, vd, sdpa  # free the dense copies before the paged runs
     # One decode step of a layer: the new token's K/V written at slot ctx-1 of each sequence.
     meta = AttentionMeta(torch.stack([s[-1] for s in slots]), bs, decode_rows=torch.arange(b, device=device),
@@ -103,7 +90,7 @@ def decode_case(args, b: int, ctx: int, device, dtype, bw_gbps: float) -> list[d
     layer_us = {}
     for name in ("triton", "torch"):
         m = PagedAttention(h, kvh, d, backend=name)
-        layer_us[name] = timer(functools.partial(m, q, k_new, v_new, (kc, vc), meta), device)
+        layer_us[name] = device_time_us(functools.partial(m, q, k_new, v_new, (kc, vc), meta), device)
     rows = []
     for block_n in args.decode_block_n:
         ak.DECODE_BLOCK_N = block_n
@@ -113,7 +100,7 @@ def decode_case(args, b: int, ctx: int, device, dtype, bw_gbps: float) -> list[d
                                    num_splits=splits)
             fn()
             err = (out.float() - ref.float()).abs().max().item()
-            us = timer(fn, device)
+            us = device_time_us(fn, device)
             floor = kv_bytes / bw_gbps / 1e3
             rows.append(dict(batch=b, context=ctx, block_n=block_n, splits=splits, triton_us=us,
                              layer_triton_us=layer_us["triton"], layer_torch_us=layer_us["torch"],
@@ -153,12 +140,12 @@ def prefill_case(args, s: int, q_len: int, prefix: int, device, dtype) -> dict:
         sdpa = functools.partial(F.scaled_dot_product_attention, qd, kd, vd, attn_mask=mask, scale=scale,
                                  enable_gqa=True)
     ref = sdpa().transpose(1, 2).reshape(s * q_len, h, d)
-    sdpa_us = timer(sdpa, device)
+    sdpa_us = device_time_us(sdpa, device)
     fn = functools.partial(ak.paged_prefill_attention, q, kc, vc, tables, starts, qlens, ctxs, bs, scale, out,
                            q_len)
     fn()
     err = (out.float() - ref.float()).abs().max().item()
-    us = timer(fn, device)
+    us = device_time_us(fn, device)
     flops = 4 * s * h * d * (q_len * prefix + q_len * (q_len + 1) / 2)  # QK^T and PV over the visible keys
     return dict(seqs=s, q_len=q_len, prefix=prefix, triton_us=us, sdpa_dense_us=sdpa_us,
                 triton_tflops=flops / us / 1e6, sdpa_tflops=flops / sdpa_us / 1e6, max_abs_err=err)

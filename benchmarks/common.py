@@ -91,6 +91,22 @@ def timed_steps(engine, sync: bool = True) -> list[float]:
     return times
 
 
+def device_time_us(fn, device: torch.device, reps: int = 20) -> float:
+    """Microseconds per `fn()`: the median cold-L2 device time on a GPU (`gpu_time_us`); elsewhere (the scripts'
+    quick runs, in the interpreter) the median host time of two calls after one that traces the kernels."""
+    if device.type == "cuda":
+        from valora.lora.tuning.timing import gpu_time_us
+
+        return gpu_time_us(fn, reps=reps, device=device)
+    fn()
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(times)
+
+
 def device_rates(device: torch.device | str, quick: bool = False) -> dict[str, float]:
     """The device's measured ceilings, which every roofline here is drawn from: `copy_bytes_per_s`, a device copy's
     bytes read plus written per second (1 GiB of bf16), and `matmul_flops_per_s`, a dense bf16 8192^3 product's

@@ -31,8 +31,6 @@ import itertools
 import json
 import math
 import os
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,21 +112,6 @@ def floor_us(tokens, hidden, slices, ranks, ceilings):
     return max(mem, tc), ("hbm" if mem >= tc else "tensor")
 
 
-def device_time_us(fn, reps: int, device) -> float:
-    """Cold-L2 device time on a GPU; on the CPU (--quick) the median wall time of `reps` calls."""
-    if device.type == "cuda":
-        from valora.lora.tuning.timing import gpu_time_us
-
-        return gpu_time_us(fn, reps=reps, device=device)
-    fn()  # the interpreter's first call traces the kernel
-    times = []
-    for _ in range(2):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e6)
-    return statistics.median(times)
-
-
 def measure_ceilings(device, quick: bool) -> dict[str, float]:
     from benchmarks.common import device_rates
 
@@ -140,6 +123,7 @@ def time_backends(problem, slices, backends, device, gather_ok, previous, meta=N
     """Each backend's time for one problem, with `meta` (default: the exact one of its ids)."""
     import contextlib
 
+    from benchmarks.common import device_time_us
     from valora.lora.ops import LoRAMeta, lora_matmul
     from valora.lora.tuning.table import use_table
 
@@ -158,18 +142,20 @@ def time_backends(problem, slices, backends, device, gather_ok, previous, meta=N
             lora_matmul(x, None, stack_a, stack_b, ranks, scalings, backend, slices=slices, out=out, meta=meta)
 
         with use_table(tables[name]) if name in tables else contextlib.nullcontext():
-            times[name] = device_time_us(call, 5 if name == "torch" else 20, device)
+            times[name] = device_time_us(call, device, 5 if name == "torch" else 20)
     return times
 
 
 def base_gemm_us(tokens, hidden, width, device, dtype, cache) -> float:
     import torch
 
+    from benchmarks.common import device_time_us
+
     key = (tokens, hidden, width)
     if key not in cache:
         x = torch.randn(tokens, hidden, dtype=dtype, device=device)
         w = torch.randn(width, hidden, dtype=dtype, device=device)
-        cache[key] = device_time_us(lambda: torch.nn.functional.linear(x, w), 20, device)
+        cache[key] = device_time_us(lambda: torch.nn.functional.linear(x, w), device)
     return cache[key]
 
 
